@@ -1,0 +1,24 @@
+//! mailgate: a TLS-first, multi-tenant mail gateway.
+//!
+//! The map of the crate:
+//!
+//! - [`config`]: the one `Config` tree (defaults < TOML < `MAILGATE_*` env), validated once.
+//! - [`server`]: listeners, connection limits, the accept loops and graceful shutdown.
+//! - [`tls`]: rustls server configuration, SNI certificate selection and hot reload.
+//! - [`pop3`]: the POP3 protocol — a pure `codec` (parser, replies, dot-stuffing) and the
+//!   async `session` that drives it over a socket.
+//! - [`store`]: `Directory` of per-domain sled stores: accounts, maildrops, message bodies.
+//! - [`locks`]: exclusive maildrop locks behind the `LockBackend` trait (in-process today).
+//! - [`auth`]: password hashing (argon2id), SCRAM-SHA-256 keys, SASL PLAIN and APOP checks.
+//! - [`message`]: pure helpers for RFC 5322 message bytes (CRLF normalisation at delivery).
+//! - [`admin`]: the admin socket through which the CLI talks to a running server.
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod locks;
+pub mod message;
+pub mod pop3;
+pub mod server;
+pub mod store;
+pub mod tls;
