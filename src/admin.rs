@@ -1,1 +1,342 @@
-//! placeholder
+//! Operator commands (domains, accounts, local delivery) as one `Request` type that runs
+//! either directly on the data dir or, while `serve` holds the stores open, through the
+//! admin socket `data_dir/admin.sock` (mode 0600 in a 0700 directory: only the server's
+//! user can open it). Wire format: one JSON request line, for `Deliver` followed by the
+//! message bytes up to the client's write shutdown; one JSON response line back.
+
+use crate::auth::Credentials;
+use crate::delivery::{self, DeliveryError};
+use crate::store::{Account, Address, Directory, StoreError};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    DomainAdd {
+        name: String,
+    },
+    DomainList,
+    DomainRemove {
+        name: String,
+    },
+    /// Credentials are hashed by the CLI, so no password crosses the socket.
+    UserAdd {
+        address: String,
+        credentials: Credentials,
+    },
+    UserPasswd {
+        address: String,
+        credentials: Credentials,
+    },
+    UserRemove {
+        address: String,
+    },
+    UserList {
+        domain: Option<String>,
+    },
+    Deliver {
+        from: Option<String>,
+        recipients: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Response {
+    pub ok: bool,
+    /// Lines to print on success.
+    #[serde(default)]
+    pub lines: Vec<String>,
+    /// What went wrong, for the operator.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Process exit status the CLI should use (sysexits).
+    #[serde(default)]
+    pub exit_code: u8,
+}
+
+impl Response {
+    fn ok(lines: Vec<String>) -> Self {
+        Response {
+            ok: true,
+            lines,
+            error: None,
+            exit_code: 0,
+        }
+    }
+    fn fail(error: String, exit_code: u8) -> Self {
+        Response {
+            ok: false,
+            lines: Vec::new(),
+            error: Some(error),
+            exit_code,
+        }
+    }
+}
+
+/// sysexits(3) codes used by the CLI.
+pub mod exit {
+    pub const USAGE: u8 = 64;
+    pub const DATAERR: u8 = 65;
+    pub const NOUSER: u8 = 67;
+    pub const SOFTWARE: u8 = 70;
+    pub const TEMPFAIL: u8 = 75;
+}
+
+fn store_failure(e: StoreError) -> Response {
+    let code = match e {
+        StoreError::InvalidDomain(_) | StoreError::InvalidAddress(_) => exit::DATAERR,
+        StoreError::UnknownDomain(_) | StoreError::UnknownAccount(_) => exit::NOUSER,
+        StoreError::DomainExists(_) | StoreError::AccountExists(_) => exit::DATAERR,
+        _ => exit::TEMPFAIL,
+    };
+    Response::fail(e.to_string(), code)
+}
+
+fn delivery_failure(e: DeliveryError) -> Response {
+    Response::fail(e.to_string(), e.exit_code())
+}
+
+/// Runs a request on the data dir (blocking). `body` is read only by `Deliver`.
+pub fn execute(directory: &Directory, request: Request, body: impl Read) -> Response {
+    let result = (|| -> Result<Vec<String>, Response> {
+        match request {
+            Request::DomainAdd { name } => {
+                directory.add_domain(&name).map_err(store_failure)?;
+                Ok(vec![format!("domain {} added", name.to_ascii_lowercase())])
+            }
+            Request::DomainList => directory.list_domains().map_err(store_failure),
+            Request::DomainRemove { name } => {
+                directory.remove_domain(&name).map_err(store_failure)?;
+                Ok(vec![format!(
+                    "domain {} removed",
+                    name.to_ascii_lowercase()
+                )])
+            }
+            Request::UserAdd {
+                address,
+                credentials,
+            } => {
+                let address = Address::parse(&address).map_err(store_failure)?;
+                let store = directory.domain(&address.domain).map_err(store_failure)?;
+                let account = Account {
+                    credentials,
+                    uid_nonce: rand::random(),
+                };
+                store
+                    .create_account(&address.local, &account)
+                    .map_err(store_failure)?;
+                Ok(vec![format!("user {address} added")])
+            }
+            Request::UserPasswd {
+                address,
+                credentials,
+            } => {
+                let address = Address::parse(&address).map_err(store_failure)?;
+                let store = directory.domain(&address.domain).map_err(store_failure)?;
+                let mut account = store
+                    .account(&address.local)
+                    .map_err(store_failure)?
+                    .ok_or_else(|| {
+                        store_failure(StoreError::UnknownAccount(address.to_string()))
+                    })?;
+                account.credentials = credentials;
+                store
+                    .update_account(&address.local, &account)
+                    .map_err(store_failure)?;
+                Ok(vec![format!("password of {address} changed")])
+            }
+            Request::UserRemove { address } => {
+                let address = Address::parse(&address).map_err(store_failure)?;
+                let store = directory.domain(&address.domain).map_err(store_failure)?;
+                store
+                    .remove_account(&address.local)
+                    .map_err(store_failure)?;
+                Ok(vec![format!("user {address} removed")])
+            }
+            Request::UserList { domain } => {
+                let domains = match domain {
+                    Some(d) => vec![d],
+                    None => directory.list_domains().map_err(store_failure)?,
+                };
+                let mut lines = Vec::new();
+                for d in domains {
+                    let store = directory.domain(&d).map_err(store_failure)?;
+                    for local in store.list_accounts().map_err(store_failure)? {
+                        lines.push(format!("{local}@{}", store.name()));
+                    }
+                }
+                Ok(lines)
+            }
+            Request::Deliver { from, recipients } => {
+                let size = delivery::deliver(directory, from.as_deref(), &recipients, body)
+                    .map_err(delivery_failure)?;
+                Ok(vec![format!(
+                    "delivered {size} octets to {} recipient(s)",
+                    recipients.len()
+                )])
+            }
+        }
+    })();
+    match result {
+        Ok(lines) => Response::ok(lines),
+        Err(r) => r,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("another mailgate is already serving {0}")]
+    AlreadyRunning(String),
+    #[error("bad response from the server: {0}")]
+    Protocol(String),
+}
+
+/// Longest request line accepted on the socket.
+const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+/// Binds the admin socket, refusing if a live server already answers on it.
+pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
+    let io = |source| AdminError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(AdminError::AlreadyRunning(path.display().to_string()));
+        }
+        // A stale socket from a server that did not exit cleanly.
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Serves admin requests until `cancel`.
+pub async fn serve(listener: UnixListener, directory: Arc<Directory>, cancel: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let directory = directory.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, directory).await {
+                warn!(error = %e, "admin request failed");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, directory: Arc<Directory>) -> std::io::Result<()> {
+    let (mut read_half, mut write_half) = stream.into_split();
+    // Read the request line by hand so body bytes that arrive with it are kept.
+    let mut buf = Vec::with_capacity(1024);
+    let newline = loop {
+        if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            break Some(i);
+        }
+        if buf.len() > MAX_REQUEST_LINE || read_half.read_buf(&mut buf).await? == 0 {
+            break None;
+        }
+    };
+    let response = match newline.map(|i| (serde_json::from_slice::<Request>(&buf[..i]), i)) {
+        None => Response::fail("request line missing or too long".into(), exit::USAGE),
+        Some((Err(e), _)) => Response::fail(format!("malformed request: {e}"), exit::USAGE),
+        Some((Ok(request), i)) => {
+            let op = request_name(&request);
+            let leftover = std::io::Cursor::new(buf.split_off(i + 1));
+            // The body (Deliver only) streams through a blocking bridge: the store is
+            // blocking anyway, and this keeps the message out of memory.
+            let bridge = tokio_util::io::SyncIoBridge::new_with_handle(
+                read_half,
+                tokio::runtime::Handle::current(),
+            );
+            let response = tokio::task::spawn_blocking(move || {
+                execute(&directory, request, Read::chain(leftover, bridge))
+            })
+            .await
+            .unwrap_or_else(|e| Response::fail(format!("internal error: {e}"), exit::SOFTWARE));
+            info!(op, ok = response.ok, "admin request");
+            response
+        }
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+    out.push(b'\n');
+    write_half.write_all(&out).await?;
+    write_half.shutdown().await
+}
+
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::DomainAdd { .. } => "domain_add",
+        Request::DomainList => "domain_list",
+        Request::DomainRemove { .. } => "domain_remove",
+        Request::UserAdd { .. } => "user_add",
+        Request::UserPasswd { .. } => "user_passwd",
+        Request::UserRemove { .. } => "user_remove",
+        Request::UserList { .. } => "user_list",
+        Request::Deliver { .. } => "deliver",
+    }
+}
+
+/// Client side: sends `request` (and `body` for Deliver) to a running server. `Ok(None)`
+/// when no server is listening, so the caller can work on the data dir directly.
+pub fn call(
+    path: &Path,
+    request: &Request,
+    body: Option<&mut dyn Read>,
+) -> Result<Option<Response>, AdminError> {
+    use std::io::{BufRead, Write};
+    let io = |source| AdminError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let mut line = serde_json::to_vec(request).map_err(|e| AdminError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    if let Some(body) = body {
+        std::io::copy(body, &mut stream).map_err(io)?;
+    }
+    stream.shutdown(std::net::Shutdown::Write).map_err(io)?;
+    let mut reply = Vec::new();
+    std::io::BufReader::new(stream)
+        .take(MAX_REQUEST_LINE as u64)
+        .read_until(b'\n', &mut reply)
+        .map_err(io)?;
+    serde_json::from_slice(&reply)
+        .map(Some)
+        .map_err(|e| AdminError::Protocol(e.to_string()))
+}

@@ -1,1 +1,428 @@
-//! placeholder
+//! The one configuration tree: built-in defaults < TOML file < `MAILGATE_SECTION__KEY`
+//! environment variables, validated once and then shared read-only as `Arc<Config>`.
+//! Reads no sockets and opens no stores.
+
+use crate::auth::HashParams;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Figment(Box<figment::Error>),
+    #[error("invalid configuration: `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        ConfigError::Figment(Box::new(e))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Root of all state: `domains/<domain>/` stores, the admin socket, the
+    /// self-signed certificate made on first start.
+    pub data_dir: PathBuf,
+    /// Name used in the greeting (and, later, in Received: headers).
+    pub hostname: String,
+    pub pop3: Pop3Config,
+    pub tls: TlsConfig,
+    pub locks: LocksConfig,
+    pub limits: LimitsConfig,
+    pub store: StoreConfig,
+    pub auth: AuthConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            hostname: "localhost".into(),
+            pop3: Pop3Config::default(),
+            tls: TlsConfig::default(),
+            locks: LocksConfig::default(),
+            limits: LimitsConfig::default(),
+            store: StoreConfig::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pop3Config {
+    /// Cleartext listener offering STLS; empty disables it.
+    pub listen: String,
+    /// Implicit-TLS (POP3S) listener; empty disables it.
+    pub tls_listen: String,
+    /// USER/PASS/AUTH before TLS. Off by default: passwords must not cross the wire in clear.
+    pub allow_plaintext_auth: bool,
+    /// Offer APOP (a greeting timestamp) for accounts that opted in with an APOP secret.
+    pub apop: bool,
+    /// Replace NUL octets in messages sent to clients (Dovecot's `outlook-no-nuls`).
+    pub replace_nul: bool,
+}
+
+impl Default for Pop3Config {
+    fn default() -> Self {
+        Pop3Config {
+            listen: "0.0.0.0:110".into(),
+            tls_listen: "0.0.0.0:995".into(),
+            allow_plaintext_auth: false,
+            apop: false,
+            replace_nul: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain; with `key` unset too, a self-signed pair is made under
+    /// `data_dir/tls/` on first start.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Per-domain certificates chosen by SNI.
+    pub domains: BTreeMap<String, CertFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocksConfig {
+    /// `local`: in-process maildrop locks (one replica).
+    pub backend: String,
+}
+
+impl Default for LocksConfig {
+    fn default() -> Self {
+        LocksConfig {
+            backend: "local".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// RFC 1939 §3: the autologout timer must be at least 10 minutes; shorter values are
+    /// for tests.
+    pub idle_timeout_secs: u64,
+    pub tls_handshake_timeout_secs: u64,
+    /// Pause before answering a failed login.
+    pub auth_failure_delay_ms: u64,
+    /// Failed logins in one connection before it is closed.
+    pub max_auth_failures: u32,
+    /// Failed logins per client IP within `auth_failure_window_secs` before further
+    /// logins from it are refused with [LOGIN-DELAY].
+    pub max_auth_failures_per_ip: u32,
+    pub auth_failure_window_secs: u64,
+    /// Unknown or malformed commands in one connection before it is closed.
+    pub max_bad_commands: u32,
+    /// How long sessions may finish after SIGTERM before they are closed without UPDATE.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 10_000,
+            max_connections_per_ip: 100,
+            idle_timeout_secs: 600,
+            tls_handshake_timeout_secs: 30,
+            auth_failure_delay_ms: 2000,
+            max_auth_failures: 3,
+            max_auth_failures_per_ip: 20,
+            auth_failure_window_secs: 300,
+            max_bad_commands: 10,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl LimitsConfig {
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn tls_handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.tls_handshake_timeout_secs)
+    }
+    pub fn auth_failure_delay(&self) -> Duration {
+        Duration::from_millis(self.auth_failure_delay_ms)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// sled page cache of each open domain store.
+    pub cache_capacity_mib: u64,
+    /// A domain store unused this long is closed (each open store costs a thread and a cache).
+    pub idle_close_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            cache_capacity_mib: 8,
+            idle_close_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Cost of new password hashes; existing hashes keep the cost they were made with.
+    pub argon2: HashParams,
+    /// How long a verified password login is remembered (keyed digests only), so
+    /// frequent pollers skip argon2id; 0 disables.
+    pub cache_ttl_secs: u64,
+    /// Most remembered logins.
+    pub cache_entries: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            argon2: HashParams::default(),
+            cache_ttl_secs: 300,
+            cache_entries: 100_000,
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (which must exist when given), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, Env::prefixed("MAILGATE_").split("__"))
+    }
+
+    fn load_from(file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment.merge(env).extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: addresses, pairs of settings, sane limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        if self.hostname.trim().is_empty()
+            || self
+                .hostname
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return invalid(
+                "hostname",
+                format!("{:?} is not a host name", self.hostname),
+            );
+        }
+        for (key, value) in [
+            ("pop3.listen", &self.pop3.listen),
+            ("pop3.tls_listen", &self.pop3.tls_listen),
+        ] {
+            if !value.is_empty() && value.parse::<SocketAddr>().is_err() {
+                return invalid(
+                    key,
+                    format!("{value:?} is not an address:port (use [::]:110 for IPv6)"),
+                );
+            }
+        }
+        if !self.pop3.listen.is_empty() && self.pop3.listen == self.pop3.tls_listen {
+            return invalid("pop3.tls_listen", "must differ from pop3.listen".into());
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return invalid(
+                "tls.cert",
+                "tls.cert and tls.key must be set together".into(),
+            );
+        }
+        if self.locks.backend != "local" {
+            return invalid(
+                "locks.backend",
+                format!("{:?} is not supported (use \"local\")", self.locks.backend),
+            );
+        }
+        let l = &self.limits;
+        for (key, value) in [
+            ("limits.max_connections", l.max_connections as u64),
+            (
+                "limits.max_connections_per_ip",
+                l.max_connections_per_ip as u64,
+            ),
+            ("limits.idle_timeout_secs", l.idle_timeout_secs),
+            (
+                "limits.tls_handshake_timeout_secs",
+                l.tls_handshake_timeout_secs,
+            ),
+            ("limits.max_auth_failures", u64::from(l.max_auth_failures)),
+            (
+                "limits.max_auth_failures_per_ip",
+                u64::from(l.max_auth_failures_per_ip),
+            ),
+            (
+                "limits.auth_failure_window_secs",
+                l.auth_failure_window_secs,
+            ),
+            ("limits.max_bad_commands", u64::from(l.max_bad_commands)),
+            ("store.cache_capacity_mib", self.store.cache_capacity_mib),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be greater than 0".into());
+            }
+        }
+        if let Err(e) = self.auth.argon2.validate() {
+            return invalid("auth.argon2", e.to_string());
+        }
+        Ok(())
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.data_dir.join("admin.sock")
+    }
+
+    /// The default certificate pair: configured, or the self-signed one in `data_dir/tls/`.
+    pub fn default_cert(&self) -> (PathBuf, PathBuf, bool) {
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone(), false),
+            _ => (
+                self.data_dir.join("tls/selfsigned.crt"),
+                self.data_dir.join("tls/selfsigned.key"),
+                true,
+            ),
+        }
+    }
+
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            cache_capacity: self.store.cache_capacity_mib * 1024 * 1024,
+            idle_close: Duration::from_secs(self.store.idle_close_secs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in_jail(file: Option<&str>) -> Result<Config, ConfigError> {
+        Config::load(file.map(Path::new))
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        Jail::expect_with(|_| {
+            let c = load_in_jail(None).map_err(|e| e.to_string())?;
+            assert_eq!(c, Config::default());
+            assert_eq!(c.pop3.listen, "0.0.0.0:110");
+            assert!(!c.pop3.allow_plaintext_auth);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "m.toml",
+                r#"
+                data_dir = "/var/lib/mailgate"
+                hostname = "mail.example.com"
+                [pop3]
+                listen = "[::]:1110"
+                allow_plaintext_auth = true
+                [tls.domains."example.org"]
+                cert = "a.crt"
+                key = "a.key"
+                "#,
+            )?;
+            jail.set_env("MAILGATE_POP3__TLS_LISTEN", "127.0.0.1:0");
+            jail.set_env("MAILGATE_LIMITS__IDLE_TIMEOUT_SECS", "5");
+            let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(c.data_dir, PathBuf::from("/var/lib/mailgate"));
+            assert_eq!(c.pop3.listen, "[::]:1110");
+            assert_eq!(c.pop3.tls_listen, "127.0.0.1:0");
+            assert!(c.pop3.allow_plaintext_auth);
+            assert_eq!(c.limits.idle_timeout_secs, 5);
+            assert_eq!(c.tls.domains["example.org"].cert, PathBuf::from("a.crt"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("[pop3]\nlisten_typo = \"x\"\n", "listen_typo"),
+            ("bogus = 1\n", "bogus"),
+            ("[pop3]\nlisten = \"nonsense\"\n", "pop3.listen"),
+            ("[limits]\nmax_connections = \"many\"\n", "max_connections"),
+            ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            ("[tls]\ncert = \"x.crt\"\n", "tls.cert"),
+            ("[locks]\nbackend = \"zookeeper\"\n", "locks.backend"),
+            ("hostname = \"two words\"\n", "hostname"),
+        ];
+        for (toml, key) in cases {
+            Jail::expect_with(|jail| {
+                jail.create_file("m.toml", toml)?;
+                let err = load_in_jail(Some("m.toml")).expect_err(toml).to_string();
+                assert!(
+                    err.contains(key),
+                    "{toml:?}: error {err:?} does not name {key}"
+                );
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn bad_env_value_names_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("MAILGATE_LIMITS__MAX_BAD_COMMANDS", "lots");
+            let err = load_in_jail(None).expect_err("must fail").to_string();
+            assert!(
+                err.to_lowercase().contains("limits.max_bad_commands"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        Jail::expect_with(|_| {
+            let err = load_in_jail(Some("absent.toml")).expect_err("must fail");
+            assert!(matches!(err, ConfigError::MissingFile(_)));
+            Ok(())
+        });
+    }
+}

@@ -10,12 +10,14 @@
 //! - [`store`]: `Directory` of per-domain sled stores: accounts, maildrops, message bodies.
 //! - [`locks`]: exclusive maildrop locks behind the `LockBackend` trait (in-process today).
 //! - [`auth`]: password hashing (argon2id), SCRAM-SHA-256 keys, SASL PLAIN and APOP checks.
+//! - [`delivery`]: local delivery to one or more recipients, durable before it answers.
 //! - [`message`]: pure helpers for RFC 5322 message bytes (CRLF normalisation at delivery).
 //! - [`admin`]: the admin socket through which the CLI talks to a running server.
 
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod delivery;
 pub mod locks;
 pub mod message;
 pub mod pop3;

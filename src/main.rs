@@ -1,1 +1,428 @@
-fn main() {}
+//! The `mailgate` command line: `serve`, the operator commands (through the admin
+//! socket when a server runs, directly on the data dir otherwise) and `check-config`.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mailgate::admin::{self, exit, Request, Response};
+use mailgate::auth::{self, Credentials};
+use mailgate::config::Config;
+use mailgate::locks::LocalLocks;
+use mailgate::server::{self, Listeners, Shared};
+use mailgate::store::{Address, Directory};
+use mailgate::tls::{self, CertPaths, TlsManager};
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "mailgate",
+    version,
+    about = "TLS-first multi-tenant mail gateway"
+)]
+struct Cli {
+    /// Configuration file (TOML); `MAILGATE_SECTION__KEY` variables override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run every configured listener until SIGTERM/SIGINT, then drain.
+    Serve,
+    /// Manage hosted domains.
+    #[command(subcommand)]
+    Domain(DomainCmd),
+    /// Manage accounts.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Deliver one RFC 5322 message from stdin (exit 0, 67 unknown user, 75 try later).
+    Deliver {
+        /// Envelope sender, recorded as Return-Path.
+        #[arg(long, short = 'f')]
+        from: Option<String>,
+        #[arg(required = true)]
+        recipients: Vec<String>,
+    },
+    /// Validate configuration and certificates.
+    CheckConfig,
+}
+
+#[derive(Subcommand)]
+enum DomainCmd {
+    Add { name: String },
+    List,
+    Remove { name: String },
+}
+
+#[derive(Args)]
+struct PasswordArgs {
+    /// Read the password from the first line of stdin.
+    #[arg(long)]
+    password_stdin: bool,
+    /// Also keep the password as an APOP secret (stored reversibly, hence opt-in).
+    #[arg(long)]
+    apop: bool,
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    Add {
+        address: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    Passwd {
+        address: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+    },
+    Remove {
+        address: String,
+    },
+    List {
+        domain: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, Cmd::Serve);
+    init_logging(serving);
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("mailgate: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(serving: bool) {
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MAILGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<u8> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Cmd::Serve => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve(Arc::new(config)))?;
+            Ok(0)
+        }
+        Cmd::CheckConfig => check_config(&config),
+        Cmd::Domain(cmd) => {
+            let request = match cmd {
+                DomainCmd::Add { name } => Request::DomainAdd { name },
+                DomainCmd::List => Request::DomainList,
+                DomainCmd::Remove { name } => Request::DomainRemove { name },
+            };
+            admin_command(&config, request, None)
+        }
+        Cmd::User(cmd) => {
+            let request = match cmd {
+                UserCmd::Add { address, password } => Request::UserAdd {
+                    credentials: credentials(&config, &address, &password)?,
+                    address,
+                },
+                UserCmd::Passwd { address, password } => Request::UserPasswd {
+                    credentials: credentials(&config, &address, &password)?,
+                    address,
+                },
+                UserCmd::Remove { address } => Request::UserRemove { address },
+                UserCmd::List { domain } => Request::UserList { domain },
+            };
+            admin_command(&config, request, None)
+        }
+        Cmd::Deliver { from, recipients } => admin_command(
+            &config,
+            Request::Deliver { from, recipients },
+            Some(Box::new(std::io::stdin().lock())),
+        ),
+    }
+}
+
+/// Reads the password and hashes it here, so it never crosses the admin socket.
+fn credentials(config: &Config, address: &str, args: &PasswordArgs) -> Result<Credentials> {
+    Address::parse(address).with_context(|| format!("invalid address {address:?}"))?;
+    if !args.password_stdin {
+        bail!("missing password: pass --password-stdin and write the password to stdin");
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        bail!("missing password: stdin was empty");
+    }
+    let mut creds = auth::make_credentials(password, &config.auth.argon2)?;
+    if args.apop {
+        creds.apop_secret = Some(password.to_owned());
+    }
+    Ok(creds)
+}
+
+/// Sends a request to the running server, or runs it on the data dir when none runs.
+fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Read>>) -> Result<u8> {
+    let socket = config.admin_socket();
+    let response = match admin::call(
+        &socket,
+        &request,
+        body.as_mut().map(|b| &mut **b as &mut dyn Read),
+    )? {
+        Some(r) => r,
+        None => {
+            let directory = Directory::open(&config.data_dir, config.store_options())
+                .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
+            let body = body.unwrap_or_else(|| Box::new(std::io::empty()));
+            let r = admin::execute(&directory, request, body);
+            directory.flush_all()?;
+            r
+        }
+    };
+    Ok(print_response(&response))
+}
+
+fn print_response(r: &Response) -> u8 {
+    for line in &r.lines {
+        println!("{line}");
+    }
+    if let Some(e) = &r.error {
+        eprintln!("mailgate: {e}");
+    }
+    if r.ok {
+        0
+    } else if r.exit_code == 0 {
+        exit::SOFTWARE
+    } else {
+        r.exit_code
+    }
+}
+
+fn default_cert_paths(config: &Config) -> (CertPaths, bool) {
+    let (cert, key, self_signed) = config.default_cert();
+    (CertPaths { cert, key }, self_signed)
+}
+
+fn domain_cert_paths(config: &Config) -> std::collections::BTreeMap<String, CertPaths> {
+    config
+        .tls
+        .domains
+        .iter()
+        .map(|(d, f)| {
+            (
+                d.to_ascii_lowercase(),
+                CertPaths {
+                    cert: f.cert.clone(),
+                    key: f.key.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+fn check_config(config: &Config) -> Result<u8> {
+    tls::install_crypto_provider();
+    let (default, self_signed) = default_cert_paths(config);
+    if self_signed && !(default.cert.exists() && default.key.exists()) {
+        println!(
+            "tls: no certificate configured; a self-signed one will be made at {}",
+            default.cert.display()
+        );
+        let domains = domain_cert_paths(config);
+        // The default pair does not exist yet: stand the first domain's in for it.
+        if let Some(first) = domains.values().next().cloned() {
+            TlsManager::load(first, domains).context("loading per-domain certificates")?;
+        }
+    } else {
+        let manager =
+            TlsManager::load(default, domain_cert_paths(config)).context("loading certificates")?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for (name, not_after) in manager.expiry() {
+            if not_after < now {
+                bail!("certificate {name} has expired");
+            }
+            println!(
+                "tls: certificate {name} valid for {} more days",
+                (not_after - now) / 86_400
+            );
+        }
+    }
+    check_data_dir(&config.data_dir)?;
+    for (name, addr) in [
+        ("pop3.listen", &config.pop3.listen),
+        ("pop3.tls_listen", &config.pop3.tls_listen),
+    ] {
+        if addr.is_empty() {
+            println!("{name}: disabled");
+        } else {
+            println!("{name}: {addr}");
+        }
+    }
+    println!("configuration OK");
+    Ok(0)
+}
+
+fn check_data_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let meta = std::fs::metadata(dir).with_context(|| format!("data_dir {}", dir.display()))?;
+        if !meta.is_dir() {
+            bail!("data_dir {} is not a directory", dir.display());
+        }
+        if meta.permissions().readonly() {
+            bail!("data_dir {} is not writable", dir.display());
+        }
+        println!("data_dir: {}", dir.display());
+    } else {
+        println!("data_dir: {} (created at first start)", dir.display());
+    }
+    Ok(())
+}
+
+fn create_data_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating data_dir {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+async fn serve(config: Arc<Config>) -> Result<()> {
+    tls::install_crypto_provider();
+    create_data_dir(&config.data_dir)?;
+    let (default, self_signed) = default_cert_paths(&config);
+    if self_signed && tls::ensure_self_signed(&default, &config.hostname)? {
+        warn!(cert = %default.cert.display(), "no certificate configured: made a self-signed one");
+    }
+    let tls = Arc::new(
+        TlsManager::load(default, domain_cert_paths(&config)).context("loading certificates")?,
+    );
+    let directory = Arc::new(
+        Directory::open(&config.data_dir, config.store_options())
+            .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
+    );
+    let admin_listener = admin::bind(&config.admin_socket()).await?;
+    let listeners = Listeners::bind(&config).await?;
+    let locks = Arc::new(LocalLocks::new());
+    let secret = load_or_create_secret(&config.data_dir.join("secret"))?;
+    let shared = Arc::new(Shared::new(
+        config.clone(),
+        directory.clone(),
+        locks,
+        tls.clone(),
+        secret,
+    ));
+
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        directory.clone(),
+        shared.abort.clone(),
+    ));
+    let housekeeping = tokio::spawn(housekeeping(shared.clone()));
+    let signals = tokio::spawn(wait_for_signal(shared.clone()));
+
+    server::run(listeners, shared.clone()).await;
+
+    shared.abort.cancel();
+    signals.abort();
+    let _ = admin_task.await;
+    let _ = housekeeping.await;
+    let _ = std::fs::remove_file(config.admin_socket());
+    let dir = directory.clone();
+    tokio::task::spawn_blocking(move || dir.flush_all()).await??;
+    info!("stopped");
+    Ok(())
+}
+
+/// The server's 32-byte secret, made on first start (mode 0600).
+fn load_or_create_secret(path: &Path) -> Result<[u8; 32]> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(bytes) = std::fs::read(path) {
+        return <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+            anyhow::anyhow!(
+                "{} is not a 32-byte secret; remove it to make a new one",
+                path.display()
+            )
+        });
+    }
+    let secret: [u8; 32] = rand::random();
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&secret)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(secret)
+}
+
+/// Certificate reload and idle-store closing, until shutdown is complete.
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(tls::RELOAD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.abort.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let tls = shared.tls.clone();
+        let directory = shared.directory.clone();
+        let result =
+            tokio::task::spawn_blocking(move || (tls.reload_changed(), directory.close_idle()))
+                .await;
+        match result {
+            Ok((Ok(n), closed)) => {
+                if n > 0 {
+                    info!(replaced = n, "certificates reloaded");
+                }
+                if closed > 0 {
+                    info!(closed, "closed idle domain stores");
+                }
+            }
+            Ok((Err(e), _)) => warn!(error = %e, "certificate reload failed; keeping the old one"),
+            Err(e) => warn!(error = %e, "housekeeping task failed"),
+        }
+    }
+}
+
+async fn wait_for_signal(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "shutdown requested"),
+        _ = int.recv() => info!(signal = "SIGINT", "shutdown requested"),
+    }
+    shared.shutdown.cancel();
+}

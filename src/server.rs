@@ -1,1 +1,357 @@
-//! placeholder
+//! Listeners and their limits: binds the configured addresses, accepts connections
+//! under a global semaphore and a per-IP cap, runs each session in a tracked task and
+//! drains them on shutdown. Speaks no protocol itself; replies come from the sessions.
+
+use crate::auth::cache::VerifiedCache;
+use crate::auth::HashParams;
+use crate::config::Config;
+use crate::locks::LockBackend;
+use crate::pop3::session::{self, Listener};
+use crate::store::Directory;
+use crate::tls::TlsManager;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} ({listener}): {source}")]
+    Bind {
+        listener: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Everything sessions share, built once at start.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub directory: Arc<Directory>,
+    pub locks: Arc<dyn LockBackend>,
+    pub tls: Arc<TlsManager>,
+    pub acceptor: TlsAcceptor,
+    pub throttle: Throttle,
+    /// Bounds concurrent argon2 verifications (each costs `memory_kib` of RAM and a core).
+    pub hash_slots: Semaphore,
+    /// Key for stand-in SCRAM salts of unknown users; kept in the data dir so an unknown
+    /// name gets the same salt across restarts, like a real account.
+    pub secret: [u8; 32],
+    pub hash_params: HashParams,
+    pub verified: VerifiedCache,
+    /// Closed at SIGTERM: sessions not logged in end at once, others may finish.
+    pub shutdown: CancellationToken,
+    /// Closed when the grace period is over: every session ends without UPDATE.
+    pub abort: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(
+        config: Arc<Config>,
+        directory: Arc<Directory>,
+        locks: Arc<dyn LockBackend>,
+        tls: Arc<TlsManager>,
+        secret: [u8; 32],
+    ) -> Shared {
+        let acceptor = TlsAcceptor::from(tls.server_config());
+        let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Shared {
+            throttle: Throttle::new(
+                config.limits.max_auth_failures_per_ip,
+                Duration::from_secs(config.limits.auth_failure_window_secs),
+            ),
+            hash_params: config.auth.argon2,
+            verified: VerifiedCache::new(
+                Duration::from_secs(config.auth.cache_ttl_secs),
+                config.auth.cache_entries,
+            ),
+            config,
+            directory,
+            locks,
+            tls,
+            acceptor,
+            hash_slots: Semaphore::new(slots),
+            secret,
+            shutdown: CancellationToken::new(),
+            abort: CancellationToken::new(),
+        }
+    }
+}
+
+/// The configured listeners, bound.
+pub struct Listeners {
+    pub pop3: Option<TcpListener>,
+    pub pop3s: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> Result<Listeners, ServerError> {
+        async fn one(name: &'static str, addr: &str) -> Result<Option<TcpListener>, ServerError> {
+            if addr.is_empty() {
+                return Ok(None);
+            }
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    listener: name,
+                    addr: addr.to_owned(),
+                    source,
+                })?;
+            Ok(Some(l))
+        }
+        Ok(Listeners {
+            pop3: one("pop3", &config.pop3.listen).await?,
+            pop3s: one("pop3s", &config.pop3.tls_listen).await?,
+        })
+    }
+
+    pub fn local_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
+        let mut out = Vec::new();
+        for (name, l) in [("pop3", &self.pop3), ("pop3s", &self.pop3s)] {
+            if let Some(addr) = l.as_ref().and_then(|l| l.local_addr().ok()) {
+                out.push((name, addr));
+            }
+        }
+        out
+    }
+}
+
+/// Runs the accept loops until `shared.shutdown`, then waits for sessions to finish;
+/// after the grace period `shared.abort` ends the rest.
+pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
+    let tracker = TaskTracker::new();
+    let limits = Arc::new(ConnLimits::new(
+        shared.config.limits.max_connections,
+        shared.config.limits.max_connections_per_ip,
+    ));
+    for (name, addr) in listeners.local_addrs() {
+        info!(listener = name, addr = %addr, "listening");
+    }
+    let mut loops = Vec::new();
+    if let Some(l) = listeners.pop3 {
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            Listener::Pop3,
+            shared.clone(),
+            limits.clone(),
+            tracker.clone(),
+        )));
+    }
+    if let Some(l) = listeners.pop3s {
+        loops.push(tokio::spawn(accept_loop(
+            l,
+            Listener::Pop3s,
+            shared.clone(),
+            limits.clone(),
+            tracker.clone(),
+        )));
+    }
+    shared.shutdown.cancelled().await;
+    for l in loops {
+        let _ = l.await;
+    }
+    tracker.close();
+    let active = tracker.len();
+    info!(
+        active,
+        grace_secs = shared.config.limits.shutdown_grace_secs,
+        "shutting down: draining sessions"
+    );
+    if tokio::time::timeout(shared.config.limits.shutdown_grace(), tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = tracker.len(),
+            "grace period over: closing remaining sessions without UPDATE"
+        );
+        shared.abort.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(remaining = tracker.len(), "sessions did not stop in time");
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    kind: Listener,
+    shared: Arc<Shared>,
+    limits: Arc<ConnLimits>,
+    tracker: TaskTracker,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(5);
+                x
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(listener = kind.name(), error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let admission = limits.admit(peer.ip());
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            match admission {
+                Ok(permit) => {
+                    session::run(stream, peer, kind, shared).await;
+                    drop(permit);
+                }
+                Err(reason) => session::refuse(stream, peer, kind, reason).await,
+            }
+        });
+    }
+}
+
+/// Why a connection was refused before a session started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    TooManyConnections,
+    TooManyFromPeer,
+}
+
+/// Global and per-IP connection limits.
+pub struct ConnLimits {
+    total: Arc<Semaphore>,
+    per_ip_max: usize,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// Holds one connection's place in both limits until dropped.
+pub struct Admission {
+    _total: OwnedSemaphorePermit,
+    ip: IpAddr,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ConnLimits {
+    pub fn new(total: usize, per_ip_max: usize) -> Self {
+        ConnLimits {
+            total: Arc::new(Semaphore::new(total)),
+            per_ip_max,
+            per_ip: Arc::default(),
+        }
+    }
+
+    pub fn admit(&self, ip: IpAddr) -> Result<Admission, Refusal> {
+        let total = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::TooManyConnections)?;
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.per_ip_max {
+            return Err(Refusal::TooManyFromPeer);
+        }
+        *n += 1;
+        Ok(Admission {
+            _total: total,
+            ip,
+            per_ip: self.per_ip.clone(),
+        })
+    }
+}
+
+/// Failed-login counting per client IP in a fixed window (in-process).
+pub struct Throttle {
+    max: u32,
+    window: Duration,
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+/// Entries kept at most, so a flood of source addresses cannot grow memory without bound.
+const THROTTLE_MAX_ENTRIES: usize = 100_000;
+
+impl Throttle {
+    pub fn new(max: u32, window: Duration) -> Self {
+        Throttle {
+            max,
+            window,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// True when `ip` has used up its failures for the current window.
+    pub fn is_blocked(&self, ip: IpAddr) -> bool {
+        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        matches!(map.get(&ip), Some((n, start)) if *n >= self.max && start.elapsed() < self.window)
+    }
+
+    pub fn record_failure(&self, ip: IpAddr) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= THROTTLE_MAX_ENTRIES {
+            let window = self.window;
+            map.retain(|_, (_, start)| start.elapsed() < window);
+        }
+        let entry = map.entry(ip).or_insert((0, Instant::now()));
+        if entry.1.elapsed() >= self.window {
+            *entry = (0, Instant::now());
+        }
+        entry.0 = entry.0.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_ip_and_total_limits() {
+        let limits = ConnLimits::new(3, 2);
+        let a: IpAddr = "127.0.0.1".parse().expect("ip");
+        let b: IpAddr = "127.0.0.2".parse().expect("ip");
+        let a1 = limits.admit(a).expect("a1");
+        let _a2 = limits.admit(a).expect("a2");
+        assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyFromPeer));
+        let _b1 = limits.admit(b).expect("b1");
+        assert_eq!(limits.admit(b).err(), Some(Refusal::TooManyConnections));
+        drop(a1);
+        assert!(limits.admit(a).is_ok());
+    }
+
+    #[test]
+    fn throttle_blocks_after_max_failures_in_window() {
+        let t = Throttle::new(2, Duration::from_secs(60));
+        let ip: IpAddr = "::1".parse().expect("ip");
+        assert!(!t.is_blocked(ip));
+        t.record_failure(ip);
+        assert!(!t.is_blocked(ip));
+        t.record_failure(ip);
+        assert!(t.is_blocked(ip));
+        let short = Throttle::new(1, Duration::from_millis(0));
+        short.record_failure(ip);
+        assert!(!short.is_blocked(ip), "window elapsed");
+    }
+}

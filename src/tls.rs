@@ -11,7 +11,10 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: no certificate found in PEM")]
     NoCertificate { path: PathBuf },
     #[error("{path}: no private key found in PEM")]
@@ -19,7 +22,11 @@ pub enum TlsError {
     #[error("{path}: {message}")]
     Pem { path: PathBuf, message: String },
     #[error("certificate {cert} does not match key {key}: {message}")]
-    Mismatch { cert: PathBuf, key: PathBuf, message: String },
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        message: String,
+    },
     #[error("generating a self-signed certificate: {0}")]
     Generate(String),
     #[error("TLS configuration: {0}")]
@@ -53,7 +60,10 @@ pub struct TlsManager {
 
 impl TlsManager {
     /// Loads every certificate; any error stops start-up.
-    pub fn load(default: CertPaths, domains: BTreeMap<String, CertPaths>) -> Result<TlsManager, TlsError> {
+    pub fn load(
+        default: CertPaths,
+        domains: BTreeMap<String, CertPaths>,
+    ) -> Result<TlsManager, TlsError> {
         let _ = (&default, &domains);
         todo!()
     }
@@ -77,7 +87,8 @@ impl TlsManager {
 
     /// Paths being watched.
     pub fn paths(&self) -> impl Iterator<Item = &Path> {
-        std::iter::once(self.default.cert.as_path()).chain(self.domains.values().map(|p| p.cert.as_path()))
+        std::iter::once(self.default.cert.as_path())
+            .chain(self.domains.values().map(|p| p.cert.as_path()))
     }
 }
 

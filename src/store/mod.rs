@@ -34,7 +34,10 @@ pub enum StoreError {
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("I/O error on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Sizing of each open domain store.
@@ -48,7 +51,10 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { cache_capacity: 8 * 1024 * 1024, idle_close: std::time::Duration::from_secs(300) }
+        Self {
+            cache_capacity: 8 * 1024 * 1024,
+            idle_close: std::time::Duration::from_secs(300),
+        }
     }
 }
 

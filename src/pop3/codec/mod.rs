@@ -6,7 +6,7 @@ pub mod command;
 pub mod line;
 pub mod reply;
 
-pub use body::{BodyEncoder, BodyOptions};
+pub use body::{BodyEncoder, BodyOptions, DotUnstuffer, Unstuffed};
 pub use command::{Command, ParseError};
 pub use line::{LineError, LineReader, MAX_COMMAND_LINE, MAX_SASL_LINE};
-pub use reply::{Capabilities, MsgEntry, RespCode, Reply};
+pub use reply::{format_uid, write_uid, Capabilities, MsgEntry, Reply, RespCode, UID_LEN};

@@ -1,0 +1,312 @@
+//! Real clients against the real server: Python's poplib (POP3S, STLS, APOP), an
+//! independent SCRAM-SHA-256 client, and curl (`pop3s://`, `pop3://` with STLS, plain).
+
+use crate::common::{message, python, require_tool, Options, Server, PASSWORD};
+use sha2::{Digest, Sha256};
+use std::process::Command;
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("bad JSON from client ({e}): {s}"))
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn poplib_pop3s_and_stls_fetch_and_delete() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let m1 = message("first", 5);
+    let m2 = b"Subject: second\r\n\r\n.dot line\r\n\r\nafter blank\r\n".to_vec();
+    server.deliver("joe@example.org", &m1);
+    server.deliver("joe@example.org", &m2);
+    let ca = server.ca.ca_pem.display().to_string();
+    let port = server.pop3s.port().to_string();
+    let out = json(&python(
+        "poplib_session.py",
+        &["ssl", "localhost", &port, &ca, "joe@example.org", PASSWORD],
+    ));
+    assert_eq!(out["stat"], serde_json::json!([2, m1.len() + m2.len()]));
+    assert_eq!(
+        out["sha256"],
+        serde_json::json!([hex_sha256(&m1), hex_sha256(&m2)])
+    );
+    assert_eq!(out["sizes"], serde_json::json!([m1.len(), m2.len()]));
+    assert_eq!(
+        out["top0"],
+        serde_json::json!([
+            "From: a@example.net",
+            "To: b@example.org",
+            "Subject: first",
+            ""
+        ])
+    );
+    assert_eq!(out["uidl"].as_array().map(Vec::len), Some(2));
+    assert!(out["quit"].as_str().is_some_and(|q| q.starts_with("+OK")));
+
+    // The same over STLS on the cleartext port, then delete everything.
+    let port = server.pop3.port().to_string();
+    let again = json(&python(
+        "poplib_session.py",
+        &[
+            "stls",
+            "localhost",
+            &port,
+            &ca,
+            "joe@example.org",
+            PASSWORD,
+            "--delete",
+        ],
+    ));
+    assert_eq!(again["uidl"], out["uidl"], "UIDL differs between sessions");
+    let capa: Vec<String> = serde_json::from_value(again["capa"].clone()).expect("capa");
+    assert!(
+        capa.contains(&"USER".to_string()) && !capa.contains(&"STLS".to_string()),
+        "{capa:?}"
+    );
+    let port = server.pop3s.port().to_string();
+    let empty = json(&python(
+        "poplib_session.py",
+        &["ssl", "localhost", &port, &ca, "joe@example.org", PASSWORD],
+    ));
+    assert_eq!(empty["stat"], serde_json::json!([0, 0]));
+}
+
+#[test]
+fn poplib_plaintext_only_when_allowed() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let ca = server.ca.ca_pem.display().to_string();
+    let port = server.pop3.port().to_string();
+    let script = format!(
+        "import poplib,sys\nc=poplib.POP3('127.0.0.1',{port},timeout=10)\ntry:\n c.user('joe@example.org')\nexcept poplib.error_proto as e:\n print(e)\n sys.exit(0)\nsys.exit(1)\n"
+    );
+    require_tool("python3");
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "USER accepted in clear: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[AUTH]"));
+    drop(server);
+
+    let server = Server::start_with(Options {
+        allow_plaintext_auth: true,
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    server.deliver("joe@example.org", &message("clear", 1));
+    let port = server.pop3.port().to_string();
+    let out = json(&python(
+        "poplib_session.py",
+        &[
+            "plain",
+            "127.0.0.1",
+            &port,
+            &ca,
+            "joe@example.org",
+            PASSWORD,
+        ],
+    ));
+    assert_eq!(out["stat"][0], 1);
+}
+
+#[test]
+fn poplib_apop_for_opted_in_accounts() {
+    let server = Server::start_with(Options {
+        apop: true,
+        ..Options::default()
+    });
+    server.add_domain("example.org");
+    let out = server.cli(
+        &[
+            "user",
+            "add",
+            "apop@example.org",
+            "--password-stdin",
+            "--apop",
+        ],
+        b"s3cret\n",
+    );
+    assert!(out.status.success());
+    server.with_user("plain@example.org");
+    let ca = server.ca.ca_pem.display().to_string();
+    let port = server.pop3s.port().to_string();
+    let ok = json(&python(
+        "poplib_session.py",
+        &[
+            "ssl",
+            "localhost",
+            &port,
+            &ca,
+            "apop@example.org",
+            "s3cret",
+            "--apop",
+        ],
+    ));
+    assert!(ok["login"].as_str().is_some_and(|l| l.starts_with("+OK")));
+    assert!(ok["welcome"]
+        .as_str()
+        .is_some_and(|w| w.contains('<') && w.contains("@mail.test>")));
+    // An account without an APOP secret cannot use APOP, even with the right password.
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/poplib_session.py");
+    let out = Command::new("python3")
+        .arg(path)
+        .args([
+            "ssl",
+            "localhost",
+            &port,
+            &ca,
+            "plain@example.org",
+            PASSWORD,
+            "--apop",
+        ])
+        .output()
+        .expect("python3");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("-ERR [AUTH]"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn scram_sha_256_with_an_independent_client() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    server.deliver("joe@example.org", &message("scram", 1));
+    let ca = server.ca.ca_pem.display().to_string();
+    let port = server.pop3s.port().to_string();
+    let ok = python(
+        "scram_login.py",
+        &["127.0.0.1", &port, &ca, "joe@example.org", PASSWORD],
+    );
+    assert!(ok.starts_with("OK +OK 1 "), "{ok}");
+    let bad = python(
+        "scram_login.py",
+        &["127.0.0.1", &port, &ca, "joe@example.org", "wrong"],
+    );
+    assert!(bad.starts_with("FAIL -ERR [AUTH]"), "{bad}");
+    let unknown = python(
+        "scram_login.py",
+        &["127.0.0.1", &port, &ca, "ghost@example.org", PASSWORD],
+    );
+    assert_eq!(unknown, bad, "unknown user must look like a wrong password");
+}
+
+fn curl(args: &[&str]) -> std::process::Output {
+    require_tool("curl");
+    Command::new("curl")
+        .args(["-sS", "--max-time", "30"])
+        .args(args)
+        .output()
+        .expect("curl")
+}
+
+#[test]
+fn curl_pop3s_stls_and_plain() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let m = message("via curl", 3);
+    server.deliver("joe@example.org", &m);
+    let ca = server.ca.ca_pem.display().to_string();
+    let user = format!("joe@example.org:{PASSWORD}");
+
+    let out = curl(&[
+        "--cacert",
+        &ca,
+        "-u",
+        &user,
+        &format!("pop3s://localhost:{}/1", server.pop3s.port()),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, m, "pop3s RETR differs");
+
+    let out = curl(&[
+        "--cacert",
+        &ca,
+        "--ssl-reqd",
+        "-u",
+        &user,
+        &format!("pop3://localhost:{}/1", server.pop3.port()),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, m, "STLS RETR differs");
+
+    // Listing (LIST) over STLS.
+    let out = curl(&[
+        "--cacert",
+        &ca,
+        "--ssl-reqd",
+        "-u",
+        &user,
+        &format!("pop3://localhost:{}/", server.pop3.port()),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("1 {}\r\n", m.len())
+    );
+
+    // Without TLS the login is refused: plaintext auth is off.
+    let out = curl(&[
+        "-u",
+        &user,
+        &format!("pop3://127.0.0.1:{}/1", server.pop3.port()),
+    ]);
+    assert!(!out.status.success(), "plaintext login accepted: {out:?}");
+
+    // With a wrong CA the handshake fails: the certificate is really checked.
+    let other = crate::common::TestCa::new(&server.dir.path().join("other-ca").tap_mkdir());
+    let out = curl(&[
+        "--cacert",
+        &other.ca_pem.display().to_string(),
+        "-u",
+        &user,
+        &format!("pop3s://localhost:{}/1", server.pop3s.port()),
+    ]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn curl_plaintext_when_allowed_and_dele() {
+    let server = Server::start_with(Options {
+        allow_plaintext_auth: true,
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    server.deliver("joe@example.org", &message("one", 1));
+    let user = format!("joe@example.org:{PASSWORD}");
+    let url = format!("pop3://127.0.0.1:{}/1", server.pop3.port());
+    let out = curl(&["-u", &user, &url]);
+    assert!(out.status.success(), "{out:?}");
+    let out = curl(&["-u", &user, "-X", "DELE", "-I", &url]);
+    assert!(out.status.success(), "{out:?}");
+    let out = curl(&[
+        "-u",
+        &user,
+        &format!("pop3://127.0.0.1:{}/", server.pop3.port()),
+    ]);
+    assert!(out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "message survived DELE+QUIT: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for std::path::PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).expect("mkdir");
+        self
+    }
+}

@@ -1,0 +1,565 @@
+//! Test harness: a real `mailgate serve` process on `127.0.0.1:0` with a temporary data
+//! dir and certificates from a test CA, stopped on `Drop`; helpers for the CLI, a raw
+//! POP3 client (cleartext, STLS, implicit TLS) and external clients.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mailgate");
+pub const PASSWORD: &str = "correct horse battery";
+
+/// A test CA with leaf certificates, written as PEM files.
+pub struct TestCa {
+    pub dir: PathBuf,
+    pub ca_pem: PathBuf,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mailgate test CA");
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let ca = params.self_signed(&ca_key).expect("ca cert");
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, ca.pem()).expect("write ca");
+        TestCa {
+            dir: dir.to_path_buf(),
+            ca_pem,
+            ca,
+            ca_key,
+        }
+    }
+
+    /// Issues a leaf for `names` (DNS names or IP literals); returns (cert, key) paths.
+    pub fn issue(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names.clone()).expect("leaf params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0].clone());
+        let key = rcgen::KeyPair::generate().expect("leaf key");
+        let cert = params
+            .signed_by(&key, &self.ca, &self.ca_key)
+            .expect("leaf cert");
+        let cert_path = self.dir.join(format!("{stem}.crt"));
+        let key_path = self.dir.join(format!("{stem}.key"));
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
+}
+
+/// Knobs a test can turn; everything else uses test-friendly defaults.
+#[derive(Clone)]
+pub struct Options {
+    pub allow_plaintext_auth: bool,
+    pub apop: bool,
+    pub idle_timeout_secs: u64,
+    pub max_connections_per_ip: usize,
+    pub max_bad_commands: u32,
+    pub replace_nul: bool,
+    pub shutdown_grace_secs: u64,
+    /// Extra TOML appended verbatim.
+    pub extra: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            allow_plaintext_auth: false,
+            apop: false,
+            idle_timeout_secs: 600,
+            max_connections_per_ip: 100,
+            max_bad_commands: 10,
+            replace_nul: false,
+            shutdown_grace_secs: 5,
+            extra: String::new(),
+        }
+    }
+}
+
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub ca: TestCa,
+    pub pop3: SocketAddr,
+    pub pop3s: SocketAddr,
+    child: Option<Child>,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Python and curl must exist; in CI a missing tool is a failure, never a skip.
+pub fn require_tool(name: &str) {
+    static CHECK: Once = Once::new();
+    CHECK.call_once(|| {});
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success());
+    assert!(
+        matches!(found, Ok(true)),
+        "{name} is required for the integration tests (the README test command installs it)"
+    );
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Self::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = TestCa::new(dir.path());
+        let (cert, key) = ca.issue("default", &["localhost", "127.0.0.1"]);
+        let (org_cert, org_key) = ca.issue("example-org", &["example.org", "mail.example.org"]);
+        let config = dir.path().join("mailgate.toml");
+        let toml = format!(
+            r#"
+data_dir = "{data}"
+hostname = "mail.test"
+
+[pop3]
+listen = "127.0.0.1:0"
+tls_listen = "127.0.0.1:0"
+allow_plaintext_auth = {plain}
+apop = {apop}
+replace_nul = {nul}
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+[tls.domains."example.org"]
+cert = "{org_cert}"
+key = "{org_key}"
+
+[limits]
+idle_timeout_secs = {idle}
+auth_failure_delay_ms = 50
+max_auth_failures = 3
+max_auth_failures_per_ip = 1000
+max_connections_per_ip = {per_ip}
+max_bad_commands = {bad}
+shutdown_grace_secs = {grace}
+tls_handshake_timeout_secs = 5
+
+[auth.argon2]
+memory_kib = 1024
+iterations = 1
+parallelism = 1
+scram_iterations = 4096
+{extra}
+"#,
+            data = dir.path().join("data").display(),
+            plain = opts.allow_plaintext_auth,
+            apop = opts.apop,
+            nul = opts.replace_nul,
+            cert = cert.display(),
+            key = key.display(),
+            org_cert = org_cert.display(),
+            org_key = org_key.display(),
+            idle = opts.idle_timeout_secs,
+            per_ip = opts.max_connections_per_ip,
+            bad = opts.max_bad_commands,
+            grace = opts.shutdown_grace_secs,
+            extra = opts.extra,
+        );
+        std::fs::write(&config, toml).expect("write config");
+        let mut server = Server {
+            dir,
+            config,
+            ca,
+            pop3: "0.0.0.0:0".parse().expect("addr"),
+            pop3s: "0.0.0.0:0".parse().expect("addr"),
+            child: None,
+            log: Arc::default(),
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts (or restarts) the server process and waits for its listeners.
+    pub fn spawn(&mut self) {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env("MAILGATE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mailgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = self.log.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let plain = strip_ansi(&line);
+                if let Some(rest) = plain.split("listening listener=").nth(1) {
+                    let mut parts = rest.split_whitespace();
+                    let name = parts.next().unwrap_or("").to_string();
+                    let addr = parts
+                        .next()
+                        .and_then(|a| a.strip_prefix("addr="))
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send((name, addr));
+                }
+                log.lock().expect("log").push(plain);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut pop3, mut pop3s) = (None, None);
+        while pop3.is_none() || pop3s.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((name, addr)) => {
+                    let addr: SocketAddr = addr.parse().expect("listening addr");
+                    match name.as_str() {
+                        "\"pop3\"" | "pop3" => pop3 = Some(addr),
+                        "\"pop3s\"" | "pop3s" => pop3s = Some(addr),
+                        _ => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "server did not start; log:\n{}",
+                        self.log.lock().expect("log").join("\n")
+                    );
+                }
+            }
+        }
+        self.pop3 = pop3.expect("pop3");
+        self.pop3s = pop3s.expect("pop3s");
+        self.child = Some(child);
+    }
+
+    /// Sends SIGTERM and waits for exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        signal(&child, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("server did not stop after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+
+    /// Runs `mailgate --config ... ARGS` with `stdin`.
+    pub fn cli(&self, args: &[&str], stdin: &[u8]) -> Output {
+        cli(&self.config, args, stdin)
+    }
+
+    pub fn add_domain(&self, domain: &str) {
+        let out = self.cli(&["domain", "add", domain], b"");
+        assert!(
+            out.status.success(),
+            "domain add {domain}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn add_user(&self, address: &str, password: &str) {
+        let out = self.cli(
+            &["user", "add", address, "--password-stdin"],
+            format!("{password}\n").as_bytes(),
+        );
+        assert!(
+            out.status.success(),
+            "user add {address}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn deliver(&self, rcpt: &str, message: &[u8]) {
+        let out = self.cli(&["deliver", rcpt], message);
+        assert!(
+            out.status.success(),
+            "deliver to {rcpt}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A domain with one user, the usual start of a test.
+    pub fn with_user(&self, address: &str) {
+        let domain = address.split('@').nth(1).expect("domain");
+        let listed = self.cli(&["domain", "list"], b"");
+        if !String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .any(|l| l == domain)
+        {
+            self.add_domain(domain);
+        }
+        self.add_user(address, PASSWORD);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+pub fn cli(config: &Path, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cli");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("cli output");
+    let _ = writer.join();
+    out
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A message with a header and `body_lines` lines of body.
+pub fn message(subject: &str, body_lines: usize) -> Vec<u8> {
+    let mut m = format!("From: a@example.net\r\nTo: b@example.org\r\nSubject: {subject}\r\n\r\n")
+        .into_bytes();
+    for i in 0..body_lines {
+        m.extend_from_slice(format!("line {i}\r\n").as_bytes());
+    }
+    m
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A raw POP3 client for byte-exact checks.
+pub struct Raw {
+    stream: Box<dyn Stream>,
+    buf: Vec<u8>,
+}
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn tls_connector(ca: &Path) -> tokio_rustls::TlsConnector {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(cert.expect("ca cert")).expect("add root");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+impl Raw {
+    pub async fn plain(addr: SocketAddr) -> Raw {
+        let s = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("connect timeout")
+            .expect("connect");
+        Raw {
+            stream: Box::new(s),
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn tls(addr: SocketAddr, ca: &Path, sni: &str) -> Raw {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("sni");
+        let tls = tokio::time::timeout(TIMEOUT, tls_connector(ca).connect(name, s))
+            .await
+            .expect("tls timeout")
+            .expect("tls");
+        Raw {
+            stream: Box::new(tls),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Upgrades after a `+OK` to STLS; bytes buffered so far are dropped like a client must.
+    pub async fn starttls(self, ca: &Path, sni: &str) -> Raw {
+        let Raw { stream, .. } = self;
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).expect("sni");
+        let tls = tokio::time::timeout(TIMEOUT, tls_connector(ca).connect(name, stream))
+            .await
+            .expect("timeout")
+            .expect("tls");
+        Raw {
+            stream: Box::new(tls),
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, data: &str) {
+        self.send_bytes(data.as_bytes()).await;
+    }
+
+    pub async fn send_bytes(&mut self, data: &[u8]) {
+        self.stream.write_all(data).await.expect("write");
+        self.stream.flush().await.expect("flush");
+    }
+
+    /// One line including its CRLF; panics on EOF.
+    pub async fn line(&mut self) -> String {
+        self.try_line()
+            .await
+            .expect("connection closed while waiting for a line")
+    }
+
+    pub async fn try_line(&mut self) -> Option<String> {
+        let bytes = self.line_bytes().await?;
+        Some(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    pub async fn line_bytes(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                return Some(self.buf.drain(..=i).collect());
+            }
+            let mut chunk = [0u8; 16384];
+            let n = tokio::time::timeout(TIMEOUT, self.stream.read(&mut chunk))
+                .await
+                .expect("read timeout")
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends a command and returns the first reply line.
+    pub async fn cmd(&mut self, line: &str) -> String {
+        self.send(&format!("{line}\r\n")).await;
+        self.line().await
+    }
+
+    /// Reads a multi-line body after its status line: raw bytes up to and including the
+    /// terminating ".\r\n".
+    pub async fn multiline_raw(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let line = self.line_bytes().await.expect("eof in multi-line reply");
+            let end = line == b".\r\n";
+            out.extend_from_slice(&line);
+            if end {
+                return out;
+            }
+        }
+    }
+
+    /// Reads a multi-line body and undoes dot-stuffing (without the terminator).
+    pub async fn multiline(&mut self) -> Vec<u8> {
+        let raw = self.multiline_raw().await;
+        let body = &raw[..raw.len() - 3];
+        let mut out = Vec::with_capacity(body.len());
+        let mut at_start = true;
+        let mut i = 0;
+        while i < body.len() {
+            if at_start && body[i] == b'.' {
+                i += 1;
+            }
+            let b = body[i];
+            out.push(b);
+            at_start = b == b'\n';
+            i += 1;
+        }
+        out
+    }
+
+    /// True when the server closed the connection (EOF) within the timeout.
+    pub async fn closed(&mut self) -> bool {
+        self.line_bytes().await.is_none()
+    }
+
+    pub async fn login(&mut self, user: &str, password: &str) -> String {
+        let r = self.cmd(&format!("USER {user}")).await;
+        assert!(r.starts_with("+OK"), "USER: {r}");
+        self.cmd(&format!("PASS {password}")).await
+    }
+}
+
+/// Runs a Python client script from `tests/clients/` with arguments; returns stdout and
+/// fails the test with its stderr when it exits non-zero.
+pub fn python(script: &str, args: &[&str]) -> String {
+    require_tool("python3");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/clients")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
