@@ -216,7 +216,11 @@ impl Default for AuthConfig {
 impl Config {
     /// Loads defaults, then `file` (which must exist when given), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        Self::load_from(file, Env::prefixed("MAILGATE_").split("__"))
+        // `MAILGATE_LOG` is the log filter, read by main, not a config key.
+        Self::load_from(
+            file,
+            Env::prefixed("MAILGATE_").ignore(&["log"]).split("__"),
+        )
     }
 
     fn load_from(file: Option<&Path>, env: Env) -> Result<Config, ConfigError> {
@@ -257,7 +261,8 @@ impl Config {
                 );
             }
         }
-        if !self.pop3.listen.is_empty() && self.pop3.listen == self.pop3.tls_listen {
+        let fixed_port = |a: &str| a.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0);
+        if fixed_port(&self.pop3.listen) && self.pop3.listen == self.pop3.tls_listen {
             return invalid("pop3.tls_listen", "must differ from pop3.listen".into());
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
@@ -331,6 +336,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment's Jail closures return figment::Error
 mod tests {
     use super::*;
     use figment::Jail;

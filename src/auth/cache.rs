@@ -9,12 +9,15 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Login digest → (when verified, digest of the stored hash it was verified against).
+type Entries = HashMap<[u8; 32], (Instant, [u8; 32])>;
+
 pub struct VerifiedCache {
     /// Random per process: digests are useless outside it.
     key: [u8; 32],
     ttl: Duration,
     capacity: usize,
-    entries: Mutex<HashMap<[u8; 32], (Instant, [u8; 32])>>,
+    entries: Mutex<Entries>,
 }
 
 impl VerifiedCache {

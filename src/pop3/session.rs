@@ -405,7 +405,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Io<S>, ctx: &mut Ctx)
     let mut phase = Phase::Authorization { user: None };
     let step = command_loop(io, ctx, &mut phase).await;
     let step = match step {
-        Ok(step) => step,
+        Ok(step) => {
+            // Deliver a final answer (e.g. "too many invalid commands") before closing.
+            let _ = io.flush().await;
+            step
+        }
         Err(e) => {
             if !matches!(e, SessionError::Io(_) | SessionError::WriteTimeout) {
                 warn!(error = %e, "session failed");
@@ -843,7 +847,7 @@ enum LoginResult {
     Verified {
         address: Address,
         store: Arc<DomainStore>,
-        account: Account,
+        account: Box<Account>,
     },
     /// Wrong password, unknown user, malformed name: all look the same to the client.
     Failed,
@@ -857,7 +861,7 @@ enum LoginResult {
 async fn find_account(
     ctx: &Ctx,
     name: &str,
-) -> Result<Option<(Address, Arc<DomainStore>, Account)>, SessionError> {
+) -> Result<Option<(Address, Arc<DomainStore>, Box<Account>)>, SessionError> {
     let Ok(address) = Address::parse(name) else {
         return Ok(None);
     };
@@ -870,7 +874,7 @@ async fn find_account(
         };
         Ok(store
             .account(&address.local)?
-            .map(|account| (address, store, account)))
+            .map(|account| (address, store, Box::new(account))))
     })
     .await??;
     Ok(found)

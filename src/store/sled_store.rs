@@ -1,127 +1,1398 @@
-//! The sled implementation of the store.
+//! The sled implementation of the store: one sled database per domain, opened lazily under
+//! the `Directory`'s lock (sled refuses a second open of the same path) and closed when idle.
+//! It must not hold a message in memory beyond one chunk, nor acknowledge a write before
+//! flushing it.
+//!
+//! Trees of each domain database:
+//!
+//! | tree       | key                                   | value                          |
+//! |------------|---------------------------------------|--------------------------------|
+//! | `accounts` | local part                            | `Account` as JSON              |
+//! | `maildrop` | local part, `0x00`, id (u64 BE)       | octets (u64 BE)                |
+//! | `bodies`   | id (u64 BE), chunk index (u32 BE)     | at most `CHUNK_SIZE` bytes     |
+//! | `pending`  | id (u64 BE)                           | local part (being delivered)   |
+//! | `trash`    | id (u64 BE)                           | empty (body still to remove)   |
+//!
+//! Big-endian keys make sled's byte order the numeric order, so a maildrop prefix scan
+//! yields delivery order and a body prefix scan yields chunk order. `pending` and `trash`
+//! are what make crashes harmless: whatever they list is swept when the store is opened.
 
-use super::{Account, Address, MessageMeta, StoreError, StoreOptions};
-use std::path::Path;
-use std::sync::Arc;
+use super::{
+    validate_domain, validate_local, Account, MessageMeta, StoreError, StoreOptions, CHUNK_SIZE,
+};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::{Batch, Db, Tree};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Instant;
 
+/// Name of the directory under `data_dir` that holds one sub-directory per domain.
+pub const DOMAINS_DIR: &str = "domains";
+
+/// How often sled syncs on its own; every acknowledged write flushes explicitly anyway,
+/// this only bounds what an unacknowledged write can lose.
+const FLUSH_EVERY_MS: u64 = 1000;
+
+/// The hosted domains under `data_dir/domains/` and the domain stores open now.
+///
+/// A domain exists exactly when its directory exists, so an operator can back up, move
+/// or delete one tenant with ordinary file tools while the server is stopped.
 pub struct Directory {
+    /// `data_dir/domains`.
+    root: PathBuf,
     opts: StoreOptions,
+    /// Open stores by normalised domain name. Opening, closing and removing all happen
+    /// under this lock, so the same sled path is never open twice.
+    open: Mutex<HashMap<String, OpenStore>>,
 }
 
+struct OpenStore {
+    store: Arc<DomainStore>,
+    /// Last time `Directory::domain` handed the store out; `close_idle` compares with it.
+    last_used: Instant,
+}
+
+/// One domain's sled database. Everything it reads or writes belongs to that domain.
 pub struct DomainStore {
     name: String,
+    /// For error context.
+    path: String,
+    db: Db,
+    accounts: Tree,
+    maildrop: Tree,
+    bodies: Tree,
+    pending: Tree,
+    trash: Tree,
+    /// Serialises account creation and removal, which scan the maildrop before their
+    /// atomic step; deliveries do not take it.
+    account_admin: Mutex<()>,
+    /// Lets `begin_message` hand its `PendingMessage` a strong reference, so a store with
+    /// a delivery in progress counts as in use and is never closed under it.
+    me: Weak<DomainStore>,
 }
 
 /// A message being written; invisible until `commit`.
+///
+/// Full chunks go to disk as they fill, so only one chunk is ever buffered. Its id is
+/// listed in `pending` until commit; dropped uncommitted, it removes its chunks, and if
+/// the process dies first, the next open of the store sweeps them.
 pub struct PendingMessage {
     id: u64,
+    local: String,
+    store: Arc<DomainStore>,
+    /// The chunk being filled; written when full or at commit.
+    buf: Vec<u8>,
+    next_chunk: u32,
+    octets: u64,
+    /// Set once the maildrop entry exists, after which the chunks must stay.
+    committed: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded data is only changed in single steps (map insert/remove), so it is
+    // consistent even if a holder panicked.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Directory {
     /// Opens (creating) `data_dir/domains/`.
     pub fn open(data_dir: &Path, opts: StoreOptions) -> Result<Directory, StoreError> {
-        let _ = (data_dir, opts);
-        todo!()
+        let root = data_dir.join(DOMAINS_DIR);
+        std::fs::create_dir_all(&root).map_err(|source| StoreError::Io {
+            path: root.display().to_string(),
+            source,
+        })?;
+        Ok(Directory {
+            root,
+            opts,
+            open: Mutex::new(HashMap::new()),
+        })
     }
+
+    /// Creates a domain: its directory and an initialised (and now open) sled database.
     pub fn add_domain(&self, name: &str) -> Result<(), StoreError> {
-        let _ = (name, &self.opts);
-        todo!()
+        let name = validate_domain(name)?;
+        let path = self.root.join(&name);
+        let mut open = lock(&self.open);
+        match std::fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::DomainExists(name));
+            }
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        }
+        match DomainStore::open(&name, &path, &self.opts) {
+            Ok(store) => {
+                open.insert(
+                    name,
+                    OpenStore {
+                        store,
+                        last_used: Instant::now(),
+                    },
+                );
+                Ok(())
+            }
+            Err(e) => {
+                // A domain whose database cannot be initialised must not appear to exist.
+                if let Err(rm) = std::fs::remove_dir_all(&path) {
+                    let path = path.display();
+                    tracing::warn!(%path, error = %rm, "cannot clean up failed domain");
+                }
+                Err(e)
+            }
+        }
     }
+
     /// Removes a domain with all its accounts and mail.
+    ///
+    /// The store leaves the open set and its directory is deleted at once. A session
+    /// still holding the store's `Arc` keeps working on the unlinked files until it lets
+    /// go (on Unix open files outlive their names); nothing it writes survives, and a
+    /// domain added again under the same name starts empty in a new directory.
     pub fn remove_domain(&self, name: &str) -> Result<(), StoreError> {
-        let _ = name;
-        todo!()
+        let name = validate_domain(name)?;
+        let path = self.root.join(&name);
+        let mut open = lock(&self.open);
+        if !path.is_dir() {
+            return Err(StoreError::UnknownDomain(name));
+        }
+        // Dropped under the lock: if this was the last reference, sled shuts down and
+        // releases its files before anyone can add the domain again.
+        drop(open.remove(&name));
+        std::fs::remove_dir_all(&path).map_err(|source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        })
     }
+
+    /// Hosted domains, sorted. Directory entries that are not valid normalised domain
+    /// names (stray files, editor leftovers) are not domains and are skipped.
     pub fn list_domains(&self) -> Result<Vec<String>, StoreError> {
-        todo!()
+        let io_err = |source| StoreError::Io {
+            path: self.root.display().to_string(),
+            source,
+        };
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.root).map_err(io_err)? {
+            let entry = entry.map_err(io_err)?;
+            if !entry.file_type().map_err(io_err)?.is_dir() {
+                continue;
+            }
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if validate_domain(&name).is_ok_and(|normal| normal == name) {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
     }
+
     pub fn has_domain(&self, name: &str) -> bool {
-        let _ = name;
-        todo!()
+        validate_domain(name).is_ok_and(|name| self.root.join(name).is_dir())
     }
+
     /// The (lazily opened) store of a hosted domain.
     pub fn domain(&self, name: &str) -> Result<Arc<DomainStore>, StoreError> {
-        let _ = name;
-        todo!()
+        let name = validate_domain(name)?;
+        let mut open = lock(&self.open);
+        if let Some(entry) = open.get_mut(&name) {
+            entry.last_used = Instant::now();
+            return Ok(Arc::clone(&entry.store));
+        }
+        let path = self.root.join(&name);
+        if !path.is_dir() {
+            return Err(StoreError::UnknownDomain(name));
+        }
+        let store = DomainStore::open(&name, &path, &self.opts)?;
+        open.insert(
+            name,
+            OpenStore {
+                store: Arc::clone(&store),
+                last_used: Instant::now(),
+            },
+        );
+        Ok(store)
     }
+
     /// Closes domain stores unused for longer than `idle_close`; returns how many.
+    ///
+    /// A store still referenced elsewhere (a session, a delivery in progress) stays open
+    /// however old its last use. Closed stores are flushed on the way out.
     pub fn close_idle(&self) -> usize {
-        todo!()
+        let mut open = lock(&self.open);
+        let idle: Vec<String> = open
+            .iter()
+            .filter(|(_, e)| {
+                e.last_used.elapsed() >= self.opts.idle_close && Arc::strong_count(&e.store) == 1
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &idle {
+            // Dropping the last reference flushes (see `Drop for DomainStore`) and shuts
+            // sled down; done under the lock so a concurrent `domain()` cannot reopen the
+            // path before sled has released it.
+            drop(open.remove(name));
+        }
+        idle.len()
     }
+
     /// Number of domain stores open now.
     pub fn open_count(&self) -> usize {
-        todo!()
+        lock(&self.open).len()
     }
-    /// Flushes every open store (shutdown).
+
+    /// Flushes every open store (shutdown). Tries all of them and returns the first error.
     pub fn flush_all(&self) -> Result<(), StoreError> {
-        todo!()
+        let stores: Vec<Arc<DomainStore>> = lock(&self.open)
+            .values()
+            .map(|e| Arc::clone(&e.store))
+            .collect();
+        let mut first_err = None;
+        for store in stores {
+            if let Err(e) = store.flush() {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+fn id_key(id: u64) -> [u8; 8] {
+    id.to_be_bytes()
+}
+
+fn chunk_key(id: u64, chunk: u32) -> [u8; 12] {
+    let mut key = [0; 12];
+    key[..8].copy_from_slice(&id.to_be_bytes());
+    key[8..].copy_from_slice(&chunk.to_be_bytes());
+    key
+}
+
+fn maildrop_prefix(local: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(local.len() + 9);
+    key.extend_from_slice(local.as_bytes());
+    key.push(0);
+    key
+}
+
+fn maildrop_key(local: &str, id: u64) -> Vec<u8> {
+    let mut key = maildrop_prefix(local);
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// Rejects local parts that did not come through `Address::parse`: empty, containing
+/// the maildrop key separator, or not in normalised (lower-case) form.
+fn check_local(local: &str) -> Result<(), StoreError> {
+    match validate_local(local) {
+        Some(normal) if normal == local => Ok(()),
+        _ => Err(StoreError::InvalidAddress(local.chars().take(80).collect())),
     }
 }
 
 impl DomainStore {
+    /// Opens the sled database at `path` and sweeps what a crash may have left.
+    fn open(name: &str, path: &Path, opts: &StoreOptions) -> Result<Arc<DomainStore>, StoreError> {
+        let path_str = path.display().to_string();
+        let err = |source| StoreError::Sled {
+            path: path_str.clone(),
+            source,
+        };
+        // LowSpace: each delivery ends in a flush, so throughput is bound by syncs rather
+        // than segment rewriting, and deleted mail should give its space back soon.
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(opts.cache_capacity)
+            .mode(sled::Mode::LowSpace)
+            .flush_every_ms(Some(FLUSH_EVERY_MS))
+            .open()
+            .map_err(err)?;
+        let tree = |n: &str| db.open_tree(n).map_err(err);
+        let (accounts, maildrop, bodies) = (tree("accounts")?, tree("maildrop")?, tree("bodies")?);
+        let (pending, trash) = (tree("pending")?, tree("trash")?);
+        let store = Arc::new_cyclic(|me| DomainStore {
+            name: name.to_owned(),
+            path: path_str.clone(),
+            db,
+            accounts,
+            maildrop,
+            bodies,
+            pending,
+            trash,
+            account_admin: Mutex::new(()),
+            me: me.clone(),
+        });
+        store.sweep()?;
+        Ok(store)
+    }
+
+    fn sled_err(&self, source: sled::Error) -> StoreError {
+        StoreError::Sled {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn txn_err(&self, e: TransactionError<StoreError>) -> StoreError {
+        match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(source) => self.sled_err(source),
+        }
+    }
+
+    /// Removes the bodies of deliveries that never committed and of deleted messages
+    /// whose chunks were not yet removed. Runs before the store is handed out.
+    fn sweep(&self) -> Result<(), StoreError> {
+        let mut swept = 0usize;
+        for tree in [&self.pending, &self.trash] {
+            for entry in tree.iter().keys() {
+                let key = entry.map_err(|e| self.sled_err(e))?;
+                let id = be_u64(&key).ok_or_else(|| {
+                    StoreError::Corrupt(format!("bad id key in {}: {key:?}", self.path))
+                })?;
+                self.remove_body(id)?;
+                tree.remove(&key).map_err(|e| self.sled_err(e))?;
+                swept += 1;
+            }
+        }
+        if swept > 0 {
+            let domain = &self.name;
+            tracing::info!(%domain, swept, "removed bodies left by an interrupted write");
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Removes all chunks of message `id` in one batch.
+    fn remove_body(&self, id: u64) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for key in self.bodies.scan_prefix(id_key(id)).keys() {
+            batch.remove(key.map_err(|e| self.sled_err(e))?);
+        }
+        self.bodies.apply_batch(batch).map_err(|e| self.sled_err(e))
+    }
+
+    /// Removes the bodies listed in `trash` by the given ids, then their trash entries.
+    fn purge(&self, ids: &[u64]) -> Result<(), StoreError> {
+        for &id in ids {
+            self.remove_body(id)?;
+            self.trash
+                .remove(id_key(id))
+                .map_err(|e| self.sled_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Atomically removes the given maildrop entries of `local` (those that exist) and
+    /// lists their ids in `trash`; returns the ids removed. With `remove_account`, the
+    /// account record goes in the same transaction (`UnknownAccount` if absent).
+    fn unlink_messages(
+        &self,
+        local: &str,
+        ids: &[u64],
+        remove_account: bool,
+    ) -> Result<Vec<u64>, StoreError> {
+        (&self.accounts, &self.maildrop, &self.trash)
+            .transaction(|(accounts, maildrop, trash)| {
+                if remove_account && accounts.remove(local.as_bytes())?.is_none() {
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::UnknownAccount(local.to_owned()),
+                    ));
+                }
+                let mut removed = Vec::with_capacity(ids.len());
+                for &id in ids {
+                    if maildrop.remove(maildrop_key(local, id))?.is_some() {
+                        trash.insert(&id_key(id), &[])?;
+                        removed.push(id);
+                    }
+                }
+                Ok(removed)
+            })
+            .map_err(|e| self.txn_err(e))
+    }
+
+    /// Ids in `local`'s maildrop, in delivery order.
+    fn maildrop_ids(&self, local: &str) -> Result<Vec<u64>, StoreError> {
+        Ok(self.snapshot(local)?.into_iter().map(|m| m.id).collect())
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
+
     pub fn account(&self, local: &str) -> Result<Option<Account>, StoreError> {
-        let _ = local;
-        todo!()
+        check_local(local)?;
+        let Some(bytes) = self.accounts.get(local).map_err(|e| self.sled_err(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "account {local}@{} in {}: {e}",
+                self.name, self.path
+            ))
+        })
     }
+
+    fn encode(&self, local: &str, account: &Account) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(account).map_err(|e| {
+            StoreError::Corrupt(format!("cannot encode account {local}@{}: {e}", self.name))
+        })
+    }
+
     /// Creates an account; `AccountExists` if present. Flushed before returning.
+    ///
+    /// Maildrop entries left under this name by a removal that a crash interrupted are
+    /// cleared first, so a new account never inherits an old one's mail.
     pub fn create_account(&self, local: &str, account: &Account) -> Result<(), StoreError> {
-        let _ = (local, account);
-        todo!()
+        check_local(local)?;
+        let record = self.encode(local, account)?;
+        let _admin = lock(&self.account_admin);
+        if self
+            .accounts
+            .contains_key(local)
+            .map_err(|e| self.sled_err(e))?
+        {
+            return Err(StoreError::AccountExists(local.to_owned()));
+        }
+        // No delivery can add entries now: commits require the account record.
+        let stale = self.maildrop_ids(local)?;
+        if !stale.is_empty() {
+            let removed = self.unlink_messages(local, &stale, false)?;
+            self.flush()?;
+            self.purge(&removed)?;
+        }
+        self.accounts
+            .compare_and_swap(local, None as Option<&[u8]>, Some(record))
+            .map_err(|e| self.sled_err(e))?
+            .map_err(|_| StoreError::AccountExists(local.to_owned()))?;
+        self.flush()
     }
+
     /// Replaces an existing account's record (passwd); `UnknownAccount` if absent.
     pub fn update_account(&self, local: &str, account: &Account) -> Result<(), StoreError> {
-        let _ = (local, account);
-        todo!()
+        check_local(local)?;
+        let record = self.encode(local, account)?;
+        self.accounts
+            .transaction(|accounts| {
+                if accounts.get(local)?.is_none() {
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::UnknownAccount(local.to_owned()),
+                    ));
+                }
+                accounts.insert(local, record.as_slice())?;
+                Ok(())
+            })
+            .map_err(|e| self.txn_err(e))?;
+        self.flush()
     }
+
     /// Removes an account and its whole maildrop.
+    ///
+    /// The account record and the maildrop entries go in one transaction; deliveries
+    /// that committed between the scan and that transaction are swept right after (no
+    /// delivery can commit once the record is gone). Then the bodies are removed.
     pub fn remove_account(&self, local: &str) -> Result<(), StoreError> {
-        let _ = local;
-        todo!()
+        check_local(local)?;
+        let _admin = lock(&self.account_admin);
+        let ids = self.maildrop_ids(local)?;
+        let mut removed = self.unlink_messages(local, &ids, true)?;
+        let late = self.maildrop_ids(local)?;
+        if !late.is_empty() {
+            removed.extend(self.unlink_messages(local, &late, false)?);
+        }
+        self.flush()?;
+        self.purge(&removed)
     }
+
+    /// Account local parts, sorted.
     pub fn list_accounts(&self) -> Result<Vec<String>, StoreError> {
-        todo!()
+        self.accounts
+            .iter()
+            .keys()
+            .map(|key| {
+                let key = key.map_err(|e| self.sled_err(e))?;
+                String::from_utf8(key.to_vec()).map_err(|_| {
+                    StoreError::Corrupt(format!("non-UTF-8 account key in {}", self.path))
+                })
+            })
+            .collect()
     }
+
     /// The maildrop's messages in delivery order.
     pub fn snapshot(&self, local: &str) -> Result<Vec<MessageMeta>, StoreError> {
-        let _ = local;
-        todo!()
+        check_local(local)?;
+        let prefix = maildrop_prefix(local);
+        self.maildrop
+            .scan_prefix(&prefix)
+            .map(|entry| {
+                let (key, value) = entry.map_err(|e| self.sled_err(e))?;
+                match (be_u64(&key[prefix.len()..]), be_u64(&value)) {
+                    (Some(id), Some(octets)) => Ok(MessageMeta { id, octets }),
+                    _ => Err(StoreError::Corrupt(format!(
+                        "bad maildrop entry of {local}@{} in {}",
+                        self.name, self.path
+                    ))),
+                }
+            })
+            .collect()
     }
-    /// Reads up to `buf.len()` body bytes of message `id` from `offset`; 0 at the end.
+
+    /// Appends to `buf` the body bytes of message `id` from `offset` to the end of the
+    /// chunk that holds `offset` (at most `CHUNK_SIZE` bytes); returns how many were
+    /// appended, 0 at the end of the message. `buf` is not cleared: the caller does that
+    /// between calls. A message of 0 octets, or an unknown id, reads as empty.
     pub fn read_body(&self, id: u64, offset: u64, buf: &mut Vec<u8>) -> Result<usize, StoreError> {
-        let _ = (id, offset, buf);
-        todo!()
+        let chunk_size = CHUNK_SIZE as u64;
+        let Ok(chunk) = u32::try_from(offset / chunk_size) else {
+            return Ok(0);
+        };
+        // invariant: the remainder is below CHUNK_SIZE, which is a usize.
+        let start = (offset % chunk_size) as usize;
+        let Some(data) = self
+            .bodies
+            .get(chunk_key(id, chunk))
+            .map_err(|e| self.sled_err(e))?
+        else {
+            return Ok(0);
+        };
+        let Some(tail) = data.get(start..).filter(|t| !t.is_empty()) else {
+            return Ok(0);
+        };
+        buf.extend_from_slice(tail);
+        Ok(tail.len())
     }
+
     /// Starts a new message for `local`'s maildrop.
+    ///
+    /// The account is checked at commit, not here, so a delivery racing an account
+    /// removal fails cleanly instead of resurrecting the maildrop.
     pub fn begin_message(&self, local: &str) -> Result<PendingMessage, StoreError> {
-        let _ = local;
-        todo!()
+        check_local(local)?;
+        // Only fails while the store is being dropped, when no caller can hold `&self`.
+        let store = self
+            .me
+            .upgrade()
+            .ok_or_else(|| StoreError::UnknownDomain(self.name.clone()))?;
+        let id = self.db.generate_id().map_err(|e| self.sled_err(e))?;
+        self.pending
+            .insert(id_key(id), local.as_bytes())
+            .map_err(|e| self.sled_err(e))?;
+        Ok(PendingMessage {
+            id,
+            local: local.to_owned(),
+            store,
+            buf: Vec::with_capacity(CHUNK_SIZE),
+            next_chunk: 0,
+            octets: 0,
+            committed: false,
+        })
     }
+
     /// Deletes messages of `local` in one atomic batch, then flushes.
+    ///
+    /// The maildrop entries disappear together (the POP3 UPDATE commit point); ids not in
+    /// the maildrop are ignored. Bodies are removed after the flush; a crash before that
+    /// leaves them listed in `trash` for the next open to sweep.
     pub fn delete_messages(&self, local: &str, ids: &[u64]) -> Result<(), StoreError> {
-        let _ = (local, ids);
-        todo!()
+        check_local(local)?;
+        let removed = self.unlink_messages(local, ids, false)?;
+        self.flush()?;
+        self.purge(&removed)
     }
+
     /// Durably flushes everything written so far.
     pub fn flush(&self) -> Result<(), StoreError> {
-        todo!()
+        self.db.flush().map(drop).map_err(|e| self.sled_err(e))
+    }
+
+    /// Number of messages and their total octets in `local`'s maildrop.
+    pub fn maildrop_usage(&self, local: &str) -> Result<(u64, u64), StoreError> {
+        let snapshot = self.snapshot(local)?;
+        Ok((
+            snapshot.len() as u64,
+            snapshot.iter().map(|m| m.octets).sum(),
+        ))
+    }
+
+    /// Accounts, messages and total message octets of the whole domain.
+    pub fn usage(&self) -> Result<(u64, u64, u64), StoreError> {
+        let accounts = self.accounts.len() as u64;
+        let (mut messages, mut octets) = (0u64, 0u64);
+        for value in self.maildrop.iter().values() {
+            let value = value.map_err(|e| self.sled_err(e))?;
+            let size = be_u64(&value).ok_or_else(|| {
+                StoreError::Corrupt(format!("bad maildrop size in {}", self.path))
+            })?;
+            messages += 1;
+            octets += size;
+        }
+        Ok((accounts, messages, octets))
+    }
+}
+
+impl Drop for DomainStore {
+    fn drop(&mut self) {
+        // Closing must not lose what a caller wrote without flushing (admin edits that
+        // failed half-way, idle stores); sled's own shutdown does not sync.
+        if let Err(e) = self.flush() {
+            tracing::warn!(domain = %self.name, error = %e, "flush on close failed");
+        }
     }
 }
 
 impl PendingMessage {
-    /// Appends body bytes (already normalised); stored in `CHUNK_SIZE` pieces.
-    pub fn write(&mut self, store: &DomainStore, data: &[u8]) -> Result<(), StoreError> {
-        let _ = (store, data, self.id);
-        todo!()
+    /// The id this message will have in the maildrop.
+    pub fn id(&self) -> u64 {
+        self.id
     }
+
+    /// Body octets written so far.
+    pub fn octets(&self) -> u64 {
+        self.octets
+    }
+
+    /// A message belongs to the store that began it; writing it through another would
+    /// scatter its parts over two tenants.
+    fn check_store(&self, store: &DomainStore) -> Result<(), StoreError> {
+        if std::ptr::eq(store, Arc::as_ptr(&self.store)) {
+            Ok(())
+        } else {
+            Err(StoreError::MessageNotFound(self.id))
+        }
+    }
+
+    fn store_chunk(&mut self) -> Result<(), StoreError> {
+        let store = &self.store;
+        store
+            .bodies
+            .insert(chunk_key(self.id, self.next_chunk), self.buf.as_slice())
+            .map_err(|e| store.sled_err(e))?;
+        self.buf.clear();
+        self.next_chunk = self.next_chunk.checked_add(1).ok_or_else(|| {
+            StoreError::Corrupt(format!("message {} exceeds the chunk index range", self.id))
+        })?;
+        Ok(())
+    }
+
+    /// Appends body bytes (already normalised); stored in `CHUNK_SIZE` pieces.
+    pub fn write(&mut self, store: &DomainStore, mut data: &[u8]) -> Result<(), StoreError> {
+        self.check_store(store)?;
+        while !data.is_empty() {
+            let take = (CHUNK_SIZE - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            self.octets += take as u64;
+            if self.buf.len() == CHUNK_SIZE {
+                self.store_chunk()?;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes the message visible in the maildrop and flushes; returns its metadata.
-    pub fn commit(self, store: &DomainStore) -> Result<MessageMeta, StoreError> {
-        let _ = store;
-        todo!()
+    ///
+    /// `UnknownAccount` if the account was removed meanwhile (the body is discarded).
+    /// An error from the final flush means the message is in the maildrop but may not
+    /// be durable: the caller must report a temporary failure.
+    pub fn commit(mut self, store: &DomainStore) -> Result<MessageMeta, StoreError> {
+        self.check_store(store)?;
+        if !self.buf.is_empty() {
+            self.store_chunk()?;
+        }
+        let (local, id, octets) = (self.local.as_str(), self.id, self.octets);
+        (&store.accounts, &store.maildrop, &store.pending)
+            .transaction(|(accounts, maildrop, pending)| {
+                if accounts.get(local)?.is_none() {
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::UnknownAccount(local.to_owned()),
+                    ));
+                }
+                maildrop.insert(maildrop_key(local, id), &octets.to_be_bytes())?;
+                pending.remove(&id_key(id))?;
+                Ok(())
+            })
+            .map_err(|e| store.txn_err(e))?;
+        self.committed = true;
+        store.flush()?;
+        Ok(MessageMeta { id, octets })
     }
 }
 
-#[allow(dead_code)]
-fn _address_used(_: &Address) {}
+impl Drop for PendingMessage {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        // The pending entry goes only once the chunks are gone, so a failure here still
+        // leaves the sweep at next open something to find.
+        let result = self.store.remove_body(self.id).and_then(|()| {
+            self.store
+                .pending
+                .remove(id_key(self.id))
+                .map(drop)
+                .map_err(|e| self.store.sled_err(e))
+        });
+        if let Err(e) = result {
+            let (domain, id) = (&self.store.name, self.id);
+            tracing::warn!(%domain, id, error = %e, "cannot discard uncommitted message");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Credentials, ScramKeys};
+    use std::time::Duration;
+    use tempfile::TempDir;
+
+    fn account(nonce: u32) -> Account {
+        Account {
+            credentials: Credentials {
+                phc: "x".into(),
+                scram: ScramKeys {
+                    salt: vec![],
+                    iterations: 4096,
+                    stored_key: [0; 32],
+                    server_key: [0; 32],
+                },
+                apop_secret: None,
+            },
+            uid_nonce: nonce,
+        }
+    }
+
+    fn opts(idle_close: Duration) -> StoreOptions {
+        StoreOptions {
+            cache_capacity: 1024 * 1024,
+            idle_close,
+        }
+    }
+
+    fn setup() -> (TempDir, Directory) {
+        let tmp = TempDir::new().unwrap();
+        let dir = Directory::open(tmp.path(), opts(Duration::from_secs(3600))).unwrap();
+        (tmp, dir)
+    }
+
+    fn pattern(len: usize, seed: usize) -> Vec<u8> {
+        (0..len).map(|i| ((i * 31 + seed) % 251) as u8).collect()
+    }
+
+    fn deliver(store: &DomainStore, local: &str, body: &[u8]) -> MessageMeta {
+        let mut msg = store.begin_message(local).unwrap();
+        msg.write(store, body).unwrap();
+        msg.commit(store).unwrap()
+    }
+
+    /// Reads a whole body the way RETR does: one chunk per call, buffer cleared between.
+    fn read_all(store: &DomainStore, id: u64) -> Vec<u8> {
+        let (mut out, mut buf, mut offset) = (Vec::new(), Vec::new(), 0u64);
+        loop {
+            buf.clear();
+            let n = store.read_body(id, offset, &mut buf).unwrap();
+            assert_eq!(n, buf.len());
+            assert!(n <= CHUNK_SIZE);
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf);
+            offset += n as u64;
+        }
+    }
+
+    fn body_chunks(store: &DomainStore) -> usize {
+        store.bodies.len()
+    }
+
+    #[test]
+    fn open_creates_the_domains_directory() {
+        let tmp = TempDir::new().unwrap();
+        let data = tmp.path().join("nested/data");
+        let dir = Directory::open(&data, StoreOptions::default()).unwrap();
+        assert!(data.join(DOMAINS_DIR).is_dir());
+        assert_eq!(dir.list_domains().unwrap(), Vec::<String>::new());
+        assert_eq!(dir.open_count(), 0);
+    }
+
+    #[test]
+    fn open_fails_with_path_context() {
+        let tmp = TempDir::new().unwrap();
+        let file = tmp.path().join("plain-file");
+        std::fs::write(&file, b"x").unwrap();
+        match Directory::open(&file, StoreOptions::default()) {
+            Err(StoreError::Io { path, .. }) => assert!(path.contains("plain-file"), "{path}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened a directory under a file"),
+        }
+    }
+
+    #[test]
+    fn domains_are_normalised_listed_and_validated() {
+        let (tmp, dir) = setup();
+        dir.add_domain("Zeta.Example").unwrap();
+        dir.add_domain("alpha.example").unwrap();
+        let dup = dir.add_domain("ALPHA.example");
+        assert!(matches!(dup, Err(StoreError::DomainExists(d)) if d == "alpha.example"));
+        assert!(matches!(
+            dir.add_domain("../evil"),
+            Err(StoreError::InvalidDomain(_))
+        ));
+        assert!(matches!(
+            dir.add_domain("a/b"),
+            Err(StoreError::InvalidDomain(_))
+        ));
+        // Things in the domains directory that are not domains are not listed.
+        std::fs::write(tmp.path().join("domains/README"), b"x").unwrap();
+        std::fs::create_dir(tmp.path().join("domains/Not_A_Domain")).unwrap();
+        std::fs::create_dir(tmp.path().join("domains/UPPER.example")).unwrap();
+        assert_eq!(
+            dir.list_domains().unwrap(),
+            vec!["alpha.example", "zeta.example"]
+        );
+        assert!(dir.has_domain("ZETA.example"));
+        assert!(!dir.has_domain("beta.example"));
+        assert!(!dir.has_domain(".."));
+        assert!(!dir.has_domain("README"));
+        assert_eq!(dir.domain("Alpha.Example").unwrap().name(), "alpha.example");
+        let unknown = dir.domain("beta.example");
+        assert!(matches!(unknown, Err(StoreError::UnknownDomain(d)) if d == "beta.example"));
+        assert!(matches!(
+            dir.domain("../domains"),
+            Err(StoreError::InvalidDomain(_))
+        ));
+        assert!(matches!(
+            dir.remove_domain("beta.example"),
+            Err(StoreError::UnknownDomain(_))
+        ));
+        assert!(tmp.path().join("domains/zeta.example").is_dir());
+    }
+
+    #[test]
+    fn same_local_part_in_two_domains_is_kept_apart() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        dir.add_domain("b.org").unwrap();
+        let a = dir.domain("a.org").unwrap();
+        let b = dir.domain("b.org").unwrap();
+        a.create_account("alice", &account(1)).unwrap();
+        b.create_account("alice", &account(2)).unwrap();
+        let m = deliver(&a, "alice", b"for a.org");
+        assert_eq!(a.snapshot("alice").unwrap(), vec![m]);
+        assert!(b.snapshot("alice").unwrap().is_empty());
+        assert_eq!(b.read_body(m.id, 0, &mut Vec::new()).unwrap(), 0);
+        assert_eq!(a.account("alice").unwrap().unwrap().uid_nonce, 1);
+        assert_eq!(b.account("alice").unwrap().unwrap().uid_nonce, 2);
+        b.remove_account("alice").unwrap();
+        assert_eq!(read_all(&a, m.id), b"for a.org");
+        assert!(a.account("alice").unwrap().is_some());
+    }
+
+    #[test]
+    fn stores_open_lazily_and_close_when_idle() {
+        let tmp = TempDir::new().unwrap();
+        {
+            let dir = Directory::open(tmp.path(), opts(Duration::from_secs(3600))).unwrap();
+            dir.add_domain("a.org").unwrap();
+            dir.add_domain("b.org").unwrap();
+            assert_eq!(dir.open_count(), 2);
+            assert_eq!(dir.close_idle(), 0, "not idle long enough");
+        }
+        let dir = Directory::open(tmp.path(), opts(Duration::ZERO)).unwrap();
+        assert_eq!(dir.open_count(), 0, "nothing opened before use");
+        let a = dir.domain("a.org").unwrap();
+        assert_eq!(dir.open_count(), 1);
+        let a2 = dir.domain("a.org").unwrap();
+        assert!(Arc::ptr_eq(&a, &a2));
+        drop(a2);
+        assert_eq!(dir.close_idle(), 0, "still referenced");
+        assert_eq!(dir.open_count(), 1);
+        a.create_account("u", &account(1)).unwrap();
+        let msg = a.begin_message("u").unwrap();
+        drop(a);
+        assert_eq!(
+            dir.close_idle(),
+            0,
+            "a delivery in progress holds the store"
+        );
+        drop(msg);
+        assert_eq!(dir.close_idle(), 1);
+        assert_eq!(dir.open_count(), 0);
+        // Reopening the same path in the same process works: sled released it.
+        let a = dir.domain("a.org").unwrap();
+        assert!(a.account("u").unwrap().is_some());
+        dir.domain("b.org").unwrap();
+        assert_eq!(dir.open_count(), 2);
+        drop(a);
+        assert_eq!(dir.close_idle(), 2);
+        assert_eq!(dir.open_count(), 0);
+    }
+
+    #[test]
+    fn concurrent_first_use_opens_once() {
+        let (tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        drop(dir);
+        let dir = Directory::open(tmp.path(), opts(Duration::ZERO)).unwrap();
+        assert_eq!(dir.open_count(), 0);
+        let stores: Vec<Arc<DomainStore>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| dir.domain("a.org").unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(stores.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
+        assert_eq!(dir.open_count(), 1);
+    }
+
+    #[test]
+    fn bodies_round_trip_chunk_by_chunk() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("u", &account(1)).unwrap();
+        let sizes = [
+            0,
+            1,
+            CHUNK_SIZE - 1,
+            CHUNK_SIZE,
+            CHUNK_SIZE + 1,
+            3 * CHUNK_SIZE + 7,
+        ];
+        // The same bodies written in different slicings must store the same bytes.
+        let pieces = [usize::MAX, 1, 7, 4096, CHUNK_SIZE + 3];
+        let mut expected = Vec::new();
+        for (n, &size) in sizes.iter().enumerate() {
+            for &piece in &pieces {
+                if piece == 1 && size > CHUNK_SIZE + 1 {
+                    continue;
+                }
+                let data = pattern(size, n + piece % 13);
+                let mut msg = store.begin_message("u").unwrap();
+                for part in data.chunks(piece.min(size.max(1))) {
+                    msg.write(&store, part).unwrap();
+                }
+                assert_eq!(msg.octets(), size as u64);
+                let id = msg.id();
+                let meta = msg.commit(&store).unwrap();
+                assert_eq!(
+                    meta,
+                    MessageMeta {
+                        id,
+                        octets: size as u64
+                    }
+                );
+                assert_eq!(read_all(&store, meta.id), data, "size {size} piece {piece}");
+                expected.push(meta);
+            }
+        }
+        assert_eq!(store.snapshot("u").unwrap(), expected);
+        // Every size in every slicing, except the largest one byte at a time.
+        let total: u64 = sizes.iter().map(|&s| s as u64).sum::<u64>() * pieces.len() as u64
+            - (3 * CHUNK_SIZE as u64 + 7);
+        assert_eq!(
+            store.maildrop_usage("u").unwrap(),
+            (expected.len() as u64, total)
+        );
+        assert_eq!(store.usage().unwrap(), (1, expected.len() as u64, total));
+    }
+
+    #[test]
+    fn read_body_appends_from_offset_to_chunk_end() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("u", &account(1)).unwrap();
+        let data = pattern(2 * CHUNK_SIZE + 10, 3);
+        let id = deliver(&store, "u", &data).id;
+        let mut buf = b"kept".to_vec();
+        assert_eq!(store.read_body(id, 5, &mut buf).unwrap(), CHUNK_SIZE - 5);
+        assert_eq!(&buf[..4], b"kept");
+        assert_eq!(&buf[4..], &data[5..CHUNK_SIZE]);
+        let cases: [(u64, usize); 7] = [
+            (0, CHUNK_SIZE),
+            (CHUNK_SIZE as u64 - 1, 1),
+            (CHUNK_SIZE as u64, CHUNK_SIZE),
+            (2 * CHUNK_SIZE as u64 + 9, 1),
+            (2 * CHUNK_SIZE as u64 + 10, 0),
+            (3 * CHUNK_SIZE as u64, 0),
+            (u64::MAX, 0),
+        ];
+        for (offset, want) in cases {
+            let mut buf = Vec::new();
+            assert_eq!(
+                store.read_body(id, offset, &mut buf).unwrap(),
+                want,
+                "offset {offset}"
+            );
+            let start = offset.min(data.len() as u64) as usize;
+            assert_eq!(buf, &data[start..start + want]);
+        }
+        assert_eq!(store.read_body(id + 1000, 0, &mut Vec::new()).unwrap(), 0);
+    }
+
+    #[test]
+    fn ids_are_monotonic_and_never_reused() {
+        let tmp = TempDir::new().unwrap();
+        let mut seen = Vec::new();
+        {
+            let dir = Directory::open(tmp.path(), opts(Duration::ZERO)).unwrap();
+            dir.add_domain("a.org").unwrap();
+            let store = dir.domain("a.org").unwrap();
+            store.create_account("u", &account(1)).unwrap();
+            for i in 0..3 {
+                seen.push(deliver(&store, "u", &pattern(i, i)).id);
+            }
+            store.delete_messages("u", &seen[1..]).unwrap();
+            seen.push(deliver(&store, "u", b"x").id);
+            // A discarded delivery consumes its id too.
+            let discarded = store.begin_message("u").unwrap();
+            seen.push(discarded.id());
+            drop(discarded);
+            seen.push(deliver(&store, "u", b"y").id);
+            drop(store);
+            assert_eq!(dir.close_idle(), 1);
+            let store = dir.domain("a.org").unwrap();
+            seen.push(deliver(&store, "u", b"after close").id);
+        }
+        let dir = Directory::open(tmp.path(), opts(Duration::ZERO)).unwrap();
+        let store = dir.domain("a.org").unwrap();
+        seen.push(deliver(&store, "u", b"after reopen").id);
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+        let ids: Vec<u64> = store.snapshot("u").unwrap().iter().map(|m| m.id).collect();
+        assert_eq!(ids, [seen[0], seen[3], seen[5], seen[6], seen[7]]);
+    }
+
+    #[test]
+    fn delete_removes_listed_messages_and_ignores_others() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("alice", &account(1)).unwrap();
+        store.create_account("bob", &account(2)).unwrap();
+        let a: Vec<MessageMeta> = (0..4)
+            .map(|i| deliver(&store, "alice", &pattern(CHUNK_SIZE + i, i)))
+            .collect();
+        let b = deliver(&store, "bob", b"bob's");
+        let chunks_before = body_chunks(&store);
+        // Unknown ids and another account's id are ignored, duplicates are harmless.
+        store
+            .delete_messages("alice", &[a[1].id, 999_999, b.id, a[3].id, a[1].id])
+            .unwrap();
+        assert_eq!(store.snapshot("alice").unwrap(), vec![a[0], a[2]]);
+        assert_eq!(store.snapshot("bob").unwrap(), vec![b]);
+        assert_eq!(read_all(&store, b.id), b"bob's");
+        assert!(read_all(&store, a[1].id).is_empty());
+        assert!(read_all(&store, a[3].id).is_empty());
+        assert_eq!(read_all(&store, a[2].id), pattern(CHUNK_SIZE + 2, 2));
+        assert_eq!(body_chunks(&store), chunks_before - 4);
+        assert!(store.trash.is_empty());
+        store.delete_messages("alice", &[]).unwrap();
+        store.delete_messages("nobody", &[a[0].id]).unwrap();
+        assert_eq!(store.snapshot("alice").unwrap(), vec![a[0], a[2]]);
+        assert!(matches!(
+            store.delete_messages("Alice", &[a[0].id]),
+            Err(StoreError::InvalidAddress(_))
+        ));
+    }
+
+    #[test]
+    fn bodies_of_an_interrupted_delete_are_swept_at_open() {
+        let tmp = TempDir::new().unwrap();
+        let (kept, gone);
+        {
+            let dir = Directory::open(tmp.path(), opts(Duration::ZERO)).unwrap();
+            dir.add_domain("a.org").unwrap();
+            let store = dir.domain("a.org").unwrap();
+            store.create_account("u", &account(1)).unwrap();
+            kept = deliver(&store, "u", &pattern(CHUNK_SIZE * 2, 1));
+            gone = deliver(&store, "u", &pattern(CHUNK_SIZE * 2, 2));
+            // The commit point of a delete without its body removal: a crash right after.
+            assert_eq!(
+                store.unlink_messages("u", &[gone.id], false).unwrap(),
+                vec![gone.id]
+            );
+            store.flush().unwrap();
+            assert_eq!(store.trash.len(), 1);
+            assert_eq!(body_chunks(&store), 4);
+        }
+        let dir = Directory::open(tmp.path(), opts(Duration::ZERO)).unwrap();
+        let store = dir.domain("a.org").unwrap();
+        assert!(store.trash.is_empty());
+        assert_eq!(body_chunks(&store), 2);
+        assert_eq!(store.snapshot("u").unwrap(), vec![kept]);
+        assert_eq!(read_all(&store, kept.id), pattern(CHUNK_SIZE * 2, 1));
+    }
+
+    #[test]
+    fn uncommitted_messages_leave_nothing() {
+        let tmp = TempDir::new().unwrap();
+        {
+            let dir = Directory::open(tmp.path(), opts(Duration::ZERO)).unwrap();
+            dir.add_domain("a.org").unwrap();
+            let store = dir.domain("a.org").unwrap();
+            store.create_account("u", &account(1)).unwrap();
+            let mut msg = store.begin_message("u").unwrap();
+            msg.write(&store, &pattern(2 * CHUNK_SIZE + 5, 0)).unwrap();
+            assert_eq!(
+                body_chunks(&store),
+                2,
+                "full chunks are written as they fill"
+            );
+            assert_eq!(store.pending.len(), 1);
+            assert!(
+                store.snapshot("u").unwrap().is_empty(),
+                "invisible before commit"
+            );
+            drop(msg);
+            assert_eq!(body_chunks(&store), 0);
+            assert!(store.pending.is_empty());
+
+            // A crash mid-delivery: chunks and the pending entry stay behind.
+            let mut msg = store.begin_message("u").unwrap();
+            msg.write(&store, &pattern(3 * CHUNK_SIZE, 1)).unwrap();
+            msg.committed = true;
+            drop(msg);
+            assert_eq!(body_chunks(&store), 3);
+            assert_eq!(store.pending.len(), 1);
+            assert!(store.snapshot("u").unwrap().is_empty());
+        }
+        let dir = Directory::open(tmp.path(), opts(Duration::ZERO)).unwrap();
+        let store = dir.domain("a.org").unwrap();
+        assert_eq!(body_chunks(&store), 0, "swept at open");
+        assert!(store.pending.is_empty());
+        assert!(store.snapshot("u").unwrap().is_empty());
+        assert_eq!(store.usage().unwrap(), (1, 0, 0));
+    }
+
+    #[test]
+    fn commit_requires_the_account() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        let msg = store.begin_message("ghost").unwrap();
+        assert!(matches!(msg.commit(&store), Err(StoreError::UnknownAccount(u)) if u == "ghost"));
+        store.create_account("u", &account(1)).unwrap();
+        let mut msg = store.begin_message("u").unwrap();
+        msg.write(&store, &pattern(CHUNK_SIZE + 1, 0)).unwrap();
+        store.remove_account("u").unwrap();
+        assert!(matches!(
+            msg.commit(&store),
+            Err(StoreError::UnknownAccount(_))
+        ));
+        assert_eq!(body_chunks(&store), 0);
+        assert!(store.pending.is_empty());
+        assert!(store.snapshot("u").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_message_stays_with_the_store_that_began_it() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        dir.add_domain("b.org").unwrap();
+        let a = dir.domain("a.org").unwrap();
+        let b = dir.domain("b.org").unwrap();
+        a.create_account("u", &account(1)).unwrap();
+        b.create_account("u", &account(1)).unwrap();
+        let mut msg = a.begin_message("u").unwrap();
+        let id = msg.id();
+        assert!(matches!(msg.write(&b, b"x"), Err(StoreError::MessageNotFound(i)) if i == id));
+        assert!(matches!(
+            msg.commit(&b),
+            Err(StoreError::MessageNotFound(_))
+        ));
+        assert!(a.snapshot("u").unwrap().is_empty());
+        assert!(b.snapshot("u").unwrap().is_empty());
+        assert!(
+            a.pending.is_empty(),
+            "the refused commit discarded the message"
+        );
+    }
+
+    #[test]
+    fn account_records_are_managed() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        assert!(store.account("u").unwrap().is_none());
+        assert!(matches!(
+            store.update_account("u", &account(1)),
+            Err(StoreError::UnknownAccount(_))
+        ));
+        assert!(matches!(
+            store.remove_account("u"),
+            Err(StoreError::UnknownAccount(_))
+        ));
+        for local in ["zed", "u", "alice"] {
+            store.create_account(local, &account(1)).unwrap();
+        }
+        assert!(matches!(
+            store.create_account("u", &account(9)),
+            Err(StoreError::AccountExists(_))
+        ));
+        assert_eq!(store.account("u").unwrap().unwrap().uid_nonce, 1);
+        store.update_account("u", &account(5)).unwrap();
+        assert_eq!(store.account("u").unwrap().unwrap().uid_nonce, 5);
+        assert_eq!(store.list_accounts().unwrap(), vec!["alice", "u", "zed"]);
+        assert_eq!(store.usage().unwrap(), (3, 0, 0));
+        for bad in ["", "U", "a\0b", "a b", "a/b", ".x", "a@b"] {
+            assert!(
+                matches!(store.account(bad), Err(StoreError::InvalidAddress(_))),
+                "{bad:?}"
+            );
+            assert!(matches!(
+                store.create_account(bad, &account(1)),
+                Err(StoreError::InvalidAddress(_))
+            ));
+            assert!(matches!(
+                store.update_account(bad, &account(1)),
+                Err(StoreError::InvalidAddress(_))
+            ));
+            assert!(matches!(
+                store.remove_account(bad),
+                Err(StoreError::InvalidAddress(_))
+            ));
+            assert!(matches!(
+                store.snapshot(bad),
+                Err(StoreError::InvalidAddress(_))
+            ));
+            assert!(matches!(
+                store.begin_message(bad),
+                Err(StoreError::InvalidAddress(_))
+            ));
+            assert!(matches!(
+                store.maildrop_usage(bad),
+                Err(StoreError::InvalidAddress(_))
+            ));
+        }
+        assert_eq!(store.list_accounts().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn flush_all_covers_every_open_store() {
+        let (_tmp, dir) = setup();
+        dir.flush_all().unwrap();
+        dir.add_domain("a.org").unwrap();
+        dir.add_domain("b.org").unwrap();
+        dir.flush_all().unwrap();
+        assert_eq!(dir.open_count(), 2);
+    }
+
+    #[test]
+    fn corrupt_account_records_are_reported() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.accounts.insert("u", b"{not json".as_slice()).unwrap();
+        assert!(matches!(store.account("u"), Err(StoreError::Corrupt(m)) if m.contains("u@a.org")));
+    }
+
+    #[test]
+    fn removing_an_account_removes_its_mail() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("u", &account(1)).unwrap();
+        store.create_account("v", &account(1)).unwrap();
+        let ids: Vec<u64> = (0..3)
+            .map(|i| deliver(&store, "u", &pattern(CHUNK_SIZE + i, i)).id)
+            .collect();
+        let other = deliver(&store, "v", b"v's");
+        store.remove_account("u").unwrap();
+        assert!(store.account("u").unwrap().is_none());
+        assert!(store.snapshot("u").unwrap().is_empty());
+        for id in ids {
+            assert!(read_all(&store, id).is_empty());
+        }
+        assert_eq!(body_chunks(&store), 1);
+        assert!(store.trash.is_empty());
+        assert_eq!(store.list_accounts().unwrap(), vec!["v"]);
+        assert_eq!(read_all(&store, other.id), b"v's");
+        store.create_account("u", &account(2)).unwrap();
+        assert!(store.snapshot("u").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_new_account_never_inherits_stale_mail() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("ghost", &account(1)).unwrap();
+        let m = deliver(&store, "ghost", b"old");
+        // A removal interrupted after the account record went but before the maildrop did.
+        store.accounts.remove("ghost").unwrap();
+        store.create_account("ghost", &account(2)).unwrap();
+        assert!(store.snapshot("ghost").unwrap().is_empty());
+        assert!(read_all(&store, m.id).is_empty());
+        assert!(store.trash.is_empty());
+    }
+
+    #[test]
+    fn removing_a_domain_removes_its_directory() {
+        let (tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        dir.add_domain("b.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("u", &account(1)).unwrap();
+        let m = deliver(&store, "u", b"hello");
+        // A session still holding the store keeps working on the unlinked files.
+        dir.remove_domain("A.org").unwrap();
+        assert!(!tmp.path().join("domains/a.org").exists());
+        assert!(!dir.has_domain("a.org"));
+        assert_eq!(dir.list_domains().unwrap(), vec!["b.org"]);
+        assert_eq!(dir.open_count(), 1);
+        assert!(matches!(
+            dir.domain("a.org"),
+            Err(StoreError::UnknownDomain(_))
+        ));
+        assert!(matches!(
+            dir.remove_domain("a.org"),
+            Err(StoreError::UnknownDomain(_))
+        ));
+        assert_eq!(read_all(&store, m.id), b"hello");
+        // Added again, the domain starts empty, even with the old store still alive.
+        dir.add_domain("a.org").unwrap();
+        let fresh = dir.domain("a.org").unwrap();
+        assert!(!Arc::ptr_eq(&store, &fresh));
+        assert!(fresh.list_accounts().unwrap().is_empty());
+        drop(store);
+        dir.remove_domain("b.org").unwrap();
+        assert_eq!(dir.list_domains().unwrap(), vec!["a.org"]);
+    }
+
+    #[test]
+    fn data_survives_closing_the_directory() {
+        let tmp = TempDir::new().unwrap();
+        let data = pattern(2 * CHUNK_SIZE + 123, 9);
+        let meta;
+        {
+            let dir = Directory::open(tmp.path(), opts(Duration::from_secs(3600))).unwrap();
+            dir.add_domain("a.org").unwrap();
+            dir.add_domain("b.org").unwrap();
+            let store = dir.domain("a.org").unwrap();
+            store.create_account("u", &account(1)).unwrap();
+            store.update_account("u", &account(42)).unwrap();
+            meta = deliver(&store, "u", &data);
+            // No explicit flush: every acknowledged write has flushed already.
+        }
+        let dir = Directory::open(tmp.path(), opts(Duration::from_secs(3600))).unwrap();
+        assert_eq!(dir.list_domains().unwrap(), vec!["a.org", "b.org"]);
+        let store = dir.domain("a.org").unwrap();
+        assert_eq!(store.account("u").unwrap().unwrap().uid_nonce, 42);
+        assert_eq!(store.snapshot("u").unwrap(), vec![meta]);
+        assert_eq!(read_all(&store, meta.id), data);
+        assert_eq!(store.usage().unwrap(), (1, 1, data.len() as u64));
+    }
+}

@@ -42,7 +42,7 @@ def main():
     auth_message = ",".join([first_bare, server_first, final_wo_proof]).encode()
     signature = hmac.new(stored_key, auth_message, hashlib.sha256).digest()
     proof = bytes(a ^ b for a, b in zip(client_key, signature))
-    send(final_wo_proof + ",p=" + base64.b64encode(proof).decode())
+    send(base64.b64encode((final_wo_proof + ",p=" + base64.b64encode(proof).decode()).encode()).decode())
     reply = line()
     if not reply.startswith("+ "):
         print("FAIL " + reply)
