@@ -328,9 +328,15 @@ pub fn call(
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
     if let Some(body) = body {
-        std::io::copy(body, &mut stream).map_err(io)?;
+        match std::io::copy(body, &mut stream) {
+            Ok(_) => {}
+            // The server refused the request before reading the body (e.g. an unknown
+            // recipient) and closed its side; its answer is still waiting to be read.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            Err(e) => return Err(io(e)),
+        }
     }
-    stream.shutdown(std::net::Shutdown::Write).map_err(io)?;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut reply = Vec::new();
     std::io::BufReader::new(stream)
         .take(MAX_REQUEST_LINE as u64)

@@ -120,10 +120,13 @@ struct Io<S> {
     wbuf: BytesMut,
     lines: LineReader,
     idle: Duration,
+    /// Until the first line is complete, check whether the client started a TLS handshake.
+    sniff_tls_hello: bool,
 }
 
 enum Input {
     Line(BytesMut),
+    TlsHello,
     TooLong,
     Closed,
     Timeout,
@@ -139,6 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
             wbuf: BytesMut::new(),
             lines: LineReader::new(),
             idle,
+            sniff_tls_hello: false,
         }
     }
 
@@ -171,7 +175,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
         lost: Option<&CancellationToken>,
     ) -> Result<Input, SessionError> {
         loop {
+            if self.sniff_tls_hello && self.rbuf.len() >= 2 {
+                if self.rbuf.starts_with(&[0x16, 0x03]) {
+                    return Ok(Input::TlsHello);
+                }
+                self.sniff_tls_hello = false;
+            }
             if let Some(line) = self.lines.next_line(&mut self.rbuf, max) {
+                self.sniff_tls_hello = false;
                 return Ok(match line {
                     Ok(l) => Input::Line(l),
                     Err(_) => Input::TooLong,
@@ -435,7 +446,10 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     phase: &mut Phase,
 ) -> Result<Step, SessionError> {
-    let first_read = io.rbuf.is_empty();
+    // A TLS ClientHello (record type 0x16, version 3.x) as the first bytes on the
+    // cleartext port is a client configured for POP3S on the wrong port: say so and
+    // close rather than answer its binary record line by line.
+    io.sniff_tls_hello = ctx.listener == Listener::Pop3 && !ctx.tls;
     loop {
         let (cancel, lost) = match phase {
             Phase::Authorization { .. } => (ctx.shared.shutdown.clone(), None),
@@ -451,6 +465,14 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 continue;
             }
             Input::Closed => return Ok(Step::Done(Outcome::Dropped)),
+            Input::TlsHello => {
+                io.reply(&err(
+                    None,
+                    "TLS handshake on the cleartext port: use STLS or the POP3S port",
+                ));
+                let _ = io.flush().await;
+                return Ok(Step::Done(Outcome::TlsFailed));
+            }
             Input::Timeout => {
                 io.reply(&err(None, "Disconnected for inactivity"));
                 let _ = io.flush().await;
@@ -470,18 +492,6 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(Step::Done(Outcome::LockLost));
             }
         };
-        if first_read
-            && ctx.listener == Listener::Pop3
-            && !ctx.tls
-            && line.starts_with(&[0x16, 0x03])
-        {
-            io.reply(&err(
-                None,
-                "TLS handshake on the cleartext port: use STLS or the POP3S port",
-            ));
-            let _ = io.flush().await;
-            return Ok(Step::Done(Outcome::TlsFailed));
-        }
         let command = match Command::parse(&line) {
             Ok(c) => c,
             Err(e) => {
@@ -964,7 +974,7 @@ async fn sasl_response<S: AsyncRead + AsyncWrite + Unpin>(
             io.reply(&err(None, "Authentication response too long"));
             return Ok(None);
         }
-        Input::Closed | Input::Timeout | Input::Cancelled | Input::LockLost => {
+        Input::Closed | Input::Timeout | Input::Cancelled | Input::LockLost | Input::TlsHello => {
             return Err(SessionError::Io(
                 std::io::ErrorKind::ConnectionAborted.into(),
             ));

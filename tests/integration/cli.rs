@@ -82,6 +82,10 @@ fn admin_commands_with_and_without_server() {
         assert!(out.status.success(), "{}", text(&out));
         let out = server.cli(&["deliver", &format!("ghost@{domain}")], &message("x", 1));
         assert_eq!(out.status.code(), Some(67), "{}", text(&out));
+        // A refused delivery's body may be large; the answer must still arrive.
+        let big = vec![b'x'; 4 << 20];
+        let out = server.cli(&["deliver", &format!("ghost@{domain}")], &big);
+        assert_eq!(out.status.code(), Some(67), "{}", text(&out));
         let out = server.cli(&["deliver", "ghost@nowhere.example"], &message("x", 1));
         assert_eq!(out.status.code(), Some(67), "{}", text(&out));
         let out = server.cli(&["deliver", "bad address"], &message("x", 1));

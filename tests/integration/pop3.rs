@@ -591,3 +591,17 @@ async fn auth_plain_and_cancel() {
         "proxy authorization must fail: {r}"
     );
 }
+
+#[tokio::test]
+async fn ipv6_listeners() {
+    let server = Server::start_with(Options {
+        listen_host: "[::1]".into(),
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    assert!(server.pop3s.is_ipv6() && server.pop3.is_ipv6());
+    let mut c = tls_login(&server, "joe@example.org").await;
+    assert!(c.cmd("STAT").await.starts_with("+OK 0 0"));
+    let mut plain = Raw::plain(server.pop3).await;
+    assert!(plain.line().await.starts_with("+OK"));
+}

@@ -72,6 +72,8 @@ pub struct Options {
     pub max_bad_commands: u32,
     pub replace_nul: bool,
     pub shutdown_grace_secs: u64,
+    /// Host part of both listen addresses (`[::1]` for IPv6).
+    pub listen_host: String,
     /// Extra TOML appended verbatim.
     pub extra: String,
 }
@@ -86,6 +88,7 @@ impl Default for Options {
             max_bad_commands: 10,
             replace_nul: false,
             shutdown_grace_secs: 5,
+            listen_host: "127.0.0.1".into(),
             extra: String::new(),
         }
     }
@@ -133,8 +136,8 @@ data_dir = "{data}"
 hostname = "mail.test"
 
 [pop3]
-listen = "127.0.0.1:0"
-tls_listen = "127.0.0.1:0"
+listen = "{host}:0"
+tls_listen = "{host}:0"
 allow_plaintext_auth = {plain}
 apop = {apop}
 replace_nul = {nul}
@@ -164,6 +167,7 @@ scram_iterations = 4096
 {extra}
 "#,
             data = dir.path().join("data").display(),
+            host = opts.listen_host,
             plain = opts.allow_plaintext_auth,
             apop = opts.apop,
             nul = opts.replace_nul,
