@@ -229,10 +229,6 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn plaintext_ok(&self) -> bool {
-        self.tls || self.shared.config.pop3.allow_plaintext_auth
-    }
-
     fn body_options(&self) -> BodyOptions {
         BodyOptions {
             replace_nul: self.shared.config.pop3.replace_nul,
@@ -506,7 +502,7 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         drop(line);
-        if let Err(reply) = gate(&command, phase, ctx) {
+        if let Err(reply) = gate(&command, Gate::of(ctx, phase)) {
             if bad_command(io, ctx, reply) {
                 return Ok(Step::Done(Outcome::TooManyErrors));
             }
@@ -533,19 +529,41 @@ fn bad_command<S: AsyncRead + AsyncWrite + Unpin>(
     false
 }
 
+/// The facts about a connection that decide what it may do.
+#[derive(Debug, Clone, Copy)]
+struct Gate {
+    before_login: bool,
+    tls: bool,
+    cleartext_port: bool,
+    plaintext_allowed: bool,
+    apop: bool,
+}
+
+impl Gate {
+    fn of(ctx: &Ctx, phase: &Phase) -> Gate {
+        Gate {
+            before_login: matches!(phase, Phase::Authorization { .. }),
+            tls: ctx.tls,
+            cleartext_port: ctx.listener == Listener::Pop3,
+            plaintext_allowed: ctx.shared.config.pop3.allow_plaintext_auth,
+            apop: ctx.apop_timestamp.is_some(),
+        }
+    }
+}
+
 /// The one place that decides which command is allowed in which state, and with or
 /// without TLS.
-fn gate(command: &Command, phase: &Phase, ctx: &Ctx) -> Result<(), Reply<'static>> {
+fn gate(command: &Command, g: Gate) -> Result<(), Reply<'static>> {
     use Command as C;
-    let in_auth = matches!(phase, Phase::Authorization { .. });
+    let in_auth = g.before_login;
     match command {
         C::Capa | C::Quit => Ok(()),
         C::Stls => {
             if !in_auth {
                 Err(err(None, "STLS is only valid before login"))
-            } else if ctx.tls {
+            } else if g.tls {
                 Err(err(None, "Already using TLS"))
-            } else if ctx.listener != Listener::Pop3 {
+            } else if !g.cleartext_port {
                 Err(err(None, "STLS is not offered here"))
             } else {
                 Ok(())
@@ -554,12 +572,12 @@ fn gate(command: &Command, phase: &Phase, ctx: &Ctx) -> Result<(), Reply<'static
         C::User(_) | C::Pass(_) | C::Apop { .. } | C::Auth { .. } => {
             if !in_auth {
                 Err(err(None, "Already logged in"))
-            } else if !ctx.plaintext_ok() {
+            } else if !(g.tls || g.plaintext_allowed) {
                 Err(err(
                     Some(RespCode::Auth),
                     "Plaintext authentication disallowed on non-secure connections, use STLS",
                 ))
-            } else if matches!(command, C::Apop { .. }) && ctx.apop_timestamp.is_none() {
+            } else if matches!(command, C::Apop { .. }) && !g.apop {
                 Err(err(None, "APOP is not offered"))
             } else {
                 Ok(())
@@ -595,7 +613,7 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
     let txn = match phase {
         Phase::Authorization { user } => {
             match command {
-                C::Capa => io.reply(&capa(ctx, true)),
+                C::Capa => io.reply(&capa(Gate::of(ctx, phase))),
                 C::Quit => {
                     io.reply(&ok("Logging out"));
                     io.flush().await?;
@@ -652,7 +670,7 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
         Phase::Transaction(txn) => txn,
     };
     match command {
-        C::Capa => io.reply(&capa(ctx, false)),
+        C::Capa => io.reply(&capa(Gate::of(ctx, phase))),
         C::Noop => io.reply(&ok("")),
         C::Stat => {
             let (count, octets) = txn.totals();
@@ -735,11 +753,12 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(None)
 }
 
-fn capa(ctx: &Ctx, before_login: bool) -> Reply<'static> {
-    let auth_now = before_login && ctx.plaintext_ok();
+/// CAPA for the connection's current state (RFC 2449 §5): only what it may use now.
+fn capa(g: Gate) -> Reply<'static> {
+    let auth_now = g.before_login && (g.tls || g.plaintext_allowed);
     Reply::Capa(Capabilities {
         user: auth_now,
-        stls: before_login && !ctx.tls && ctx.listener == Listener::Pop3,
+        stls: g.before_login && !g.tls && g.cleartext_port,
         sasl: if auth_now { SASL_MECHANISMS } else { &[] },
         implementation: IMPLEMENTATION,
     })
@@ -1177,4 +1196,158 @@ async fn hang_up_after_failures<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(Some(Step::Done(Outcome::TooManyErrors)));
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_commands() -> Vec<Command> {
+        use Command as C;
+        vec![
+            C::User("joe@example.org".into()),
+            C::Pass("secret words".into()),
+            C::Apop {
+                user: "joe@example.org".into(),
+                digest: "0".repeat(32),
+            },
+            C::Auth {
+                mechanism: "PLAIN".into(),
+                initial: None,
+            },
+            C::Capa,
+            C::Stls,
+            C::Quit,
+            C::Stat,
+            C::List(None),
+            C::List(Some(1)),
+            C::Retr(1),
+            C::Dele(1),
+            C::Noop,
+            C::Rset,
+            C::Top { msg: 1, lines: 0 },
+            C::Uidl(None),
+            C::Uidl(Some(1)),
+            C::Last,
+        ]
+    }
+
+    fn is_login(c: &Command) -> bool {
+        matches!(
+            c,
+            Command::User(_) | Command::Pass(_) | Command::Apop { .. } | Command::Auth { .. }
+        )
+    }
+
+    fn is_mail(c: &Command) -> bool {
+        !is_login(c) && !matches!(c, Command::Capa | Command::Quit | Command::Stls)
+    }
+
+    /// Every command in every state and transport, against the rules written out
+    /// independently of `gate`.
+    #[test]
+    fn every_command_in_every_state() {
+        for before_login in [true, false] {
+            for tls in [false, true] {
+                for cleartext_port in [true, false] {
+                    for plaintext_allowed in [false, true] {
+                        for apop in [false, true] {
+                            let g = Gate {
+                                before_login,
+                                tls,
+                                cleartext_port,
+                                plaintext_allowed,
+                                apop,
+                            };
+                            for c in all_commands() {
+                                let expected = match &c {
+                                    Command::Capa | Command::Quit => true,
+                                    Command::Stls => before_login && !tls && cleartext_port,
+                                    Command::Apop { .. } => {
+                                        before_login && (tls || plaintext_allowed) && apop
+                                    }
+                                    c if is_login(c) => before_login && (tls || plaintext_allowed),
+                                    c if is_mail(c) => !before_login,
+                                    _ => unreachable!("every command is classified"),
+                                };
+                                let got = gate(&c, g);
+                                assert_eq!(got.is_ok(), expected, "{c:?} with {g:?}: {got:?}");
+                                if let Err(Reply::Err(code, _)) = &got {
+                                    let plaintext_refusal =
+                                        is_login(&c) && before_login && !tls && !plaintext_allowed;
+                                    assert_eq!(
+                                        *code == Some(RespCode::Auth),
+                                        plaintext_refusal,
+                                        "{c:?} {g:?}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn capa_lines(g: Gate) -> String {
+        let mut out = BytesMut::new();
+        capa(g).write_to(&mut out);
+        String::from_utf8(out.to_vec()).expect("utf8")
+    }
+
+    #[test]
+    fn capa_tells_the_truth_for_the_state() {
+        let base = Gate {
+            before_login: true,
+            tls: false,
+            cleartext_port: true,
+            plaintext_allowed: false,
+            apop: false,
+        };
+        let c = capa_lines(base);
+        assert!(
+            c.contains("\r\nSTLS\r\n") && !c.contains("USER") && !c.contains("SASL"),
+            "{c}"
+        );
+        let c = capa_lines(Gate { tls: true, ..base });
+        assert!(
+            !c.contains("STLS")
+                && c.contains("\r\nUSER\r\n")
+                && c.contains("SASL PLAIN SCRAM-SHA-256"),
+            "{c}"
+        );
+        let c = capa_lines(Gate {
+            plaintext_allowed: true,
+            ..base
+        });
+        assert!(
+            c.contains("STLS") && c.contains("USER") && c.contains("SASL"),
+            "{c}"
+        );
+        let c = capa_lines(Gate {
+            cleartext_port: false,
+            tls: true,
+            ..base
+        });
+        assert!(!c.contains("STLS"), "{c}");
+        let c = capa_lines(Gate {
+            before_login: false,
+            tls: true,
+            ..base
+        });
+        assert!(
+            !c.contains("USER") && !c.contains("SASL") && !c.contains("STLS"),
+            "{c}"
+        );
+        for must in [
+            "TOP",
+            "UIDL",
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+            "PIPELINING",
+            "IMPLEMENTATION mailgate",
+        ] {
+            assert!(c.contains(must), "{must} missing: {c}");
+        }
+    }
 }
