@@ -85,7 +85,7 @@ impl Default for Pop3Config {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// PEM certificate chain; with `key` unset too, a self-signed pair is made under
@@ -94,6 +94,19 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
     /// Per-domain certificates chosen by SNI.
     pub domains: BTreeMap<String, CertFiles>,
+    /// How often certificate files are checked for changes (and idle stores closed).
+    pub reload_interval_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            domains: BTreeMap::new(),
+            reload_interval_secs: crate::tls::RELOAD_INTERVAL.as_secs(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -300,6 +313,7 @@ impl Config {
             ),
             ("limits.max_bad_commands", u64::from(l.max_bad_commands)),
             ("store.cache_capacity_mib", self.store.cache_capacity_mib),
+            ("tls.reload_interval_secs", self.tls.reload_interval_secs),
         ] {
             if value == 0 {
                 return invalid(key, "must be greater than 0".into());

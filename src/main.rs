@@ -106,8 +106,10 @@ fn init_logging(serving: bool) {
     let default = if serving { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MAILGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
@@ -384,7 +386,8 @@ fn load_or_create_secret(path: &Path) -> Result<[u8; 32]> {
 
 /// Certificate reload and idle-store closing, until shutdown is complete.
 async fn housekeeping(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(tls::RELOAD_INTERVAL);
+    let period = std::time::Duration::from_secs(shared.config.tls.reload_interval_secs);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

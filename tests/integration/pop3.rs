@@ -605,3 +605,68 @@ async fn ipv6_listeners() {
     let mut plain = Raw::plain(server.pop3).await;
     assert!(plain.line().await.starts_with("+OK"));
 }
+
+#[tokio::test]
+async fn failed_logins_per_ip_get_login_delay() {
+    let server = Server::start_with(Options {
+        max_auth_failures_per_ip: 2,
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, SNI).await;
+    c.line().await;
+    assert!(c
+        .login("joe@example.org", "wrong")
+        .await
+        .starts_with("-ERR [AUTH]"));
+    assert!(c
+        .login("joe@example.org", "wrong")
+        .await
+        .starts_with("-ERR [AUTH]"));
+    // The address is now throttled: even the right password is refused, on any connection.
+    let mut d = Raw::tls(server.pop3s, &server.ca.ca_pem, SNI).await;
+    d.line().await;
+    let r = d.login("joe@example.org", PASSWORD).await;
+    assert!(r.starts_with("-ERR [LOGIN-DELAY]"), "{r}");
+    assert!(
+        !server.log_text().contains(PASSWORD),
+        "a password reached the log"
+    );
+}
+
+#[tokio::test]
+async fn certificates_reload_without_restart() {
+    let server = Server::start();
+    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, "mail.example.org").await;
+    assert!(c.line().await.starts_with("+OK"));
+    // Renew example.org's certificate from another CA, in place.
+    let other_dir = server.dir.path().join("renewed");
+    std::fs::create_dir_all(&other_dir).expect("mkdir");
+    let other = crate::common::TestCa::new(&other_dir);
+    let (cert, key) = other.issue("example-org", &["example.org", "mail.example.org"]);
+    let target = server.dir.path();
+    std::fs::copy(&key, target.join("example-org.key")).expect("copy key");
+    std::fs::copy(&cert, target.join("example-org.crt")).expect("copy cert");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let stream = tokio::net::TcpStream::connect(server.pop3s)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("mail.example.org").expect("sni");
+        if crate::common::tls_connector(&other.ca_pem)
+            .connect(name, stream)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "renewed certificate was not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The default certificate was not touched.
+    let mut d = Raw::tls(server.pop3s, &server.ca.ca_pem, SNI).await;
+    assert!(d.line().await.starts_with("+OK"));
+}

@@ -72,6 +72,7 @@ pub struct Options {
     pub max_bad_commands: u32,
     pub replace_nul: bool,
     pub shutdown_grace_secs: u64,
+    pub max_auth_failures_per_ip: u32,
     /// Host part of both listen addresses (`[::1]` for IPv6).
     pub listen_host: String,
     /// Extra TOML appended verbatim.
@@ -89,6 +90,7 @@ impl Default for Options {
             replace_nul: false,
             shutdown_grace_secs: 5,
             listen_host: "127.0.0.1".into(),
+            max_auth_failures_per_ip: 1000,
             extra: String::new(),
         }
     }
@@ -143,6 +145,7 @@ apop = {apop}
 replace_nul = {nul}
 
 [tls]
+reload_interval_secs = 1
 cert = "{cert}"
 key = "{key}"
 [tls.domains."example.org"]
@@ -153,7 +156,7 @@ key = "{org_key}"
 idle_timeout_secs = {idle}
 auth_failure_delay_ms = 50
 max_auth_failures = 3
-max_auth_failures_per_ip = 1000
+max_auth_failures_per_ip = {per_ip_failures}
 max_connections_per_ip = {per_ip}
 max_bad_commands = {bad}
 shutdown_grace_secs = {grace}
@@ -168,6 +171,7 @@ scram_iterations = 4096
 "#,
             data = dir.path().join("data").display(),
             host = opts.listen_host,
+            per_ip_failures = opts.max_auth_failures_per_ip,
             plain = opts.allow_plaintext_auth,
             apop = opts.apop,
             nul = opts.replace_nul,
