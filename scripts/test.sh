@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs the tools the tests drive
-# (curl, python3, openssl) when missing, then formatting, lints and every test.
+# (curl, python3, openssl, fetchmail, mpop) when missing, then formatting, lints and every test.
 # Used by the README and by .ci/run; CI=true makes any missing tool a hard failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
+command -v fetchmail >/dev/null 2>&1 || need+=(fetchmail)
+command -v mpop >/dev/null 2>&1 || need+=(mpop)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
@@ -16,7 +18,7 @@ if ((${#need[@]})); then
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-for tool in curl python3 openssl; do
+for tool in curl python3 openssl fetchmail mpop; do
     command -v "$tool" >/dev/null || { echo "missing required tool: $tool" >&2; exit 1; }
 done
 

@@ -1,5 +1,6 @@
-//! Real clients against the real server: Python's poplib (POP3S, STLS, APOP), an
-//! independent SCRAM-SHA-256 client, and curl (`pop3s://`, `pop3://` with STLS, plain).
+//! Real clients against the real server: Python's poplib (POP3S, STLS, APOP), fetchmail,
+//! mpop, an independent SCRAM-SHA-256 client, and curl (`pop3s://`, `pop3://` with STLS,
+//! plain).
 
 use crate::common::{message, python, require_tool, Options, Server, PASSWORD};
 use sha2::{Digest, Sha256};
@@ -309,4 +310,118 @@ impl TapMkdir for std::path::PathBuf {
         std::fs::create_dir_all(&self).expect("mkdir");
         self
     }
+}
+
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("create");
+    std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
+}
+
+/// How many messages in an mbox (or MDA output) carry this exact Subject line.
+fn count_subjects(mbox: &str, subject: &str) -> usize {
+    mbox.lines()
+        .filter(|l| l.trim_end() == format!("Subject: {subject}"))
+        .count()
+}
+
+#[test]
+fn fetchmail_over_pop3s_and_stls() {
+    require_tool("fetchmail");
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    server.deliver("joe@example.org", &message("fetch one", 3));
+    server.deliver(
+        "joe@example.org",
+        &b"Subject: fetch two\r\n\r\n.dot\r\n"[..],
+    );
+    let dir = server.dir.path();
+    let mbox = dir.join("fetchmail.mbox");
+    for (i, (port, flags)) in [
+        (server.pop3s.port(), "ssl sslcertck"),
+        (server.pop3.port(), "sslproto tls1.2+ sslcertck"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let rc = dir.join(format!("fetchmailrc{i}"));
+        write_private(
+            &rc,
+            &format!(
+                "set no bouncemail\npoll localhost port {port} protocol pop3 uidl\n  user \"joe@example.org\" there with password \"{PASSWORD}\" is root here\n  {flags} sslcertfile \"{ca}\" keep\n  mda \"/bin/sh -c 'cat >> {mbox}'\"\n",
+                ca = server.ca.ca_pem.display(),
+                mbox = mbox.display(),
+            ),
+        );
+        let out = Command::new("fetchmail")
+            .args(["--nosyslog", "-N", "-f"])
+            .arg(&rc)
+            .env("FETCHMAILHOME", dir)
+            .env("HOME", dir)
+            .output()
+            .expect("fetchmail");
+        if i == 0 {
+            assert!(out.status.success(), "fetchmail ({flags}): {out:?}");
+        } else {
+            // Over STLS it logs in, finds both UIDs already fetched (UIDL is stable
+            // across sessions and transports) and exits 1: "no new mail".
+            assert_eq!(out.status.code(), Some(1), "fetchmail ({flags}): {out:?}");
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("2 messages (2 seen)"),
+                "{out:?}"
+            );
+        }
+    }
+    let text = std::fs::read_to_string(&mbox).expect("mbox");
+    assert_eq!(count_subjects(&text, "fetch one"), 1, "{text}");
+    assert_eq!(count_subjects(&text, "fetch two"), 1, "{text}");
+    assert!(text.contains("\n.dot"), "dot-stuffing not undone: {text}");
+}
+
+#[test]
+fn mpop_over_pop3s_deletes_what_it_fetched() {
+    require_tool("mpop");
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    server.deliver("joe@example.org", &message("mpop one", 2));
+    server.deliver("joe@example.org", &message("mpop two", 2));
+    let dir = server.dir.path();
+    let mbox = dir.join("mpop.mbox");
+    std::fs::write(&mbox, "").expect("mbox");
+    let run = |keep: &str| {
+        Command::new("mpop")
+            .arg("--host=localhost")
+            .arg(format!("--port={}", server.pop3s.port()))
+            .args([
+                "--tls=on",
+                "--tls-starttls=off",
+                "--auth=plain",
+                "--user=joe@example.org",
+            ])
+            .arg(format!("--passwordeval=echo '{PASSWORD}'"))
+            .arg(format!("--tls-trust-file={}", server.ca.ca_pem.display()))
+            .arg(format!("--delivery=mbox,{}", mbox.display()))
+            .arg(format!("--uidls-file={}", dir.join("mpop-uidls").display()))
+            .arg(format!("--keep={keep}"))
+            .arg("--only-new=off")
+            .env("HOME", dir)
+            .output()
+            .expect("mpop")
+    };
+    let out = run("off");
+    assert!(out.status.success(), "mpop: {out:?}");
+    let text = std::fs::read_to_string(&mbox).expect("mbox");
+    assert_eq!(count_subjects(&text, "mpop one"), 1, "{text}");
+    assert_eq!(count_subjects(&text, "mpop two"), 1, "{text}");
+    // mpop deleted what it fetched: a second run finds nothing.
+    let out = run("off");
+    assert!(out.status.success(), "mpop: {out:?}");
+    let text = std::fs::read_to_string(&mbox).expect("mbox");
+    assert_eq!(count_subjects(&text, "mpop one"), 1, "{text}");
 }
