@@ -334,7 +334,7 @@ async fn serve(config: Arc<Config>) -> Result<()> {
         locks,
         tls.clone(),
         secret,
-    ));
+    )?);
 
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,

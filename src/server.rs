@@ -3,6 +3,7 @@
 //! drains them on shutdown. Speaks no protocol itself; replies come from the sessions.
 
 use crate::auth::cache::VerifiedCache;
+use crate::auth::pool::HashPool;
 use crate::auth::HashParams;
 use crate::config::Config;
 use crate::locks::LockBackend;
@@ -38,8 +39,9 @@ pub struct Shared {
     pub tls: Arc<TlsManager>,
     pub acceptor: TlsAcceptor,
     pub throttle: Throttle,
-    /// Bounds concurrent argon2 verifications (each costs `memory_kib` of RAM and a core).
-    pub hash_slots: Semaphore,
+    /// Dedicated argon2id threads, one per core: bounds concurrent hashing and keeps
+    /// one working buffer per thread.
+    pub hasher: HashPool,
     /// Key for stand-in SCRAM salts of unknown users; kept in the data dir so an unknown
     /// name gets the same salt across restarts, like a real account.
     pub secret: [u8; 32],
@@ -58,10 +60,11 @@ impl Shared {
         locks: Arc<dyn LockBackend>,
         tls: Arc<TlsManager>,
         secret: [u8; 32],
-    ) -> Shared {
+    ) -> std::io::Result<Shared> {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let hasher = HashPool::new(threads)?;
         let acceptor = TlsAcceptor::from(tls.server_config());
-        let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Shared {
+        Ok(Shared {
             throttle: Throttle::new(
                 config.limits.max_auth_failures_per_ip,
                 Duration::from_secs(config.limits.auth_failure_window_secs),
@@ -76,11 +79,11 @@ impl Shared {
             locks,
             tls,
             acceptor,
-            hash_slots: Semaphore::new(slots),
+            hasher,
             secret,
             shutdown: CancellationToken::new(),
             abort: CancellationToken::new(),
-        }
+        })
     }
 }
 

@@ -5,9 +5,11 @@
 pub mod apop;
 pub mod cache;
 pub mod plain;
+pub mod pool;
 pub mod scram;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+pub use argon2::Block;
 use argon2::{Algorithm, Argon2, Params, Version};
 use hmac::{Hmac, Mac};
 use rand::rngs::OsRng;
@@ -175,12 +177,58 @@ pub fn make_credentials(password: &str, params: &HashParams) -> Result<Credentia
 /// Checks a cleartext password against the argon2id hash (blocking, costly).
 ///
 /// The costs come from the PHC string, so hashes made under older parameters still verify.
-/// An unparsable hash never matches. argon2 compares the outputs in constant time.
+/// An unparsable hash never matches. The comparison is constant-time.
 pub fn verify_password(creds: &Credentials, password: &[u8]) -> bool {
+    verify_password_in(creds, password, &mut Vec::new())
+}
+
+/// `verify_password` with caller-owned argon2 working memory, grown as needed and kept,
+/// so a long-lived hashing thread allocates its blocks once instead of per login (the
+/// allocator would otherwise keep tens of MiB per thread arena).
+pub fn verify_password_in(creds: &Credentials, password: &[u8], memory: &mut Vec<Block>) -> bool {
     let Ok(hash) = PasswordHash::new(&creds.phc) else {
         return false;
     };
-    Argon2::default().verify_password(password, &hash).is_ok()
+    let (Some(salt), Some(expected)) = (hash.salt, hash.hash) else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::try_from(hash.algorithm) else {
+        return false;
+    };
+    let version = match hash.version.map(Version::try_from) {
+        None => Version::V0x13,
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let Ok(params) = Params::try_from(&hash) else {
+        return false;
+    };
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
+        return false;
+    };
+    let expected = expected.as_bytes();
+    let Ok(params) = Params::new(
+        params.m_cost(),
+        params.t_cost(),
+        params.p_cost(),
+        Some(expected.len()),
+    ) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    let argon2 = Argon2::new(algorithm, version, params);
+    if argon2
+        .hash_password_into_with_memory(password, salt, &mut out, &mut memory[..blocks])
+        .is_err()
+    {
+        return false;
+    }
+    subtle::ConstantTimeEq::ct_eq(out.as_slice(), expected).into()
 }
 
 /// Spends the same work as `verify_password` for an unknown user, so timing does not
@@ -188,11 +236,30 @@ pub fn verify_password(creds: &Credentials, password: &[u8]) -> bool {
 ///
 /// Invalid `params` fall back to argon2's defaults so the caller still waits about as long.
 pub fn dummy_verify(password: &[u8], params: &HashParams) {
-    let argon2 = params
-        .argon2()
-        .unwrap_or_else(|_| Argon2::new(Algorithm::Argon2id, Version::V0x13, Params::default()));
+    dummy_verify_in(password, params, &mut Vec::new());
+}
+
+/// `dummy_verify` with caller-owned working memory (see `verify_password_in`).
+pub fn dummy_verify_in(password: &[u8], params: &HashParams, memory: &mut Vec<Block>) {
+    let params = Params::new(
+        params.memory_kib,
+        params.iterations,
+        params.parallelism,
+        None,
+    )
+    .unwrap_or_default();
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
     let mut output = [0u8; Params::DEFAULT_OUTPUT_LEN];
-    let result = argon2.hash_password_into(password, &DUMMY_SALT, &mut output);
+    let result = argon2.hash_password_into_with_memory(
+        password,
+        &DUMMY_SALT,
+        &mut output,
+        &mut memory[..blocks],
+    );
     std::hint::black_box((result.is_ok(), output));
 }
 

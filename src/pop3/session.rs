@@ -7,7 +7,7 @@ use super::codec::{
     BodyEncoder, BodyOptions, Capabilities, Command, LineReader, MsgEntry, ParseError, Reply,
     RespCode, MAX_COMMAND_LINE, MAX_SASL_LINE,
 };
-use crate::auth::{self, scram, Credentials};
+use crate::auth::{self, scram};
 use crate::locks::{LockError, MaildropLock};
 use crate::server::{Refusal, Shared};
 use crate::store::{Account, Address, DomainStore, StoreError};
@@ -66,6 +66,8 @@ enum SessionError {
     Join(#[from] tokio::task::JoinError),
     #[error("message {0} ended before its recorded size")]
     Truncated(u64),
+    #[error(transparent)]
+    Hasher(#[from] crate::auth::pool::PoolStopped),
 }
 
 /// How a session ended, for the log line.
@@ -102,12 +104,13 @@ impl Outcome {
 fn error_reply(e: &SessionError) -> Option<Reply<'static>> {
     match e {
         SessionError::Io(_) | SessionError::WriteTimeout => None,
-        SessionError::Store(_) | SessionError::Join(_) | SessionError::Truncated(_) => {
-            Some(Reply::Err(
-                Some(RespCode::SysTemp),
-                Cow::Borrowed("Internal error, try again later"),
-            ))
-        }
+        SessionError::Store(_)
+        | SessionError::Join(_)
+        | SessionError::Truncated(_)
+        | SessionError::Hasher(_) => Some(Reply::Err(
+            Some(RespCode::SysTemp),
+            Cow::Borrowed("Internal error, try again later"),
+        )),
     }
 }
 
@@ -921,9 +924,7 @@ async fn password_login(
     let shared = ctx.shared.clone();
     let password = password.to_vec();
     let Some((address, store, account)) = found else {
-        let params = shared.hash_params;
-        let _slot = shared.hash_slots.acquire().await;
-        tokio::task::spawn_blocking(move || auth::dummy_verify(&password, &params)).await?;
+        shared.hasher.dummy(password, shared.hash_params).await?;
         return Ok(LoginResult::Failed);
     };
     let key = address.to_string();
@@ -937,12 +938,10 @@ async fn password_login(
             account,
         });
     }
-    let creds: Credentials = account.credentials.clone();
-    let slot = shared.hash_slots.acquire().await;
-    let (ok, password) =
-        tokio::task::spawn_blocking(move || (auth::verify_password(&creds, &password), password))
-            .await?;
-    drop(slot);
+    let (ok, password) = shared
+        .hasher
+        .verify(account.credentials.clone(), password)
+        .await?;
     if !ok {
         return Ok(LoginResult::Failed);
     }
