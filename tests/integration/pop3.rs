@@ -670,3 +670,17 @@ async fn certificates_reload_without_restart() {
     let mut d = Raw::tls(server.pop3s, &server.ca.ca_pem, SNI).await;
     assert!(d.line().await.starts_with("+OK"));
 }
+
+#[tokio::test]
+async fn eight_bit_clean() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let mut m = b"Subject: =?utf-8?q?8bit?=\r\nContent-Transfer-Encoding: 8bit\r\n\r\n".to_vec();
+    m.extend((0u8..=255).filter(|b| *b != b'\r' && *b != b'\n'));
+    m.extend_from_slice("\r\nGr\u{fc}\u{df}e, \u{65e5}\u{672c}\r\n".as_bytes());
+    server.deliver("joe@example.org", &m);
+    let mut c = tls_login(&server, "joe@example.org").await;
+    assert_eq!(c.cmd("LIST 1").await, format!("+OK 1 {}\r\n", m.len()));
+    assert!(c.cmd("RETR 1").await.starts_with("+OK"));
+    assert_eq!(c.multiline().await, m);
+}
