@@ -9,6 +9,8 @@
 //!   async `session` that drives it over a socket.
 //! - [`store`]: `Directory` of per-domain sled stores: accounts, maildrops, message bodies.
 //! - [`locks`]: exclusive maildrop locks behind the `LockBackend` trait (in-process today).
+//! - [`redis_conn`]: the shared Redis connection: URL checks and redaction, reconnects, a
+//!   bounded timeout on every call.
 //! - [`auth`]: password hashing (argon2id), SCRAM-SHA-256 keys, SASL PLAIN and APOP checks.
 //! - [`delivery`]: local delivery to one or more recipients, durable before it answers.
 //! - [`message`]: pure helpers for RFC 5322 message bytes (CRLF normalisation at delivery).
@@ -21,6 +23,7 @@ pub mod delivery;
 pub mod locks;
 pub mod message;
 pub mod pop3;
+pub mod redis_conn;
 pub mod server;
 pub mod store;
 pub mod tls;
