@@ -147,6 +147,10 @@ pub struct LimitsConfig {
     /// Failed logins per client IP within `auth_failure_window_secs` before further
     /// logins from it are refused with [LOGIN-DELAY].
     pub max_auth_failures_per_ip: u32,
+    /// Failed logins for one login name (existing or not) within the window before
+    /// further logins to it are refused with [LOGIN-DELAY]; 0 turns this off. Counted in
+    /// Redis across replicas when `locks.backend` is `redis`.
+    pub max_auth_failures_per_account: u32,
     pub auth_failure_window_secs: u64,
     /// Unknown or malformed commands in one connection before it is closed.
     pub max_bad_commands: u32,
@@ -164,6 +168,7 @@ impl Default for LimitsConfig {
             auth_failure_delay_ms: 2000,
             max_auth_failures: 3,
             max_auth_failures_per_ip: 20,
+            max_auth_failures_per_account: 20,
             auth_failure_window_secs: 300,
             max_bad_commands: 10,
             shutdown_grace_secs: 10,
@@ -183,6 +188,13 @@ impl LimitsConfig {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+    pub fn throttle(&self) -> crate::throttle::Limits {
+        crate::throttle::Limits {
+            per_ip: self.max_auth_failures_per_ip,
+            per_account: self.max_auth_failures_per_account,
+            window: Duration::from_secs(self.auth_failure_window_secs),
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 //!   async `session` that drives it over a socket.
 //! - [`store`]: `Directory` of per-domain sled stores: accounts, maildrops, message bodies.
 //! - [`locks`]: exclusive maildrop locks behind the `LockBackend` trait (in-process today).
+//! - [`throttle`]: failed-login counting per client IP and per name, in process or in Redis.
 //! - [`redis_conn`]: the shared Redis connection: URL checks and redaction, reconnects, a
 //!   bounded timeout on every call.
 //! - [`auth`]: password hashing (argon2id), SCRAM-SHA-256 keys, SASL PLAIN and APOP checks.
@@ -26,4 +27,5 @@ pub mod pop3;
 pub mod redis_conn;
 pub mod server;
 pub mod store;
+pub mod throttle;
 pub mod tls;

@@ -9,6 +9,7 @@ use mailgate::config::Config;
 use mailgate::locks::LocalLocks;
 use mailgate::server::{self, Listeners, Shared};
 use mailgate::store::{Address, Directory};
+use mailgate::throttle::Throttle;
 use mailgate::tls::{self, CertPaths, TlsManager};
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -332,6 +333,7 @@ async fn serve(config: Arc<Config>) -> Result<()> {
         config.clone(),
         directory.clone(),
         locks,
+        Throttle::local(config.limits.throttle()),
         tls.clone(),
         secret,
     )?);
