@@ -8,7 +8,8 @@
 //! - [`pop3`]: the POP3 protocol — a pure `codec` (parser, replies, dot-stuffing) and the
 //!   async `session` that drives it over a socket.
 //! - [`store`]: `Directory` of per-domain sled stores: accounts, maildrops, message bodies.
-//! - [`locks`]: exclusive maildrop locks behind the `LockBackend` trait (in-process today).
+//! - [`locks`]: exclusive maildrop locks behind the `LockBackend` trait: in process for
+//!   one replica, or in Redis (token-owned keys with a TTL) for several.
 //! - [`throttle`]: failed-login counting per client IP and per name, in process or in Redis.
 //! - [`redis_conn`]: the shared Redis connection: URL checks and redaction, reconnects, a
 //!   bounded timeout on every call.
