@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -283,6 +285,13 @@ scram_iterations = 4096
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, like a crashed node: no shutdown, no lock release.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("server running");
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
     }
 
     pub fn log_text(&self) -> String {
