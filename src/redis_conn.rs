@@ -217,10 +217,6 @@ impl RedisConn {
         &self.inner.url
     }
 
-    pub fn timeout(&self) -> Duration {
-        self.inner.timeout
-    }
-
     fn manager(&self) -> ConnectionManager {
         let current = self.inner.current.lock().unwrap_or_else(|p| p.into_inner());
         current.manager.clone()

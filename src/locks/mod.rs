@@ -4,7 +4,7 @@
 
 mod redis;
 
-pub use self::redis::{lock_key, RedisLocks};
+pub use self::redis::RedisLocks;
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;

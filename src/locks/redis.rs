@@ -83,7 +83,8 @@ pub struct RedisLocks {
 struct Inner {
     conn: RedisConn,
     ttl: Duration,
-    /// Locks lost while held (taken by someone else, or not confirmed in time).
+    /// Locks lost while held (taken by someone else, or not confirmed in time), for the
+    /// `locks_lost_total` field of the log line.
     lost: AtomicU64,
 }
 
@@ -96,11 +97,6 @@ impl RedisLocks {
                 lost: AtomicU64::new(0),
             }),
         }
-    }
-
-    /// Locks lost while held since start.
-    pub fn lost_total(&self) -> u64 {
-        self.inner.lost.load(Ordering::Relaxed)
     }
 }
 
@@ -222,7 +218,13 @@ impl RedisHeld {
                     return;
                 }
                 let sent = Instant::now();
-                match inner.renew(&key, &token).await {
+                let renewed = inner.renew(&key, &token).await;
+                // Released while the renewal was on its way: the release may have
+                // deleted the key first, which is no loss.
+                if stop.is_cancelled() {
+                    return;
+                }
+                match renewed {
                     Ok(true) => {
                         *confirmed.lock().unwrap_or_else(|p| p.into_inner()) = sent;
                         next = sent + plan.every;
