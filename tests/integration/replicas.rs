@@ -573,17 +573,27 @@ async fn two_replicas_never_hold_one_maildrop_at_once() {
             let (addr, users) = (s.pop3, users.clone());
             tasks.spawn(async move {
                 let mut seen = Seen::default();
+                // A refused login is retried on the same connection (the session stays in
+                // AUTHORIZATION), so the test does not churn through ephemeral ports.
+                let mut idle: Option<Raw> = None;
                 for round in 0..ROUNDS {
                     if Instant::now() >= deadline {
                         break;
                     }
                     let user = &users[(c + round) % users.len()];
-                    let mut conn = Raw::plain(addr).await;
-                    conn.line().await;
+                    let mut conn = match idle.take() {
+                        Some(conn) => conn,
+                        None => {
+                            let mut conn = Raw::plain(addr).await;
+                            conn.line().await;
+                            conn
+                        }
+                    };
                     let reply = conn.login(user, PASSWORD).await;
                     if reply.starts_with("-ERR [IN-USE]") {
                         seen.busy += 1;
-                        conn.cmd("QUIT").await;
+                        idle = Some(conn);
+                        tokio::time::sleep(Duration::from_millis(1)).await;
                         continue;
                     }
                     assert!(reply.starts_with("+OK"), "{user}: {reply}");
@@ -600,6 +610,9 @@ async fn two_replicas_never_hold_one_maildrop_at_once() {
                     let quit = conn.cmd("QUIT").await;
                     assert_eq!(quit, "+OK Logging out, 1 messages deleted\r\n");
                     seen.deleted.push((r, user.clone(), uid));
+                }
+                if let Some(mut conn) = idle {
+                    assert!(conn.cmd("QUIT").await.starts_with("+OK"));
                 }
                 seen
             });
