@@ -116,18 +116,79 @@ pub struct CertFiles {
     pub key: PathBuf,
 }
 
+/// Where maildrop locks and login-failure counters live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockBackendKind {
+    /// In process: correct for one replica only.
+    Local,
+    /// In Redis, shared by every replica that uses the same `redis_url`.
+    Redis,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocksConfig {
-    /// `local`: in-process maildrop locks (one replica).
-    pub backend: String,
+    pub backend: LockBackendKind,
+    /// `redis://[user:password@]host:port/db` or `rediss://...` (TLS); used when `backend`
+    /// is `redis`. Its password never reaches a log or an error message.
+    pub redis_url: RedisUrl,
+    /// PEM CA certificates trusted for `rediss://` instead of the system roots.
+    pub redis_ca_file: Option<PathBuf>,
+    /// Lifetime of a Redis lock without renewal: how long a crashed replica's maildrops
+    /// stay locked. Sessions renew every third of it.
+    pub ttl_secs: u64,
+    /// Bound on every Redis call: with Redis slow or down, a login fails after at most
+    /// about this long.
+    pub redis_timeout_ms: u64,
 }
 
 impl Default for LocksConfig {
     fn default() -> Self {
         LocksConfig {
-            backend: "local".into(),
+            backend: LockBackendKind::Local,
+            redis_url: RedisUrl::new("redis://127.0.0.1:6379/0"),
+            redis_ca_file: None,
+            ttl_secs: 30,
+            redis_timeout_ms: 1000,
         }
+    }
+}
+
+impl LocksConfig {
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_secs)
+    }
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+}
+
+/// A Redis URL that may hold a password: `Debug` and `Display` show it redacted, so
+/// printing the configuration cannot leak it; `expose` is for the Redis client only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn new(url: &str) -> RedisUrl {
+        RedisUrl(url.to_owned())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", crate::redis_conn::redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::redis_conn::redact_url(&self.0))
     }
 }
 
@@ -147,6 +208,10 @@ pub struct LimitsConfig {
     /// Failed logins per client IP within `auth_failure_window_secs` before further
     /// logins from it are refused with [LOGIN-DELAY].
     pub max_auth_failures_per_ip: u32,
+    /// Failed logins for one login name (existing or not) within the window before
+    /// further logins to it are refused with [LOGIN-DELAY]; 0 turns this off. Counted in
+    /// Redis across replicas when `locks.backend` is `redis`.
+    pub max_auth_failures_per_account: u32,
     pub auth_failure_window_secs: u64,
     /// Unknown or malformed commands in one connection before it is closed.
     pub max_bad_commands: u32,
@@ -164,6 +229,7 @@ impl Default for LimitsConfig {
             auth_failure_delay_ms: 2000,
             max_auth_failures: 3,
             max_auth_failures_per_ip: 20,
+            max_auth_failures_per_account: 20,
             auth_failure_window_secs: 300,
             max_bad_commands: 10,
             shutdown_grace_secs: 10,
@@ -183,6 +249,13 @@ impl LimitsConfig {
     }
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+    pub fn throttle(&self) -> crate::throttle::Limits {
+        crate::throttle::Limits {
+            per_ip: self.max_auth_failures_per_ip,
+            per_account: self.max_auth_failures_per_account,
+            window: Duration::from_secs(self.auth_failure_window_secs),
+        }
     }
 }
 
@@ -284,11 +357,8 @@ impl Config {
                 "tls.cert and tls.key must be set together".into(),
             );
         }
-        if self.locks.backend != "local" {
-            return invalid(
-                "locks.backend",
-                format!("{:?} is not supported (use \"local\")", self.locks.backend),
-            );
+        if self.locks.backend == LockBackendKind::Redis {
+            self.validate_redis()?;
         }
         let l = &self.limits;
         for (key, value) in [
@@ -321,6 +391,35 @@ impl Config {
         }
         if let Err(e) = self.auth.argon2.validate() {
             return invalid("auth.argon2", e.to_string());
+        }
+        Ok(())
+    }
+
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let l = &self.locks;
+        if let Err(e) = crate::redis_conn::check_url(l.redis_url.expose()) {
+            return invalid("locks.redis_url", e.to_string());
+        }
+        if l.redis_ca_file.is_some() && !l.redis_url.expose().starts_with("rediss://") {
+            return invalid(
+                "locks.redis_ca_file",
+                "is only used with a rediss:// redis_url".into(),
+            );
+        }
+        if l.redis_timeout_ms == 0 {
+            return invalid("locks.redis_timeout_ms", "must be greater than 0".into());
+        }
+        // A renewal, started a third of the TTL before the session would give the lock
+        // up, must end (at worst by timing out) before the lock can expire.
+        if l.ttl_secs.saturating_mul(1000) < l.redis_timeout_ms.saturating_mul(3) {
+            return invalid(
+                "locks.ttl_secs",
+                format!(
+                    "must be at least three times locks.redis_timeout_ms ({} ms)",
+                    l.redis_timeout_ms
+                ),
+            );
         }
         Ok(())
     }
@@ -409,6 +508,18 @@ mod tests {
             ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
             ("[tls]\ncert = \"x.crt\"\n", "tls.cert"),
             ("[locks]\nbackend = \"zookeeper\"\n", "locks.backend"),
+            (
+                "[locks]\nbackend = \"redis\"\nredis_url = \"http://x\"\n",
+                "locks.redis_url",
+            ),
+            (
+                "[locks]\nbackend = \"redis\"\nttl_secs = 2\n",
+                "locks.ttl_secs",
+            ),
+            (
+                "[locks]\nbackend = \"redis\"\nredis_ca_file = \"ca.pem\"\n",
+                "locks.redis_ca_file",
+            ),
             ("hostname = \"two words\"\n", "hostname"),
         ];
         for (toml, key) in cases {
@@ -422,6 +533,47 @@ mod tests {
                 Ok(())
             });
         }
+    }
+
+    #[test]
+    fn redis_backend_from_file_and_env_never_shows_the_password() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "m.toml",
+                r#"
+                [locks]
+                backend = "redis"
+                ttl_secs = 3
+                "#,
+            )?;
+            jail.set_env(
+                "MAILGATE_LOCKS__REDIS_URL",
+                "rediss://mailgate:hunter2hunter2@redis.example:6380/2",
+            );
+            jail.set_env("MAILGATE_LOCKS__REDIS_CA_FILE", "ca.pem");
+            let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(c.locks.backend, LockBackendKind::Redis);
+            assert_eq!(c.locks.ttl(), Duration::from_secs(3));
+            assert_eq!(c.locks.redis_timeout(), Duration::from_secs(1));
+            assert_eq!(
+                c.locks.redis_url.expose(),
+                "rediss://mailgate:hunter2hunter2@redis.example:6380/2"
+            );
+            let shown = format!("{c:?} {}", c.locks.redis_url);
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("rediss://mailgate:***@redis.example:6380/2"));
+
+            jail.set_env(
+                "MAILGATE_LOCKS__REDIS_URL",
+                "redis://:hunter2hunter2@redis.example:port/2",
+            );
+            let err = load_in_jail(Some("m.toml"))
+                .expect_err("bad port")
+                .to_string();
+            assert!(err.contains("locks.redis_url"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -8,7 +8,11 @@
 //! - [`pop3`]: the POP3 protocol — a pure `codec` (parser, replies, dot-stuffing) and the
 //!   async `session` that drives it over a socket.
 //! - [`store`]: `Directory` of per-domain sled stores: accounts, maildrops, message bodies.
-//! - [`locks`]: exclusive maildrop locks behind the `LockBackend` trait (in-process today).
+//! - [`locks`]: exclusive maildrop locks behind the `LockBackend` trait: in process for
+//!   one replica, or in Redis (token-owned keys with a TTL) for several.
+//! - [`throttle`]: failed-login counting per client IP and per name, in process or in Redis.
+//! - [`redis_conn`]: the shared Redis connection: URL checks and redaction, reconnects, a
+//!   bounded timeout on every call.
 //! - [`auth`]: password hashing (argon2id), SCRAM-SHA-256 keys, SASL PLAIN and APOP checks.
 //! - [`delivery`]: local delivery to one or more recipients, durable before it answers.
 //! - [`message`]: pure helpers for RFC 5322 message bytes (CRLF normalisation at delivery).
@@ -21,6 +25,8 @@ pub mod delivery;
 pub mod locks;
 pub mod message;
 pub mod pop3;
+pub mod redis_conn;
 pub mod server;
 pub mod store;
+pub mod throttle;
 pub mod tls;

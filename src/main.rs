@@ -5,10 +5,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mailgate::admin::{self, exit, Request, Response};
 use mailgate::auth::{self, Credentials};
-use mailgate::config::Config;
-use mailgate::locks::LocalLocks;
+use mailgate::config::{Config, LockBackendKind};
+use mailgate::locks::{LocalLocks, LockBackend, RedisLocks};
+use mailgate::redis_conn::RedisConn;
 use mailgate::server::{self, Listeners, Shared};
 use mailgate::store::{Address, Directory};
+use mailgate::throttle::Throttle;
 use mailgate::tls::{self, CertPaths, TlsManager};
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -48,7 +50,7 @@ enum Cmd {
         #[arg(required = true)]
         recipients: Vec<String>,
     },
-    /// Validate configuration and certificates.
+    /// Validate configuration and certificates, and reach Redis when locks live there.
     CheckConfig,
 }
 
@@ -268,6 +270,7 @@ fn check_config(config: &Config) -> Result<u8> {
         }
     }
     check_data_dir(&config.data_dir)?;
+    check_locks(config)?;
     for (name, addr) in [
         ("pop3.listen", &config.pop3.listen),
         ("pop3.tls_listen", &config.pop3.tls_listen),
@@ -280,6 +283,42 @@ fn check_config(config: &Config) -> Result<u8> {
     }
     println!("configuration OK");
     Ok(0)
+}
+
+/// Reports where locks live; for Redis, that it answers (the URL shown redacted).
+fn check_locks(config: &Config) -> Result<()> {
+    let locks = &config.locks;
+    match locks.backend {
+        LockBackendKind::Local => {
+            println!("locks: local (in process; correct for a single replica only)");
+            Ok(())
+        }
+        LockBackendKind::Redis => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let url = locks.redis_url.to_string();
+            let rtt = runtime.block_on(async {
+                let conn = RedisConn::open(
+                    locks.redis_url.expose(),
+                    locks.redis_ca_file.as_deref(),
+                    locks.redis_timeout(),
+                )?;
+                conn.ping().await
+            });
+            match rtt {
+                Ok(rtt) => {
+                    println!(
+                        "locks: redis at {url} reachable ({:.1} ms), lock TTL {} s",
+                        rtt.as_secs_f64() * 1000.0,
+                        locks.ttl_secs
+                    );
+                    Ok(())
+                }
+                Err(e) => bail!("locks: redis at {url} unreachable: {e}"),
+            }
+        }
+    }
 }
 
 fn check_data_dir(dir: &Path) -> Result<()> {
@@ -326,12 +365,13 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     );
     let admin_listener = admin::bind(&config.admin_socket()).await?;
     let listeners = Listeners::bind(&config).await?;
-    let locks = Arc::new(LocalLocks::new());
+    let (locks, throttle) = coordination(&config).await?;
     let secret = load_or_create_secret(&config.data_dir.join("secret"))?;
     let shared = Arc::new(Shared::new(
         config.clone(),
         directory.clone(),
         locks,
+        throttle,
         tls.clone(),
         secret,
     )?);
@@ -355,6 +395,43 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     tokio::task::spawn_blocking(move || dir.flush_all()).await??;
     info!("stopped");
     Ok(())
+}
+
+/// The maildrop locks and the login-failure counters: in process, or both in Redis. A
+/// Redis that does not answer at start is logged, not fatal: logins fail with
+/// [SYS/TEMP] until it does, and then work without a restart.
+async fn coordination(config: &Config) -> Result<(Arc<dyn LockBackend>, Throttle)> {
+    let limits = config.limits.throttle();
+    let locks = &config.locks;
+    match locks.backend {
+        LockBackendKind::Local => {
+            let locks: Arc<dyn LockBackend> = Arc::new(LocalLocks::new());
+            Ok((locks, Throttle::local(limits)))
+        }
+        LockBackendKind::Redis => {
+            let conn = RedisConn::open(
+                locks.redis_url.expose(),
+                locks.redis_ca_file.as_deref(),
+                locks.redis_timeout(),
+            )?;
+            match conn.ping().await {
+                Ok(rtt) => info!(
+                    url = conn.url(),
+                    ttl_secs = locks.ttl_secs,
+                    rtt_us = rtt.as_micros() as u64,
+                    "maildrop locks and login throttling in redis"
+                ),
+                Err(e) => warn!(
+                    url = conn.url(),
+                    error = %e,
+                    "redis unreachable at start: logins fail with [SYS/TEMP] until it answers"
+                ),
+            }
+            let redis_locks: Arc<dyn LockBackend> =
+                Arc::new(RedisLocks::new(conn.clone(), locks.ttl()));
+            Ok((redis_locks, Throttle::redis(conn, limits)))
+        }
+    }
 }
 
 /// The server's 32-byte secret, made on first start (mode 0600).

@@ -9,11 +9,12 @@ use crate::config::Config;
 use crate::locks::LockBackend;
 use crate::pop3::session::{self, Listener};
 use crate::store::Directory;
+use crate::throttle::Throttle;
 use crate::tls::TlsManager;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -38,6 +39,7 @@ pub struct Shared {
     pub locks: Arc<dyn LockBackend>,
     pub tls: Arc<TlsManager>,
     pub acceptor: TlsAcceptor,
+    /// Failed logins per client IP and per name: in process, or in Redis with the locks.
     pub throttle: Throttle,
     /// Dedicated argon2id threads, one per core: bounds concurrent hashing and keeps
     /// one working buffer per thread.
@@ -58,6 +60,7 @@ impl Shared {
         config: Arc<Config>,
         directory: Arc<Directory>,
         locks: Arc<dyn LockBackend>,
+        throttle: Throttle,
         tls: Arc<TlsManager>,
         secret: [u8; 32],
     ) -> std::io::Result<Shared> {
@@ -65,10 +68,7 @@ impl Shared {
         let hasher = HashPool::new(threads)?;
         let acceptor = TlsAcceptor::from(tls.server_config());
         Ok(Shared {
-            throttle: Throttle::new(
-                config.limits.max_auth_failures_per_ip,
-                Duration::from_secs(config.limits.auth_failure_window_secs),
-            ),
+            throttle,
             hash_params: config.auth.argon2,
             verified: VerifiedCache::new(
                 Duration::from_secs(config.auth.cache_ttl_secs),
@@ -287,45 +287,6 @@ impl ConnLimits {
     }
 }
 
-/// Failed-login counting per client IP in a fixed window (in-process).
-pub struct Throttle {
-    max: u32,
-    window: Duration,
-    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
-}
-
-/// Entries kept at most, so a flood of source addresses cannot grow memory without bound.
-const THROTTLE_MAX_ENTRIES: usize = 100_000;
-
-impl Throttle {
-    pub fn new(max: u32, window: Duration) -> Self {
-        Throttle {
-            max,
-            window,
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// True when `ip` has used up its failures for the current window.
-    pub fn is_blocked(&self, ip: IpAddr) -> bool {
-        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        matches!(map.get(&ip), Some((n, start)) if *n >= self.max && start.elapsed() < self.window)
-    }
-
-    pub fn record_failure(&self, ip: IpAddr) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= THROTTLE_MAX_ENTRIES {
-            let window = self.window;
-            map.retain(|_, (_, start)| start.elapsed() < window);
-        }
-        let entry = map.entry(ip).or_insert((0, Instant::now()));
-        if entry.1.elapsed() >= self.window {
-            *entry = (0, Instant::now());
-        }
-        entry.0 = entry.0.saturating_add(1);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,19 +303,5 @@ mod tests {
         assert_eq!(limits.admit(b).err(), Some(Refusal::TooManyConnections));
         drop(a1);
         assert!(limits.admit(a).is_ok());
-    }
-
-    #[test]
-    fn throttle_blocks_after_max_failures_in_window() {
-        let t = Throttle::new(2, Duration::from_secs(60));
-        let ip: IpAddr = "::1".parse().expect("ip");
-        assert!(!t.is_blocked(ip));
-        t.record_failure(ip);
-        assert!(!t.is_blocked(ip));
-        t.record_failure(ip);
-        assert!(t.is_blocked(ip));
-        let short = Throttle::new(1, Duration::from_millis(0));
-        short.record_failure(ip);
-        assert!(!short.is_blocked(ip), "window elapsed");
     }
 }

@@ -1,12 +1,17 @@
 //! Exclusive maildrop locks (RFC 1939 §8: from authentication to the end of the session)
-//! behind the `LockBackend` trait. This module ships the in-process backend; a shared
-//! backend (Redis) plugs in behind the same trait. Knows nothing about POP3 or the store.
+//! behind the `LockBackend` trait: `LocalLocks` in process for one replica, `RedisLocks`
+//! in Redis for several. Knows nothing about POP3 or the store.
 
+mod redis;
+
+pub use self::redis::RedisLocks;
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -26,6 +31,14 @@ pub trait LockBackend: Send + Sync + 'static {
     fn acquire<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<MaildropLock, LockError>>;
 }
 
+/// Microseconds since the Unix epoch: lock log lines carry the wall clock so the
+/// lines of several replicas on one host can be put in one order.
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// One held lock, as a backend implements it.
 pub trait HeldLock: Send + Sync {
     /// Cancelled when the backend learns the lock is no longer ours.
@@ -37,13 +50,23 @@ pub trait HeldLock: Send + Sync {
 }
 
 /// A held maildrop lock; released by `release` or, as a fallback, on drop.
+///
+/// Logs `maildrop locked` when made and `maildrop unlocked` just before the backend gives
+/// the lock up, each with `at_us` (wall clock), so the holders of one maildrop can be
+/// audited across replicas.
 pub struct MaildropLock {
+    maildrop: String,
     inner: Option<Box<dyn HeldLock>>,
 }
 
 impl MaildropLock {
-    pub fn new(inner: Box<dyn HeldLock>) -> Self {
-        MaildropLock { inner: Some(inner) }
+    /// Wraps a lock the backend has just taken.
+    pub fn new(maildrop: &str, inner: Box<dyn HeldLock>) -> Self {
+        info!(maildrop, at_us = unix_micros(), "maildrop locked");
+        MaildropLock {
+            maildrop: maildrop.to_owned(),
+            inner: Some(inner),
+        }
     }
 
     pub fn lost(&self) -> CancellationToken {
@@ -66,14 +89,24 @@ impl MaildropLock {
 
     pub async fn release(mut self) {
         if let Some(l) = self.inner.take() {
+            self.log_unlocked();
             l.release().await;
         }
+    }
+
+    fn log_unlocked(&self) {
+        info!(
+            maildrop = self.maildrop.as_str(),
+            at_us = unix_micros(),
+            "maildrop unlocked"
+        );
     }
 }
 
 impl Drop for MaildropLock {
     fn drop(&mut self) {
         if let Some(l) = self.inner.take() {
+            self.log_unlocked();
             // Backends whose release needs I/O finish it in the background; the local
             // backend releases synchronously inside `release()` before the first await.
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -109,11 +142,14 @@ impl LocalLocks {
 impl LockBackend for LocalLocks {
     fn acquire<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<MaildropLock, LockError>> {
         let result = if self.held().insert(key.to_owned()) {
-            Ok(MaildropLock::new(Box::new(LocalHeld {
-                locks: self.clone(),
-                key: Some(key.to_owned()),
-                lost: CancellationToken::new(),
-            })))
+            Ok(MaildropLock::new(
+                key,
+                Box::new(LocalHeld {
+                    locks: self.clone(),
+                    key: Some(key.to_owned()),
+                    lost: CancellationToken::new(),
+                }),
+            ))
         } else {
             Err(LockError::Busy)
         };

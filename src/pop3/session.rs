@@ -882,9 +882,12 @@ enum LoginResult {
         account: Box<Account>,
     },
     /// Wrong password, unknown user, malformed name: all look the same to the client.
-    Failed,
-    /// Too many recent failures from this address.
+    /// Carries the login name, when there was one, for the per-name failure count.
+    Failed(Option<String>),
+    /// Too many recent failures from this address or for this name.
     Throttled,
+    /// The failure counters (in Redis) could not be read: try again later.
+    Unavailable,
     /// The exchange was cancelled or malformed; already answered.
     Aborted,
 }
@@ -912,20 +915,39 @@ async fn find_account(
     Ok(found)
 }
 
+/// `Some` when the client IP or the login name may not try now (or the throttle cannot
+/// tell). Asked before any password work, with the name whether or not it exists.
+async fn throttled(ctx: &Ctx, name: &str) -> Option<LoginResult> {
+    match ctx
+        .shared
+        .throttle
+        .is_blocked(ctx.peer.ip(), Some(name))
+        .await
+    {
+        Ok(false) => None,
+        Ok(true) => Some(LoginResult::Throttled),
+        Err(e) => {
+            warn!(error = %e, "cannot check login failures");
+            Some(LoginResult::Unavailable)
+        }
+    }
+}
+
 async fn password_login(
     ctx: &mut Ctx,
     name: &str,
     password: &[u8],
 ) -> Result<LoginResult, SessionError> {
-    if ctx.shared.throttle.is_blocked(ctx.peer.ip()) {
-        return Ok(LoginResult::Throttled);
+    if let Some(refused) = throttled(ctx, name).await {
+        return Ok(refused);
     }
+    let failed = || LoginResult::Failed(Some(name.to_owned()));
     let found = find_account(ctx, name).await?;
     let shared = ctx.shared.clone();
     let password = password.to_vec();
     let Some((address, store, account)) = found else {
         shared.hasher.dummy(password, shared.hash_params).await?;
-        return Ok(LoginResult::Failed);
+        return Ok(failed());
     };
     let key = address.to_string();
     if shared
@@ -943,7 +965,7 @@ async fn password_login(
         .verify(account.credentials.clone(), password)
         .await?;
     if !ok {
-        return Ok(LoginResult::Failed);
+        return Ok(failed());
     }
     shared
         .verified
@@ -956,11 +978,12 @@ async fn password_login(
 }
 
 async fn apop_login(ctx: &mut Ctx, name: &str, digest: &str) -> Result<LoginResult, SessionError> {
-    if ctx.shared.throttle.is_blocked(ctx.peer.ip()) {
-        return Ok(LoginResult::Throttled);
+    if let Some(refused) = throttled(ctx, name).await {
+        return Ok(refused);
     }
+    let failed = || LoginResult::Failed(Some(name.to_owned()));
     let Some(timestamp) = ctx.apop_timestamp.as_deref() else {
-        return Ok(LoginResult::Failed);
+        return Ok(failed());
     };
     Ok(match find_account(ctx, name).await? {
         Some((address, store, account)) => match &account.credentials.apop_secret {
@@ -971,9 +994,9 @@ async fn apop_login(ctx: &mut Ctx, name: &str, digest: &str) -> Result<LoginResu
                     account,
                 }
             }
-            _ => LoginResult::Failed,
+            _ => failed(),
         },
-        None => LoginResult::Failed,
+        None => failed(),
     })
 }
 
@@ -1035,11 +1058,11 @@ async fn sasl_plain<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(LoginResult::Aborted);
     };
     let Ok(msg) = auth::plain::parse(&decoded) else {
-        return Ok(LoginResult::Failed);
+        return Ok(LoginResult::Failed(None));
     };
     // We authorise no proxy logins: an authzid other than the authcid fails.
     if !msg.authzid.is_empty() && !msg.authzid.eq_ignore_ascii_case(msg.authcid) {
-        return Ok(LoginResult::Failed);
+        return Ok(LoginResult::Failed(Some(msg.authcid.to_owned())));
     }
     let (authcid, password) = (msg.authcid.to_owned(), msg.password.as_bytes().to_vec());
     password_login(ctx, &authcid, &password).await
@@ -1050,9 +1073,6 @@ async fn sasl_scram<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     initial: Option<String>,
 ) -> Result<LoginResult, SessionError> {
-    if ctx.shared.throttle.is_blocked(ctx.peer.ip()) {
-        return Ok(LoginResult::Throttled);
-    }
     let first = match initial {
         Some(ir) => decode_sasl(io, ir.as_bytes())?,
         None => sasl_response(io, ctx, b"").await?,
@@ -1064,6 +1084,10 @@ async fn sasl_scram<S: AsyncRead + AsyncWrite + Unpin>(
         io.reply(&err(None, "Malformed SCRAM message"));
         return Ok(LoginResult::Aborted);
     };
+    if let Some(refused) = throttled(ctx, &client_first.username).await {
+        return Ok(refused);
+    }
+    let failed = || LoginResult::Failed(Some(client_first.username.clone()));
     let found = find_account(ctx, &client_first.username).await?;
     let keys = match &found {
         Some((_, _, account)) => account.credentials.scram.clone(),
@@ -1078,10 +1102,10 @@ async fn sasl_scram<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(LoginResult::Aborted);
     };
     let Ok(server_final) = server_first.finish(&client_final) else {
-        return Ok(LoginResult::Failed);
+        return Ok(failed());
     };
     let Some((address, store, account)) = found else {
-        return Ok(LoginResult::Failed);
+        return Ok(failed());
     };
     // RFC 5034 §4: additional data with success goes in a challenge; the client answers
     // with an empty line.
@@ -1091,7 +1115,7 @@ async fn sasl_scram<S: AsyncRead + AsyncWrite + Unpin>(
             store,
             account,
         }),
-        Some(_) => Ok(LoginResult::Failed),
+        Some(_) => Ok(failed()),
         None => Ok(LoginResult::Aborted),
     }
 }
@@ -1117,9 +1141,19 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
             ));
             return Ok(None);
         }
-        LoginResult::Failed => {
+        LoginResult::Unavailable => {
+            io.reply(&err(
+                Some(RespCode::SysTemp),
+                "Login service unavailable, try again later",
+            ));
+            return Ok(None);
+        }
+        LoginResult::Failed(name) => {
             ctx.auth_failures += 1;
-            ctx.shared.throttle.record_failure(ctx.peer.ip());
+            ctx.shared
+                .throttle
+                .record_failure(ctx.peer.ip(), name.as_deref())
+                .await;
             io.flush().await?;
             tokio::time::sleep(ctx.shared.config.limits.auth_failure_delay()).await;
             io.reply(&err(Some(RespCode::Auth), "Authentication failed"));

@@ -1,9 +1,11 @@
 //! Integration tests: the real `mailgate` binary on 127.0.0.1 ephemeral ports, real TLS
-//! with a test CA, and real clients (Python poplib, curl) as well as a raw client for
-//! byte-exact and hostile cases. One binary keeps link time down.
+//! with a test CA, real clients (Python poplib, curl) as well as a raw client for
+//! byte-exact and hostile cases, and a real redis-server for the replica tests. One binary
+//! keeps link time down.
 
 mod common;
 
 mod cli;
 mod clients;
 mod pop3;
+mod replicas;

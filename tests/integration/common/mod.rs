@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,6 +75,7 @@ pub struct Options {
     pub replace_nul: bool,
     pub shutdown_grace_secs: u64,
     pub max_auth_failures_per_ip: u32,
+    pub max_auth_failures_per_account: u32,
     /// Host part of both listen addresses (`[::1]` for IPv6).
     pub listen_host: String,
     /// Extra TOML appended verbatim.
@@ -91,6 +94,7 @@ impl Default for Options {
             shutdown_grace_secs: 5,
             listen_host: "127.0.0.1".into(),
             max_auth_failures_per_ip: 1000,
+            max_auth_failures_per_account: 1000,
             extra: String::new(),
         }
     }
@@ -157,6 +161,7 @@ idle_timeout_secs = {idle}
 auth_failure_delay_ms = 50
 max_auth_failures = 3
 max_auth_failures_per_ip = {per_ip_failures}
+max_auth_failures_per_account = {per_account_failures}
 max_connections_per_ip = {per_ip}
 max_bad_commands = {bad}
 shutdown_grace_secs = {grace}
@@ -172,6 +177,7 @@ scram_iterations = 4096
             data = dir.path().join("data").display(),
             host = opts.listen_host,
             per_ip_failures = opts.max_auth_failures_per_ip,
+            per_account_failures = opts.max_auth_failures_per_account,
             plain = opts.allow_plaintext_auth,
             apop = opts.apop,
             nul = opts.replace_nul,
@@ -279,6 +285,13 @@ scram_iterations = 4096
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, like a crashed node: no shutdown, no lock release.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("server running");
+        child.kill().expect("kill -9");
+        child.wait().expect("wait");
     }
 
     pub fn log_text(&self) -> String {
