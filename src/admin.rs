@@ -104,7 +104,7 @@ fn delivery_failure(e: DeliveryError) -> Response {
 }
 
 /// Runs a request on the data dir (blocking). `body` is read only by `Deliver`.
-pub fn execute(directory: &Directory, request: Request, body: impl Read) -> Response {
+pub fn execute(directory: &Directory, request: Request, mut body: impl Read) -> Response {
     let result = (|| -> Result<Vec<String>, Response> {
         match request {
             Request::DomainAdd { name } => {
@@ -175,8 +175,14 @@ pub fn execute(directory: &Directory, request: Request, body: impl Read) -> Resp
                 Ok(lines)
             }
             Request::Deliver { from, recipients } => {
-                let size = delivery::deliver(directory, from.as_deref(), &recipients, body)
-                    .map_err(delivery_failure)?;
+                let size = delivery::deliver(directory, from.as_deref(), &recipients, &mut body)
+                    .map_err(|e| {
+                        // Read what the client still sends (bounded), so it sees our answer
+                        // instead of a reset connection.
+                        let _ =
+                            std::io::copy(&mut (&mut body).take(MAX_DRAIN), &mut std::io::sink());
+                        delivery_failure(e)
+                    })?;
                 Ok(vec![format!(
                     "delivered {size} octets to {} recipient(s)",
                     recipients.len()
@@ -202,6 +208,9 @@ pub enum AdminError {
     #[error("bad response from the server: {0}")]
     Protocol(String),
 }
+
+/// Most body octets read and discarded after a refused delivery.
+const MAX_DRAIN: u64 = 256 * 1024 * 1024;
 
 /// Longest request line accepted on the socket.
 const MAX_REQUEST_LINE: usize = 64 * 1024;
@@ -332,7 +341,13 @@ pub fn call(
             Ok(_) => {}
             // The server refused the request before reading the body (e.g. an unknown
             // recipient) and closed its side; its answer is still waiting to be read.
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+            // Closing with unread data makes Linux report ECONNRESET rather than EPIPE
+            // on some writes, so both mean the same here.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                ) => {}
             Err(e) => return Err(io(e)),
         }
     }
