@@ -6,6 +6,7 @@
 
 use crate::auth::Credentials;
 use crate::delivery::{self, DeliveryError};
+use crate::metrics::{self, Metrics};
 use crate::store::{Account, Address, Directory, StoreError};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -103,8 +104,14 @@ fn delivery_failure(e: DeliveryError) -> Response {
     Response::fail(e.to_string(), e.exit_code())
 }
 
-/// Runs a request on the data dir (blocking). `body` is read only by `Deliver`.
-pub fn execute(directory: &Directory, request: Request, mut body: impl Read) -> Response {
+/// Runs a request on the data dir (blocking). `body` is read only by `Deliver`, which is
+/// counted in `metrics` when a server runs it.
+pub fn execute(
+    directory: &Directory,
+    request: Request,
+    mut body: impl Read,
+    metrics: Option<&Metrics>,
+) -> Response {
     let result = (|| -> Result<Vec<String>, Response> {
         match request {
             Request::DomainAdd { name } => {
@@ -175,14 +182,23 @@ pub fn execute(directory: &Directory, request: Request, mut body: impl Read) -> 
                 Ok(lines)
             }
             Request::Deliver { from, recipients } => {
-                let size = delivery::deliver(directory, from.as_deref(), &recipients, &mut body)
-                    .map_err(|e| {
-                        // Read what the client still sends (bounded), so it sees our answer
-                        // instead of a reset connection.
-                        let _ =
-                            std::io::copy(&mut (&mut body).take(MAX_DRAIN), &mut std::io::sink());
-                        delivery_failure(e)
-                    })?;
+                let delivered = match metrics {
+                    Some(m) => delivery::deliver_counted(
+                        m,
+                        metrics::PROTOCOL_LOCAL,
+                        directory,
+                        from.as_deref(),
+                        &recipients,
+                        &mut body,
+                    ),
+                    None => delivery::deliver(directory, from.as_deref(), &recipients, &mut body),
+                };
+                let size = delivered.map_err(|e| {
+                    // Read what the client still sends (bounded), so it sees our answer
+                    // instead of a reset connection.
+                    let _ = std::io::copy(&mut (&mut body).take(MAX_DRAIN), &mut std::io::sink());
+                    delivery_failure(e)
+                })?;
                 Ok(vec![format!(
                     "delivered {size} octets to {} recipient(s)",
                     recipients.len()
@@ -235,7 +251,12 @@ pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
 }
 
 /// Serves admin requests until `cancel`.
-pub async fn serve(listener: UnixListener, directory: Arc<Directory>, cancel: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    directory: Arc<Directory>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -249,15 +270,20 @@ pub async fn serve(listener: UnixListener, directory: Arc<Directory>, cancel: Ca
             },
         };
         let directory = directory.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, directory).await {
+            if let Err(e) = handle(stream, directory, metrics).await {
                 warn!(error = %e, "admin request failed");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, directory: Arc<Directory>) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    directory: Arc<Directory>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<()> {
     let (mut read_half, mut write_half) = stream.into_split();
     // Read the request line by hand so body bytes that arrive with it are kept.
     let mut buf = Vec::with_capacity(1024);
@@ -282,7 +308,12 @@ async fn handle(stream: UnixStream, directory: Arc<Directory>) -> std::io::Resul
                 tokio::runtime::Handle::current(),
             );
             let response = tokio::task::spawn_blocking(move || {
-                execute(&directory, request, Read::chain(leftover, bridge))
+                execute(
+                    &directory,
+                    request,
+                    Read::chain(leftover, bridge),
+                    Some(&metrics),
+                )
             })
             .await
             .unwrap_or_else(|e| Response::fail(format!("internal error: {e}"), exit::SOFTWARE));

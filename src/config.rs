@@ -41,6 +41,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub store: StoreConfig,
     pub auth: AuthConfig,
+    pub metrics: MetricsConfig,
 }
 
 impl Default for Config {
@@ -54,6 +55,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -81,6 +83,22 @@ impl Default for Pop3Config {
             allow_plaintext_auth: false,
             apop: false,
             replace_nul: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// HTTP listener for `/metrics`, `/healthz` and `/readyz`; empty disables it. Serves
+    /// no secrets, but put it on an address only the monitoring network reaches.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "0.0.0.0:9898".into(),
         }
     }
 }
@@ -124,6 +142,16 @@ pub enum LockBackendKind {
     Local,
     /// In Redis, shared by every replica that uses the same `redis_url`.
     Redis,
+}
+
+impl LockBackendKind {
+    /// The name used in the config file, and as the `backend` label of the lock metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            LockBackendKind::Local => "local",
+            LockBackendKind::Redis => "redis",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -339,6 +367,7 @@ impl Config {
         for (key, value) in [
             ("pop3.listen", &self.pop3.listen),
             ("pop3.tls_listen", &self.pop3.tls_listen),
+            ("metrics.listen", &self.metrics.listen),
         ] {
             if !value.is_empty() && value.parse::<SocketAddr>().is_err() {
                 return invalid(
@@ -350,6 +379,14 @@ impl Config {
         let fixed_port = |a: &str| a.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0);
         if fixed_port(&self.pop3.listen) && self.pop3.listen == self.pop3.tls_listen {
             return invalid("pop3.tls_listen", "must differ from pop3.listen".into());
+        }
+        for other in [&self.pop3.listen, &self.pop3.tls_listen] {
+            if fixed_port(&self.metrics.listen) && self.metrics.listen == *other {
+                return invalid(
+                    "metrics.listen",
+                    "must differ from the POP3 listeners".into(),
+                );
+            }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid(
@@ -464,6 +501,7 @@ mod tests {
             let c = load_in_jail(None).map_err(|e| e.to_string())?;
             assert_eq!(c, Config::default());
             assert_eq!(c.pop3.listen, "0.0.0.0:110");
+            assert_eq!(c.metrics.listen, "0.0.0.0:9898");
             assert!(!c.pop3.allow_plaintext_auth);
             Ok(())
         });
@@ -519,6 +557,11 @@ mod tests {
             (
                 "[locks]\nbackend = \"redis\"\nredis_ca_file = \"ca.pem\"\n",
                 "locks.redis_ca_file",
+            ),
+            ("[metrics]\nlisten = \"9898\"\n", "metrics.listen"),
+            (
+                "[pop3]\nlisten = \"127.0.0.1:9898\"\n[metrics]\nlisten = \"127.0.0.1:9898\"\n",
+                "metrics.listen",
             ),
             ("hostname = \"two words\"\n", "hostname"),
         ];

@@ -4,10 +4,12 @@
 //! it is flushed. Blocking (sled, `Read`): async callers use `spawn_blocking`.
 
 use crate::message::CrlfNormalizer;
+use crate::metrics::{self, Metrics};
 use crate::store::{Address, Directory, DomainStore, StoreError};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Why a recipient was refused before anything was stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -43,6 +45,21 @@ impl DeliveryError {
             | DeliveryError::NoRecipients
             | DeliveryError::BadSender(_) => 65,
             _ => 75,
+        }
+    }
+
+    /// The `result` label of the deliveries metric.
+    pub fn metric_result(&self) -> &'static str {
+        match self {
+            DeliveryError::Recipient(RecipientError::UnknownUser(_)) => {
+                metrics::DELIVERY_UNKNOWN_USER
+            }
+            DeliveryError::Recipient(RecipientError::Malformed(_))
+            | DeliveryError::NoRecipients
+            | DeliveryError::BadSender(_) => metrics::DELIVERY_BAD_INPUT,
+            DeliveryError::Recipient(RecipientError::Temporary(..))
+            | DeliveryError::Read(_)
+            | DeliveryError::Store(_) => metrics::DELIVERY_TEMP_FAILURE,
         }
     }
 
@@ -155,4 +172,25 @@ pub fn deliver(
         p.commit(store)?;
     }
     Ok(size)
+}
+
+/// `deliver`, counted under `protocol` in the delivery metrics: result, latency until
+/// durable (or refused) and stored bytes. Protocol front ends (local, LMTP, SMTP) call
+/// this rather than `deliver`.
+pub fn deliver_counted(
+    metrics: &Metrics,
+    protocol: &str,
+    directory: &Directory,
+    from: Option<&str>,
+    recipients: &[String],
+    source: impl Read,
+) -> Result<u64, DeliveryError> {
+    let started = Instant::now();
+    let result = deliver(directory, from, recipients, source);
+    let (label, stored) = match &result {
+        Ok(size) => (metrics::DELIVERY_ACCEPTED, Some(*size)),
+        Err(e) => (e.metric_result(), None),
+    };
+    metrics.observe_delivery(protocol, label, started.elapsed(), stored);
+    result
 }

@@ -16,6 +16,8 @@
 //! - [`auth`]: password hashing (argon2id), SCRAM-SHA-256 keys, SASL PLAIN and APOP checks.
 //! - [`delivery`]: local delivery to one or more recipients, durable before it answers.
 //! - [`message`]: pure helpers for RFC 5322 message bytes (CRLF normalisation at delivery).
+//! - [`metrics`]: metric names, label sets and handles (one registry), and the HTTP
+//!   endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`admin`]: the admin socket through which the CLI talks to a running server.
 
 pub mod admin;
@@ -24,6 +26,7 @@ pub mod config;
 pub mod delivery;
 pub mod locks;
 pub mod message;
+pub mod metrics;
 pub mod pop3;
 pub mod redis_conn;
 pub mod server;

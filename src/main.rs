@@ -7,6 +7,7 @@ use mailgate::admin::{self, exit, Request, Response};
 use mailgate::auth::{self, Credentials};
 use mailgate::config::{Config, LockBackendKind};
 use mailgate::locks::{LocalLocks, LockBackend, RedisLocks};
+use mailgate::metrics::{self, Metrics};
 use mailgate::redis_conn::RedisConn;
 use mailgate::server::{self, Listeners, Shared};
 use mailgate::store::{Address, Directory};
@@ -194,7 +195,7 @@ fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Rea
             let directory = Directory::open(&config.data_dir, config.store_options())
                 .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
             let body = body.unwrap_or_else(|| Box::new(std::io::empty()));
-            let r = admin::execute(&directory, request, body);
+            let r = admin::execute(&directory, request, body, None);
             directory.flush_all()?;
             r
         }
@@ -274,6 +275,7 @@ fn check_config(config: &Config) -> Result<u8> {
     for (name, addr) in [
         ("pop3.listen", &config.pop3.listen),
         ("pop3.tls_listen", &config.pop3.tls_listen),
+        ("metrics.listen", &config.metrics.listen),
     ] {
         if addr.is_empty() {
             println!("{name}: disabled");
@@ -365,6 +367,9 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     );
     let admin_listener = admin::bind(&config.admin_socket()).await?;
     let listeners = Listeners::bind(&config).await?;
+    let metrics_listener = bind_metrics(&config.metrics.listen).await?;
+    let metrics = Arc::new(Metrics::new(config.locks.backend.name())?);
+    metrics.set_certificate_expiry(&tls.expiry());
     let (locks, throttle) = coordination(&config).await?;
     let secret = load_or_create_secret(&config.data_dir.join("secret"))?;
     let shared = Arc::new(Shared::new(
@@ -374,13 +379,23 @@ async fn serve(config: Arc<Config>) -> Result<()> {
         throttle,
         tls.clone(),
         secret,
+        metrics.clone(),
     )?);
 
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         directory.clone(),
+        metrics,
         shared.abort.clone(),
     ));
+    // Scrapes and probes keep working while sessions drain; the endpoint stops with them.
+    let metrics_task = metrics_listener.map(|l| {
+        tokio::spawn(metrics::http::serve(
+            l,
+            shared.clone(),
+            shared.abort.clone(),
+        ))
+    });
     let housekeeping = tokio::spawn(housekeeping(shared.clone()));
     let signals = tokio::spawn(wait_for_signal(shared.clone()));
 
@@ -390,6 +405,9 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     signals.abort();
     let _ = admin_task.await;
     let _ = housekeeping.await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
     let _ = std::fs::remove_file(config.admin_socket());
     let dir = directory.clone();
     tokio::task::spawn_blocking(move || dir.flush_all()).await??;
@@ -434,6 +452,19 @@ async fn coordination(config: &Config) -> Result<(Arc<dyn LockBackend>, Throttle
     }
 }
 
+/// Binds `[metrics] listen` (unless empty) and logs it like the other listeners.
+async fn bind_metrics(addr: &str) -> Result<Option<tokio::net::TcpListener>> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
+    let local = listener.local_addr()?;
+    info!(listener = "metrics", addr = %local, "listening");
+    Ok(Some(listener))
+}
+
 /// The server's 32-byte secret, made on first start (mode 0600).
 fn load_or_create_secret(path: &Path) -> Result<[u8; 32]> {
     use std::io::Write;
@@ -461,7 +492,8 @@ fn load_or_create_secret(path: &Path) -> Result<[u8; 32]> {
     Ok(secret)
 }
 
-/// Certificate reload and idle-store closing, until shutdown is complete.
+/// Certificate reload, the certificate and storage gauges, and idle-store closing, until
+/// shutdown is complete.
 async fn housekeeping(shared: Arc<Shared>) {
     let period = std::time::Duration::from_secs(shared.config.tls.reload_interval_secs);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -473,9 +505,15 @@ async fn housekeeping(shared: Arc<Shared>) {
         }
         let tls = shared.tls.clone();
         let directory = shared.directory.clone();
-        let result =
-            tokio::task::spawn_blocking(move || (tls.reload_changed(), directory.close_idle()))
-                .await;
+        let metrics = shared.metrics.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let reloaded = tls.reload_changed();
+            metrics.set_certificate_expiry(&tls.expiry());
+            // Counted before closing, so a store is counted at least once while open.
+            metrics.refresh_storage(&directory);
+            (reloaded, directory.close_idle())
+        })
+        .await;
         match result {
             Ok((Ok(n), closed)) => {
                 if n > 0 {

@@ -7,12 +7,14 @@ use crate::auth::pool::HashPool;
 use crate::auth::HashParams;
 use crate::config::Config;
 use crate::locks::LockBackend;
+use crate::metrics::{self, Metrics};
 use crate::pop3::session::{self, Listener};
 use crate::store::Directory;
 use crate::throttle::Throttle;
 use crate::tls::TlsManager;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -53,6 +55,10 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Closed when the grace period is over: every session ends without UPDATE.
     pub abort: CancellationToken,
+    /// Every layer counts what it does here.
+    pub metrics: Arc<Metrics>,
+    /// True while the accept loops run (for `/readyz`).
+    pub accepting: AtomicBool,
 }
 
 impl Shared {
@@ -63,6 +69,7 @@ impl Shared {
         throttle: Throttle,
         tls: Arc<TlsManager>,
         secret: [u8; 32],
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Shared> {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         let hasher = HashPool::new(threads)?;
@@ -83,6 +90,8 @@ impl Shared {
             secret,
             shutdown: CancellationToken::new(),
             abort: CancellationToken::new(),
+            metrics,
+            accepting: AtomicBool::new(false),
         })
     }
 }
@@ -155,7 +164,9 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
             tracker.clone(),
         )));
     }
+    shared.accepting.store(true, Ordering::Release);
     shared.shutdown.cancelled().await;
+    shared.accepting.store(false, Ordering::Release);
     for l in loops {
         let _ = l.await;
     }
@@ -194,7 +205,10 @@ async fn accept_loop(
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = shared.shutdown.cancelled() => {
+                refuse_backlog(&listener, kind, &shared, &tracker).await;
+                return;
+            }
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {
@@ -219,17 +233,51 @@ async fn accept_loop(
                     session::run(stream, peer, kind, shared).await;
                     drop(permit);
                 }
-                Err(reason) => session::refuse(stream, peer, kind, reason).await,
+                Err(reason) => session::refuse(stream, peer, kind, reason, shared).await,
             }
         });
     }
 }
+
+/// Answers the connections already waiting in the listen backlog at shutdown with a
+/// refusal, instead of resetting them when the listener closes.
+async fn refuse_backlog(
+    listener: &TcpListener,
+    kind: Listener,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+) {
+    for _ in 0..REFUSE_AT_SHUTDOWN_MAX {
+        // A zero timeout still polls `accept` once, so only waiting connections are taken.
+        let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await
+        else {
+            break;
+        };
+        let refusal = session::refuse(stream, peer, kind, Refusal::ShuttingDown, shared.clone());
+        tracker.spawn(refusal);
+    }
+}
+
+/// Most connections answered at shutdown, so a flood cannot hold the drain up.
+const REFUSE_AT_SHUTDOWN_MAX: usize = 1024;
 
 /// Why a connection was refused before a session started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     TooManyConnections,
     TooManyFromPeer,
+    ShuttingDown,
+}
+
+impl Refusal {
+    /// The `reason` label of the rejected-connections metric.
+    pub fn metric_reason(self) -> &'static str {
+        match self {
+            Refusal::TooManyConnections => metrics::REASON_LIMIT,
+            Refusal::TooManyFromPeer => metrics::REASON_PER_IP_LIMIT,
+            Refusal::ShuttingDown => metrics::REASON_SHUTDOWN,
+        }
+    }
 }
 
 /// Global and per-IP connection limits.

@@ -29,6 +29,12 @@ pub enum LockError {
 pub trait LockBackend: Send + Sync + 'static {
     /// Takes the lock at once or fails with `Busy`; never waits for another holder.
     fn acquire<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<MaildropLock, LockError>>;
+
+    /// Whether the backend can hand out locks now (`/readyz`); a shared backend checks
+    /// its service, the in-process one always can.
+    fn health(&self) -> BoxFuture<'_, Result<(), LockError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 /// Microseconds since the Unix epoch: lock log lines carry the wall clock so the

@@ -4,11 +4,12 @@
 //! Must not write protocol bytes other than through `Reply` and `BodyEncoder`.
 
 use super::codec::{
-    BodyEncoder, BodyOptions, Capabilities, Command, LineReader, MsgEntry, ParseError, Reply,
-    RespCode, MAX_COMMAND_LINE, MAX_SASL_LINE,
+    verb_of, BodyEncoder, BodyOptions, Capabilities, Command, LineReader, MsgEntry, ParseError,
+    Reply, RespCode, MAX_COMMAND_LINE, MAX_SASL_LINE,
 };
 use crate::auth::{self, scram};
 use crate::locks::{LockError, MaildropLock};
+use crate::metrics;
 use crate::server::{Refusal, Shared};
 use crate::store::{Account, Address, DomainStore, StoreError};
 use base64::Engine as _;
@@ -125,6 +126,8 @@ struct Io<S> {
     idle: Duration,
     /// Until the first line is complete, check whether the client started a TLS handshake.
     sniff_tls_hello: bool,
+    /// Whether the last reply was `-ERR`: the result of the command just answered.
+    last_err: bool,
 }
 
 enum Input {
@@ -146,10 +149,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
             lines: LineReader::new(),
             idle,
             sniff_tls_hello: false,
+            last_err: false,
         }
     }
 
     fn reply(&mut self, r: &Reply<'_>) {
+        self.last_err = matches!(r, Reply::Err(..));
         r.write_to(&mut self.wbuf);
     }
 
@@ -289,11 +294,23 @@ fn ok(text: &'static str) -> Reply<'static> {
 }
 
 /// Greets a refused connection where the protocol allows it, then closes.
-pub async fn refuse(mut stream: TcpStream, peer: SocketAddr, listener: Listener, reason: Refusal) {
+pub async fn refuse(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    listener: Listener,
+    reason: Refusal,
+    shared: Arc<Shared>,
+) {
     let text = match reason {
         Refusal::TooManyConnections => "Too many connections, try again later",
         Refusal::TooManyFromPeer => "Too many connections from your address",
+        Refusal::ShuttingDown => "Server shutting down",
     };
+    shared
+        .metrics
+        .connections_rejected
+        .with_label_values(&[listener.name(), reason.metric_reason()])
+        .inc();
     info!(peer = %peer, listener = listener.name(), reason = ?reason, "connection refused");
     // On the implicit-TLS port the client expects a handshake, not text: just close.
     if listener == Listener::Pop3 {
@@ -309,6 +326,12 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, listener: Listener, shared
     let span = tracing::info_span!("session", sid, peer = %peer, listener = listener.name());
     async move {
         let started = Instant::now();
+        let m = shared.metrics.clone();
+        m.connections_accepted
+            .with_label_values(&[listener.name()])
+            .inc();
+        let active = m.connections_active.with_label_values(&[listener.name()]);
+        active.inc();
         let mut ctx = Ctx {
             apop_timestamp: shared
                 .config
@@ -327,6 +350,13 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, listener: Listener, shared
             bytes_out: 0,
         };
         let outcome = connection(stream, &mut ctx).await;
+        active.dec();
+        m.sessions
+            .with_label_values(&[listener.name(), outcome.name()])
+            .inc();
+        m.session_duration
+            .with_label_values(&[listener.name()])
+            .observe(started.elapsed().as_secs_f64());
         info!(
             outcome = outcome.name(),
             user = ctx.user.as_deref().unwrap_or("-"),
@@ -364,6 +394,11 @@ async fn connection(stream: TcpStream, ctx: &mut Ctx) -> Outcome {
                     let Some(tls) = handshake(io.stream, ctx).await else {
                         return Outcome::TlsFailed;
                     };
+                    ctx.shared
+                        .metrics
+                        .tls_upgrades
+                        .with_label_values(&[metrics::PROTOCOL_POP3])
+                        .inc();
                     let mut io = Io::new(tls, idle);
                     finish(serve(&mut io, ctx).await)
                 }
@@ -385,18 +420,35 @@ async fn handshake(
     ctx: &mut Ctx,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let timeout = ctx.shared.config.limits.tls_handshake_timeout();
+    let counter = |result, version| {
+        ctx.shared
+            .metrics
+            .tls_handshakes
+            .with_label_values(&[ctx.listener.name(), result, version])
+            .inc();
+    };
     match tokio::time::timeout(timeout, ctx.shared.acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
-            ctx.tls = true;
             let (_, conn) = tls.get_ref();
+            let version = match conn.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_2) => metrics::TLS_VERSIONS[0],
+                Some(rustls::ProtocolVersion::TLSv1_3) => metrics::TLS_VERSIONS[1],
+                // invariant: a completed rustls handshake negotiated 1.2 or 1.3, the
+                // only versions the server config enables.
+                _ => metrics::TLS_VERSION_NONE,
+            };
+            counter(metrics::TLS_OK, version);
             debug!(version = ?conn.protocol_version(), sni = conn.server_name().unwrap_or("-"), "TLS established");
+            ctx.tls = true;
             Some(tls)
         }
         Ok(Err(e)) => {
+            counter(metrics::TLS_FAILED, metrics::TLS_VERSION_NONE);
             debug!(error = %e, "TLS handshake failed");
             None
         }
         Err(_) => {
+            counter(metrics::TLS_TIMEOUT, metrics::TLS_VERSION_NONE);
             debug!("TLS handshake timed out");
             None
         }
@@ -483,6 +535,7 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(Step::Done(Outcome::Shutdown));
             }
             Input::LockLost => {
+                ctx.shared.metrics.lock.losses.inc();
                 io.reply(&err(
                     Some(RespCode::SysTemp),
                     "Maildrop lock lost, no changes were made",
@@ -498,6 +551,11 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     ParseError::Empty | ParseError::Unknown => err(None, "Unknown command"),
                     ParseError::Syntax(msg) => Reply::Err(None, Cow::Borrowed(msg)),
                 };
+                count_command(
+                    ctx,
+                    verb_of(&line).unwrap_or(metrics::COMMAND_UNKNOWN),
+                    true,
+                );
                 if bad_command(io, ctx, reply) {
                     return Ok(Step::Done(Outcome::TooManyErrors));
                 }
@@ -505,16 +563,48 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         drop(line);
+        let verb = command.verb();
         if let Err(reply) = gate(&command, Gate::of(ctx, phase)) {
+            count_command(ctx, verb, true);
             if bad_command(io, ctx, reply) {
                 return Ok(Step::Done(Outcome::TooManyErrors));
             }
             continue;
         }
-        if let Some(step) = dispatch(command, io, ctx, phase).await? {
+        let step = dispatch(command, io, ctx, phase).await;
+        count_command(ctx, verb, step.is_err() || io.last_err);
+        if let Some(step) = step? {
             return Ok(step);
         }
     }
+}
+
+fn count_command(ctx: &Ctx, verb: &str, failed: bool) {
+    let result = if failed {
+        metrics::RESULT_ERR
+    } else {
+        metrics::RESULT_OK
+    };
+    ctx.shared
+        .metrics
+        .commands
+        .with_label_values(&[metrics::PROTOCOL_POP3, verb, result])
+        .inc();
+}
+
+fn count_auth(ctx: &Ctx, mechanism: &str, result: &LoginResult) {
+    let result = match result {
+        LoginResult::Verified { .. } => metrics::AUTH_SUCCESS,
+        LoginResult::Failed(_) => metrics::AUTH_FAILURE,
+        LoginResult::Throttled => metrics::AUTH_THROTTLED,
+        LoginResult::Unavailable => metrics::AUTH_UNAVAILABLE,
+        LoginResult::Aborted => metrics::AUTH_ABORTED,
+    };
+    ctx.shared
+        .metrics
+        .auth_attempts
+        .with_label_values(&[mechanism, result])
+        .inc();
 }
 
 /// Answers a bad command; true when the client has used up its allowance.
@@ -637,6 +727,7 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                         return Ok(None);
                     };
                     let result = password_login(ctx, &name, password.as_bytes()).await?;
+                    count_auth(ctx, metrics::MECH_USER, &result);
                     if let Some(txn) = login_result(io, ctx, result).await? {
                         *phase = Phase::Transaction(txn);
                     }
@@ -645,6 +736,7 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                 C::Apop { user: name, digest } => {
                     *user = None;
                     let result = apop_login(ctx, &name, &digest).await?;
+                    count_auth(ctx, metrics::MECH_APOP, &result);
                     if let Some(txn) = login_result(io, ctx, result).await? {
                         *phase = Phase::Transaction(txn);
                     }
@@ -652,14 +744,17 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 C::Auth { mechanism, initial } => {
                     *user = None;
-                    let result = match mechanism.as_str() {
-                        "PLAIN" => sasl_plain(io, ctx, initial).await?,
-                        "SCRAM-SHA-256" => sasl_scram(io, ctx, initial).await?,
+                    let (mech, result) = match mechanism.as_str() {
+                        "PLAIN" => (metrics::MECH_PLAIN, sasl_plain(io, ctx, initial).await?),
+                        "SCRAM-SHA-256" => {
+                            (metrics::MECH_SCRAM, sasl_scram(io, ctx, initial).await?)
+                        }
                         _ => {
                             io.reply(&err(None, "Unsupported authentication mechanism"));
                             return Ok(None);
                         }
                     };
+                    count_auth(ctx, mech, &result);
                     if let Some(txn) = login_result(io, ctx, result).await? {
                         *phase = Phase::Transaction(txn);
                     }
@@ -721,7 +816,9 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
         C::Retr(n) => match txn.entry(n) {
             Ok(m) => {
                 let opts = ctx.body_options();
+                let started = Instant::now();
                 send_message(io, ctx, &txn.store, m, BodyEncoder::full(opts), None).await?;
+                observe_command(ctx, "RETR", started);
                 txn.highest = txn.highest.max(n);
                 ctx.retrieved += 1;
             }
@@ -731,6 +828,7 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(m) => {
                 let opts = ctx.body_options();
                 let head = ok("Top of message follows");
+                let started = Instant::now();
                 send_message(
                     io,
                     ctx,
@@ -740,6 +838,7 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                     Some(head),
                 )
                 .await?;
+                observe_command(ctx, "TOP", started);
                 txn.highest = txn.highest.max(msg);
             }
             Err(r) => io.reply(&r),
@@ -754,6 +853,15 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     Ok(None)
+}
+
+/// Records the latency of a timed command (`metrics::TIMED_COMMANDS`).
+fn observe_command(ctx: &Ctx, command: &str, started: Instant) {
+    ctx.shared
+        .metrics
+        .command_duration
+        .with_label_values(&[command])
+        .observe(started.elapsed().as_secs_f64());
 }
 
 /// CAPA for the connection's current state (RFC 2449 §5): only what it may use now.
@@ -785,6 +893,7 @@ async fn update<S: AsyncRead + AsyncWrite + Unpin>(
         return io.flush().await;
     }
     if !txn.lock.still_held().await {
+        ctx.shared.metrics.lock.losses.inc();
         warn!(user = %txn.address, "maildrop lock lost before UPDATE; nothing deleted");
         io.reply(&err(
             Some(RespCode::SysTemp),
@@ -795,7 +904,9 @@ async fn update<S: AsyncRead + AsyncWrite + Unpin>(
     let store = txn.store.clone();
     let local = txn.address.local.clone();
     let count = ids.len();
+    let started = Instant::now();
     let result = tokio::task::spawn_blocking(move || store.delete_messages(&local, &ids)).await?;
+    observe_command(ctx, metrics::COMMAND_UPDATE, started);
     match result {
         Ok(()) => {
             ctx.deleted = count as u32;
@@ -825,6 +936,11 @@ async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), SessionError> {
     // RETR must deliver every recorded octet; TOP legitimately stops early.
     let whole = head.is_none();
+    let sent =
+        ctx.shared
+            .metrics
+            .sent_bytes
+            .with_label_values(&[if whole { "RETR" } else { "TOP" }]);
     let mut buf = Vec::with_capacity(crate::store::CHUNK_SIZE);
     let mut offset = 0u64;
     // The first chunk is read before the +OK, so a message that cannot be read gets a
@@ -841,6 +957,7 @@ async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(
         let more = encoder.encode(&buf[..n], &mut io.wbuf);
         if io.wbuf.len() >= FLUSH_AT {
             ctx.bytes_out += io.wbuf.len() as u64;
+            sent.inc_by(io.wbuf.len() as u64);
             io.flush().await?;
         }
         if !more || offset >= m.octets {
@@ -855,6 +972,7 @@ async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(
     }
     encoder.finish(&mut io.wbuf);
     ctx.bytes_out += io.wbuf.len() as u64;
+    sent.inc_by(io.wbuf.len() as u64);
     Ok(())
 }
 
@@ -1161,9 +1279,16 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let key = address.to_string();
-    let lock = match ctx.shared.locks.acquire(&key).await {
+    let started = Instant::now();
+    let acquired = ctx.shared.locks.acquire(&key).await;
+    let lock_metrics = &ctx.shared.metrics.lock;
+    lock_metrics
+        .acquire_duration
+        .observe(started.elapsed().as_secs_f64());
+    let lock = match acquired {
         Ok(lock) => lock,
         Err(LockError::Busy) => {
+            lock_metrics.contention.inc();
             io.reply(&err(
                 Some(RespCode::InUse),
                 "Maildrop is locked by another session",

@@ -244,6 +244,16 @@ impl Directory {
         idle.len()
     }
 
+    /// The open domain stores, sorted by name (for metrics that must not open stores).
+    pub fn open_domains(&self) -> Vec<(String, Arc<DomainStore>)> {
+        let mut out: Vec<_> = lock(&self.open)
+            .iter()
+            .map(|(name, e)| (name.clone(), Arc::clone(&e.store)))
+            .collect();
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Number of domain stores open now.
     pub fn open_count(&self) -> usize {
         lock(&self.open).len()

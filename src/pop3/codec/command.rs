@@ -141,6 +141,23 @@ impl Command {
     }
 }
 
+/// Every keyword `Command::parse` knows, upper-case: the bounded set of verbs that
+/// metrics may use as a label.
+pub const VERBS: &[&str] = &[
+    "USER", "PASS", "APOP", "AUTH", "CAPA", "STLS", "QUIT", "STAT", "LIST", "RETR", "DELE", "NOOP",
+    "RSET", "TOP", "UIDL", "LAST",
+];
+
+/// The known keyword a line starts with, even when its arguments do not parse, so a
+/// malformed command is still counted under its verb; `None` for anything else.
+pub fn verb_of(line: &[u8]) -> Option<&'static str> {
+    let word = line.trim_ascii_end().split(|&b| b == b' ').next()?;
+    VERBS
+        .iter()
+        .copied()
+        .find(|v| v.as_bytes().eq_ignore_ascii_case(word))
+}
+
 /// The arguments after the keyword. Words are split on spaces, and runs of spaces are
 /// tolerated between them, because some clients pad numeric arguments.
 struct Args<'a>(Option<&'a str>);
@@ -559,6 +576,18 @@ mod tests {
         #[test]
         fn passwords_are_kept_verbatim(pw in "[ -~]{1,200}") {
             proptest::prop_assert_eq!(ok(&format!("PASS {pw}")), Command::Pass(pw.clone()));
+        }
+    }
+
+    #[test]
+    fn verb_of_names_known_keywords_only() {
+        assert_eq!(verb_of(b"retr abc"), Some("RETR"));
+        assert_eq!(verb_of(b"TOP\r\n"), Some("TOP"));
+        assert_eq!(verb_of(b"uidl"), Some("UIDL"));
+        assert_eq!(verb_of(b"XYZZY 1"), None);
+        assert_eq!(verb_of(b""), None);
+        for v in VERBS {
+            assert_eq!(verb_of(v.as_bytes()), Some(*v));
         }
     }
 }

@@ -7,6 +7,6 @@ pub mod line;
 pub mod reply;
 
 pub use body::{BodyEncoder, BodyOptions, DotUnstuffer, Unstuffed};
-pub use command::{Command, ParseError};
+pub use command::{verb_of, Command, ParseError, VERBS};
 pub use line::{LineError, LineReader, MAX_COMMAND_LINE, MAX_SASL_LINE};
 pub use reply::{format_uid, write_uid, Capabilities, MsgEntry, Reply, RespCode, UID_LEN};

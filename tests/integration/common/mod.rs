@@ -106,6 +106,8 @@ pub struct Server {
     pub ca: TestCa,
     pub pop3: SocketAddr,
     pub pop3s: SocketAddr,
+    /// The `/metrics`, `/healthz`, `/readyz` endpoint.
+    pub metrics: SocketAddr,
     child: Option<Child>,
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -147,6 +149,9 @@ tls_listen = "{host}:0"
 allow_plaintext_auth = {plain}
 apop = {apop}
 replace_nul = {nul}
+
+[metrics]
+listen = "{host}:0"
 
 [tls]
 reload_interval_secs = 1
@@ -198,6 +203,7 @@ scram_iterations = 4096
             ca,
             pop3: "0.0.0.0:0".parse().expect("addr"),
             pop3s: "0.0.0.0:0".parse().expect("addr"),
+            metrics: "0.0.0.0:0".parse().expect("addr"),
             child: None,
             log: Arc::default(),
         };
@@ -239,8 +245,8 @@ scram_iterations = 4096
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        let (mut pop3, mut pop3s) = (None, None);
-        while pop3.is_none() || pop3s.is_none() {
+        let (mut pop3, mut pop3s, mut metrics) = (None, None, None);
+        while pop3.is_none() || pop3s.is_none() || metrics.is_none() {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok((name, addr)) => {
@@ -248,6 +254,7 @@ scram_iterations = 4096
                     match name.as_str() {
                         "\"pop3\"" | "pop3" => pop3 = Some(addr),
                         "\"pop3s\"" | "pop3s" => pop3s = Some(addr),
+                        "\"metrics\"" | "metrics" => metrics = Some(addr),
                         _ => {}
                     }
                 }
@@ -263,6 +270,7 @@ scram_iterations = 4096
         }
         self.pop3 = pop3.expect("pop3");
         self.pop3s = pop3s.expect("pop3s");
+        self.metrics = metrics.expect("metrics");
         self.child = Some(child);
     }
 

@@ -1,0 +1,651 @@
+//! Prometheus metrics: every metric name is a constant in this module, every label value
+//! comes from a small fixed set (listener, protocol, command, result, mechanism, reason,
+//! backend, hosted domain, certificate name), and one `Metrics` value of handles is built
+//! at start-up and passed to every layer through `Shared`. Nothing here may be labelled
+//! with a user name, an address or a client IP. `http` serves the registry.
+
+pub mod http;
+
+use crate::store::Directory;
+use prometheus::core::Collector;
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
+};
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+// ---- metric names (the contract with the dashboard and the alert rules) ----
+
+pub const CONNECTIONS_ACCEPTED: &str = "mailgate_connections_accepted_total";
+pub const CONNECTIONS_REJECTED: &str = "mailgate_connections_rejected_total";
+pub const CONNECTIONS_ACTIVE: &str = "mailgate_connections_active";
+pub const TLS_HANDSHAKES: &str = "mailgate_tls_handshakes_total";
+pub const TLS_UPGRADES: &str = "mailgate_tls_upgrades_total";
+pub const SESSIONS: &str = "mailgate_sessions_total";
+pub const SESSION_DURATION: &str = "mailgate_session_duration_seconds";
+pub const COMMANDS: &str = "mailgate_commands_total";
+pub const COMMAND_DURATION: &str = "mailgate_command_duration_seconds";
+pub const AUTH_ATTEMPTS: &str = "mailgate_auth_attempts_total";
+pub const SENT_BYTES: &str = "mailgate_sent_bytes_total";
+pub const LOCK_ACQUIRE_DURATION: &str = "mailgate_lock_acquire_duration_seconds";
+pub const LOCK_CONTENTION: &str = "mailgate_lock_contention_total";
+pub const LOCK_LOSSES: &str = "mailgate_lock_losses_total";
+pub const LOCK_RENEWALS: &str = "mailgate_lock_renewals_total";
+pub const REDIS_ERRORS: &str = "mailgate_redis_errors_total";
+pub const DELIVERIES: &str = "mailgate_deliveries_total";
+pub const DELIVERY_DURATION: &str = "mailgate_delivery_duration_seconds";
+pub const RECEIVED_BYTES: &str = "mailgate_received_bytes_total";
+pub const DOMAIN_ACCOUNTS: &str = "mailgate_domain_accounts";
+pub const DOMAIN_MESSAGES: &str = "mailgate_domain_messages";
+pub const DOMAIN_STORED_BYTES: &str = "mailgate_domain_stored_bytes";
+pub const CERTIFICATE_EXPIRY: &str = "mailgate_certificate_expiry_timestamp_seconds";
+pub const BUILD_INFO: &str = "mailgate_build_info";
+pub const READY: &str = "mailgate_ready";
+/// The process collector's namespace: its metrics become `mailgate_process_*`.
+pub const PROCESS_NAMESPACE: &str = "mailgate";
+
+// ---- label values: the fixed sets ----
+
+/// Listeners that exist today; LMTP and SMTP add theirs when they land.
+pub const LISTENERS: &[&str] = &["pop3", "pop3s"];
+pub const REASON_LIMIT: &str = "limit";
+pub const REASON_PER_IP_LIMIT: &str = "per_ip_limit";
+pub const REASON_SHUTDOWN: &str = "shutdown";
+const REJECT_REASONS: &[&str] = &[REASON_LIMIT, REASON_PER_IP_LIMIT, REASON_SHUTDOWN];
+
+pub const TLS_OK: &str = "ok";
+pub const TLS_FAILED: &str = "failed";
+pub const TLS_TIMEOUT: &str = "timeout";
+/// Version label of a handshake that did not complete.
+pub const TLS_VERSION_NONE: &str = "none";
+pub const TLS_VERSIONS: &[&str] = &["TLSv1.2", "TLSv1.3"];
+
+/// Session outcomes (`pop3::session::Outcome::name`).
+pub const SESSION_OUTCOMES: &[&str] = &[
+    "quit",
+    "timeout",
+    "dropped",
+    "shutdown",
+    "lock_lost",
+    "too_many_errors",
+    "tls_failed",
+    "error",
+];
+
+pub const PROTOCOL_POP3: &str = "pop3";
+/// Command label of a line that is no known command.
+pub const COMMAND_UNKNOWN: &str = "unknown";
+/// Command label of the DELE commit at QUIT (RFC 1939 UPDATE state) in the latency histogram.
+pub const COMMAND_UPDATE: &str = "UPDATE";
+pub const TIMED_COMMANDS: &[&str] = &["RETR", "TOP", COMMAND_UPDATE];
+pub const RESULT_OK: &str = "ok";
+pub const RESULT_ERR: &str = "err";
+
+/// SASL and legacy login mechanisms, lower-case.
+pub const MECH_USER: &str = "user";
+pub const MECH_APOP: &str = "apop";
+pub const MECH_PLAIN: &str = "plain";
+pub const MECH_SCRAM: &str = "scram-sha-256";
+const MECHANISMS: &[&str] = &[MECH_USER, MECH_APOP, MECH_PLAIN, MECH_SCRAM];
+pub const AUTH_SUCCESS: &str = "success";
+pub const AUTH_FAILURE: &str = "failure";
+/// Refused with [LOGIN-DELAY] before the credentials were checked.
+pub const AUTH_THROTTLED: &str = "throttled";
+/// The client cancelled or sent a malformed exchange.
+pub const AUTH_ABORTED: &str = "aborted";
+/// The shared failure counters (Redis) could not be read; answered [SYS/TEMP].
+pub const AUTH_UNAVAILABLE: &str = "unavailable";
+const AUTH_RESULTS: &[&str] = &[
+    AUTH_SUCCESS,
+    AUTH_FAILURE,
+    AUTH_THROTTLED,
+    AUTH_ABORTED,
+    AUTH_UNAVAILABLE,
+];
+
+/// Lock renewal results (Redis backend).
+pub const RENEWAL_RESULTS: &[&str] = &["ok", "failed"];
+/// Redis operations whose errors are counted.
+pub const REDIS_OPERATIONS: &[&str] = &["acquire", "renew", "release", "check", "ping"];
+
+/// Delivery protocols that exist today; LMTP and SMTP add theirs when they land.
+pub const PROTOCOL_LOCAL: &str = "local";
+const DELIVERY_PROTOCOLS: &[&str] = &[PROTOCOL_LOCAL];
+pub const DELIVERY_ACCEPTED: &str = "accepted";
+pub const DELIVERY_UNKNOWN_USER: &str = "unknown_user";
+pub const DELIVERY_OVER_QUOTA: &str = "over_quota";
+pub const DELIVERY_TOO_BIG: &str = "too_big";
+/// Malformed recipient or sender: a permanent failure that is the sender's fault.
+pub const DELIVERY_BAD_INPUT: &str = "bad_input";
+pub const DELIVERY_TEMP_FAILURE: &str = "temp_failure";
+const DELIVERY_RESULTS: &[&str] = &[
+    DELIVERY_ACCEPTED,
+    DELIVERY_UNKNOWN_USER,
+    DELIVERY_OVER_QUOTA,
+    DELIVERY_TOO_BIG,
+    DELIVERY_BAD_INPUT,
+    DELIVERY_TEMP_FAILURE,
+];
+
+/// Domains whose storage gauges are recounted per housekeeping tick, so a tick's work
+/// is bounded however many domains are open.
+pub const STORAGE_DOMAINS_PER_TICK: usize = 4;
+
+/// Git commit baked in at build time (`MAILGATE_GIT_COMMIT=$(git rev-parse --short HEAD)
+/// cargo build`); builds without it say "unknown" rather than needing git to build.
+pub const GIT_COMMIT: &str = match option_env!("MAILGATE_GIT_COMMIT") {
+    Some(c) => c,
+    None => "unknown",
+};
+
+/// Latency buckets from 1 ms to 30 s, for commands, lock acquisition and delivery.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Session lengths from 100 ms to 1 h.
+const SESSION_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("registering metrics: {0}")]
+    Register(#[from] prometheus::Error),
+}
+
+/// Lock metrics, cloneable so a lock backend can own a copy and count what only it sees
+/// (renewals, Redis errors, losses it detects).
+#[derive(Clone)]
+pub struct LockMetrics {
+    /// Time to take a maildrop lock, whatever the answer.
+    pub acquire_duration: Histogram,
+    /// Acquisitions refused because another session holds the maildrop ([IN-USE]).
+    pub contention: IntCounter,
+    /// Locks found lost while held (lost token fired, or gone before UPDATE).
+    pub losses: IntCounter,
+    /// TTL renewals of held locks by result (`ok`, `failed`); Redis backend only.
+    pub renewals: IntCounterVec,
+    /// Redis commands that failed, by operation; Redis backend only.
+    pub redis_errors: IntCounterVec,
+}
+
+/// Handles to every metric, registered once in one registry.
+pub struct Metrics {
+    registry: Registry,
+    pub connections_accepted: IntCounterVec,
+    pub connections_rejected: IntCounterVec,
+    pub connections_active: IntGaugeVec,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_upgrades: IntCounterVec,
+    pub sessions: IntCounterVec,
+    pub session_duration: HistogramVec,
+    pub commands: IntCounterVec,
+    pub command_duration: HistogramVec,
+    pub auth_attempts: IntCounterVec,
+    pub sent_bytes: IntCounterVec,
+    pub lock: LockMetrics,
+    pub deliveries: IntCounterVec,
+    pub delivery_duration: HistogramVec,
+    pub received_bytes: IntCounterVec,
+    domain_accounts: IntGaugeVec,
+    domain_messages: IntGaugeVec,
+    domain_stored_bytes: IntGaugeVec,
+    certificate_expiry: GaugeVec,
+    pub ready: IntGauge,
+    /// Domains that have storage gauges, and where the round-robin recount goes on.
+    storage: Mutex<StorageState>,
+}
+
+#[derive(Default)]
+struct StorageState {
+    labelled: BTreeSet<String>,
+    /// The last domain recounted; the next tick starts after it.
+    cursor: String,
+}
+
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    register(r, IntCounterVec::new(Opts::new(name, help), labels)?)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels)?)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> prometheus::Result<HistogramVec> {
+    let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+    register(r, HistogramVec::new(opts, labels)?)
+}
+
+fn register<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl Metrics {
+    /// Builds and registers everything. `lock_backend` is the configured backend name
+    /// (validated by `Config`), used as the `backend` label of the lock metrics.
+    pub fn new(lock_backend: &str) -> Result<Metrics, MetricsError> {
+        let r = Registry::new();
+        let m = Metrics {
+            connections_accepted: counter(
+                &r,
+                CONNECTIONS_ACCEPTED,
+                "Connections admitted to a session, by listener.",
+                &["listener"],
+            )?,
+            connections_rejected: counter(
+                &r,
+                CONNECTIONS_REJECTED,
+                "Connections refused before a session started, by listener and reason.",
+                &["listener", "reason"],
+            )?,
+            connections_active: gauge(
+                &r,
+                CONNECTIONS_ACTIVE,
+                "Sessions running now, by listener.",
+                &["listener"],
+            )?,
+            tls_handshakes: counter(
+                &r,
+                TLS_HANDSHAKES,
+                "TLS handshakes (implicit TLS and STLS), by listener, result and protocol version.",
+                &["listener", "result", "version"],
+            )?,
+            tls_upgrades: counter(
+                &r,
+                TLS_UPGRADES,
+                "Cleartext connections upgraded to TLS (STLS, STARTTLS), by protocol.",
+                &["protocol"],
+            )?,
+            sessions: counter(
+                &r,
+                SESSIONS,
+                "Finished sessions by listener and outcome.",
+                &["listener", "outcome"],
+            )?,
+            session_duration: histogram(
+                &r,
+                SESSION_DURATION,
+                "Session length from accept to close, by listener.",
+                &["listener"],
+                SESSION_BUCKETS,
+            )?,
+            commands: counter(
+                &r,
+                COMMANDS,
+                "Protocol commands by protocol, verb and result (ok: +OK, err: -ERR).",
+                &["protocol", "command", "result"],
+            )?,
+            command_duration: histogram(
+                &r,
+                COMMAND_DURATION,
+                "Time to produce RETR/TOP replies and to commit DELE marks at QUIT (UPDATE).",
+                &["command"],
+                LATENCY_BUCKETS,
+            )?,
+            auth_attempts: counter(
+                &r,
+                AUTH_ATTEMPTS,
+                "Login attempts by mechanism and result; throttled = refused with [LOGIN-DELAY].",
+                &["mechanism", "result"],
+            )?,
+            sent_bytes: counter(
+                &r,
+                SENT_BYTES,
+                "Message bytes sent to clients (after dot-stuffing), by command.",
+                &["command"],
+            )?,
+            lock: LockMetrics {
+                acquire_duration: histogram(
+                    &r,
+                    LOCK_ACQUIRE_DURATION,
+                    "Time to acquire a maildrop lock, whatever the answer, by backend.",
+                    &["backend"],
+                    LATENCY_BUCKETS,
+                )?
+                .with_label_values(&[lock_backend]),
+                contention: counter(
+                    &r,
+                    LOCK_CONTENTION,
+                    "Lock acquisitions refused because the maildrop is in use ([IN-USE]).",
+                    &["backend"],
+                )?
+                .with_label_values(&[lock_backend]),
+                losses: counter(
+                    &r,
+                    LOCK_LOSSES,
+                    "Held maildrop locks found lost; the session ends without UPDATE.",
+                    &["backend"],
+                )?
+                .with_label_values(&[lock_backend]),
+                renewals: {
+                    let v = counter(
+                        &r,
+                        LOCK_RENEWALS,
+                        "TTL renewals of held maildrop locks by result (Redis backend).",
+                        &["backend", "result"],
+                    )?;
+                    for result in RENEWAL_RESULTS {
+                        v.with_label_values(&[lock_backend, result]);
+                    }
+                    v
+                },
+                redis_errors: {
+                    let v = counter(
+                        &r,
+                        REDIS_ERRORS,
+                        "Failed Redis commands by operation (Redis lock backend).",
+                        &["operation"],
+                    )?;
+                    for op in REDIS_OPERATIONS {
+                        v.with_label_values(&[op]);
+                    }
+                    v
+                },
+            },
+            deliveries: counter(
+                &r,
+                DELIVERIES,
+                "Message deliveries by protocol and result.",
+                &["protocol", "result"],
+            )?,
+            delivery_duration: histogram(
+                &r,
+                DELIVERY_DURATION,
+                "Time from the start of a delivery until it is durable (or refused), by protocol.",
+                &["protocol"],
+                LATENCY_BUCKETS,
+            )?,
+            received_bytes: counter(
+                &r,
+                RECEIVED_BYTES,
+                "Message bytes stored by accepted deliveries (one copy), by protocol.",
+                &["protocol"],
+            )?,
+            domain_accounts: gauge(
+                &r,
+                DOMAIN_ACCOUNTS,
+                "Accounts of a hosted domain (recounted while its store is open).",
+                &["domain"],
+            )?,
+            domain_messages: gauge(
+                &r,
+                DOMAIN_MESSAGES,
+                "Messages stored for a hosted domain (recounted while its store is open).",
+                &["domain"],
+            )?,
+            domain_stored_bytes: gauge(
+                &r,
+                DOMAIN_STORED_BYTES,
+                "Message bytes stored for a hosted domain (recounted while its store is open).",
+                &["domain"],
+            )?,
+            certificate_expiry: register(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        CERTIFICATE_EXPIRY,
+                        "Not-after of each loaded certificate as Unix time, by name (default or SNI domain).",
+                    ),
+                    &["certificate"],
+                )?,
+            )?,
+            ready: register(
+                &r,
+                IntGauge::new(
+                    READY,
+                    "1 when /readyz would answer 200 (listeners bound, stores and locks usable).",
+                )?,
+            )?,
+            storage: Mutex::default(),
+            registry: r,
+        };
+        m.touch_all();
+        let build = register(
+            &m.registry,
+            Gauge::with_opts(
+                Opts::new(
+                    BUILD_INFO,
+                    "Always 1; the labels say which build is running.",
+                )
+                .const_label("version", env!("CARGO_PKG_VERSION"))
+                .const_label("commit", GIT_COMMIT),
+            )?,
+        )?;
+        build.set(1.0);
+        m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::new(
+                std::process::id() as i32,
+                PROCESS_NAMESPACE,
+            ),
+        ))?;
+        Ok(m)
+    }
+
+    fn touch_all(&self) {
+        for l in LISTENERS {
+            self.connections_accepted.with_label_values(&[l]);
+            self.connections_active.with_label_values(&[l]);
+            self.session_duration.with_label_values(&[l]);
+            for reason in REJECT_REASONS {
+                self.connections_rejected.with_label_values(&[l, reason]);
+            }
+            for v in TLS_VERSIONS {
+                self.tls_handshakes.with_label_values(&[l, TLS_OK, v]);
+            }
+            for result in [TLS_FAILED, TLS_TIMEOUT] {
+                self.tls_handshakes
+                    .with_label_values(&[l, result, TLS_VERSION_NONE]);
+            }
+            for outcome in SESSION_OUTCOMES {
+                self.sessions.with_label_values(&[l, outcome]);
+            }
+        }
+        self.tls_upgrades.with_label_values(&[PROTOCOL_POP3]);
+        for verb in crate::pop3::codec::VERBS.iter().chain([&COMMAND_UNKNOWN]) {
+            for result in [RESULT_OK, RESULT_ERR] {
+                self.commands
+                    .with_label_values(&[PROTOCOL_POP3, verb, result]);
+            }
+        }
+        for c in TIMED_COMMANDS {
+            self.command_duration.with_label_values(&[c]);
+        }
+        for mech in MECHANISMS {
+            for result in AUTH_RESULTS {
+                self.auth_attempts.with_label_values(&[mech, result]);
+            }
+        }
+        for c in ["RETR", "TOP"] {
+            self.sent_bytes.with_label_values(&[c]);
+        }
+        for p in DELIVERY_PROTOCOLS {
+            self.delivery_duration.with_label_values(&[p]);
+            self.received_bytes.with_label_values(&[p]);
+            for result in DELIVERY_RESULTS {
+                self.deliveries.with_label_values(&[p, result]);
+            }
+        }
+    }
+
+    /// The exposition text of every registered metric.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut out = Vec::new();
+        // Encoding into a Vec fails only on metric families the registry itself rejected
+        // at registration, so an error leaves whatever was written.
+        if let Err(e) = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Counts one finished delivery: `result` is one of the `DELIVERY_*` values and
+    /// `stored` the size of the stored message when it was accepted.
+    pub fn observe_delivery(
+        &self,
+        protocol: &str,
+        result: &str,
+        elapsed: Duration,
+        stored: Option<u64>,
+    ) {
+        self.deliveries.with_label_values(&[protocol, result]).inc();
+        self.delivery_duration
+            .with_label_values(&[protocol])
+            .observe(elapsed.as_secs_f64());
+        if let Some(bytes) = stored {
+            self.received_bytes
+                .with_label_values(&[protocol])
+                .inc_by(bytes);
+        }
+    }
+
+    /// Sets the expiry gauge of every loaded certificate (names come from the config).
+    pub fn set_certificate_expiry(&self, certs: &[(String, i64)]) {
+        for (name, not_after) in certs {
+            self.certificate_expiry
+                .with_label_values(&[name])
+                .set(*not_after as f64);
+        }
+    }
+
+    /// Recounts the storage gauges of at most `STORAGE_DOMAINS_PER_TICK` open domain
+    /// stores, round-robin, and drops the gauges of domains that no longer exist.
+    ///
+    /// Only open stores are counted: opening a store to count it would cost a thread
+    /// and a cache, and while the server runs a closed store cannot change, so its
+    /// last count stays true. A domain gets gauges after its first use since start.
+    /// Blocking (sled); call from `spawn_blocking`.
+    pub fn refresh_storage(&self, directory: &Directory) {
+        let open = directory.open_domains();
+        let mut state = self.storage.lock().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<String> = state
+            .labelled
+            .iter()
+            .filter(|d| !open.iter().any(|(name, _)| name == *d) && !directory.has_domain(d))
+            .cloned()
+            .collect();
+        for d in gone {
+            for g in [
+                &self.domain_accounts,
+                &self.domain_messages,
+                &self.domain_stored_bytes,
+            ] {
+                let _ = g.remove_label_values(&[&d]);
+            }
+            state.labelled.remove(&d);
+        }
+        // `open` is sorted by name: continue after the cursor, wrapping around.
+        let start = open.partition_point(|(name, _)| name.as_str() <= state.cursor.as_str());
+        let picked: Vec<_> = open[start..]
+            .iter()
+            .chain(&open[..start])
+            .take(STORAGE_DOMAINS_PER_TICK)
+            .collect();
+        for (name, store) in picked {
+            match store.usage() {
+                Ok((accounts, messages, octets)) => {
+                    let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                    self.domain_accounts
+                        .with_label_values(&[name])
+                        .set(clamp(accounts));
+                    self.domain_messages
+                        .with_label_values(&[name])
+                        .set(clamp(messages));
+                    self.domain_stored_bytes
+                        .with_label_values(&[name])
+                        .set(clamp(octets));
+                    state.labelled.insert(name.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(domain = %name, error = %e, "counting domain usage failed")
+                }
+            }
+            state.cursor.clone_from(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_is_prefixed_and_exported_from_the_start() {
+        let m = Metrics::new("local").expect("metrics");
+        m.set_certificate_expiry(&[("default".into(), 1_900_000_000)]);
+        let text = m.render();
+        for name in [
+            CONNECTIONS_ACCEPTED,
+            CONNECTIONS_REJECTED,
+            CONNECTIONS_ACTIVE,
+            TLS_HANDSHAKES,
+            TLS_UPGRADES,
+            SESSIONS,
+            SESSION_DURATION,
+            COMMANDS,
+            COMMAND_DURATION,
+            AUTH_ATTEMPTS,
+            SENT_BYTES,
+            LOCK_ACQUIRE_DURATION,
+            LOCK_CONTENTION,
+            LOCK_LOSSES,
+            LOCK_RENEWALS,
+            REDIS_ERRORS,
+            DELIVERIES,
+            DELIVERY_DURATION,
+            RECEIVED_BYTES,
+            CERTIFICATE_EXPIRY,
+            BUILD_INFO,
+            READY,
+            "mailgate_process_cpu_seconds_total",
+            "mailgate_process_resident_memory_bytes",
+            "mailgate_process_open_fds",
+        ] {
+            assert!(name.starts_with("mailgate_"), "{name}");
+            assert!(
+                text.contains(&format!("\n{name}")),
+                "{name} missing from:\n{text}"
+            );
+        }
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("mailgate_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn storage_gauges_follow_open_domains_round_robin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let directory = Directory::open(dir.path(), Default::default()).expect("dir");
+        let names: Vec<String> = (0..STORAGE_DOMAINS_PER_TICK + 2)
+            .map(|i| format!("d{i}.example"))
+            .collect();
+        for n in &names {
+            directory.add_domain(n).expect("add");
+            directory.domain(n).expect("open");
+        }
+        let m = Metrics::new("local").expect("metrics");
+        m.refresh_storage(&directory);
+        let count = |m: &Metrics| m.render().matches(DOMAIN_ACCOUNTS).count();
+        // HELP, TYPE and one line per counted domain.
+        assert_eq!(count(&m), 2 + STORAGE_DOMAINS_PER_TICK);
+        m.refresh_storage(&directory);
+        assert_eq!(count(&m), 2 + names.len(), "the second tick wraps around");
+        directory.remove_domain(&names[0]).expect("remove");
+        m.refresh_storage(&directory);
+        assert!(!m.render().contains(&format!("domain=\"{}\"", names[0])));
+    }
+}
