@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs the tools the tests drive
-# (curl, python3, openssl, fetchmail, mpop, redis-server) when missing, then formatting, lints
-# and every test. Used by the README and by .ci/run; the integration tests fail (never skip)
-# when a tool is still missing, in CI and anywhere else.
+# (curl, python3, openssl, fetchmail, mpop, redis-server; promtool and prometheus from
+# Debian's prometheus package; node and npm, and the npm packages that validate the
+# Grafana dashboard, into the gitignored .tools/npm) when missing, then formatting, lints
+# and every test. Used by the README and by .ci/run; the integration tests fail (never
+# skip) when a tool is still missing, in CI and anywhere else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,8 +15,12 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # The replica tests start their own redis-server on free ports; a service the package may
-# start on 6379 is not used.
+# start on 6379 is not used. Likewise the metrics test starts its own prometheus on a free
+# port.
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need+=(prometheus)
+command -v node >/dev/null 2>&1 || need+=(nodejs)
+command -v npm >/dev/null 2>&1 || need+=(npm)
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
     if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
@@ -22,9 +28,22 @@ if ((${#need[@]})); then
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-for tool in curl python3 openssl fetchmail mpop redis-server; do
+for tool in curl python3 openssl fetchmail mpop redis-server promtool prometheus node npm; do
     command -v "$tool" >/dev/null || { echo "missing required tool: $tool" >&2; exit 1; }
 done
+
+# The dashboard's schema comes from Grafana's own types; versions are pinned so the
+# check does not change under us. Reinstalled when the pins change.
+npm_pins="@grafana/schema@13.2.3 ts-json-schema-generator@2.4.0 ajv@8.20.0"
+npm_dir=.tools/npm
+if [ "$(cat "$npm_dir/.pins" 2>/dev/null)" != "$npm_pins" ]; then
+    echo "installing into $npm_dir: $npm_pins"
+    rm -rf "$npm_dir"
+    mkdir -p "$npm_dir"
+    # shellcheck disable=SC2086 # the pins are separate words
+    npm install --prefix "$npm_dir" --no-audit --no-fund --loglevel=error $npm_pins
+    echo "$npm_pins" >"$npm_dir/.pins"
+fi
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

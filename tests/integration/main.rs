@@ -7,5 +7,6 @@ mod common;
 
 mod cli;
 mod clients;
+mod metrics;
 mod pop3;
 mod replicas;
