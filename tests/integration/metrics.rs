@@ -34,10 +34,13 @@ fn scrape(addr: SocketAddr) -> Samples {
     Samples::parse(&body)
 }
 
+/// One sample line: metric name, labels, value.
+type Row = (String, Vec<(String, String)>, f64);
+
 /// The samples of one exposition, by name and labels.
 struct Samples {
     text: String,
-    rows: Vec<(String, Vec<(String, String)>, f64)>,
+    rows: Vec<Row>,
 }
 
 impl Samples {
