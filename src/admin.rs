@@ -121,6 +121,9 @@ pub fn execute(
             Request::DomainList => directory.list_domains().map_err(store_failure),
             Request::DomainRemove { name } => {
                 directory.remove_domain(&name).map_err(store_failure)?;
+                if let Some(m) = metrics {
+                    m.forget_domain(&name.to_ascii_lowercase());
+                }
                 Ok(vec![format!(
                     "domain {} removed",
                     name.to_ascii_lowercase()

@@ -12,7 +12,6 @@ use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
-use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -60,7 +59,8 @@ pub const TLS_FAILED: &str = "failed";
 pub const TLS_TIMEOUT: &str = "timeout";
 /// Version label of a handshake that did not complete.
 pub const TLS_VERSION_NONE: &str = "none";
-pub const TLS_VERSIONS: &[&str] = &["TLSv1.2", "TLSv1.3"];
+pub const TLS_1_2: &str = "TLSv1.2";
+pub const TLS_1_3: &str = "TLSv1.3";
 
 /// Session outcomes (`pop3::session::Outcome::name`).
 pub const SESSION_OUTCOMES: &[&str] = &[
@@ -194,15 +194,8 @@ pub struct Metrics {
     domain_stored_bytes: IntGaugeVec,
     certificate_expiry: GaugeVec,
     pub ready: IntGauge,
-    /// Domains that have storage gauges, and where the round-robin recount goes on.
-    storage: Mutex<StorageState>,
-}
-
-#[derive(Default)]
-struct StorageState {
-    labelled: BTreeSet<String>,
-    /// The last domain recounted; the next tick starts after it.
-    cursor: String,
+    /// The last domain whose storage was recounted; the next tick starts after it.
+    storage_cursor: Mutex<String>,
 }
 
 fn counter(
@@ -410,7 +403,7 @@ impl Metrics {
                     "1 when /readyz would answer 200 (listeners bound, stores and locks usable).",
                 )?,
             )?,
-            storage: Mutex::default(),
+            storage_cursor: Mutex::default(),
             registry: r,
         };
         m.touch_all();
@@ -443,7 +436,7 @@ impl Metrics {
             for reason in REJECT_REASONS {
                 self.connections_rejected.with_label_values(&[l, reason]);
             }
-            for v in TLS_VERSIONS {
+            for v in [TLS_1_2, TLS_1_3] {
                 self.tls_handshakes.with_label_values(&[l, TLS_OK, v]);
             }
             for result in [TLS_FAILED, TLS_TIMEOUT] {
@@ -513,6 +506,18 @@ impl Metrics {
         }
     }
 
+    /// Drops the storage gauges of a removed domain (`domain` normalised, as stored).
+    pub fn forget_domain(&self, domain: &str) {
+        for g in [
+            &self.domain_accounts,
+            &self.domain_messages,
+            &self.domain_stored_bytes,
+        ] {
+            // Absent when the domain was never counted: nothing to drop.
+            let _ = g.remove_label_values(&[domain]);
+        }
+    }
+
     /// Sets the expiry gauge of every loaded certificate (names come from the config).
     pub fn set_certificate_expiry(&self, certs: &[(String, i64)]) {
         for (name, not_after) in certs {
@@ -523,7 +528,7 @@ impl Metrics {
     }
 
     /// Recounts the storage gauges of at most `STORAGE_DOMAINS_PER_TICK` open domain
-    /// stores, round-robin, and drops the gauges of domains that no longer exist.
+    /// stores, round-robin.
     ///
     /// Only open stores are counted: opening a store to count it would cost a thread
     /// and a cache, and while the server runs a closed store cannot change, so its
@@ -531,25 +536,13 @@ impl Metrics {
     /// Blocking (sled); call from `spawn_blocking`.
     pub fn refresh_storage(&self, directory: &Directory) {
         let open = directory.open_domains();
-        let mut state = self.storage.lock().unwrap_or_else(|p| p.into_inner());
-        let gone: Vec<String> = state
-            .labelled
-            .iter()
-            .filter(|d| !open.iter().any(|(name, _)| name == *d) && !directory.has_domain(d))
-            .cloned()
-            .collect();
-        for d in gone {
-            for g in [
-                &self.domain_accounts,
-                &self.domain_messages,
-                &self.domain_stored_bytes,
-            ] {
-                let _ = g.remove_label_values(&[&d]);
-            }
-            state.labelled.remove(&d);
-        }
+        // A panic while holding the cursor leaves a valid name behind.
+        let mut cursor = self
+            .storage_cursor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         // `open` is sorted by name: continue after the cursor, wrapping around.
-        let start = open.partition_point(|(name, _)| name.as_str() <= state.cursor.as_str());
+        let start = open.partition_point(|(name, _)| name.as_str() <= cursor.as_str());
         let picked: Vec<_> = open[start..]
             .iter()
             .chain(&open[..start])
@@ -557,6 +550,8 @@ impl Metrics {
             .collect();
         for (name, store) in picked {
             match store.usage() {
+                // Removed while being counted: `forget_domain` has run or is about to.
+                Ok(_) if !directory.has_domain(name) => {}
                 Ok((accounts, messages, octets)) => {
                     let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
                     self.domain_accounts
@@ -568,13 +563,12 @@ impl Metrics {
                     self.domain_stored_bytes
                         .with_label_values(&[name])
                         .set(clamp(octets));
-                    state.labelled.insert(name.clone());
                 }
                 Err(e) => {
                     tracing::warn!(domain = %name, error = %e, "counting domain usage failed")
                 }
             }
-            state.cursor.clone_from(name);
+            cursor.clone_from(name);
         }
     }
 }
@@ -645,7 +639,9 @@ mod tests {
         m.refresh_storage(&directory);
         assert_eq!(count(&m), 2 + names.len(), "the second tick wraps around");
         directory.remove_domain(&names[0]).expect("remove");
+        m.forget_domain(&names[0]);
         m.refresh_storage(&directory);
         assert!(!m.render().contains(&format!("domain=\"{}\"", names[0])));
+        assert_eq!(count(&m), 2 + names.len() - 1);
     }
 }

@@ -320,6 +320,23 @@ pub async fn refuse(
     }
 }
 
+/// Counts a session in the active-connections gauge for as long as it lives, even if
+/// its task panics.
+struct ActiveGuard(prometheus::IntGauge);
+
+impl ActiveGuard {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        ActiveGuard(gauge)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Runs one connection to its end.
 pub async fn run(stream: TcpStream, peer: SocketAddr, listener: Listener, shared: Arc<Shared>) {
     let sid = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
@@ -330,8 +347,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, listener: Listener, shared
         m.connections_accepted
             .with_label_values(&[listener.name()])
             .inc();
-        let active = m.connections_active.with_label_values(&[listener.name()]);
-        active.inc();
+        let _active = ActiveGuard::new(m.connections_active.with_label_values(&[listener.name()]));
         let mut ctx = Ctx {
             apop_timestamp: shared
                 .config
@@ -350,7 +366,6 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, listener: Listener, shared
             bytes_out: 0,
         };
         let outcome = connection(stream, &mut ctx).await;
-        active.dec();
         m.sessions
             .with_label_values(&[listener.name(), outcome.name()])
             .inc();
@@ -431,10 +446,9 @@ async fn handshake(
         Ok(Ok(tls)) => {
             let (_, conn) = tls.get_ref();
             let version = match conn.protocol_version() {
-                Some(rustls::ProtocolVersion::TLSv1_2) => metrics::TLS_VERSIONS[0],
-                Some(rustls::ProtocolVersion::TLSv1_3) => metrics::TLS_VERSIONS[1],
-                // invariant: a completed rustls handshake negotiated 1.2 or 1.3, the
-                // only versions the server config enables.
+                Some(rustls::ProtocolVersion::TLSv1_2) => metrics::TLS_1_2,
+                Some(rustls::ProtocolVersion::TLSv1_3) => metrics::TLS_1_3,
+                // Not reached: the server config enables only TLS 1.2 and 1.3.
                 _ => metrics::TLS_VERSION_NONE,
             };
             counter(metrics::TLS_OK, version);

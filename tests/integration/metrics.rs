@@ -418,6 +418,12 @@ async fn counters_move_by_exactly_the_traffic() {
         "mailgate_build_info",
         &[("version", env!("CARGO_PKG_VERSION"))]
     ));
+    // Removing the domain through the running server drops its gauges.
+    let out = server.cli(&["domain", "remove", "example.org"], b"");
+    assert!(out.status.success(), "{out:?}");
+    let removed = scrape(m);
+    assert!(!removed.has("mailgate_domain_messages", &[("domain", "example.org")]));
+    assert!(!removed.has("mailgate_domain_accounts", &[("domain", "example.org")]));
     // CPU time is exported in whole seconds, so a young process may show 0.
     assert!(emptied.has("mailgate_process_cpu_seconds_total", &[]));
     for name in [
