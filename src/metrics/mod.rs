@@ -79,7 +79,9 @@ pub const PROTOCOL_POP3: &str = "pop3";
 pub const COMMAND_UNKNOWN: &str = "unknown";
 /// Command label of the DELE commit at QUIT (RFC 1939 UPDATE state) in the latency histogram.
 pub const COMMAND_UPDATE: &str = "UPDATE";
-pub const TIMED_COMMANDS: &[&str] = &["RETR", "TOP", COMMAND_UPDATE];
+pub const COMMAND_RETR: &str = "RETR";
+pub const COMMAND_TOP: &str = "TOP";
+pub const TIMED_COMMANDS: &[&str] = &[COMMAND_RETR, COMMAND_TOP, COMMAND_UPDATE];
 pub const RESULT_OK: &str = "ok";
 pub const RESULT_ERR: &str = "err";
 
@@ -462,7 +464,7 @@ impl Metrics {
                 self.auth_attempts.with_label_values(&[mech, result]);
             }
         }
-        for c in ["RETR", "TOP"] {
+        for c in [COMMAND_RETR, COMMAND_TOP] {
             self.sent_bytes.with_label_values(&[c]);
         }
         for p in DELIVERY_PROTOCOLS {

@@ -832,7 +832,7 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                 let opts = ctx.body_options();
                 let started = Instant::now();
                 send_message(io, ctx, &txn.store, m, BodyEncoder::full(opts), None).await?;
-                observe_command(ctx, "RETR", started);
+                observe_command(ctx, metrics::COMMAND_RETR, started);
                 txn.highest = txn.highest.max(n);
                 ctx.retrieved += 1;
             }
@@ -852,7 +852,7 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                     Some(head),
                 )
                 .await?;
-                observe_command(ctx, "TOP", started);
+                observe_command(ctx, metrics::COMMAND_TOP, started);
                 txn.highest = txn.highest.max(msg);
             }
             Err(r) => io.reply(&r),
@@ -950,11 +950,11 @@ async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), SessionError> {
     // RETR must deliver every recorded octet; TOP legitimately stops early.
     let whole = head.is_none();
-    let sent =
-        ctx.shared
-            .metrics
-            .sent_bytes
-            .with_label_values(&[if whole { "RETR" } else { "TOP" }]);
+    let sent = ctx.shared.metrics.sent_bytes.with_label_values(&[if whole {
+        metrics::COMMAND_RETR
+    } else {
+        metrics::COMMAND_TOP
+    }]);
     let mut buf = Vec::with_capacity(crate::store::CHUNK_SIZE);
     let mut offset = 0u64;
     // The first chunk is read before the +OK, so a message that cannot be read gets a
