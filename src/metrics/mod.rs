@@ -107,10 +107,24 @@ const AUTH_RESULTS: &[&str] = &[
     AUTH_UNAVAILABLE,
 ];
 
-/// Lock renewal results (Redis backend).
-pub const RENEWAL_RESULTS: &[&str] = &["ok", "failed"];
-/// Redis operations whose errors are counted.
-pub const REDIS_OPERATIONS: &[&str] = &["acquire", "renew", "release", "check", "ping"];
+/// Lock renewal results (`LockMetrics::renewals_*`).
+pub const RENEWAL_OK: &str = "ok";
+pub const RENEWAL_FAILED: &str = "failed";
+/// Redis operations whose errors are counted (`LockMetrics::redis_errors`).
+pub const REDIS_ACQUIRE: &str = "acquire";
+pub const REDIS_RENEW: &str = "renew";
+pub const REDIS_RELEASE: &str = "release";
+/// The ownership check before UPDATE (`HeldLock::still_held`).
+pub const REDIS_CHECK: &str = "check";
+/// The readiness probe (`LockBackend::health`).
+pub const REDIS_PING: &str = "ping";
+const REDIS_OPERATIONS: &[&str] = &[
+    REDIS_ACQUIRE,
+    REDIS_RENEW,
+    REDIS_RELEASE,
+    REDIS_CHECK,
+    REDIS_PING,
+];
 
 /// Delivery protocols that exist today; LMTP and SMTP add theirs when they land.
 pub const PROTOCOL_LOCAL: &str = "local";
@@ -157,8 +171,9 @@ pub enum MetricsError {
     Register(#[from] prometheus::Error),
 }
 
-/// Lock metrics, cloneable so a lock backend can own a copy and count what only it sees
-/// (renewals, Redis errors, losses it detects).
+/// Lock metrics, cloneable so a lock backend can own a copy and count what only it sees:
+/// renewals and Redis errors. Acquire latency, contention and losses are counted by the
+/// session, which sees every backend's answers (a backend must not count them again).
 #[derive(Clone)]
 pub struct LockMetrics {
     /// Time to take a maildrop lock, whatever the answer.
@@ -167,9 +182,11 @@ pub struct LockMetrics {
     pub contention: IntCounter,
     /// Locks found lost while held (lost token fired, or gone before UPDATE).
     pub losses: IntCounter,
-    /// TTL renewals of held locks by result (`ok`, `failed`); Redis backend only.
-    pub renewals: IntCounterVec,
-    /// Redis commands that failed, by operation; Redis backend only.
+    /// TTL renewals of held locks that succeeded; Redis backend only.
+    pub renewals_ok: IntCounter,
+    /// TTL renewals that failed (the lock may be lost); Redis backend only.
+    pub renewals_failed: IntCounter,
+    /// Redis commands that failed, by operation (`REDIS_*`); Redis backend only.
     pub redis_errors: IntCounterVec,
 }
 
@@ -234,6 +251,12 @@ impl Metrics {
     /// (validated by `Config`), used as the `backend` label of the lock metrics.
     pub fn new(lock_backend: &str) -> Result<Metrics, MetricsError> {
         let r = Registry::new();
+        let renewals = counter(
+            &r,
+            LOCK_RENEWALS,
+            "TTL renewals of held maildrop locks by result (Redis backend).",
+            &["backend", "result"],
+        )?;
         let m = Metrics {
             connections_accepted: counter(
                 &r,
@@ -326,18 +349,8 @@ impl Metrics {
                     &["backend"],
                 )?
                 .with_label_values(&[lock_backend]),
-                renewals: {
-                    let v = counter(
-                        &r,
-                        LOCK_RENEWALS,
-                        "TTL renewals of held maildrop locks by result (Redis backend).",
-                        &["backend", "result"],
-                    )?;
-                    for result in RENEWAL_RESULTS {
-                        v.with_label_values(&[lock_backend, result]);
-                    }
-                    v
-                },
+                renewals_ok: renewals.with_label_values(&[lock_backend, RENEWAL_OK]),
+                renewals_failed: renewals.with_label_values(&[lock_backend, RENEWAL_FAILED]),
                 redis_errors: {
                     let v = counter(
                         &r,
