@@ -182,6 +182,18 @@ impl LockBackend for RedisLocks {
             Ok(MaildropLock::new(maildrop, Box::new(held)))
         })
     }
+
+    /// Ready only while Redis answers a PING: without it no login can take its lock.
+    fn health(&self) -> BoxFuture<'_, Result<(), LockError>> {
+        Box::pin(async move {
+            self.inner
+                .conn
+                .ping()
+                .await
+                .map(drop)
+                .map_err(|e| LockError::Unavailable(e.to_string()))
+        })
+    }
 }
 
 struct RedisHeld {

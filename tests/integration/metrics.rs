@@ -17,7 +17,7 @@ fn repo(path: &str) -> PathBuf {
 }
 
 /// GET `url` with curl; returns (status, body).
-fn http_get(url: &str) -> (u16, String) {
+pub(crate) fn http_get(url: &str) -> (u16, String) {
     require_tool("curl");
     let out = Command::new("curl")
         .args(["-s", "--max-time", "10", "-w", "\n%{http_code}", url])
@@ -101,6 +101,11 @@ impl Samples {
     fn names(&self) -> BTreeSet<&str> {
         self.rows.iter().map(|(n, _, _)| n.as_str()).collect()
     }
+}
+
+/// The sum of the series of `name` with all of `labels` on a live server.
+pub(crate) fn metric(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape(addr).get(name, labels)
 }
 
 /// Scrapes until `done` holds, for at most 15 s.

@@ -200,6 +200,19 @@ async fn redis_outage_ends_sessions_and_fails_logins_fast_then_recovers() {
     assert!(s.closed().await);
     let ended = stopped.elapsed();
     assert!(ended < TTL, "session outlived its lock: {ended:?}");
+    // Readiness follows Redis, and the session's loss is counted.
+    let readyz = format!("http://{}/readyz", a.metrics);
+    let (code, body) = crate::metrics::http_get(&readyz);
+    assert_eq!(code, 503, "{body}");
+    assert!(body.starts_with("not ready: lock backend"), "{body}");
+    let losses = |a: &Server| {
+        crate::metrics::metric(
+            a.metrics,
+            "mailgate_lock_losses_total",
+            &[("backend", "redis")],
+        )
+    };
+    assert_eq!(losses(&a), 1.0);
     eprintln!(
         "figure: session ended {} ms after redis died",
         ended.as_millis()
@@ -225,6 +238,7 @@ async fn redis_outage_ends_sessions_and_fails_logins_fast_then_recovers() {
     // Redis comes back (empty, on the same port): logins work without a restart.
     redis.restart();
     let back = recovered(&a).await;
+    assert_eq!(crate::metrics::http_get(&readyz).0, 200);
     eprintln!(
         "figure: first successful login {} ms after redis restarted",
         back.as_millis()
@@ -257,6 +271,8 @@ async fn redis_outage_ends_sessions_and_fails_logins_fast_then_recovers() {
     assert_eq!(a.pid(), pid, "mailgate was restarted");
     // Nothing was deleted by the session that lost its lock.
     assert_eq!(count(&a, JOE).await, 2);
+    // Logins refused while Redis was down took no lock, so lost none.
+    assert_eq!(losses(&a), 1.0);
 }
 
 #[tokio::test]
