@@ -370,7 +370,7 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     let metrics_listener = bind_metrics(&config.metrics.listen).await?;
     let metrics = Arc::new(Metrics::new(config.locks.backend.name())?);
     metrics.set_certificate_expiry(&tls.expiry());
-    let (locks, throttle) = coordination(&config).await?;
+    let (locks, throttle) = coordination(&config, &metrics.lock).await?;
     let secret = load_or_create_secret(&config.data_dir.join("secret"))?;
     let shared = Arc::new(Shared::new(
         config.clone(),
@@ -418,7 +418,10 @@ async fn serve(config: Arc<Config>) -> Result<()> {
 /// The maildrop locks and the login-failure counters: in process, or both in Redis. A
 /// Redis that does not answer at start is logged, not fatal: logins fail with
 /// [SYS/TEMP] until it does, and then work without a restart.
-async fn coordination(config: &Config) -> Result<(Arc<dyn LockBackend>, Throttle)> {
+async fn coordination(
+    config: &Config,
+    lock_metrics: &mailgate::metrics::LockMetrics,
+) -> Result<(Arc<dyn LockBackend>, Throttle)> {
     let limits = config.limits.throttle();
     let locks = &config.locks;
     match locks.backend {
@@ -445,8 +448,11 @@ async fn coordination(config: &Config) -> Result<(Arc<dyn LockBackend>, Throttle
                     "redis unreachable at start: logins fail with [SYS/TEMP] until it answers"
                 ),
             }
-            let redis_locks: Arc<dyn LockBackend> =
-                Arc::new(RedisLocks::new(conn.clone(), locks.ttl()));
+            let redis_locks: Arc<dyn LockBackend> = Arc::new(RedisLocks::new(
+                conn.clone(),
+                locks.ttl(),
+                lock_metrics.clone(),
+            ));
             Ok((redis_locks, Throttle::redis(conn, limits)))
         }
     }

@@ -5,6 +5,7 @@
 //! themselves after the TTL.
 
 use super::{BoxFuture, HeldLock, LockBackend, LockError, MaildropLock};
+use crate::metrics::{self, LockMetrics};
 use crate::redis_conn::RedisConn;
 use ::redis::Script;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,17 +84,20 @@ pub struct RedisLocks {
 struct Inner {
     conn: RedisConn,
     ttl: Duration,
+    /// Renewals and Redis errors, which only the backend sees.
+    metrics: LockMetrics,
     /// Locks lost while held (taken by someone else, or not confirmed in time), for the
     /// `locks_lost_total` field of the log line.
     lost: AtomicU64,
 }
 
 impl RedisLocks {
-    pub fn new(conn: RedisConn, ttl: Duration) -> RedisLocks {
+    pub fn new(conn: RedisConn, ttl: Duration, metrics: LockMetrics) -> RedisLocks {
         RedisLocks {
             inner: Arc::new(Inner {
                 conn,
                 ttl,
+                metrics,
                 lost: AtomicU64::new(0),
             }),
         }
@@ -111,11 +115,25 @@ impl Inner {
         key: &str,
         token: &str,
     ) -> Result<bool, crate::redis_conn::RedisConnError> {
-        let extended: i64 = self
+        let result: Result<i64, _> = self
             .conn
             .eval(&RENEW, &[key], &[token, &self.ttl_ms()])
-            .await?;
-        Ok(extended == 1)
+            .await;
+        match result {
+            Ok(1) => {
+                self.metrics.renewals_ok.inc();
+                Ok(true)
+            }
+            Ok(_) => {
+                self.metrics.renewals_failed.inc();
+                Ok(false)
+            }
+            Err(e) => {
+                self.metrics.renewals_failed.inc();
+                self.redis_error(metrics::REDIS_RENEW);
+                Err(e)
+            }
+        }
     }
 
     async fn delete_if_ours(
@@ -123,8 +141,17 @@ impl Inner {
         key: &str,
         token: &str,
     ) -> Result<(), crate::redis_conn::RedisConnError> {
-        let _deleted: i64 = self.conn.eval(&RELEASE, &[key], &[token]).await?;
-        Ok(())
+        let result: Result<i64, _> = self.conn.eval(&RELEASE, &[key], &[token]).await;
+        result
+            .map(drop)
+            .inspect_err(|_| self.redis_error(metrics::REDIS_RELEASE))
+    }
+
+    fn redis_error(&self, operation: &str) {
+        self.metrics
+            .redis_errors
+            .with_label_values(&[operation])
+            .inc();
     }
 
     /// Marks the lock lost once: the session sees `lost` and ends without UPDATE.
@@ -160,6 +187,7 @@ impl LockBackend for RedisLocks {
                 Ok(Some(_)) => {}
                 Ok(None) => return Err(LockError::Busy),
                 Err(e) => {
+                    inner.redis_error(metrics::REDIS_ACQUIRE);
                     // The SET may still have been applied after we stopped waiting: take it
                     // back if it is ours, so the user is not locked out for a whole TTL.
                     let inner = inner.clone();
@@ -186,12 +214,10 @@ impl LockBackend for RedisLocks {
     /// Ready only while Redis answers a PING: without it no login can take its lock.
     fn health(&self) -> BoxFuture<'_, Result<(), LockError>> {
         Box::pin(async move {
-            self.inner
-                .conn
-                .ping()
-                .await
-                .map(drop)
-                .map_err(|e| LockError::Unavailable(e.to_string()))
+            self.inner.conn.ping().await.map(drop).map_err(|e| {
+                self.inner.redis_error(metrics::REDIS_PING);
+                LockError::Unavailable(e.to_string())
+            })
         })
     }
 }

@@ -312,6 +312,29 @@ fn check_local(local: &str) -> Result<(), StoreError> {
     }
 }
 
+/// How long a reopen waits for a just-closed store to let go of its file lock.
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens a sled database, retrying while its file lock is still held by the same
+/// database closed a moment ago: sled releases the lock from its flusher thread after
+/// the last handle is dropped, so an idle-closed domain used again at once would
+/// otherwise fail its first login. A lock held longer (another process) still fails.
+fn open_retrying_lock(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + REOPEN_WAIT;
+    loop {
+        match config.open() {
+            // sled reports a held lock only as an I/O error with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl DomainStore {
     /// Opens the sled database at `path` and sweeps what a crash may have left.
     fn open(name: &str, path: &Path, opts: &StoreOptions) -> Result<Arc<DomainStore>, StoreError> {
@@ -322,13 +345,12 @@ impl DomainStore {
         };
         // LowSpace: each delivery ends in a flush, so throughput is bound by syncs rather
         // than segment rewriting, and deleted mail should give its space back soon.
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .cache_capacity(opts.cache_capacity)
             .mode(sled::Mode::LowSpace)
-            .flush_every_ms(Some(FLUSH_EVERY_MS))
-            .open()
-            .map_err(err)?;
+            .flush_every_ms(Some(FLUSH_EVERY_MS));
+        let db = open_retrying_lock(&config).map_err(err)?;
         let tree = |n: &str| db.open_tree(n).map_err(err);
         let (accounts, maildrop, bodies) = (tree("accounts")?, tree("maildrop")?, tree("bodies")?);
         let (pending, trash) = (tree("pending")?, tree("trash")?);

@@ -213,6 +213,17 @@ async fn redis_outage_ends_sessions_and_fails_logins_fast_then_recovers() {
         )
     };
     assert_eq!(losses(&a), 1.0);
+    // The backend counted its failed Redis calls and the renewals before the outage.
+    let m = |name: &str, labels: &[(&str, &str)]| crate::metrics::metric(a.metrics, name, labels);
+    let errors = m("mailgate_redis_errors_total", &[("operation", "renew")])
+        + m("mailgate_redis_errors_total", &[("operation", "ping")]);
+    assert!(errors >= 1.0, "redis errors not counted: {errors}");
+    assert!(
+        m(
+            "mailgate_lock_renewals_total",
+            &[("backend", "redis"), ("result", "failed")]
+        ) >= 1.0
+    );
     eprintln!(
         "figure: session ended {} ms after redis died",
         ended.as_millis()
