@@ -248,7 +248,8 @@ impl Ctx {
 struct Txn {
     address: Address,
     store: Arc<DomainStore>,
-    lock: MaildropLock,
+    /// Taken out and released at UPDATE, before the final answer is sent.
+    lock: Option<MaildropLock>,
     lost: CancellationToken,
     msgs: Vec<MsgEntry>,
     nonce: u32,
@@ -500,8 +501,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Io<S>, ctx: &mut Ctx)
             })
         }
     };
-    if let Phase::Transaction(txn) = phase {
-        txn.lock.release().await;
+    if let Phase::Transaction(mut txn) = phase {
+        if let Some(lock) = txn.lock.take() {
+            lock.release().await;
+        }
     }
     step
 }
@@ -889,9 +892,24 @@ fn capa(g: Gate) -> Reply<'static> {
     })
 }
 
-/// The UPDATE state (RFC 1939 §6): applies the DELE marks in one atomic batch, but only
-/// while the maildrop lock is still ours.
+/// The UPDATE state (RFC 1939 §6): applies the DELE marks, then gives the maildrop
+/// lock up *before* the client reads the answer, so a client that reconnects at once
+/// never finds its own session's lock still held.
 async fn update<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Io<S>,
+    ctx: &mut Ctx,
+    txn: &mut Txn,
+) -> Result<(), SessionError> {
+    apply_marks(io, ctx, txn).await?;
+    if let Some(lock) = txn.lock.take() {
+        lock.release().await;
+    }
+    io.flush().await
+}
+
+/// Applies the DELE marks in one atomic batch, but only while the maildrop lock is
+/// still ours; writes the answer without sending it.
+async fn apply_marks<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut Io<S>,
     ctx: &mut Ctx,
     txn: &mut Txn,
@@ -904,16 +922,20 @@ async fn update<S: AsyncRead + AsyncWrite + Unpin>(
         .collect();
     if ids.is_empty() {
         io.reply(&ok("Logging out"));
-        return io.flush().await;
+        return Ok(());
     }
-    if !txn.lock.still_held().await {
+    let held = match &txn.lock {
+        Some(lock) => lock.still_held().await,
+        None => false,
+    };
+    if !held {
         ctx.shared.metrics.lock.losses.inc();
         warn!(user = %txn.address, "maildrop lock lost before UPDATE; nothing deleted");
         io.reply(&err(
             Some(RespCode::SysTemp),
             "Maildrop lock lost, no messages deleted",
         ));
-        return io.flush().await;
+        return Ok(());
     }
     let store = txn.store.clone();
     let local = txn.address.local.clone();
@@ -936,7 +958,7 @@ async fn update<S: AsyncRead + AsyncWrite + Unpin>(
             ));
         }
     }
-    io.flush().await
+    Ok(())
 }
 
 /// Streams one message (or its top) through the dot-stuffer in store-sized chunks.
@@ -1345,7 +1367,7 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
     let txn = Box::new(Txn {
         address,
         store,
-        lock,
+        lock: Some(lock),
         lost,
         msgs,
         nonce: account.uid_nonce,

@@ -684,3 +684,20 @@ async fn eight_bit_clean() {
     assert!(c.cmd("RETR 1").await.starts_with("+OK"));
     assert_eq!(c.multiline().await, m);
 }
+
+#[tokio::test]
+async fn reconnect_right_after_quit_is_never_in_use() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    server.deliver("joe@example.org", &message("again", 1));
+    // The lock is released before the QUIT answer is sent, so a client that logs in
+    // again the moment it reads "+OK" must never see [IN-USE].
+    for i in 0..100 {
+        let mut c = tls_login(&server, "joe@example.org").await;
+        if i % 2 == 0 {
+            assert!(c.cmd("DELE 1").await.starts_with("+OK"));
+            assert!(c.cmd("RSET").await.starts_with("+OK"));
+        }
+        assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    }
+}
