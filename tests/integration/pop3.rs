@@ -376,7 +376,7 @@ async fn big_message_streams_intact() {
     let mut m = b"Subject: big\r\n\r\n".to_vec();
     let mut i = 0u64;
     while m.len() < 20 * 1024 * 1024 {
-        let line = if i % 7 == 0 {
+        let line = if i.is_multiple_of(7) {
             format!(".{i:0>70}\r\n")
         } else {
             format!("{i:0>76}\r\n")
