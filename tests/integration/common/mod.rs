@@ -2,15 +2,13 @@
 //! dir and certificates from a test CA, stopped on `Drop`; helpers for the CLI, a raw
 //! POP3 client (cleartext, STLS, implicit TLS) and external clients.
 
-#![allow(dead_code)]
-
 pub mod redis_server;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -114,8 +112,6 @@ pub struct Server {
 
 /// Python and curl must exist; in CI a missing tool is a failure, never a skip.
 pub fn require_tool(name: &str) {
-    static CHECK: Once = Once::new();
-    CHECK.call_once(|| {});
     let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {name}"))
