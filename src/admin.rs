@@ -13,6 +13,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -196,12 +197,7 @@ pub fn execute(
                     ),
                     None => delivery::deliver(directory, from.as_deref(), &recipients, &mut body),
                 };
-                let size = delivered.map_err(|e| {
-                    // Read what the client still sends (bounded), so it sees our answer
-                    // instead of a reset connection.
-                    let _ = std::io::copy(&mut (&mut body).take(MAX_DRAIN), &mut std::io::sink());
-                    delivery_failure(e)
-                })?;
+                let size = delivered.map_err(delivery_failure)?;
                 Ok(vec![format!(
                     "delivered {size} octets to {} recipient(s)",
                     recipients.len()
@@ -228,8 +224,11 @@ pub enum AdminError {
     Protocol(String),
 }
 
-/// Most body octets read and discarded after a refused delivery.
+/// Most octets read and discarded after answering a request.
 const MAX_DRAIN: u64 = 256 * 1024 * 1024;
+
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Longest request line accepted on the socket.
 const MAX_REQUEST_LINE: usize = 64 * 1024;
@@ -288,18 +287,29 @@ async fn handle(
     metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
     let (mut read_half, mut write_half) = stream.into_split();
-    // Read the request line by hand so body bytes that arrive with it are kept.
+    // Read the request line by hand so body bytes that arrive with it are kept; each
+    // byte is looked at once, and a client that never finishes the line is cut off.
     let mut buf = Vec::with_capacity(1024);
-    let newline = loop {
-        if let Some(i) = buf.iter().position(|&b| b == b'\n') {
-            break Some(i);
-        }
-        if buf.len() > MAX_REQUEST_LINE || read_half.read_buf(&mut buf).await? == 0 {
-            break None;
+    let read_line = async {
+        let mut scanned = 0;
+        loop {
+            if let Some(i) = buf[scanned..].iter().position(|&b| b == b'\n') {
+                return Ok::<_, std::io::Error>(Some(scanned + i));
+            }
+            scanned = buf.len();
+            if buf.len() > MAX_REQUEST_LINE || read_half.read_buf(&mut buf).await? == 0 {
+                return Ok(None);
+            }
         }
     };
+    let newline = tokio::time::timeout(REQUEST_TIMEOUT, read_line)
+        .await
+        .unwrap_or(Ok(None))?;
     let response = match newline.map(|i| (serde_json::from_slice::<Request>(&buf[..i]), i)) {
-        None => Response::fail("request line missing or too long".into(), exit::USAGE),
+        None => Response::fail(
+            "request line missing, too long or too slow".into(),
+            exit::USAGE,
+        ),
         Some((Err(e), _)) => Response::fail(format!("malformed request: {e}"), exit::USAGE),
         Some((Ok(request), i)) => {
             let op = request_name(&request);
@@ -310,21 +320,40 @@ async fn handle(
                 read_half,
                 tokio::runtime::Handle::current(),
             );
-            let response = tokio::task::spawn_blocking(move || {
-                execute(
-                    &directory,
-                    request,
-                    Read::chain(leftover, bridge),
-                    Some(&metrics),
-                )
+            let done = tokio::task::spawn_blocking(move || {
+                let mut body = Read::chain(leftover, bridge);
+                let response = execute(&directory, request, &mut body, Some(&metrics));
+                (response, body.into_inner().1.into_inner())
             })
-            .await
-            .unwrap_or_else(|e| Response::fail(format!("internal error: {e}"), exit::SOFTWARE));
+            .await;
+            let response = match done {
+                Ok((response, back)) => {
+                    read_half = back;
+                    response
+                }
+                Err(e) => {
+                    return reply(
+                        &mut write_half,
+                        &Response::fail(format!("internal error: {e}"), exit::SOFTWARE),
+                    )
+                    .await;
+                }
+            };
             info!(op, ok = response.ok, "admin request");
             response
         }
     };
-    let mut out = serde_json::to_vec(&response).unwrap_or_default();
+    reply(&mut write_half, &response).await?;
+    // Read what the client still sends (a refused delivery's body, the rest of an
+    // overlong line), bounded in size and time, so it gets the answer instead of a
+    // connection reset for closing with its data unread.
+    let (mut rest, mut sink) = ((&mut read_half).take(MAX_DRAIN), tokio::io::sink());
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, tokio::io::copy(&mut rest, &mut sink)).await;
+    Ok(())
+}
+
+async fn reply(write_half: &mut OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(response).unwrap_or_default();
     out.push(b'\n');
     write_half.write_all(&out).await?;
     write_half.shutdown().await

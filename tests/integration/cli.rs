@@ -211,3 +211,41 @@ fn serve_refuses_a_second_server_on_the_same_data_dir() {
     assert!(!out.status.success());
     assert!(text(&out).contains("already serving"), "{}", text(&out));
 }
+
+#[test]
+fn admin_socket_answers_garbage_with_usage_errors() {
+    use std::io::{Read, Write};
+    let server = Server::start();
+    let socket = server.dir.path().join("data/admin.sock");
+    let ask = |request: &[u8]| -> serde_json::Value {
+        let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .expect("timeout");
+        let _ = s.write_all(request);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).expect("answer");
+        serde_json::from_str(answer.trim()).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+    };
+    let cases: [&[u8]; 4] = [
+        b"not json\n",
+        b"{\"op\":\"format_disk\"}\n",
+        b"\x00\xff\xfe\n",
+        b"",
+    ];
+    for case in cases {
+        let r = ask(case);
+        assert_eq!(r["ok"], false, "{case:?}: {r}");
+        assert_eq!(r["exit_code"], 64, "{case:?}: {r}");
+    }
+    // A request line longer than the limit is refused without being buffered whole.
+    let r = ask(&vec![b'{'; 1 << 20]);
+    assert_eq!(r["ok"], false);
+    assert!(
+        r["error"].as_str().is_some_and(|e| e.contains("too long")),
+        "{r}"
+    );
+    // The server is still healthy.
+    let out = server.cli(&["domain", "list"], b"");
+    assert!(out.status.success());
+}
