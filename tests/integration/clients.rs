@@ -218,37 +218,26 @@ fn curl_pop3s_stls_and_plain() {
     server.deliver("joe@example.org", &m);
     let ca = server.ca.ca_pem.display().to_string();
     let user = format!("joe@example.org:{PASSWORD}");
+    let pop3s = format!("pop3s://localhost:{}", server.pop3s.port());
+    let pop3 = format!("pop3://localhost:{}", server.pop3.port());
+    // curl with the test CA and the account; `extra` before the URL.
+    let fetch = |ca: &str, extra: &[&str], url: String| {
+        let mut args = vec!["--cacert", ca, "-u", &user];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        curl(&args)
+    };
 
-    let out = curl(&[
-        "--cacert",
-        &ca,
-        "-u",
-        &user,
-        &format!("pop3s://localhost:{}/1", server.pop3s.port()),
-    ]);
+    let out = fetch(&ca, &[], format!("{pop3s}/1"));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout, m, "pop3s RETR differs");
 
-    let out = curl(&[
-        "--cacert",
-        &ca,
-        "--ssl-reqd",
-        "-u",
-        &user,
-        &format!("pop3://localhost:{}/1", server.pop3.port()),
-    ]);
+    let out = fetch(&ca, &["--ssl-reqd"], format!("{pop3}/1"));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.stdout, m, "STLS RETR differs");
 
     // Listing (LIST) over STLS.
-    let out = curl(&[
-        "--cacert",
-        &ca,
-        "--ssl-reqd",
-        "-u",
-        &user,
-        &format!("pop3://localhost:{}/", server.pop3.port()),
-    ]);
+    let out = fetch(&ca, &["--ssl-reqd"], format!("{pop3}/"));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         format!("1 {}\r\n", m.len())
@@ -264,13 +253,11 @@ fn curl_pop3s_stls_and_plain() {
 
     // With a wrong CA the handshake fails: the certificate is really checked.
     let other = crate::common::TestCa::new(&server.dir.path().join("other-ca").tap_mkdir());
-    let out = curl(&[
-        "--cacert",
+    let out = fetch(
         &other.ca_pem.display().to_string(),
-        "-u",
-        &user,
-        &format!("pop3s://localhost:{}/1", server.pop3s.port()),
-    ]);
+        &[],
+        format!("{pop3s}/1"),
+    );
     assert!(!out.status.success());
 }
 
