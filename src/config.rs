@@ -36,6 +36,9 @@ pub struct Config {
     /// Name used in the greeting (and, later, in Received: headers).
     pub hostname: String,
     pub pop3: Pop3Config,
+    pub lmtp: LmtpConfig,
+    pub smtp: SmtpConfig,
+    pub delivery: DeliveryConfig,
     pub tls: TlsConfig,
     pub locks: LocksConfig,
     pub limits: LimitsConfig,
@@ -50,6 +53,9 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             hostname: "localhost".into(),
             pop3: Pop3Config::default(),
+            lmtp: LmtpConfig::default(),
+            smtp: SmtpConfig::default(),
+            delivery: DeliveryConfig::default(),
             tls: TlsConfig::default(),
             locks: LocksConfig::default(),
             limits: LimitsConfig::default(),
@@ -84,6 +90,101 @@ impl Default for Pop3Config {
             apop: false,
             replace_nul: false,
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LmtpConfig {
+    /// LMTP listener for MTAs (RFC 2033): `address:port` or `unix:/path/to/socket`;
+    /// empty disables it. LMTP has no authentication: keep it on loopback, a unix
+    /// socket or a network only the MTA reaches.
+    pub listen: String,
+}
+
+impl Default for LmtpConfig {
+    fn default() -> Self {
+        LmtpConfig {
+            listen: "127.0.0.1:24".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Inbound SMTP (MX) listener for hosted domains only, with STARTTLS; empty (the
+    /// default) disables it.
+    pub listen: String,
+}
+
+/// Limits of mail coming in over LMTP and SMTP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Largest message accepted, in octets as stored (advertised as SIZE).
+    pub max_message_bytes: u64,
+    /// Most recipients in one transaction; more get `452 4.5.3`.
+    pub max_recipients: usize,
+    /// Default size of every maildrop, in octets; 0 = unlimited. `mailgate user quota`
+    /// overrides it per account.
+    pub account_quota_bytes: u64,
+    /// Size of all maildrops of a domain together, in octets; 0 = unlimited.
+    pub domain_quota_bytes: u64,
+    /// A client silent this long is disconnected with `421` (RFC 5321 §4.5.3.2: 5 min).
+    pub idle_timeout_secs: u64,
+    /// Longest a whole transaction (MAIL FROM to the end of DATA) may take.
+    pub transaction_timeout_secs: u64,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            max_message_bytes: 50 * 1024 * 1024,
+            max_recipients: 100,
+            account_quota_bytes: 0,
+            domain_quota_bytes: 0,
+            idle_timeout_secs: 300,
+            transaction_timeout_secs: 1800,
+        }
+    }
+}
+
+impl DeliveryConfig {
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn transaction_timeout(&self) -> Duration {
+        Duration::from_secs(self.transaction_timeout_secs)
+    }
+}
+
+/// Where a listener binds: a TCP address or a unix socket path (`unix:/path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// Parses a listen setting; `None` for an empty (disabled) one.
+    pub fn parse(value: &str, unix_allowed: bool) -> Result<Option<ListenAddr>, String> {
+        if value.is_empty() {
+            return Ok(None);
+        }
+        if let Some(path) = value.strip_prefix("unix:") {
+            if !unix_allowed {
+                return Err(format!("{value:?}: a unix socket is not allowed here"));
+            }
+            if path.is_empty() || !path.starts_with('/') {
+                return Err(format!("{value:?}: a unix socket needs an absolute path"));
+            }
+            return Ok(Some(ListenAddr::Unix(PathBuf::from(path))));
+        }
+        value
+            .parse::<SocketAddr>()
+            .map(|a| Some(ListenAddr::Tcp(a)))
+            .map_err(|_| format!("{value:?} is not an address:port (use [::]:110 for IPv6)"))
     }
 }
 
@@ -376,16 +477,27 @@ impl Config {
                 );
             }
         }
-        let fixed_port = |a: &str| a.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0);
-        if fixed_port(&self.pop3.listen) && self.pop3.listen == self.pop3.tls_listen {
-            return invalid("pop3.tls_listen", "must differ from pop3.listen".into());
+        if let Err(e) = ListenAddr::parse(&self.lmtp.listen, true) {
+            return invalid("lmtp.listen", e);
         }
-        for other in [&self.pop3.listen, &self.pop3.tls_listen] {
-            if fixed_port(&self.metrics.listen) && self.metrics.listen == *other {
-                return invalid(
-                    "metrics.listen",
-                    "must differ from the POP3 listeners".into(),
-                );
+        if let Err(e) = ListenAddr::parse(&self.smtp.listen, false) {
+            return invalid("smtp.listen", e);
+        }
+        // Two listeners on one fixed address:port would fail at bind; say which.
+        let fixed_port = |a: &str| a.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0);
+        let listeners = [
+            ("pop3.listen", &self.pop3.listen),
+            ("pop3.tls_listen", &self.pop3.tls_listen),
+            ("lmtp.listen", &self.lmtp.listen),
+            ("smtp.listen", &self.smtp.listen),
+            ("metrics.listen", &self.metrics.listen),
+        ];
+        for (i, (key, value)) in listeners.iter().enumerate() {
+            if let Some((other, _)) = listeners[..i]
+                .iter()
+                .find(|(_, v)| fixed_port(v) && *v == *value)
+            {
+                return invalid(key, format!("{value:?} is already used by {other}"));
             }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
@@ -420,6 +532,19 @@ impl Config {
             ),
             ("limits.max_bad_commands", u64::from(l.max_bad_commands)),
             ("store.cache_capacity_mib", self.store.cache_capacity_mib),
+            (
+                "delivery.max_message_bytes",
+                self.delivery.max_message_bytes,
+            ),
+            (
+                "delivery.max_recipients",
+                self.delivery.max_recipients as u64,
+            ),
+            ("delivery.idle_timeout_secs", self.delivery.idle_timeout_secs),
+            (
+                "delivery.transaction_timeout_secs",
+                self.delivery.transaction_timeout_secs,
+            ),
             ("tls.reload_interval_secs", self.tls.reload_interval_secs),
         ] {
             if value == 0 {
@@ -564,6 +689,13 @@ mod tests {
                 "metrics.listen",
             ),
             ("hostname = \"two words\"\n", "hostname"),
+            ("[lmtp]\nlisten = \"unix:relative.sock\"\n", "lmtp.listen"),
+            ("[smtp]\nlisten = \"unix:/run/smtp.sock\"\n", "smtp.listen"),
+            (
+                "[pop3]\nlisten = \"127.0.0.1:2424\"\n[lmtp]\nlisten = \"127.0.0.1:2424\"\n",
+                "lmtp.listen",
+            ),
+            ("[delivery]\nmax_recipients = 0\n", "delivery.max_recipients"),
         ];
         for (toml, key) in cases {
             Jail::expect_with(|jail| {

@@ -146,6 +146,12 @@ allow_plaintext_auth = {plain}
 apop = {apop}
 replace_nul = {nul}
 
+[lmtp]
+listen = "{host}:0"
+
+[smtp]
+listen = "{host}:0"
+
 [metrics]
 listen = "{host}:0"
 
