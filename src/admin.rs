@@ -40,6 +40,11 @@ pub enum Request {
     UserRemove {
         address: String,
     },
+    /// Sets (`Some`) or clears (`None`: back to the configured default) an account's quota.
+    UserQuota {
+        address: String,
+        bytes: Option<u64>,
+    },
     UserList {
         domain: Option<String>,
     },
@@ -136,10 +141,7 @@ pub fn execute(
             } => {
                 let address = Address::parse(&address).map_err(store_failure)?;
                 let store = directory.domain(&address.domain).map_err(store_failure)?;
-                let account = Account {
-                    credentials,
-                    uid_nonce: rand::random(),
-                };
+                let account = Account::new(credentials);
                 store
                     .create_account(&address.local, &account)
                     .map_err(store_failure)?;
@@ -162,6 +164,31 @@ pub fn execute(
                     .update_account(&address.local, &account)
                     .map_err(store_failure)?;
                 Ok(vec![format!("password of {address} changed")])
+            }
+            Request::UserQuota { address, bytes } => {
+                let address = Address::parse(&address).map_err(store_failure)?;
+                let store = directory.domain(&address.domain).map_err(store_failure)?;
+                let mut account = store
+                    .account(&address.local)
+                    .map_err(store_failure)?
+                    .ok_or_else(|| {
+                        store_failure(StoreError::UnknownAccount(address.to_string()))
+                    })?;
+                account.quota_bytes = bytes;
+                store
+                    .update_account(&address.local, &account)
+                    .map_err(store_failure)?;
+                let (_, used) = store
+                    .maildrop_usage(&address.local)
+                    .map_err(store_failure)?;
+                let limit = match bytes {
+                    None => "the configured default".to_owned(),
+                    Some(0) => "unlimited".to_owned(),
+                    Some(b) => format!("{b} octets"),
+                };
+                Ok(vec![format!(
+                    "quota of {address} set to {limit} ({used} octets in use)"
+                )])
             }
             Request::UserRemove { address } => {
                 let address = Address::parse(&address).map_err(store_failure)?;
@@ -368,6 +395,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::UserPasswd { .. } => "user_passwd",
         Request::UserRemove { .. } => "user_remove",
         Request::UserList { .. } => "user_list",
+        Request::UserQuota { .. } => "user_quota",
         Request::Deliver { .. } => "deliver",
     }
 }

@@ -540,7 +540,10 @@ impl Config {
                 "delivery.max_recipients",
                 self.delivery.max_recipients as u64,
             ),
-            ("delivery.idle_timeout_secs", self.delivery.idle_timeout_secs),
+            (
+                "delivery.idle_timeout_secs",
+                self.delivery.idle_timeout_secs,
+            ),
             (
                 "delivery.transaction_timeout_secs",
                 self.delivery.transaction_timeout_secs,
@@ -695,7 +698,10 @@ mod tests {
                 "[pop3]\nlisten = \"127.0.0.1:2424\"\n[lmtp]\nlisten = \"127.0.0.1:2424\"\n",
                 "lmtp.listen",
             ),
-            ("[delivery]\nmax_recipients = 0\n", "delivery.max_recipients"),
+            (
+                "[delivery]\nmax_recipients = 0\n",
+                "delivery.max_recipients",
+            ),
         ];
         for (toml, key) in cases {
             Jail::expect_with(|jail| {

@@ -1,11 +1,14 @@
-//! Local delivery of one message to one or more recipients: every recipient is checked
-//! before the body is read, the body is CRLF-normalised once while it streams in, a copy
-//! is stored in each recipient's domain store, and nothing is reported delivered before
-//! it is flushed. Blocking (sled, `Read`): async callers use `spawn_blocking`.
+//! Local delivery of one message to one or more recipients: recipients and quotas are
+//! checked, the body is CRLF-normalised once while it streams in, a copy is stored in
+//! each recipient's domain store, and nothing is reported delivered before it is
+//! flushed. Blocking (sled, `Read`): async callers use `spawn_blocking`. Speaks no
+//! protocol: LMTP/SMTP map the verdicts to replies.
 
+use crate::config::DeliveryConfig;
 use crate::message::CrlfNormalizer;
 use crate::metrics::{self, Metrics};
-use crate::store::{Address, Directory, DomainStore, StoreError};
+use crate::smtp::core::Verdict;
+use crate::store::{Account, Address, Directory, DomainStore, PendingMessage, StoreError};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::sync::Arc;
@@ -193,4 +196,248 @@ pub fn deliver_counted(
     };
     metrics.observe_delivery(protocol, label, started.elapsed(), stored);
     result
+}
+
+/// Quota settings, 0 meaning unlimited.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Quotas {
+    /// Default maildrop size; an account's own `quota_bytes` overrides it.
+    pub account: u64,
+    /// All maildrops of one domain together.
+    pub domain: u64,
+}
+
+impl Quotas {
+    pub fn from_config(c: &DeliveryConfig) -> Quotas {
+        Quotas {
+            account: c.account_quota_bytes,
+            domain: c.domain_quota_bytes,
+        }
+    }
+}
+
+/// Whether `size` more octets fit `used` under `limit` (0 = unlimited).
+fn fits(limit: u64, used: u64, size: u64) -> Verdict {
+    if limit == 0 || used.saturating_add(size) <= limit {
+        Verdict::Accepted
+    } else if size > limit {
+        Verdict::QuotaTooSmall
+    } else {
+        Verdict::QuotaFull
+    }
+}
+
+/// Checks the account's and the domain's quota for a message of `size` octets.
+///
+/// Soft under concurrency: two deliveries racing for the last room may both fit.
+pub fn quota_verdict(
+    store: &DomainStore,
+    local: &str,
+    account: &Account,
+    size: u64,
+    quotas: Quotas,
+) -> Result<Verdict, StoreError> {
+    let limit = account.quota_bytes.unwrap_or(quotas.account);
+    if limit != 0 {
+        let (_, used) = store.maildrop_usage(local)?;
+        let v = fits(limit, used, size);
+        if v != Verdict::Accepted {
+            return Ok(v);
+        }
+    }
+    if quotas.domain != 0 {
+        let (_, _, used) = store.usage()?;
+        return Ok(fits(quotas.domain, used, size));
+    }
+    Ok(Verdict::Accepted)
+}
+
+/// The RCPT-time decision for one recipient: hosted domain, existing account, room for
+/// `size` octets (the client's SIZE= estimate, or 0).
+pub fn check_recipient(directory: &Directory, rcpt: &str, size: u64, quotas: Quotas) -> Verdict {
+    let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
+    if !directory.has_domain(domain) {
+        return Verdict::RelayDenied;
+    }
+    // A hosted domain, but a name no account can have (quoted, UTF-8, too long).
+    let Ok(address) = Address::parse(rcpt) else {
+        return Verdict::UnknownUser;
+    };
+    let result = directory.domain(&address.domain).and_then(|store| {
+        let Some(account) = store.account(&address.local)? else {
+            return Ok(Verdict::UnknownUser);
+        };
+        quota_verdict(&store, &address.local, &account, size, quotas)
+    });
+    result.unwrap_or_else(|e| {
+        tracing::warn!(recipient = rcpt, error = %e, "recipient check failed");
+        match e {
+            StoreError::UnknownDomain(_) => Verdict::RelayDenied,
+            _ => Verdict::TempFail,
+        }
+    })
+}
+
+/// One stored copy in the making.
+struct Target {
+    address: Address,
+    store: Arc<DomainStore>,
+    /// `None` once this copy is committed or failed.
+    pending: Option<PendingMessage>,
+    /// The outcome, once there is one.
+    verdict: Option<Verdict>,
+}
+
+/// A message being written to several recipients' stores at once; each copy succeeds or
+/// fails on its own, which is what LMTP reports per recipient.
+pub struct Batch {
+    targets: Vec<Target>,
+    /// For each recipient as given, the index of its target (duplicates share one).
+    slots: Vec<Result<usize, Verdict>>,
+    octets: u64,
+}
+
+impl Batch {
+    /// Opens a pending message for every recipient (checked again: an account may be gone
+    /// since RCPT). Recipients given twice get one copy.
+    pub fn begin(directory: &Directory, recipients: &[String]) -> Batch {
+        let mut targets: Vec<Target> = Vec::with_capacity(recipients.len());
+        let mut slots = Vec::with_capacity(recipients.len());
+        for r in recipients {
+            let Ok(address) = Address::parse(r) else {
+                slots.push(Err(Verdict::UnknownUser));
+                continue;
+            };
+            if let Some(i) = targets.iter().position(|t| t.address == address) {
+                slots.push(Ok(i));
+                continue;
+            }
+            let store = match directory.domain(&address.domain) {
+                Ok(s) => s,
+                Err(StoreError::UnknownDomain(_)) => {
+                    slots.push(Err(Verdict::RelayDenied));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(recipient = %r, error = %e, "opening the store failed");
+                    slots.push(Err(Verdict::TempFail));
+                    continue;
+                }
+            };
+            let (pending, verdict) = match store.begin_message(&address.local) {
+                Ok(p) => (Some(p), None),
+                Err(e) => {
+                    tracing::warn!(recipient = %r, error = %e, "starting the message failed");
+                    (None, Some(Verdict::TempFail))
+                }
+            };
+            slots.push(Ok(targets.len()));
+            targets.push(Target {
+                address,
+                store,
+                pending,
+                verdict,
+            });
+        }
+        Batch {
+            targets,
+            slots,
+            octets: 0,
+        }
+    }
+
+    /// Octets written so far (the stored size if the message ends now).
+    pub fn octets(&self) -> u64 {
+        self.octets
+    }
+
+    /// True while at least one copy can still succeed.
+    pub fn any_live(&self) -> bool {
+        self.targets.iter().any(|t| t.pending.is_some())
+    }
+
+    /// Appends normalised message bytes to every live copy; a copy whose store fails is
+    /// dropped (and will be reported as a temporary failure), the others go on.
+    pub fn write(&mut self, data: &[u8]) {
+        self.octets += data.len() as u64;
+        for t in &mut self.targets {
+            let Some(p) = &mut t.pending else { continue };
+            if let Err(e) = p.write(&t.store, data) {
+                tracing::warn!(recipient = %t.address, error = %e, "storing the message failed");
+                t.pending = None;
+                t.verdict = Some(Verdict::TempFail);
+            }
+        }
+    }
+
+    /// Checks quotas against the final size and commits each copy (each commit is
+    /// flushed before it counts); returns one verdict per recipient as given to `begin`.
+    ///
+    /// With `all_or_nothing` (SMTP, which has one reply for all recipients) nothing is
+    /// committed unless every copy passed its checks, so a refusal never leaves some
+    /// recipients with the message and the sender retrying for all.
+    pub fn finish(mut self, quotas: Quotas, all_or_nothing: bool) -> Vec<Verdict> {
+        let size = self.octets;
+        let mut ready = Vec::with_capacity(self.targets.len());
+        for (i, t) in self.targets.iter_mut().enumerate() {
+            let Some(p) = t.pending.take() else { continue };
+            let verdict = match t.store.account(&t.address.local) {
+                Ok(None) => Verdict::UnknownUser,
+                Ok(Some(account)) => {
+                    match quota_verdict(&t.store, &t.address.local, &account, size, quotas) {
+                        Ok(v) => v,
+                        Err(e) => {
+                            tracing::warn!(recipient = %t.address, error = %e, "quota check failed");
+                            Verdict::TempFail
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(recipient = %t.address, error = %e, "account lookup failed");
+                    Verdict::TempFail
+                }
+            };
+            if verdict != Verdict::Accepted {
+                t.verdict = Some(verdict);
+                continue;
+            }
+            ready.push((i, p));
+        }
+        let refused = self
+            .slots
+            .iter()
+            .find_map(|slot| match slot {
+                Err(v) => Some(*v),
+                Ok(_) => None,
+            })
+            .or_else(|| self.targets.iter().find_map(|t| t.verdict));
+        if let (true, Some(v)) = (all_or_nothing, refused) {
+            for (i, _) in ready {
+                self.targets[i].verdict = Some(v);
+            }
+            return self.verdicts();
+        }
+        for (i, p) in ready {
+            let t = &mut self.targets[i];
+            t.verdict = Some(match p.commit(&t.store) {
+                Ok(_) => Verdict::Accepted,
+                Err(StoreError::UnknownAccount(_)) => Verdict::UnknownUser,
+                Err(e) => {
+                    tracing::warn!(recipient = %t.address, error = %e, "committing the message failed");
+                    Verdict::TempFail
+                }
+            });
+        }
+        self.verdicts()
+    }
+
+    fn verdicts(&self) -> Vec<Verdict> {
+        self.slots
+            .iter()
+            .map(|slot| match slot {
+                Ok(i) => self.targets[*i].verdict.unwrap_or(Verdict::TempFail),
+                Err(v) => *v,
+            })
+            .collect()
+    }
 }

@@ -7,6 +7,9 @@
 //! - [`tls`]: rustls server configuration, SNI certificate selection and hot reload.
 //! - [`pop3`]: the POP3 protocol — a pure `codec` (parser, replies, dot-stuffing) and the
 //!   async `session` that drives it over a socket.
+//! - [`smtp`]: mail coming in — LMTP for MTAs and inbound SMTP for hosted domains: a pure
+//!   `codec` and `core` (state machine) and the async `session` that streams DATA into
+//!   the stores.
 //! - [`store`]: `Directory` of per-domain sled stores: accounts, maildrops, message bodies.
 //! - [`locks`]: exclusive maildrop locks behind the `LockBackend` trait: in process for
 //!   one replica, or in Redis (token-owned keys with a TTL) for several.
@@ -30,6 +33,7 @@ pub mod metrics;
 pub mod pop3;
 pub mod redis_conn;
 pub mod server;
+pub mod smtp;
 pub mod store;
 pub mod throttle;
 pub mod tls;

@@ -90,6 +90,43 @@ enum UserCmd {
     List {
         domain: Option<String>,
     },
+    /// Set an account's maildrop quota: octets with an optional K/M/G suffix (1024-based),
+    /// `unlimited`, or `default` for `delivery.account_quota_bytes`.
+    Quota {
+        address: String,
+        limit: String,
+    },
+}
+
+/// Parses `mailgate user quota`'s limit: `None` for `default`, `Some(0)` for `unlimited`.
+fn parse_quota(limit: &str) -> Result<Option<u64>> {
+    match limit.to_ascii_lowercase().as_str() {
+        "default" => return Ok(None),
+        "unlimited" => return Ok(Some(0)),
+        _ => {}
+    }
+    let (digits, unit) = match limit.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&limit[..i], c.to_ascii_uppercase()),
+        _ => (limit, 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        'T' => 40,
+        _ => bail!("quota {limit:?}: unit must be K, M, G or T"),
+    };
+    let n: u64 = digits
+        .parse()
+        .with_context(|| format!("quota {limit:?}: not a number of octets"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .with_context(|| format!("quota {limit:?} is too large"))?;
+    if bytes == 0 {
+        bail!("quota 0: use `unlimited` for no limit");
+    }
+    Ok(Some(bytes))
 }
 
 fn main() -> ExitCode {
@@ -148,6 +185,10 @@ fn run(cli: Cli) -> Result<u8> {
                 },
                 UserCmd::Remove { address } => Request::UserRemove { address },
                 UserCmd::List { domain } => Request::UserList { domain },
+                UserCmd::Quota { address, limit } => Request::UserQuota {
+                    bytes: parse_quota(&limit)?,
+                    address,
+                },
             };
             admin_command(&config, request, None)
         }

@@ -6,9 +6,12 @@ use crate::auth::cache::VerifiedCache;
 use crate::auth::pool::HashPool;
 use crate::auth::HashParams;
 use crate::config::Config;
+use crate::config::ListenAddr;
 use crate::locks::LockBackend;
 use crate::metrics::{self, Metrics};
 use crate::pop3::session::{self, Listener};
+use crate::smtp::core::Protocol;
+use crate::smtp::session as smtp_session;
 use crate::store::Directory;
 use crate::throttle::Throttle;
 use crate::tls::TlsManager;
@@ -17,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +34,11 @@ pub enum ServerError {
         listener: &'static str,
         addr: String,
         source: std::io::Error,
+    },
+    #[error("invalid listen address for {listener}: {message}")]
+    Address {
+        listener: &'static str,
+        message: String,
     },
 }
 
@@ -100,32 +108,84 @@ impl Shared {
 pub struct Listeners {
     pub pop3: Option<TcpListener>,
     pub pop3s: Option<TcpListener>,
+    pub lmtp: Option<TcpListener>,
+    /// LMTP on a unix socket (`lmtp.listen = "unix:/path"`), and its path.
+    pub lmtp_unix: Option<(UnixListener, std::path::PathBuf)>,
+    pub smtp: Option<TcpListener>,
+}
+
+async fn bind_tcp(name: &'static str, addr: &str) -> Result<Option<TcpListener>, ServerError> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            listener: name,
+            addr: addr.to_owned(),
+            source,
+        })?;
+    Ok(Some(l))
+}
+
+/// Binds a unix socket, replacing a stale socket file left by a previous run (but no
+/// other kind of file), readable and writable by owner and group only: the MTA's user
+/// must share the group.
+fn bind_unix(name: &'static str, path: &std::path::Path) -> Result<UnixListener, ServerError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |source| ServerError::Bind {
+        listener: name,
+        addr: format!("unix:{}", path.display()),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            )));
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
 }
 
 impl Listeners {
     pub async fn bind(config: &Config) -> Result<Listeners, ServerError> {
-        async fn one(name: &'static str, addr: &str) -> Result<Option<TcpListener>, ServerError> {
-            if addr.is_empty() {
-                return Ok(None);
+        let mut lmtp = None;
+        let mut lmtp_unix = None;
+        match ListenAddr::parse(&config.lmtp.listen, true) {
+            Ok(None) => {}
+            Ok(Some(ListenAddr::Tcp(_))) => lmtp = bind_tcp("lmtp", &config.lmtp.listen).await?,
+            Ok(Some(ListenAddr::Unix(path))) => {
+                lmtp_unix = Some((bind_unix("lmtp", &path)?, path));
             }
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    listener: name,
-                    addr: addr.to_owned(),
-                    source,
-                })?;
-            Ok(Some(l))
+            Err(message) => {
+                return Err(ServerError::Address {
+                    listener: "lmtp",
+                    message,
+                })
+            }
         }
         Ok(Listeners {
-            pop3: one("pop3", &config.pop3.listen).await?,
-            pop3s: one("pop3s", &config.pop3.tls_listen).await?,
+            pop3: bind_tcp("pop3", &config.pop3.listen).await?,
+            pop3s: bind_tcp("pop3s", &config.pop3.tls_listen).await?,
+            lmtp,
+            lmtp_unix,
+            smtp: bind_tcp("smtp", &config.smtp.listen).await?,
         })
     }
 
     pub fn local_addrs(&self) -> Vec<(&'static str, SocketAddr)> {
         let mut out = Vec::new();
-        for (name, l) in [("pop3", &self.pop3), ("pop3s", &self.pop3s)] {
+        for (name, l) in [
+            ("pop3", &self.pop3),
+            ("pop3s", &self.pop3s),
+            ("lmtp", &self.lmtp),
+            ("smtp", &self.smtp),
+        ] {
             if let Some(addr) = l.as_ref().and_then(|l| l.local_addr().ok()) {
                 out.push((name, addr));
             }
@@ -144,6 +204,9 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
     ));
     for (name, addr) in listeners.local_addrs() {
         info!(listener = name, addr = %addr, "listening");
+    }
+    if let Some((_, path)) = &listeners.lmtp_unix {
+        info!(listener = "lmtp", addr = %format!("unix:{}", path.display()), "listening");
     }
     let mut loops = Vec::new();
     if let Some(l) = listeners.pop3 {
@@ -164,11 +227,37 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
             tracker.clone(),
         )));
     }
+    for (l, protocol) in [
+        (listeners.lmtp, Protocol::Lmtp),
+        (listeners.smtp, Protocol::Smtp),
+    ] {
+        if let Some(l) = l {
+            loops.push(tokio::spawn(mail_accept_loop(
+                l,
+                protocol,
+                shared.clone(),
+                limits.clone(),
+                tracker.clone(),
+            )));
+        }
+    }
+    let unix_path = listeners.lmtp_unix.as_ref().map(|(_, p)| p.clone());
+    if let Some((l, _)) = listeners.lmtp_unix {
+        loops.push(tokio::spawn(unix_accept_loop(
+            l,
+            shared.clone(),
+            limits.clone(),
+            tracker.clone(),
+        )));
+    }
     shared.accepting.store(true, Ordering::Release);
     shared.shutdown.cancelled().await;
     shared.accepting.store(false, Ordering::Release);
     for l in loops {
         let _ = l.await;
+    }
+    if let Some(path) = unix_path {
+        let _ = std::fs::remove_file(path);
     }
     tracker.close();
     let active = tracker.len();
@@ -236,6 +325,134 @@ async fn accept_loop(
                 Err(reason) => session::refuse(stream, peer, kind, reason, shared).await,
             }
         });
+    }
+}
+
+/// Accepts with exponential back-off on errors (EMFILE and friends) instead of spinning;
+/// `None` once shutdown begins.
+async fn accept_next<T>(
+    name: &'static str,
+    shared: &Shared,
+    backoff: &mut Duration,
+    accept: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Option<Option<T>> {
+    let accepted = tokio::select! {
+        _ = shared.shutdown.cancelled() => return None,
+        r = accept => r,
+    };
+    match accepted {
+        Ok(x) => {
+            *backoff = Duration::from_millis(5);
+            Some(Some(x))
+        }
+        Err(e) => {
+            warn!(listener = name, error = %e, "accept failed");
+            tokio::time::sleep(*backoff).await;
+            *backoff = (*backoff * 2).min(Duration::from_secs(1));
+            Some(None)
+        }
+    }
+}
+
+/// The LMTP or SMTP accept loop on TCP.
+async fn mail_accept_loop(
+    listener: TcpListener,
+    protocol: Protocol,
+    shared: Arc<Shared>,
+    limits: Arc<ConnLimits>,
+    tracker: TaskTracker,
+) {
+    let name = protocol.name();
+    let mut backoff = Duration::from_millis(5);
+    while let Some(accepted) = accept_next(name, &shared, &mut backoff, listener.accept()).await {
+        let Some((stream, peer)) = accepted else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let admission = limits.admit(peer.ip());
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            match admission {
+                Ok(permit) => {
+                    smtp_session::run_tcp(stream, peer, protocol, shared).await;
+                    drop(permit);
+                }
+                Err(reason) => {
+                    let peer = smtp_session::Peer::Tcp(peer);
+                    smtp_session::refuse(stream, peer, name, reason, shared).await
+                }
+            }
+        });
+    }
+}
+
+/// The LMTP accept loop on a unix socket: only the global connection limit applies.
+async fn unix_accept_loop(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    limits: Arc<ConnLimits>,
+    tracker: TaskTracker,
+) {
+    let mut backoff = Duration::from_millis(5);
+    while let Some(accepted) = accept_next("lmtp", &shared, &mut backoff, listener.accept()).await {
+        let Some((stream, _)) = accepted else {
+            continue;
+        };
+        let admission = limits.admit_local();
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            match admission {
+                Ok(permit) => {
+                    smtp_session::run_unix(stream, shared).await;
+                    drop(permit);
+                }
+                Err(reason) => {
+                    smtp_session::refuse(stream, smtp_session::Peer::Unix, "lmtp", reason, shared)
+                        .await
+                }
+            }
+        });
+    }
+}
+
+/// The TLS handshake of an implicit-TLS connection or after STLS/STARTTLS, under the
+/// handshake timeout, counted by listener, result and version.
+pub async fn tls_accept(
+    shared: &Shared,
+    stream: TcpStream,
+    listener: &'static str,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let timeout = shared.config.limits.tls_handshake_timeout();
+    let counter = |result, version| {
+        shared
+            .metrics
+            .tls_handshakes
+            .with_label_values(&[listener, result, version])
+            .inc();
+    };
+    match tokio::time::timeout(timeout, shared.acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let (_, conn) = tls.get_ref();
+            let version = match conn.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_2) => metrics::TLS_1_2,
+                Some(rustls::ProtocolVersion::TLSv1_3) => metrics::TLS_1_3,
+                // Not reached: the server config enables only TLS 1.2 and 1.3.
+                _ => metrics::TLS_VERSION_NONE,
+            };
+            counter(metrics::TLS_OK, version);
+            tracing::debug!(version = ?conn.protocol_version(), sni = conn.server_name().unwrap_or("-"), "TLS established");
+            Some(tls)
+        }
+        Ok(Err(e)) => {
+            counter(metrics::TLS_FAILED, metrics::TLS_VERSION_NONE);
+            tracing::debug!(error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            counter(metrics::TLS_TIMEOUT, metrics::TLS_VERSION_NONE);
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
     }
 }
 
@@ -313,6 +530,14 @@ impl ConnLimits {
             per_ip_max,
             per_ip: Arc::default(),
         }
+    }
+
+    /// Admits a connection with no IP address (unix socket): the global limit only.
+    pub fn admit_local(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+        self.total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::TooManyConnections)
     }
 
     pub fn admit(&self, ip: IpAddr) -> Result<Admission, Refusal> {

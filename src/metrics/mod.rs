@@ -47,8 +47,8 @@ pub const PROCESS_NAMESPACE: &str = "mailgate";
 
 // ---- label values: the fixed sets ----
 
-/// Listeners that exist today; LMTP and SMTP add theirs when they land.
-pub const LISTENERS: &[&str] = &["pop3", "pop3s"];
+/// Every listener kind, the `listener` label of the connection metrics.
+pub const LISTENERS: &[&str] = &["pop3", "pop3s", "lmtp", "smtp"];
 pub const REASON_LIMIT: &str = "limit";
 pub const REASON_PER_IP_LIMIT: &str = "per_ip_limit";
 pub const REASON_SHUTDOWN: &str = "shutdown";
@@ -126,11 +126,15 @@ const REDIS_OPERATIONS: &[&str] = &[
     REDIS_PING,
 ];
 
-/// Delivery protocols that exist today; LMTP and SMTP add theirs when they land.
+/// Delivery protocols: `mailgate deliver`, LMTP and inbound SMTP.
 pub const PROTOCOL_LOCAL: &str = "local";
-const DELIVERY_PROTOCOLS: &[&str] = &[PROTOCOL_LOCAL];
+pub const PROTOCOL_LMTP: &str = "lmtp";
+pub const PROTOCOL_SMTP: &str = "smtp";
+const DELIVERY_PROTOCOLS: &[&str] = &[PROTOCOL_LOCAL, PROTOCOL_LMTP, PROTOCOL_SMTP];
 pub const DELIVERY_ACCEPTED: &str = "accepted";
 pub const DELIVERY_UNKNOWN_USER: &str = "unknown_user";
+/// A recipient outside the hosted domains (an open-relay attempt).
+pub const DELIVERY_RELAY_DENIED: &str = "relay_denied";
 pub const DELIVERY_OVER_QUOTA: &str = "over_quota";
 pub const DELIVERY_TOO_BIG: &str = "too_big";
 /// Malformed recipient or sender: a permanent failure that is the sender's fault.
@@ -139,6 +143,7 @@ pub const DELIVERY_TEMP_FAILURE: &str = "temp_failure";
 const DELIVERY_RESULTS: &[&str] = &[
     DELIVERY_ACCEPTED,
     DELIVERY_UNKNOWN_USER,
+    DELIVERY_RELAY_DENIED,
     DELIVERY_OVER_QUOTA,
     DELIVERY_TOO_BIG,
     DELIVERY_BAD_INPUT,
@@ -463,6 +468,7 @@ impl Metrics {
             }
         }
         self.tls_upgrades.with_label_values(&[PROTOCOL_POP3]);
+        self.tls_upgrades.with_label_values(&[PROTOCOL_SMTP]);
         for verb in crate::pop3::codec::VERBS.iter().chain([&COMMAND_UNKNOWN]) {
             for result in [RESULT_OK, RESULT_ERR] {
                 self.commands

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{info, warn, Instrument};
 
 /// The listener a connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -435,39 +435,9 @@ async fn handshake(
     stream: TcpStream,
     ctx: &mut Ctx,
 ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-    let timeout = ctx.shared.config.limits.tls_handshake_timeout();
-    let counter = |result, version| {
-        ctx.shared
-            .metrics
-            .tls_handshakes
-            .with_label_values(&[ctx.listener.name(), result, version])
-            .inc();
-    };
-    match tokio::time::timeout(timeout, ctx.shared.acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => {
-            let (_, conn) = tls.get_ref();
-            let version = match conn.protocol_version() {
-                Some(rustls::ProtocolVersion::TLSv1_2) => metrics::TLS_1_2,
-                Some(rustls::ProtocolVersion::TLSv1_3) => metrics::TLS_1_3,
-                // Not reached: the server config enables only TLS 1.2 and 1.3.
-                _ => metrics::TLS_VERSION_NONE,
-            };
-            counter(metrics::TLS_OK, version);
-            debug!(version = ?conn.protocol_version(), sni = conn.server_name().unwrap_or("-"), "TLS established");
-            ctx.tls = true;
-            Some(tls)
-        }
-        Ok(Err(e)) => {
-            counter(metrics::TLS_FAILED, metrics::TLS_VERSION_NONE);
-            debug!(error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => {
-            counter(metrics::TLS_TIMEOUT, metrics::TLS_VERSION_NONE);
-            debug!("TLS handshake timed out");
-            None
-        }
-    }
+    let tls = crate::server::tls_accept(&ctx.shared, stream, ctx.listener.name()).await?;
+    ctx.tls = true;
+    Some(tls)
 }
 
 fn greet<S: AsyncRead + AsyncWrite + Unpin>(io: &mut Io<S>, ctx: &Ctx) {

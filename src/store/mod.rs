@@ -157,6 +157,10 @@ pub struct Account {
     /// Random per-account value that prefixes every UIDL, so UIDs are never reused even
     /// if the account is removed and created again.
     pub uid_nonce: u32,
+    /// Maildrop size limit in octets overriding `delivery.account_quota_bytes`; `Some(0)`
+    /// means unlimited. Absent in records written before quotas existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
 }
 
 impl Account {
@@ -165,6 +169,7 @@ impl Account {
         Account {
             credentials,
             uid_nonce: rand::random(),
+            quota_bytes: None,
         }
     }
 }

@@ -803,6 +803,7 @@ mod tests {
                 apop_secret: None,
             },
             uid_nonce: nonce,
+            quota_bytes: None,
         }
     }
 

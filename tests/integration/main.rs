@@ -10,3 +10,4 @@ mod clients;
 mod metrics;
 mod pop3;
 mod replicas;
+mod smtp;

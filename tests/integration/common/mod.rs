@@ -76,6 +76,10 @@ pub struct Options {
     pub max_auth_failures_per_account: u32,
     /// Host part of both listen addresses (`[::1]` for IPv6).
     pub listen_host: String,
+    /// `lmtp.listen`: empty is off; `None` means `{listen_host}:0`.
+    pub lmtp_listen: Option<String>,
+    /// `smtp.listen`, likewise.
+    pub smtp_listen: Option<String>,
     /// Extra TOML appended verbatim.
     pub extra: String,
 }
@@ -93,6 +97,8 @@ impl Default for Options {
             listen_host: "127.0.0.1".into(),
             max_auth_failures_per_ip: 1000,
             max_auth_failures_per_account: 1000,
+            lmtp_listen: None,
+            smtp_listen: None,
             extra: String::new(),
         }
     }
@@ -104,6 +110,12 @@ pub struct Server {
     pub ca: TestCa,
     pub pop3: SocketAddr,
     pub pop3s: SocketAddr,
+    /// LMTP on TCP, when configured so.
+    pub lmtp: Option<SocketAddr>,
+    /// Inbound SMTP, when configured.
+    pub smtp: Option<SocketAddr>,
+    /// Listener names the server must report before `spawn` returns.
+    expected: Vec<&'static str>,
     /// The `/metrics`, `/healthz`, `/readyz` endpoint.
     pub metrics: SocketAddr,
     child: Option<Child>,
@@ -134,6 +146,9 @@ impl Server {
         let (cert, key) = ca.issue("default", &["localhost", "127.0.0.1"]);
         let (org_cert, org_key) = ca.issue("example-org", &["example.org", "mail.example.org"]);
         let config = dir.path().join("mailgate.toml");
+        let port0 = format!("{}:0", opts.listen_host);
+        let lmtp_listen = opts.lmtp_listen.clone().unwrap_or_else(|| port0.clone());
+        let smtp_listen = opts.smtp_listen.clone().unwrap_or(port0);
         let toml = format!(
             r#"
 data_dir = "{data}"
@@ -147,10 +162,10 @@ apop = {apop}
 replace_nul = {nul}
 
 [lmtp]
-listen = "{host}:0"
+listen = "{lmtp}"
 
 [smtp]
-listen = "{host}:0"
+listen = "{smtp}"
 
 [metrics]
 listen = "{host}:0"
@@ -183,6 +198,8 @@ scram_iterations = 4096
 "#,
             data = dir.path().join("data").display(),
             host = opts.listen_host,
+            lmtp = lmtp_listen,
+            smtp = smtp_listen,
             per_ip_failures = opts.max_auth_failures_per_ip,
             per_account_failures = opts.max_auth_failures_per_account,
             plain = opts.allow_plaintext_auth,
@@ -199,12 +216,22 @@ scram_iterations = 4096
             extra = opts.extra,
         );
         std::fs::write(&config, toml).expect("write config");
+        let mut expected = vec!["pop3", "pop3s", "metrics"];
+        if !lmtp_listen.is_empty() {
+            expected.push("lmtp");
+        }
+        if !smtp_listen.is_empty() {
+            expected.push("smtp");
+        }
         let mut server = Server {
             dir,
             config,
             ca,
             pop3: "0.0.0.0:0".parse().expect("addr"),
             pop3s: "0.0.0.0:0".parse().expect("addr"),
+            lmtp: None,
+            smtp: None,
+            expected,
             metrics: "0.0.0.0:0".parse().expect("addr"),
             child: None,
             log: Arc::default(),
@@ -247,18 +274,12 @@ scram_iterations = 4096
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        let (mut pop3, mut pop3s, mut metrics) = (None, None, None);
-        while pop3.is_none() || pop3s.is_none() || metrics.is_none() {
+        let mut seen: std::collections::HashMap<String, String> = Default::default();
+        while !self.expected.iter().all(|name| seen.contains_key(*name)) {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok((name, addr)) => {
-                    let addr: SocketAddr = addr.parse().expect("listening addr");
-                    match name.as_str() {
-                        "\"pop3\"" | "pop3" => pop3 = Some(addr),
-                        "\"pop3s\"" | "pop3s" => pop3s = Some(addr),
-                        "\"metrics\"" | "metrics" => metrics = Some(addr),
-                        _ => {}
-                    }
+                    seen.insert(name.trim_matches('"').to_string(), addr);
                 }
                 Err(_) => {
                     let _ = child.kill();
@@ -270,9 +291,12 @@ scram_iterations = 4096
                 }
             }
         }
-        self.pop3 = pop3.expect("pop3");
-        self.pop3s = pop3s.expect("pop3s");
-        self.metrics = metrics.expect("metrics");
+        let tcp = |name: &str| seen.get(name).and_then(|a| a.parse::<SocketAddr>().ok());
+        self.pop3 = tcp("pop3").expect("pop3");
+        self.pop3s = tcp("pop3s").expect("pop3s");
+        self.metrics = tcp("metrics").expect("metrics");
+        self.lmtp = tcp("lmtp");
+        self.smtp = tcp("smtp");
         self.child = Some(child);
     }
 

@@ -1,0 +1,710 @@
+//! One LMTP or SMTP connection: owns the socket, timeouts and the transaction's
+//! stores. Commands go through `codec` and `core`; recipients and messages through
+//! `delivery` on blocking threads. DATA is streamed: dot-unstuffed, CRLF-normalised
+//! and written to every recipient's store in chunks, never held whole. STARTTLS
+//! consumes the cleartext connection and continues over TLS.
+//! Must not write protocol bytes other than through `Reply`.
+
+use super::codec::{self, Reply, MAX_COMMAND_LINE};
+use super::core::{Core, CoreLimits, Protocol, Step, Verdict};
+use crate::delivery::{self, Batch, Quotas};
+use crate::message::CrlfNormalizer;
+use crate::metrics;
+use crate::pop3::codec::{DotUnstuffer, LineReader};
+use crate::server::{Refusal, Shared};
+use bytes::{Buf, BytesMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn, Instrument};
+
+/// Message bytes gathered before one blocking write to the stores.
+const WRITE_CHUNK: usize = 64 * 1024;
+/// Read buffer; grows only while a client pipelines.
+const RBUF_INITIAL: usize = 4096;
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Where a connection comes from, as logged and written into Received:.
+#[derive(Debug, Clone)]
+pub enum Peer {
+    Tcp(std::net::SocketAddr),
+    /// LMTP over a unix socket: the MTA is local.
+    Unix,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+            Peer::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Quit,
+    Timeout,
+    Dropped,
+    Shutdown,
+    TooManyErrors,
+    TlsFailed,
+    Error,
+}
+
+impl Outcome {
+    fn name(self) -> &'static str {
+        match self {
+            Outcome::Quit => "quit",
+            Outcome::Timeout => "timeout",
+            Outcome::Dropped => "dropped",
+            Outcome::Shutdown => "shutdown",
+            Outcome::TooManyErrors => "too_many_errors",
+            Outcome::TlsFailed => "tls_failed",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// How a command loop ended.
+enum End {
+    Done(Outcome),
+    /// STARTTLS was accepted: hand the stream to TLS.
+    StartTls,
+}
+
+/// Why reading stopped.
+enum Input {
+    Line(BytesMut),
+    TooLong,
+    Closed,
+    Timeout,
+    Shutdown,
+}
+
+struct Io<S> {
+    stream: S,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    lines: LineReader,
+    idle: Duration,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
+    fn new(stream: S, idle: Duration) -> Self {
+        Io {
+            stream,
+            rbuf: BytesMut::with_capacity(RBUF_INITIAL),
+            wbuf: BytesMut::new(),
+            lines: LineReader::new(),
+            idle,
+        }
+    }
+
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.wbuf);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(self.idle, self.stream.write_all(&self.wbuf)).await {
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+            Ok(r) => r?,
+        }
+        self.wbuf.clear();
+        tokio::time::timeout(self.idle, self.stream.flush())
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    }
+
+    /// Reads more input within `limit`; replies are flushed first, so a pipelining
+    /// client gets every answer to the commands it sent before it has to wait (RFC 2920).
+    async fn fill(&mut self, limit: Duration, shutdown: Option<&Shared>) -> std::io::Result<Input> {
+        self.flush().await?;
+        if self.rbuf.capacity() - self.rbuf.len() < RBUF_INITIAL / 2 {
+            self.rbuf.reserve(RBUF_INITIAL);
+        }
+        let cancelled = async {
+            match shutdown {
+                Some(s) => s.shutdown.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = cancelled => Ok(Input::Shutdown),
+            r = tokio::time::timeout(limit, self.stream.read_buf(&mut self.rbuf)) => match r {
+                Err(_) => Ok(Input::Timeout),
+                Ok(Ok(0)) => Ok(Input::Closed),
+                Ok(Ok(_)) => Ok(Input::Line(BytesMut::new())),
+                Ok(Err(e)) => Err(e),
+            },
+        }
+    }
+
+    /// The next command line.
+    async fn next_line(&mut self, limit: Duration, shared: &Shared) -> std::io::Result<Input> {
+        loop {
+            if let Some(line) = self.lines.next_line(&mut self.rbuf, MAX_COMMAND_LINE) {
+                return Ok(match line {
+                    Ok(l) => Input::Line(l),
+                    Err(_) => Input::TooLong,
+                });
+            }
+            match self.fill(limit, Some(shared)).await? {
+                Input::Line(_) => {}
+                other => return Ok(other),
+            }
+        }
+    }
+}
+
+/// Per-connection facts and counters.
+struct Ctx {
+    shared: Arc<Shared>,
+    peer: Peer,
+    listener: &'static str,
+    protocol: Protocol,
+    bad_commands: u32,
+    /// When the transaction in progress began (MAIL accepted).
+    transaction_started: Option<Instant>,
+    accepted: u64,
+    rejected: u64,
+    bytes_in: u64,
+}
+
+impl Ctx {
+    fn label(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Lmtp => metrics::PROTOCOL_LMTP,
+            Protocol::Smtp => metrics::PROTOCOL_SMTP,
+        }
+    }
+
+    /// How long the next read may wait: the idle timeout, cut short by the end of the
+    /// transaction's time budget.
+    fn read_limit(&self) -> Duration {
+        let idle = self.shared.config.delivery.idle_timeout();
+        match self.transaction_started {
+            Some(t) => {
+                let budget = self.shared.config.delivery.transaction_timeout();
+                idle.min(budget.saturating_sub(t.elapsed()))
+            }
+            None => idle,
+        }
+    }
+
+    fn transaction_expired(&self) -> bool {
+        self.transaction_started
+            .is_some_and(|t| t.elapsed() >= self.shared.config.delivery.transaction_timeout())
+    }
+
+    fn count(&mut self, verdict: Verdict, elapsed: Duration, stored: Option<u64>) {
+        if verdict == Verdict::Accepted {
+            self.accepted += 1;
+        } else {
+            self.rejected += 1;
+        }
+        let stored = stored.filter(|_| verdict == Verdict::Accepted);
+        self.shared
+            .metrics
+            .observe_delivery(self.label(), verdict_label(verdict), elapsed, stored);
+    }
+}
+
+/// The `result` label of the deliveries metric for a verdict.
+fn verdict_label(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Accepted => metrics::DELIVERY_ACCEPTED,
+        Verdict::UnknownUser => metrics::DELIVERY_UNKNOWN_USER,
+        Verdict::RelayDenied => metrics::DELIVERY_RELAY_DENIED,
+        Verdict::QuotaFull | Verdict::QuotaTooSmall => metrics::DELIVERY_OVER_QUOTA,
+        Verdict::TooBig => metrics::DELIVERY_TOO_BIG,
+        Verdict::TempFail => metrics::DELIVERY_TEMP_FAILURE,
+    }
+}
+
+/// Answers a connection refused before its session (limits, shutdown) with 421.
+pub async fn refuse<S: AsyncWrite + Unpin>(
+    mut stream: S,
+    peer: Peer,
+    listener: &'static str,
+    reason: Refusal,
+    shared: Arc<Shared>,
+) {
+    shared
+        .metrics
+        .connections_rejected
+        .with_label_values(&[listener, reason.metric_reason()])
+        .inc();
+    info!(peer = %peer, listener, reason = ?reason, "connection refused");
+    let reply = match reason {
+        Refusal::TooManyConnections => {
+            Reply::new(421, "4.7.0", "Too many connections, try again later")
+        }
+        Refusal::TooManyFromPeer => {
+            Reply::new(421, "4.7.0", "Too many connections from your address")
+        }
+        Refusal::ShuttingDown => Reply::new(421, "4.3.2", "Server shutting down"),
+    };
+    let mut out = BytesMut::new();
+    reply.write_to(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;
+}
+
+/// Runs one TCP connection (LMTP or SMTP) to its end.
+pub async fn run_tcp(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    protocol: Protocol,
+    shared: Arc<Shared>,
+) {
+    run(Conn::Tcp(stream), Peer::Tcp(peer), protocol, shared).await
+}
+
+/// Runs one LMTP connection on the unix socket to its end.
+pub async fn run_unix(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
+    run(Conn::Unix(stream), Peer::Unix, Protocol::Lmtp, shared).await
+}
+
+enum Conn {
+    Tcp(TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn run(conn: Conn, peer: Peer, protocol: Protocol, shared: Arc<Shared>) {
+    let sid = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let listener = protocol.name();
+    let span = tracing::info_span!("session", sid, peer = %peer, listener);
+    async move {
+        let started = Instant::now();
+        let m = shared.metrics.clone();
+        m.connections_accepted.with_label_values(&[listener]).inc();
+        m.connections_active.with_label_values(&[listener]).inc();
+        let mut ctx = Ctx {
+            shared,
+            peer,
+            listener,
+            protocol,
+            bad_commands: 0,
+            transaction_started: None,
+            accepted: 0,
+            rejected: 0,
+            bytes_in: 0,
+        };
+        let (outcome, tls) = match conn {
+            Conn::Tcp(stream) => connection_tcp(stream, &mut ctx).await,
+            Conn::Unix(stream) => {
+                let mut core = new_core(&ctx, false);
+                let mut io = Io::new(stream, ctx.shared.config.delivery.idle_timeout());
+                io.reply(&core.greeting());
+                (finish(serve(&mut io, &mut core, &mut ctx).await), false)
+            }
+        };
+        m.connections_active.with_label_values(&[listener]).dec();
+        m.sessions
+            .with_label_values(&[listener, outcome.name()])
+            .inc();
+        m.session_duration
+            .with_label_values(&[listener])
+            .observe(started.elapsed().as_secs_f64());
+        info!(
+            outcome = outcome.name(),
+            tls,
+            accepted = ctx.accepted,
+            rejected = ctx.rejected,
+            bytes_in = ctx.bytes_in,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "session end"
+        );
+    }
+    .instrument(span)
+    .await
+}
+
+fn new_core(ctx: &Ctx, tls_active: bool) -> Core {
+    let d = &ctx.shared.config.delivery;
+    Core::new(
+        ctx.protocol,
+        &ctx.shared.config.hostname,
+        CoreLimits {
+            max_message_bytes: d.max_message_bytes,
+            max_recipients: d.max_recipients,
+        },
+        tls_active,
+    )
+}
+
+fn finish(end: End) -> Outcome {
+    match end {
+        End::Done(o) => o,
+        // invariant: `core` offers STARTTLS only on a cleartext TCP connection.
+        End::StartTls => Outcome::Error,
+    }
+}
+
+async fn connection_tcp(stream: TcpStream, ctx: &mut Ctx) -> (Outcome, bool) {
+    let idle = ctx.shared.config.delivery.idle_timeout();
+    let mut core = new_core(ctx, false);
+    let mut io = Io::new(stream, idle);
+    io.reply(&core.greeting());
+    match serve(&mut io, &mut core, ctx).await {
+        End::Done(o) => (o, false),
+        End::StartTls => {
+            // Whatever the client pipelined after STARTTLS is dropped with `io`: it came
+            // before the handshake and must not be executed (RFC 3207 §4.2, CVE-2011-0411).
+            let Some(tls) = crate::server::tls_accept(&ctx.shared, io.stream, ctx.listener).await
+            else {
+                return (Outcome::TlsFailed, false);
+            };
+            ctx.shared
+                .metrics
+                .tls_upgrades
+                .with_label_values(&[ctx.label()])
+                .inc();
+            core.tls_started();
+            let mut io = Io::new(tls, idle);
+            (finish(serve(&mut io, &mut core, ctx).await), true)
+        }
+    }
+}
+
+/// The command loop for one transport.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Io<S>,
+    core: &mut Core,
+    ctx: &mut Ctx,
+) -> End {
+    let end = command_loop(io, core, ctx).await;
+    // Best effort: the last replies (221, 421) go out before the connection closes.
+    let _ = io.flush().await;
+    end
+}
+
+async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Io<S>,
+    core: &mut Core,
+    ctx: &mut Ctx,
+) -> End {
+    let max_bad = ctx.shared.config.limits.max_bad_commands;
+    loop {
+        if ctx.transaction_expired() {
+            io.reply(&Reply::new(
+                421,
+                "4.4.2",
+                "Transaction took too long, closing",
+            ));
+            return End::Done(Outcome::Timeout);
+        }
+        let input = match io.next_line(ctx.read_limit(), &ctx.shared).await {
+            Ok(i) => i,
+            Err(e) => {
+                debug!(error = %e, "connection error");
+                return End::Done(Outcome::Dropped);
+            }
+        };
+        let line = match input {
+            Input::Line(l) => l,
+            Input::TooLong => {
+                io.reply(&Reply::new(500, "5.5.2", "Line too long"));
+                if bad_command(io, ctx, max_bad) {
+                    return End::Done(Outcome::TooManyErrors);
+                }
+                continue;
+            }
+            Input::Closed => return End::Done(Outcome::Dropped),
+            Input::Timeout => {
+                io.reply(&Reply::new(421, "4.4.2", "Timeout, closing connection"));
+                return End::Done(Outcome::Timeout);
+            }
+            Input::Shutdown => {
+                io.reply(&Reply::new(421, "4.3.2", "Server shutting down"));
+                return End::Done(Outcome::Shutdown);
+            }
+        };
+        let step = match codec::parse(&line, core.smtputf8()) {
+            Ok(cmd) => core.command(cmd),
+            Err(e) => {
+                io.reply(&core.parse_error(&e, &line));
+                if bad_command(io, ctx, max_bad) {
+                    return End::Done(Outcome::TooManyErrors);
+                }
+                continue;
+            }
+        };
+        match step {
+            Step::Reply(r) => {
+                io.reply(&r);
+                // 500-503: unknown, malformed or out-of-order commands.
+                if (500..=503).contains(&r.code) && bad_command(io, ctx, max_bad) {
+                    return End::Done(Outcome::TooManyErrors);
+                }
+            }
+            Step::CheckRecipient(to) => {
+                let started = Instant::now();
+                let size = core.envelope().and_then(|e| e.mail.size).unwrap_or(0);
+                let directory = ctx.shared.directory.clone();
+                let quotas = Quotas::from_config(&ctx.shared.config.delivery);
+                let rcpt = to.clone();
+                let verdict = tokio::task::spawn_blocking(move || {
+                    delivery::check_recipient(&directory, &rcpt, size, quotas)
+                })
+                .await
+                .unwrap_or(Verdict::TempFail);
+                if verdict != Verdict::Accepted {
+                    debug!(recipient = %to, ?verdict, "recipient refused");
+                    ctx.count(verdict, started.elapsed(), None);
+                }
+                io.reply(&core.recipient(verdict));
+            }
+            Step::Data => {
+                io.reply(&Reply::plain(
+                    354,
+                    vec!["End data with <CR><LF>.<CR><LF>".into()],
+                ));
+                let result = receive_data(io, core, ctx).await;
+                core.data_done();
+                match result {
+                    Ok(replies) => {
+                        for r in &replies {
+                            io.reply(r);
+                        }
+                    }
+                    Err(outcome) => {
+                        if outcome == Outcome::Timeout {
+                            io.reply(&Reply::new(421, "4.4.2", "Timeout during DATA, closing"));
+                        } else if outcome == Outcome::Shutdown {
+                            io.reply(&Reply::new(421, "4.3.2", "Server shutting down"));
+                        }
+                        return End::Done(outcome);
+                    }
+                }
+            }
+            Step::StartTls(r) => {
+                io.reply(&r);
+                if io.flush().await.is_err() {
+                    return End::Done(Outcome::Dropped);
+                }
+                return End::StartTls;
+            }
+            Step::Quit(r) => {
+                io.reply(&r);
+                return End::Done(Outcome::Quit);
+            }
+        }
+        // The transaction's time budget runs from MAIL to the end of DATA.
+        if core.in_transaction() {
+            ctx.transaction_started.get_or_insert_with(Instant::now);
+        } else {
+            ctx.transaction_started = None;
+        }
+    }
+}
+
+/// Counts a bad command; true when the connection must close (after a 421 queued).
+fn bad_command<S>(io: &mut Io<S>, ctx: &mut Ctx, max: u32) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ctx.bad_commands += 1;
+    if ctx.bad_commands >= max {
+        io.reply(&Reply::new(
+            421,
+            "4.7.0",
+            "Too many errors, closing connection",
+        ));
+        return true;
+    }
+    false
+}
+
+/// `Return-Path:` and `Received:` (RFC 5321 §4.4), the first lines of every copy.
+fn trace_headers(core: &Core, ctx: &Ctx, from: &str, recipients: &[String]) -> Vec<u8> {
+    let now = time::OffsetDateTime::now_utc();
+    let date = now
+        .format(&time::format_description::well_known::Rfc2822)
+        .unwrap_or_default();
+    let helo = core.helo_name().unwrap_or("unknown");
+    let from_part = match &ctx.peer {
+        Peer::Tcp(a) => format!("{helo} ([{}])", a.ip()),
+        Peer::Unix => helo.to_owned(),
+    };
+    let id: u64 = rand::random();
+    // "for" only names a single recipient: copies for several must not reveal the others.
+    let for_part = match recipients {
+        [one] => format!("\r\n\tfor <{one}>"),
+        _ => String::new(),
+    };
+    format!(
+        "Return-Path: <{from}>\r\nReceived: from {from_part}\r\n\tby {host} (mailgate) with {with} id {id:016x}{for_part};\r\n\t{date}\r\n",
+        host = ctx.shared.config.hostname,
+        with = core.received_with(),
+    )
+    .into_bytes()
+}
+
+/// Streams one message from the client into the recipients' stores and returns the
+/// replies: one (SMTP) or one per accepted recipient (LMTP). `Err` ends the connection;
+/// whatever was stored of the message is discarded.
+async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Io<S>,
+    core: &Core,
+    ctx: &mut Ctx,
+) -> Result<Vec<Reply>, Outcome> {
+    let started = Instant::now();
+    let Some(envelope) = core.envelope().cloned() else {
+        return Ok(vec![Reply::new(503, "5.5.1", "Need MAIL before DATA")]);
+    };
+    let max = ctx.shared.config.delivery.max_message_bytes;
+    let directory = ctx.shared.directory.clone();
+    let recipients = envelope.recipients.clone();
+    let mut batch = blocking(move || Batch::begin(&directory, &recipients)).await?;
+    let mut staged = trace_headers(core, ctx, &envelope.mail.from, &envelope.recipients);
+    let mut unstuffer = DotUnstuffer::new();
+    let mut normalizer = CrlfNormalizer::new();
+    let mut decoded = BytesMut::with_capacity(WRITE_CHUNK);
+    let mut body_octets = 0u64;
+    let mut too_big = false;
+    loop {
+        if !io.rbuf.is_empty() {
+            let before = decoded.len();
+            let step = unstuffer.decode(&io.rbuf, &mut decoded);
+            io.rbuf.advance(step.consumed);
+            ctx.bytes_in += step.consumed as u64;
+            body_octets += (decoded.len() - before) as u64;
+            if body_octets > max {
+                // Keep reading to the terminator so the client gets its 552, but store
+                // nothing more.
+                too_big = true;
+                decoded.clear();
+                staged.clear();
+            } else {
+                normalizer.push(&decoded, &mut staged);
+                decoded.clear();
+            }
+            if staged.len() >= WRITE_CHUNK && !too_big {
+                let chunk = std::mem::take(&mut staged);
+                let (b, mut chunk) = blocking(move || {
+                    batch.write(&chunk);
+                    (batch, chunk)
+                })
+                .await?;
+                batch = b;
+                chunk.clear();
+                staged = chunk;
+            }
+            if step.done {
+                break;
+            }
+            continue;
+        }
+        if ctx.transaction_expired() {
+            discard(batch);
+            return Err(Outcome::Timeout);
+        }
+        match io.fill(ctx.read_limit(), None).await {
+            Ok(Input::Line(_)) => {}
+            Ok(Input::Timeout) => {
+                discard(batch);
+                return Err(Outcome::Timeout);
+            }
+            Ok(_) | Err(_) => {
+                discard(batch);
+                debug!("client went away during DATA; nothing stored");
+                return Err(Outcome::Dropped);
+            }
+        }
+        if ctx.shared.abort.is_cancelled() {
+            discard(batch);
+            return Err(Outcome::Shutdown);
+        }
+    }
+    let verdicts = if too_big {
+        discard(batch);
+        vec![Verdict::TooBig; envelope.recipients.len()]
+    } else {
+        normalizer.finish(&mut staged);
+        let quotas = Quotas::from_config(&ctx.shared.config.delivery);
+        let all_or_nothing = core.protocol() == Protocol::Smtp;
+        blocking(move || {
+            batch.write(&staged);
+            batch.finish(quotas, all_or_nothing)
+        })
+        .await?
+    };
+    let elapsed = started.elapsed();
+    for v in &verdicts {
+        ctx.count(*v, elapsed, Some(body_octets));
+    }
+    info!(
+        from = %envelope.mail.from,
+        recipients = envelope.recipients.len(),
+        accepted = verdicts.iter().filter(|v| **v == Verdict::Accepted).count(),
+        octets = body_octets,
+        "message received"
+    );
+    Ok(data_replies(core.protocol(), &verdicts))
+}
+
+/// The replies to the end of DATA: LMTP answers once per recipient in RCPT order
+/// (RFC 2033 §4.2); SMTP once for the message.
+fn data_replies(protocol: Protocol, verdicts: &[Verdict]) -> Vec<Reply> {
+    let delivered = || Reply::new(250, "2.0.0", "Message accepted for delivery");
+    match protocol {
+        Protocol::Lmtp => verdicts
+            .iter()
+            .map(|v| match v {
+                Verdict::Accepted => delivered(),
+                other => other.reply(),
+            })
+            .collect(),
+        Protocol::Smtp => {
+            let reply = match verdicts.iter().find(|v| **v != Verdict::Accepted) {
+                None => delivered(),
+                Some(v) => v.reply(),
+            };
+            vec![reply]
+        }
+    }
+}
+
+/// Runs store work on a blocking thread; a panic there ends the connection.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Outcome> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        warn!(error = %e, "store task failed");
+        Outcome::Error
+    })
+}
+
+/// Drops an unfinished message on a blocking thread (removing its parts touches sled).
+fn discard(batch: Batch) {
+    tokio::task::spawn_blocking(move || drop(batch));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lmtp_answers_per_recipient_smtp_once() {
+        let verdicts = [Verdict::Accepted, Verdict::UnknownUser, Verdict::QuotaFull];
+        let lmtp = data_replies(Protocol::Lmtp, &verdicts);
+        assert_eq!(
+            lmtp.iter().map(|r| r.code).collect::<Vec<_>>(),
+            vec![250, 550, 452]
+        );
+        let smtp = data_replies(Protocol::Smtp, &verdicts);
+        assert_eq!(smtp.len(), 1);
+        assert_eq!(
+            smtp[0].code, 550,
+            "the first failure speaks for the message"
+        );
+        let ok = data_replies(Protocol::Smtp, &[Verdict::Accepted, Verdict::Accepted]);
+        assert_eq!(ok[0].code, 250);
+    }
+}

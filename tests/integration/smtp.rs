@@ -1,0 +1,526 @@
+//! Mail coming in over LMTP and SMTP: Python's smtplib as the MTA, a raw client for the
+//! byte-exact and hostile cases, and POP3S to read back what was stored.
+
+use crate::common::{python, Options, Raw, Server, PASSWORD};
+use crate::metrics::http_get;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Every message in `user`'s maildrop, read over POP3S with RETR.
+async fn fetch_all(server: &Server, user: &str) -> Vec<Vec<u8>> {
+    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
+    c.line().await;
+    let r = c.login(user, PASSWORD).await;
+    assert!(r.starts_with("+OK"), "{r}");
+    let stat = c.cmd("STAT").await;
+    let count: usize = stat
+        .split_whitespace()
+        .nth(1)
+        .expect("count")
+        .parse()
+        .expect("n");
+    let mut out = Vec::new();
+    for i in 1..=count {
+        let r = c.cmd(&format!("RETR {i}")).await;
+        assert!(r.starts_with("+OK"), "{r}");
+        out.push(c.multiline().await);
+    }
+    c.cmd("QUIT").await;
+    out
+}
+
+/// Splits a stored message into its two trace headers (Return-Path, Received with its
+/// continuation lines) and the rest.
+fn split_trace(stored: &[u8]) -> (String, String, Vec<u8>) {
+    let text = stored;
+    let first_end = text.windows(2).position(|w| w == b"\r\n").expect("line") + 2;
+    let return_path = String::from_utf8_lossy(&text[..first_end]).into_owned();
+    let mut end = first_end;
+    loop {
+        let next = text[end..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("line")
+            + end
+            + 2;
+        end = next;
+        if text.get(end) != Some(&b'\t') {
+            break;
+        }
+    }
+    let received = String::from_utf8_lossy(&text[first_end..end]).into_owned();
+    (return_path, received, text[end..].to_vec())
+}
+
+fn send(
+    mode: &str,
+    target: &str,
+    server: &Server,
+    message: &[u8],
+    from: &str,
+    rcpts: &[&str],
+) -> serde_json::Value {
+    let file = server.dir.path().join("message.eml");
+    std::fs::write(&file, message).expect("write message");
+    let ca = server.ca.ca_pem.display().to_string();
+    let file = file.display().to_string();
+    let mut args = vec![mode, target, ca.as_str(), file.as_str(), from];
+    args.extend_from_slice(rcpts);
+    let out = python("smtp_send.py", &args);
+    serde_json::from_str(&out).expect("json from smtp_send.py")
+}
+
+fn codes(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|r| r[0].as_u64().expect("code"))
+        .collect()
+}
+
+/// A message exercising what must survive the trip: a leading dot, 8-bit text, bare LF
+/// and bare CR line ends (normalised), no final line end (added).
+const MESSAGE: &[u8] = b"From: sender@example.net\r\nTo: joe@example.org\r\nSubject: in\r\n\r\n.leading dot\r\nbare lf\nbare cr\rcaf\xc3\xa9\r\nlast line";
+const STORED_BODY: &[u8] = b"From: sender@example.net\r\nTo: joe@example.org\r\nSubject: in\r\n\r\n.leading dot\r\nbare lf\r\nbare cr\r\ncaf\xc3\xa9\r\nlast line\r\n";
+
+fn lmtp_addr(server: &Server) -> String {
+    server.lmtp.expect("lmtp listener").to_string()
+}
+
+fn smtp_addr(server: &Server) -> SocketAddr {
+    server.smtp.expect("smtp listener")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lmtp_smtplib_delivers_to_two_domains_byte_exact() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    server.with_user("ann@example.net");
+    let out = send(
+        "lmtp",
+        &lmtp_addr(&server),
+        &server,
+        MESSAGE,
+        "sender@example.net",
+        &["joe@example.org", "ann@example.net"],
+    );
+    assert_eq!(codes(&out["rcpt"]), vec![250, 250], "{out}");
+    assert_eq!(
+        codes(&out["data"]),
+        vec![250, 250],
+        "one reply per recipient: {out}"
+    );
+    let features = out["features"].to_string();
+    for f in [
+        "pipelining",
+        "size",
+        "8bitmime",
+        "enhancedstatuscodes",
+        "smtputf8",
+    ] {
+        assert!(features.contains(f), "{f} not in {features}");
+    }
+    assert!(
+        !features.contains("starttls"),
+        "LMTP offers no STARTTLS: {features}"
+    );
+    for user in ["joe@example.org", "ann@example.net"] {
+        let messages = fetch_all(&server, user).await;
+        assert_eq!(messages.len(), 1, "{user}");
+        let (return_path, received, rest) = split_trace(&messages[0]);
+        assert_eq!(return_path, "Return-Path: <sender@example.net>\r\n");
+        assert!(
+            received.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby mail.test (mailgate) with LMTP id "),
+            "{received:?}"
+        );
+        assert!(
+            !received.contains("for <"),
+            "several recipients are not named: {received:?}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&rest),
+            String::from_utf8_lossy(STORED_BODY)
+        );
+    }
+    let (_, metrics) = http_get(&format!("http://{}/metrics", server.metrics));
+    assert!(
+        metrics.contains("mailgate_deliveries_total{protocol=\"lmtp\",result=\"accepted\"} 2"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("deliveries_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_starttls_smtplib_delivers() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let out = send(
+        "starttls",
+        &smtp_addr(&server).to_string(),
+        &server,
+        MESSAGE,
+        "sender@example.net",
+        &["joe@example.org"],
+    );
+    let features = out["features"].to_string();
+    for f in [
+        "starttls",
+        "pipelining",
+        "size",
+        "8bitmime",
+        "enhancedstatuscodes",
+        "smtputf8",
+    ] {
+        assert!(features.contains(f), "{f} not in {features}");
+    }
+    assert_eq!(out["starttls"][0], 220, "{out}");
+    assert!(
+        !out["tls_features"].to_string().contains("starttls"),
+        "{out}"
+    );
+    assert_eq!(codes(&out["data"]), vec![250], "{out}");
+    let messages = fetch_all(&server, "joe@example.org").await;
+    let (_, received, rest) = split_trace(&messages[0]);
+    assert!(received.contains("with ESMTPS id "), "{received:?}");
+    assert!(
+        received.contains("\tfor <joe@example.org>;"),
+        "{received:?}"
+    );
+    assert_eq!(rest, STORED_BODY);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lmtp_on_a_unix_socket() {
+    let sockdir = tempfile::tempdir().expect("tempdir");
+    let path = sockdir.path().join("lmtp.sock");
+    let server = Server::start_with(Options {
+        lmtp_listen: Some(format!("unix:{}", path.display())),
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    let out = send(
+        "lmtp-unix",
+        &path.display().to_string(),
+        &server,
+        MESSAGE,
+        "",
+        &["joe@example.org"],
+    );
+    assert_eq!(codes(&out["data"]), vec![250], "{out}");
+    let messages = fetch_all(&server, "joe@example.org").await;
+    let (return_path, received, _) = split_trace(&messages[0]);
+    assert_eq!(return_path, "Return-Path: <>\r\n", "null sender");
+    assert!(
+        received.starts_with("Received: from client.test\r\n"),
+        "{received:?}"
+    );
+    let mode = std::fs::metadata(&path).map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
+    assert_eq!(mode.ok(), Some(0o660));
+}
+
+/// A raw SMTP/LMTP client: reads whole (multi-line) replies.
+struct Client(Raw);
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        let mut c = Client(Raw::plain(addr).await);
+        let greeting = c.reply().await;
+        assert!(greeting.starts_with("220 "), "{greeting}");
+        c
+    }
+
+    /// One reply, all its lines joined.
+    async fn reply(&mut self) -> String {
+        let mut out = String::new();
+        loop {
+            let line = self.0.line().await;
+            out.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return out;
+            }
+        }
+    }
+
+    async fn cmd(&mut self, line: &str) -> String {
+        self.0.send(&format!("{line}\r\n")).await;
+        self.reply().await
+    }
+}
+
+fn assert_reply(reply: &str, prefix: &str) {
+    assert!(
+        reply.starts_with(prefix),
+        "expected {prefix:?}, got {reply:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_is_never_an_open_relay() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    assert_reply(&c.cmd("EHLO attacker.test").await, "250-mail.test");
+    assert_reply(&c.cmd("MAIL FROM:<spam@attacker.test>").await, "250 2.1.0");
+    for victim in [
+        "victim@gmail.example",
+        "joe@example.org.attacker.test",
+        "joe@org",
+        "joe@[127.0.0.1]",
+    ] {
+        assert_reply(&c.cmd(&format!("RCPT TO:<{victim}>")).await, "550 5.7.1");
+    }
+    assert_reply(
+        &c.cmd("RCPT TO:<@example.org:victim@elsewhere.test>").await,
+        "550 5.7.1",
+    );
+    assert_reply(&c.cmd("RCPT TO:<nobody@example.org>").await, "550 5.1.1");
+    assert_reply(&c.cmd("RCPT TO:<\"joe\"@example.org>").await, "550 5.1.1");
+    assert_reply(&c.cmd("DATA").await, "554 5.5.1");
+    assert_reply(&c.cmd("RCPT TO:<Joe@EXAMPLE.org>").await, "250 2.1.5");
+    assert_reply(&c.cmd("QUIT").await, "221 2.0.0");
+    let (_, metrics) = http_get(&format!("http://{}/metrics", server.metrics));
+    assert!(
+        metrics.contains("mailgate_deliveries_total{protocol=\"smtp\",result=\"relay_denied\"} 5"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("deliveries_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_out_of_order_and_garbage() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    assert_reply(&c.cmd("MAIL FROM:<a@b.test>").await, "503 5.5.1");
+    assert_reply(&c.cmd("LHLO x").await, "500 5.5.1");
+    assert_reply(&c.cmd("HELO client.test").await, "250 mail.test");
+    assert_reply(&c.cmd("RCPT TO:<joe@example.org>").await, "503 5.5.1");
+    assert_reply(&c.cmd("DATA").await, "503 5.5.1");
+    assert_reply(
+        &c.cmd("MAIL FROM:<a@b.test> BODY=8BITMIME").await,
+        "555 5.5.4",
+    );
+    assert_reply(&c.cmd("MAIL FROM:a@b.test").await, "501 5.1.7");
+    assert_reply(&c.cmd("BDAT 10 LAST").await, "502 5.5.1");
+    assert_reply(&c.cmd("VRFY joe").await, "252 2.5.0");
+    assert_reply(&c.cmd("NOOP").await, "250 2.0.0");
+    assert_reply(&c.cmd("QUIT").await, "221");
+    assert!(c.0.closed().await);
+
+    // Ten bad commands close the connection with 421.
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    for _ in 0..9 {
+        assert_reply(&c.cmd("XYZZY").await, "500 5.5.2");
+    }
+    c.0.send("XYZZY\r\n").await;
+    assert_reply(&c.reply().await, "500 5.5.2");
+    assert_reply(&c.reply().await, "421 4.7.0");
+    assert!(c.0.closed().await);
+
+    // LMTP wants LHLO.
+    let mut c = Client::connect(server.lmtp.expect("lmtp")).await;
+    assert_reply(&c.cmd("EHLO x").await, "500 5.5.1");
+    assert_reply(&c.cmd("STARTTLS").await, "502 5.5.1");
+    assert_reply(&c.cmd("LHLO mta.test").await, "250-mail.test");
+    assert_reply(&c.cmd("VRFY joe@example.org").await, "252");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_megabyte_line_gets_500_and_bounded_memory() {
+    let server = Server::start();
+    let before = rss_kib(server.pid());
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    let chunk = vec![b'A'; 1024 * 1024];
+    for _ in 0..10 {
+        c.0.send_bytes(&chunk).await;
+    }
+    c.0.send("\r\n").await;
+    assert_reply(&c.reply().await, "500 5.5.2 Line too long");
+    assert_reply(&c.cmd("EHLO client.test").await, "250-mail.test");
+    let grown = rss_kib(server.pid()).saturating_sub(before);
+    assert!(grown < 4096, "RSS grew by {grown} KiB for a 10 MB line");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn size_limit_at_mail_and_at_end_of_data() {
+    let server = Server::start_with(Options {
+        extra: "[delivery]\nmax_message_bytes = 100000\n".into(),
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(ehlo.contains("250-SIZE 100000\r\n"), "{ehlo}");
+    assert_reply(
+        &c.cmd("MAIL FROM:<a@b.test> SIZE=100001").await,
+        "552 5.3.4",
+    );
+    assert_reply(&c.cmd("MAIL FROM:<a@b.test> SIZE=1000").await, "250");
+    assert_reply(&c.cmd("RCPT TO:<joe@example.org>").await, "250");
+    assert_reply(&c.cmd("DATA").await, "354");
+    let line = format!("{}\r\n", "x".repeat(998));
+    for _ in 0..200 {
+        c.0.send(&line).await;
+    }
+    assert_reply(&c.cmd(".").await, "552 5.3.4");
+    // The session goes on, and nothing was stored.
+    assert_reply(&c.cmd("NOOP").await, "250");
+    assert!(fetch_all(&server, "joe@example.org").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn starttls_discards_pipelined_commands() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    c.cmd("EHLO client.test").await;
+    // The injected MAIL rides in the same packet as STARTTLS (CVE-2011-0411).
+    c.0.send("STARTTLS\r\nMAIL FROM:<injected@attacker.test>\r\n")
+        .await;
+    assert_reply(&c.reply().await, "220 2.0.0");
+    let raw = c.0.starttls(&server.ca.ca_pem, "localhost").await;
+    let mut c = Client(raw);
+    assert_reply(&c.cmd("RCPT TO:<joe@example.org>").await, "503 5.5.1");
+    let ehlo = c.cmd("EHLO client.test").await;
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    assert_reply(&c.cmd("RCPT TO:<joe@example.org>").await, "503 5.5.1");
+    assert_reply(&c.cmd("STARTTLS").await, "503 5.5.1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_gone_mid_data_stores_nothing() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    {
+        let mut c = Client::connect(server.lmtp.expect("lmtp")).await;
+        c.cmd("LHLO mta.test").await;
+        c.cmd("MAIL FROM:<a@b.test>").await;
+        assert_reply(&c.cmd("RCPT TO:<joe@example.org>").await, "250");
+        assert_reply(&c.cmd("DATA").await, "354");
+        // Past one store chunk, so parts of it were written before the drop.
+        let line = format!("{}\r\n", "y".repeat(998));
+        for _ in 0..300 {
+            c.0.send(&line).await;
+        }
+    }
+    // The server notices the close; then a complete delivery still works and is alone.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fetch_all(&server, "joe@example.org").await.is_empty());
+    let mut c = Client::connect(server.lmtp.expect("lmtp")).await;
+    c.cmd("LHLO mta.test").await;
+    c.cmd("MAIL FROM:<a@b.test>").await;
+    c.cmd("RCPT TO:<joe@example.org>").await;
+    c.cmd("DATA").await;
+    assert_reply(&c.cmd("Subject: whole\r\n\r\nbody\r\n.").await, "250 2.0.0");
+    let messages = fetch_all(&server, "joe@example.org").await;
+    assert_eq!(messages.len(), 1);
+    assert!(messages[0].ends_with(b"Subject: whole\r\n\r\nbody\r\n"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smuggled_end_of_data_stays_in_the_body() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    c.cmd("EHLO client.test").await;
+    c.cmd("MAIL FROM:<a@b.test>").await;
+    c.cmd("RCPT TO:<joe@example.org>").await;
+    assert_reply(&c.cmd("DATA").await, "354");
+    c.0.send("Subject: s\r\n\r\nbefore\n.\nMAIL FROM:<x@y.test>\r\n\r.\rRCPT TO:<joe@example.org>\r\nafter\r\n.\r\n").await;
+    assert_reply(&c.reply().await, "250 2.0.0");
+    assert_reply(&c.cmd("QUIT").await, "221");
+    let messages = fetch_all(&server, "joe@example.org").await;
+    assert_eq!(messages.len(), 1, "one message, not two");
+    let (_, _, body) = split_trace(&messages[0]);
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "Subject: s\r\n\r\nbefore\r\n.\r\nMAIL FROM:<x@y.test>\r\n\r\n.\r\nRCPT TO:<joe@example.org>\r\nafter\r\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lmtp_per_recipient_replies_with_unknown_and_over_quota() {
+    let server = Server::start_with(Options {
+        extra: "[delivery]\nmax_recipients = 4\n".into(),
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    server.with_user("ann@example.org");
+    server.with_user("bob@example.org");
+    for (user, quota) in [("ann@example.org", "1K"), ("bob@example.org", "3K")] {
+        let out = server.cli(&["user", "quota", user, quota], b"");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let bad = server.cli(&["user", "quota", "ann@example.org", "12X"], b"");
+    assert!(!bad.status.success());
+    let message = format!("Subject: q\r\n\r\n{}\r\n", "z".repeat(1800));
+    let lmtp = server.lmtp.expect("lmtp");
+    // bob has room for one 2 KiB message: the first transaction fills it.
+    for (round, want) in [(0, "250"), (1, "452 4.2.2")] {
+        let mut c = Client::connect(lmtp).await;
+        c.cmd("LHLO mta.test").await;
+        // Pipelined, as Postfix does: every reply comes back in order.
+        c.0.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<joe@example.org>\r\nRCPT TO:<nobody@example.org>\r\nRCPT TO:<ann@example.org>\r\nRCPT TO:<bob@example.org>\r\nRCPT TO:<extra@example.org>\r\nDATA\r\n").await;
+        assert_reply(&c.reply().await, "250 2.1.0");
+        assert_reply(&c.reply().await, "250 2.1.5");
+        assert_reply(&c.reply().await, "550 5.1.1");
+        assert_reply(&c.reply().await, "250 2.1.5");
+        assert_reply(&c.reply().await, "250 2.1.5");
+        assert_reply(&c.reply().await, "452 4.5.3");
+        assert_reply(&c.reply().await, "354");
+        c.0.send(&message).await;
+        c.0.send(".\r\n").await;
+        // One reply per accepted recipient, in RCPT order: joe, ann, bob.
+        assert_reply(&c.reply().await, "250 2.0.0");
+        assert_reply(&c.reply().await, "552 5.2.2");
+        assert_reply(&c.reply().await, want);
+        assert_reply(&c.cmd("QUIT").await, "221");
+        assert_eq!(fetch_all(&server, "joe@example.org").await.len(), round + 1);
+    }
+    assert!(fetch_all(&server, "ann@example.org").await.is_empty());
+    assert_eq!(fetch_all(&server, "bob@example.org").await.len(), 1);
+    // A full mailbox is refused at RCPT once the client announces the size.
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    c.cmd("EHLO client.test").await;
+    c.cmd("MAIL FROM:<a@b.test> SIZE=2000").await;
+    assert_reply(&c.cmd("RCPT TO:<bob@example.org>").await, "452 4.2.2");
+    assert_reply(&c.cmd("RCPT TO:<ann@example.org>").await, "552 5.2.2");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_client_gets_421() {
+    let server = Server::start_with(Options {
+        extra: "[delivery]\nidle_timeout_secs = 1\n".into(),
+        ..Options::default()
+    });
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    let started = Instant::now();
+    assert_reply(&c.reply().await, "421 4.4.2");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(c.0.closed().await);
+}
