@@ -5,7 +5,7 @@
 //! message bytes up to the client's write shutdown; one JSON response line back.
 
 use crate::auth::Credentials;
-use crate::delivery::{self, DeliveryError};
+use crate::delivery::{self, DeliveryError, Quotas};
 use crate::metrics::{self, Metrics};
 use crate::store::{Account, Address, Directory, StoreError};
 use serde::{Deserialize, Serialize};
@@ -116,6 +116,7 @@ pub fn execute(
     directory: &Directory,
     request: Request,
     mut body: impl Read,
+    quotas: Quotas,
     metrics: Option<&Metrics>,
 ) -> Response {
     let result = (|| -> Result<Vec<String>, Response> {
@@ -218,11 +219,18 @@ pub fn execute(
                         m,
                         metrics::PROTOCOL_LOCAL,
                         directory,
+                        quotas,
                         from.as_deref(),
                         &recipients,
                         &mut body,
                     ),
-                    None => delivery::deliver(directory, from.as_deref(), &recipients, &mut body),
+                    None => delivery::deliver(
+                        directory,
+                        quotas,
+                        from.as_deref(),
+                        &recipients,
+                        &mut body,
+                    ),
                 };
                 let size = delivered.map_err(delivery_failure)?;
                 Ok(vec![format!(
@@ -283,6 +291,7 @@ pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
 pub async fn serve(
     listener: UnixListener,
     directory: Arc<Directory>,
+    quotas: Quotas,
     metrics: Arc<Metrics>,
     cancel: CancellationToken,
 ) {
@@ -301,7 +310,7 @@ pub async fn serve(
         let directory = directory.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, directory, metrics).await {
+            if let Err(e) = handle(stream, directory, quotas, metrics).await {
                 warn!(error = %e, "admin request failed");
             }
         });
@@ -311,6 +320,7 @@ pub async fn serve(
 async fn handle(
     stream: UnixStream,
     directory: Arc<Directory>,
+    quotas: Quotas,
     metrics: Arc<Metrics>,
 ) -> std::io::Result<()> {
     let (mut read_half, mut write_half) = stream.into_split();
@@ -349,7 +359,7 @@ async fn handle(
             );
             let done = tokio::task::spawn_blocking(move || {
                 let mut body = Read::chain(leftover, bridge);
-                let response = execute(&directory, request, &mut body, Some(&metrics));
+                let response = execute(&directory, request, &mut body, quotas, Some(&metrics));
                 (response, body.into_inner().1.into_inner())
             })
             .await;

@@ -33,6 +33,8 @@ pub enum DeliveryError {
     BadSender(String),
     #[error("recipient refused: {0}")]
     Recipient(#[from] RecipientError),
+    #[error("{0}: mailbox over quota")]
+    OverQuota(String),
     #[error("reading the message: {0}")]
     Read(#[source] std::io::Error),
     #[error("storing the message: {0}")]
@@ -60,6 +62,7 @@ impl DeliveryError {
             DeliveryError::Recipient(RecipientError::Malformed(_))
             | DeliveryError::NoRecipients
             | DeliveryError::BadSender(_) => metrics::DELIVERY_BAD_INPUT,
+            DeliveryError::OverQuota(_) => metrics::DELIVERY_OVER_QUOTA,
             DeliveryError::Recipient(RecipientError::Temporary(..))
             | DeliveryError::Read(_)
             | DeliveryError::Store(_) => metrics::DELIVERY_TEMP_FAILURE,
@@ -123,9 +126,12 @@ pub fn valid_sender(from: &str) -> bool {
 }
 
 /// Stores `source` for every recipient, with `Return-Path: <from>` prepended when a
-/// sender is given; returns the stored size once all copies are durable.
+/// sender is given; returns the stored size once all copies are durable. All or
+/// nothing: if any recipient is unknown or over quota, no copy is kept, so the caller
+/// can retry or bounce the whole message.
 pub fn deliver(
     directory: &Directory,
+    quotas: Quotas,
     from: Option<&str>,
     recipients: &[String],
     mut source: impl Read,
@@ -135,23 +141,15 @@ pub fn deliver(
             return Err(DeliveryError::BadSender(f.to_owned()));
         }
     }
-    let targets = resolve(directory, recipients)?;
-    let mut pending = targets
-        .iter()
-        .map(|(address, store)| store.begin_message(&address.local))
-        .collect::<Result<Vec<_>, _>>()?;
+    resolve(directory, recipients)?;
+    let mut batch = Batch::begin(directory, recipients);
     let mut normalizer = CrlfNormalizer::new();
     let mut input = vec![0u8; READ_CHUNK];
     let mut output = Vec::with_capacity(READ_CHUNK + READ_CHUNK / 8);
-    let mut size = 0u64;
     if let Some(f) = from {
         output.extend_from_slice(b"Return-Path: <");
         output.extend_from_slice(f.as_bytes());
         output.extend_from_slice(b">\r\n");
-        size += output.len() as u64;
-        for (p, (_, store)) in pending.iter_mut().zip(&targets) {
-            p.write(store, &output)?;
-        }
     }
     loop {
         let n = match source.read(&mut input) {
@@ -160,21 +158,24 @@ pub fn deliver(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(DeliveryError::Read(e)),
         };
-        output.clear();
         normalizer.push(&input[..n], &mut output);
-        size += output.len() as u64;
-        for (p, (_, store)) in pending.iter_mut().zip(&targets) {
-            p.write(store, &output)?;
-        }
+        batch.write(&output);
+        output.clear();
     }
-    output.clear();
     normalizer.finish(&mut output);
-    size += output.len() as u64;
-    for (mut p, (_, store)) in pending.into_iter().zip(&targets) {
-        p.write(store, &output)?;
-        p.commit(store)?;
-    }
-    Ok(size)
+    batch.write(&output);
+    let size = batch.octets();
+    let Err((i, verdict)) = batch.finish_all(quotas) else {
+        return Ok(size);
+    };
+    let r = recipients[i].clone();
+    Err(match verdict {
+        Verdict::UnknownUser | Verdict::RelayDenied => RecipientError::UnknownUser(r).into(),
+        Verdict::QuotaFull | Verdict::QuotaTooSmall => DeliveryError::OverQuota(r),
+        Verdict::Accepted | Verdict::TooBig | Verdict::TempFail => {
+            RecipientError::Temporary(r, "storing the message failed".into()).into()
+        }
+    })
 }
 
 /// `deliver`, counted under `protocol` in the delivery metrics: result, latency until
@@ -184,12 +185,13 @@ pub fn deliver_counted(
     metrics: &Metrics,
     protocol: &str,
     directory: &Directory,
+    quotas: Quotas,
     from: Option<&str>,
     recipients: &[String],
     source: impl Read,
 ) -> Result<u64, DeliveryError> {
     let started = Instant::now();
-    let result = deliver(directory, from, recipients, source);
+    let result = deliver(directory, quotas, from, recipients, source);
     let (label, stored) = match &result {
         Ok(size) => (metrics::DELIVERY_ACCEPTED, Some(*size)),
         Err(e) => (e.metric_result(), None),
@@ -370,13 +372,9 @@ impl Batch {
         }
     }
 
-    /// Checks quotas against the final size and commits each copy (each commit is
-    /// flushed before it counts); returns one verdict per recipient as given to `begin`.
-    ///
-    /// With `all_or_nothing` (SMTP, which has one reply for all recipients) nothing is
-    /// committed unless every copy passed its checks, so a refusal never leaves some
-    /// recipients with the message and the sender retrying for all.
-    pub fn finish(mut self, quotas: Quotas, all_or_nothing: bool) -> Vec<Verdict> {
+    /// Checks every live copy against its account and quota at the final size; the
+    /// ones that pass are returned for committing, the others get their verdict.
+    fn check(&mut self, quotas: Quotas) -> Vec<(usize, PendingMessage)> {
         let size = self.octets;
         let mut ready = Vec::with_capacity(self.targets.len());
         for (i, t) in self.targets.iter_mut().enumerate() {
@@ -397,26 +395,17 @@ impl Batch {
                     Verdict::TempFail
                 }
             };
-            if verdict != Verdict::Accepted {
+            if verdict == Verdict::Accepted {
+                ready.push((i, p));
+            } else {
                 t.verdict = Some(verdict);
-                continue;
             }
-            ready.push((i, p));
         }
-        let refused = self
-            .slots
-            .iter()
-            .find_map(|slot| match slot {
-                Err(v) => Some(*v),
-                Ok(_) => None,
-            })
-            .or_else(|| self.targets.iter().find_map(|t| t.verdict));
-        if let (true, Some(v)) = (all_or_nothing, refused) {
-            for (i, _) in ready {
-                self.targets[i].verdict = Some(v);
-            }
-            return self.verdicts();
-        }
+        ready
+    }
+
+    /// Commits the checked copies; each commit is flushed before it counts.
+    fn commit(&mut self, ready: Vec<(usize, PendingMessage)>) {
         for (i, p) in ready {
             let t = &mut self.targets[i];
             t.verdict = Some(match p.commit(&t.store) {
@@ -428,7 +417,51 @@ impl Batch {
                 }
             });
         }
+    }
+
+    /// Finishes each copy on its own (LMTP): one verdict per recipient as given to
+    /// `begin`.
+    pub fn finish_each(mut self, quotas: Quotas) -> Vec<Verdict> {
+        let ready = self.check(quotas);
+        self.commit(ready);
         self.verdicts()
+    }
+
+    /// Finishes all copies or none (SMTP and `mailgate deliver`, which have one answer
+    /// for every recipient): nothing is committed unless every copy passed its checks,
+    /// so a refusal never leaves some recipients with the message and the sender
+    /// retrying for all. `Err` names the first refused recipient (index into the list
+    /// given to `begin`) and why. Only a failing commit itself, after the checks, can
+    /// leave earlier copies stored.
+    pub fn finish_all(mut self, quotas: Quotas) -> Result<(), (usize, Verdict)> {
+        let ready = self.check(quotas);
+        let first_refusal = |verdicts: Vec<Verdict>| {
+            verdicts
+                .into_iter()
+                .enumerate()
+                .find(|(_, v)| *v != Verdict::Accepted)
+        };
+        let pending = self.verdicts_with(&ready);
+        if let Some(refused) = first_refusal(pending) {
+            return Err(refused);
+        }
+        self.commit(ready);
+        match first_refusal(self.verdicts()) {
+            Some(refused) => Err(refused),
+            None => Ok(()),
+        }
+    }
+
+    /// The verdicts so far, counting copies in `ready` as accepted.
+    fn verdicts_with(&self, ready: &[(usize, PendingMessage)]) -> Vec<Verdict> {
+        self.slots
+            .iter()
+            .map(|slot| match slot {
+                Ok(i) if ready.iter().any(|(r, _)| r == i) => Verdict::Accepted,
+                Ok(i) => self.targets[*i].verdict.unwrap_or(Verdict::TempFail),
+                Err(v) => *v,
+            })
+            .collect()
     }
 
     fn verdicts(&self) -> Vec<Verdict> {

@@ -6,6 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use mailgate::admin::{self, exit, Request, Response};
 use mailgate::auth::{self, Credentials};
 use mailgate::config::{Config, LockBackendKind};
+use mailgate::delivery::Quotas;
 use mailgate::locks::{LocalLocks, LockBackend, RedisLocks};
 use mailgate::metrics::{self, Metrics};
 use mailgate::redis_conn::RedisConn;
@@ -236,7 +237,8 @@ fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Rea
             let directory = Directory::open(&config.data_dir, config.store_options())
                 .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
             let body = body.unwrap_or_else(|| Box::new(std::io::empty()));
-            let r = admin::execute(&directory, request, body, None);
+            let quotas = Quotas::from_config(&config.delivery);
+            let r = admin::execute(&directory, request, body, quotas, None);
             directory.flush_all()?;
             r
         }
@@ -426,6 +428,7 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
         directory.clone(),
+        Quotas::from_config(&config.delivery),
         metrics,
         shared.abort.clone(),
     ));

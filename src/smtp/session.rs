@@ -630,12 +630,28 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
     } else {
         normalizer.finish(&mut staged);
         let quotas = Quotas::from_config(&ctx.shared.config.delivery);
-        let all_or_nothing = core.protocol() == Protocol::Smtp;
-        blocking(move || {
-            batch.write(&staged);
-            batch.finish(quotas, all_or_nothing)
-        })
-        .await?
+        let count = envelope.recipients.len();
+        match core.protocol() {
+            Protocol::Lmtp => {
+                blocking(move || {
+                    batch.write(&staged);
+                    batch.finish_each(quotas)
+                })
+                .await?
+            }
+            // One reply for all: every recipient shares the first refusal's verdict.
+            Protocol::Smtp => {
+                let result = blocking(move || {
+                    batch.write(&staged);
+                    batch.finish_all(quotas)
+                })
+                .await?;
+                match result {
+                    Ok(()) => vec![Verdict::Accepted; count],
+                    Err((_, v)) => vec![v; count],
+                }
+            }
+        }
     };
     let elapsed = started.elapsed();
     for v in &verdicts {

@@ -502,6 +502,23 @@ async fn lmtp_per_recipient_replies_with_unknown_and_over_quota() {
         assert_reply(&c.cmd("QUIT").await, "221");
         assert_eq!(fetch_all(&server, "joe@example.org").await.len(), round + 1);
     }
+    // Local delivery honours the same quota: all or nothing, EX_TEMPFAIL.
+    let local = server.cli(
+        &["deliver", "joe@example.org", "ann@example.org"],
+        message.as_bytes(),
+    );
+    assert_eq!(
+        local.status.code(),
+        Some(75),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&local.stderr);
+    assert!(
+        stderr.contains("ann@example.org: mailbox over quota"),
+        "{stderr}"
+    );
+    assert_eq!(fetch_all(&server, "joe@example.org").await.len(), 2);
     assert!(fetch_all(&server, "ann@example.org").await.is_empty());
     assert_eq!(fetch_all(&server, "bob@example.org").await.len(), 1);
     // A full mailbox is refused at RCPT once the client announces the size.
