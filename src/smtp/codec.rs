@@ -465,6 +465,45 @@ mod tests {
         assert!(parse(b"MAIL FROM:<a\rb@c>", false).is_err());
     }
 
+    /// A pipelined transcript framed by `LineReader` and parsed gives the same commands
+    /// whatever the read sizes, and an overlong line is one error, not a buffer.
+    #[test]
+    fn transcript_in_every_chunk_size() {
+        use crate::pop3::codec::LineReader;
+        let mut input =
+            b"EHLO c\r\nMAIL FROM:<a@b> SIZE=10\r\nRCPT TO:<j@example.org>\nDATA\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 3 * MAX_COMMAND_LINE));
+        input.extend_from_slice(b"\r\nQUIT\r\n");
+        let want = vec![
+            Ok(Command::Ehlo("c".into())),
+            Ok(Command::Mail(MailFrom {
+                from: "a@b".into(),
+                size: Some(10),
+                ..MailFrom::default()
+            })),
+            Ok(Command::Rcpt("j@example.org".into())),
+            Ok(Command::Data),
+            Err(()),
+            Ok(Command::Quit),
+        ];
+        for chunk in 1..=512 {
+            let mut reader = LineReader::new();
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for piece in input.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some(line) = reader.next_line(&mut buf, MAX_COMMAND_LINE) {
+                    got.push(
+                        line.map_err(drop)
+                            .and_then(|l| parse(&l, false).map_err(drop)),
+                    );
+                }
+                assert!(buf.len() < MAX_COMMAND_LINE, "chunk {chunk}");
+            }
+            assert_eq!(got, want, "chunk {chunk}");
+        }
+    }
+
     #[test]
     fn replies_encode_single_and_multi_line() {
         let mut out = BytesMut::new();
