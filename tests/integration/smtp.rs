@@ -541,3 +541,52 @@ async fn idle_client_gets_421() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(c.0.closed().await);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transaction_time_budget_and_per_ip_cap() {
+    let server = Server::start_with(Options {
+        max_connections_per_ip: 1,
+        extra: "[delivery]\ntransaction_timeout_secs = 1\n".into(),
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    // A second connection from the same address is refused with 421.
+    let mut second = Raw::plain(smtp_addr(&server)).await;
+    assert_reply(&second.line().await, "421 4.7.0");
+    assert!(second.closed().await);
+    c.cmd("EHLO client.test").await;
+    assert_reply(&c.cmd("MAIL FROM:<a@b.test>").await, "250");
+    assert_reply(&c.cmd("RCPT TO:<joe@example.org>").await, "250");
+    assert_reply(&c.cmd("DATA").await, "354");
+    // The idle timeout (5 minutes) is far away; the transaction budget is not.
+    let started = Instant::now();
+    c.0.send("slow line\r\n").await;
+    assert_reply(&c.reply().await, "421 4.4.2");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(c.0.closed().await);
+    assert!(fetch_all(&server, "joe@example.org").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtputf8_sender_is_kept() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    c.cmd("EHLO client.test").await;
+    assert_reply(&c.cmd("MAIL FROM:<jöe@exämple.net>").await, "553 5.6.7");
+    assert_reply(
+        &c.cmd("MAIL FROM:<jöe@exämple.net> SMTPUTF8 BODY=8BITMIME")
+            .await,
+        "250",
+    );
+    // The store holds ASCII mailboxes only: a UTF-8 local part is no user here.
+    assert_reply(&c.cmd("RCPT TO:<jöe@example.org>").await, "550 5.1.1");
+    assert_reply(&c.cmd("RCPT TO:<joe@example.org>").await, "250");
+    assert_reply(&c.cmd("DATA").await, "354");
+    assert_reply(&c.cmd("Subject: Grüße\r\n\r\nhi\r\n.").await, "250 2.0.0");
+    let messages = fetch_all(&server, "joe@example.org").await;
+    let (return_path, _, body) = split_trace(&messages[0]);
+    assert_eq!(return_path, "Return-Path: <jöe@exämple.net>\r\n");
+    assert_eq!(body, "Subject: Grüße\r\n\r\nhi\r\n".as_bytes());
+}
