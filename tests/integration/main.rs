@@ -9,5 +9,6 @@ mod cli;
 mod clients;
 mod metrics;
 mod pop3;
+mod proxy;
 mod replicas;
 mod smtp;
