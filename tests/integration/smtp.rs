@@ -590,3 +590,30 @@ async fn smtputf8_sender_is_kept() {
     assert_eq!(return_path, "Return-Path: <jöe@exämple.net>\r\n");
     assert_eq!(body, "Subject: Grüße\r\n\r\nhi\r\n".as_bytes());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxy_header_on_smtp_names_the_client_in_received() {
+    let server = Server::start_with(Options {
+        extra: "[proxy_protocol]\nlisteners = [\"smtp\"]\ntrusted_networks = [\"127.0.0.0/8\"]\n"
+            .into(),
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    let header = b"PROXY TCP4 198.51.100.9 192.0.2.1 40000 25\r\n";
+    let mut c = Client(Raw::plain_after(smtp_addr(&server), header).await);
+    assert_reply(&c.reply().await, "220 ");
+    c.cmd("EHLO client.test").await;
+    c.cmd("MAIL FROM:<a@b.test>").await;
+    assert_reply(&c.cmd("RCPT TO:<joe@example.org>").await, "250");
+    c.cmd("DATA").await;
+    assert_reply(&c.cmd("Subject: p\r\n\r\nx\r\n.").await, "250");
+    let messages = fetch_all(&server, "joe@example.org").await;
+    let (_, received, _) = split_trace(&messages[0]);
+    assert!(
+        received.starts_with("Received: from client.test ([198.51.100.9])"),
+        "{received:?}"
+    );
+    // LMTP is not in the list: no header is read there.
+    let mut c = Client::connect(server.lmtp.expect("lmtp")).await;
+    assert_reply(&c.cmd("LHLO mta.test").await, "250-mail.test");
+}
