@@ -1,16 +1,105 @@
-//! The Postfix and swaks harness itself, before any mailgate listener is involved: private
-//! instances start side by side, answer SMTP with STARTTLS that swaks verifies, refuse to
-//! relay, and queue and quickly retry mail while their LMTP target is down (TCP, IPv6 and
-//! unix socket targets).
+//! Postfix from Debian, run privately by the test, relays into mailgate over LMTP (TCP and
+//! unix socket) for several domains. Also the Postfix and swaks harness itself: instances
+//! start side by side, answer SMTP with STARTTLS that swaks verifies, refuse to relay, and
+//! queue and quickly retry mail while their LMTP target is down.
 
-use crate::common::free_port;
 use crate::common::postfix::{Postfix, HOSTNAME};
 use crate::common::swaks::swaks;
+use crate::common::{free_port, Options, Raw, Server, PASSWORD};
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(20);
+
+/// Every message in `user`'s maildrop, read over POP3S.
+async fn fetch_all(server: &Server, user: &str) -> Vec<Vec<u8>> {
+    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
+    c.line().await;
+    let r = c.login(user, PASSWORD).await;
+    assert!(r.starts_with("+OK"), "{r}");
+    let stat = c.cmd("STAT").await;
+    let count: usize = stat
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("STAT: {stat}"));
+    let mut out = Vec::new();
+    for i in 1..=count {
+        let r = c.cmd(&format!("RETR {i}")).await;
+        assert!(r.starts_with("+OK"), "{r}");
+        out.push(c.multiline().await);
+    }
+    assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postfix_relays_into_mailgate_over_lmtp() {
+    let sockets = tempfile::tempdir().expect("socket dir");
+    let socket = sockets.path().join("lmtp.sock");
+    let unix = format!("unix:{}", socket.display());
+    for lmtp_listen in [None, Some(unix.clone())] {
+        let server = Server::start_with(Options {
+            lmtp_listen: lmtp_listen.clone(),
+            ..Options::default()
+        });
+        server.with_user("joe@example.org");
+        server.with_user("ann@example.net");
+        let target = match server.lmtp {
+            Some(addr) => addr.to_string(),
+            None => {
+                Postfix::grant_socket_access(&socket);
+                unix.clone()
+            }
+        };
+        let pf = Postfix::start(&target, &["example.org", "example.net"]);
+        // A dot line, 8-bit text and a long body arrive as sent.
+        let mut message =
+            "Subject: relayed\r\n\r\n.leading dot\r\n8-bit: caf\u{e9}\r\n".to_string();
+        for i in 0..500 {
+            message.push_str(&format!("line {i} of the body\r\n"));
+        }
+        let id = pf.send(
+            "sender@example.com",
+            &["joe@example.org", "ann@example.net", "nobody@example.org"],
+            message.as_bytes(),
+        );
+        for rcpt in ["joe@example.org", "ann@example.net"] {
+            let line = pf.wait_for_log(&format!("{id}: to=<{rcpt}>"), WAIT);
+            assert!(line.contains("status=sent (250 2.0.0"), "{target}: {line}");
+        }
+        // An unknown user is refused at LMTP's RCPT, so Postfix bounces at once.
+        let line = pf.wait_for_log(&format!("{id}: to=<nobody@example.org>"), WAIT);
+        assert!(line.contains("status=bounced"), "{target}: {line}");
+        assert!(line.contains("550 5.1.1"), "{target}: {line}");
+        pf.wait_for_log(&format!("{id}: removed"), WAIT);
+        assert!(pf.queue().is_empty(), "{target}: {:?}", pf.queue());
+
+        // A 250 means stored: both maildrops hold the message behind the trace headers
+        // (mailgate's Return-Path and Received, then Postfix's Received).
+        for rcpt in ["joe@example.org", "ann@example.net"] {
+            let stored = fetch_all(&server, rcpt).await;
+            assert_eq!(stored.len(), 1, "{target}: {rcpt}");
+            let stored = String::from_utf8_lossy(&stored[0]).into_owned();
+            let trace = stored
+                .strip_suffix(message.as_str())
+                .unwrap_or_else(|| panic!("{target}: {rcpt} got:\n{stored}"));
+            assert!(
+                trace.starts_with("Return-Path: <sender@example.com>\r\nReceived: from "),
+                "{target}: {trace}"
+            );
+            assert!(
+                trace.contains("by mail.test (mailgate) with LMTP"),
+                "{trace}"
+            );
+            assert!(
+                trace.contains(&format!("by {HOSTNAME} (Postfix) with ESMTP id {id}")),
+                "{trace}"
+            );
+        }
+    }
+}
 
 #[test]
 fn postfix_instance_starts_and_accepts_smtp() {
