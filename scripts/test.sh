@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs the tools the tests drive
 # (curl, python3, openssl, fetchmail, mpop, redis-server; promtool and prometheus from
-# Debian's prometheus package; node and npm, and the npm packages that validate the
-# Grafana dashboard, into the gitignored .tools/npm) when missing, then formatting, lints
-# and every test. Used by the README and by .ci/run; the integration tests fail (never
-# skip) when a tool is still missing, in CI and anywhere else.
+# Debian's prometheus package; postfix and swaks; node and npm, and the npm packages
+# that validate the Grafana dashboard, into the gitignored .tools/npm) when missing, then
+# formatting, lints and every test. Used by the README and by .ci/run; the integration
+# tests fail (never skip) when a tool is still missing, in CI and anywhere else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,15 +21,28 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 { command -v promtool && command -v prometheus; } >/dev/null 2>&1 || need+=(prometheus)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
+# The LMTP tests run private Postfix instances (their own config, queue and ports) and
+# never the system one: preseeded "No configuration", the package writes no main.cf, so
+# no system MTA starts on port 25. swaks needs Net::SSLeay for STARTTLS and
+# IO::Socket::INET6 for ::1.
+command -v postfix >/dev/null 2>&1 || need+=(postfix)
+command -v swaks >/dev/null 2>&1 || need+=(swaks)
+perl -MNet::SSLeay -e1 >/dev/null 2>&1 || need+=(libnet-ssleay-perl)
+perl -MIO::Socket::INET6 -e1 >/dev/null 2>&1 || need+=(libio-socket-inet6-perl)
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
     if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
     export DEBIAN_FRONTEND=noninteractive
+    echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
-for tool in curl python3 openssl fetchmail mpop redis-server promtool prometheus node npm; do
+for tool in curl python3 openssl fetchmail mpop redis-server promtool prometheus node npm \
+    postfix postconf postqueue swaks; do
     command -v "$tool" >/dev/null || { echo "missing required tool: $tool" >&2; exit 1; }
+done
+for module in Net::SSLeay IO::Socket::INET6; do
+    perl "-M$module" -e1 || { echo "missing required perl module: $module" >&2; exit 1; }
 done
 
 # The dashboard's schema comes from Grafana's own types; versions are pinned so the

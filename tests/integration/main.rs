@@ -1,7 +1,7 @@
 //! Integration tests: the real `mailgate` binary on 127.0.0.1 ephemeral ports, real TLS
 //! with a test CA, real clients (Python poplib, curl) as well as a raw client for
-//! byte-exact and hostile cases, and a real redis-server for the replica tests. One binary
-//! keeps link time down.
+//! byte-exact and hostile cases, a real redis-server for the replica tests, and private
+//! Postfix instances and swaks for mail coming in. One binary keeps link time down.
 
 mod common;
 
@@ -9,6 +9,7 @@ mod cli;
 mod clients;
 mod metrics;
 mod pop3;
+mod postfix;
 mod proxy;
 mod replicas;
 mod smtp;

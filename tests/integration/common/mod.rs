@@ -2,7 +2,9 @@
 //! dir and certificates from a test CA, stopped on `Drop`; helpers for the CLI, a raw
 //! POP3 client (cleartext, STLS, implicit TLS) and external clients.
 
+pub mod postfix;
 pub mod redis_server;
+pub mod swaks;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -133,6 +135,13 @@ pub fn require_tool(name: &str) {
         matches!(found, Ok(true)),
         "{name} is required for the integration tests (the README test command installs it)"
     );
+}
+
+/// A 127.0.0.1 port that was free a moment ago; a helper that binds it must retry with
+/// another when it is taken in between.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
 }
 
 impl Server {

@@ -2,9 +2,9 @@
 //! persistence, a temporary dir, stopped by pid on `Drop`; optionally with a password, an
 //! ACL user or TLS. Also a minimal RESP client for poking at keys.
 
-use super::require_tool;
+use super::{free_port, require_tool};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -229,11 +229,6 @@ impl Drop for RedisServer {
             let _ = child.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 fn send(w: &mut TcpStream, args: &[&str]) {
