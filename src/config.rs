@@ -102,13 +102,31 @@ pub struct LmtpConfig {
     /// empty disables it. LMTP has no authentication: keep it on loopback, a unix
     /// socket or a network only the MTA reaches.
     pub listen: String,
+    /// Permissions of the unix socket, octal. The MTA's user needs write access: put it
+    /// in `socket_group`, or widen the mode.
+    pub socket_mode: String,
+    /// Group of the unix socket (a name or a numeric gid), e.g. `postfix`; empty keeps
+    /// the server's own group. Changing to a group the server is not in needs root.
+    pub socket_group: String,
 }
 
 impl Default for LmtpConfig {
     fn default() -> Self {
         LmtpConfig {
             listen: "127.0.0.1:24".into(),
+            socket_mode: "0660".into(),
+            socket_group: String::new(),
         }
+    }
+}
+
+impl LmtpConfig {
+    /// `socket_mode` as permission bits.
+    pub fn socket_mode_bits(&self) -> Result<u32, String> {
+        u32::from_str_radix(&self.socket_mode, 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| format!("{:?} is not an octal mode like \"0660\"", self.socket_mode))
     }
 }
 
@@ -554,6 +572,9 @@ impl Config {
         if let Err(e) = ListenAddr::parse(&self.lmtp.listen, true) {
             return invalid("lmtp.listen", e);
         }
+        if let Err(e) = self.lmtp.socket_mode_bits() {
+            return invalid("lmtp.socket_mode", e);
+        }
         if let Err(e) = ListenAddr::parse(&self.smtp.listen, false) {
             return invalid("smtp.listen", e);
         }
@@ -810,6 +831,8 @@ mod tests {
                 "lmtp.listen",
             ),
             ("[delivery]\nmax_recipients = 0\n", "delivery.max_recipients"),
+            ("[lmtp]\nsocket_mode = \"0999\"\n", "lmtp.socket_mode"),
+            ("[lmtp]\nsocket_mode = \"17777\"\n", "lmtp.socket_mode"),
             (
                 "[proxy_protocol]\nlisteners = [\"imap\"]\ntrusted_networks = [\"10.0.0.0/8\"]\n",
                 "proxy_protocol.listeners",

@@ -131,15 +131,22 @@ async fn bind_tcp(name: &'static str, addr: &str) -> Result<Option<TcpListener>,
 }
 
 /// Binds a unix socket, replacing a stale socket file left by a previous run (but no
-/// other kind of file), readable and writable by owner and group only: the MTA's user
-/// must share the group.
-fn bind_unix(name: &'static str, path: &std::path::Path) -> Result<UnixListener, ServerError> {
+/// other kind of file), with `lmtp.socket_mode` and `lmtp.socket_group`.
+fn bind_unix(config: &Config, path: &std::path::Path) -> Result<UnixListener, ServerError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let err = |source| ServerError::Bind {
-        listener: name,
+        listener: "lmtp",
         addr: format!("unix:{}", path.display()),
         source,
     };
+    let invalid = |message: String| {
+        err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            message,
+        ))
+    };
+    let mode = config.lmtp.socket_mode_bits().map_err(invalid)?;
+    let group = socket_group(&config.lmtp.socket_group).map_err(invalid)?;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(err(std::io::Error::new(
@@ -150,8 +157,26 @@ fn bind_unix(name: &'static str, path: &std::path::Path) -> Result<UnixListener,
         std::fs::remove_file(path).map_err(err)?;
     }
     let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
     Ok(listener)
+}
+
+/// Resolves `lmtp.socket_group`: empty for none, a numeric gid, or a group name.
+fn socket_group(name: &str) -> Result<Option<u32>, String> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(Some(gid));
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(Some(g.gid.as_raw())),
+        Ok(None) => Err(format!("lmtp.socket_group: no group named {name:?}")),
+        Err(e) => Err(format!("lmtp.socket_group: looking up {name:?}: {e}")),
+    }
 }
 
 impl Listeners {
@@ -162,7 +187,7 @@ impl Listeners {
             Ok(None) => {}
             Ok(Some(ListenAddr::Tcp(_))) => lmtp = bind_tcp("lmtp", &config.lmtp.listen).await?,
             Ok(Some(ListenAddr::Unix(path))) => {
-                lmtp_unix = Some((bind_unix("lmtp", &path)?, path));
+                lmtp_unix = Some((bind_unix(config, &path)?, path));
             }
             Err(message) => {
                 return Err(ServerError::Address {

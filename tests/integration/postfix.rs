@@ -37,21 +37,24 @@ async fn fetch_all(server: &Server, user: &str) -> Vec<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread")]
 async fn postfix_relays_into_mailgate_over_lmtp() {
     let sockets = tempfile::tempdir().expect("socket dir");
+    // Postfix's lmtp client runs as user postfix: it must reach the socket's directory,
+    // and the socket is made for group postfix (`lmtp.socket_group`), mode 0660.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(sockets.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("chmod socket dir");
     let socket = sockets.path().join("lmtp.sock");
     let unix = format!("unix:{}", socket.display());
     for lmtp_listen in [None, Some(unix.clone())] {
         let server = Server::start_with(Options {
             lmtp_listen: lmtp_listen.clone(),
+            lmtp_socket_group: "postfix".into(),
             ..Options::default()
         });
         server.with_user("joe@example.org");
         server.with_user("ann@example.net");
         let target = match server.lmtp {
             Some(addr) => addr.to_string(),
-            None => {
-                Postfix::grant_socket_access(&socket);
-                unix.clone()
-            }
+            None => unix.clone(),
         };
         let pf = Postfix::start(&target, &["example.org", "example.net"]);
         // A dot line, 8-bit text and a long body arrive as sent.

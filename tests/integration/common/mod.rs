@@ -82,6 +82,8 @@ pub struct Options {
     pub lmtp_listen: Option<String>,
     /// `smtp.listen`, likewise.
     pub smtp_listen: Option<String>,
+    /// `lmtp.socket_group`: who may connect to a unix LMTP socket.
+    pub lmtp_socket_group: String,
     /// Extra TOML appended verbatim.
     pub extra: String,
 }
@@ -101,6 +103,7 @@ impl Default for Options {
             max_auth_failures_per_account: 1000,
             lmtp_listen: None,
             smtp_listen: None,
+            lmtp_socket_group: String::new(),
             extra: String::new(),
         }
     }
@@ -172,6 +175,7 @@ replace_nul = {nul}
 
 [lmtp]
 listen = "{lmtp}"
+socket_group = "{lmtp_group}"
 
 [smtp]
 listen = "{smtp}"
@@ -208,6 +212,7 @@ scram_iterations = 4096
             data = dir.path().join("data").display(),
             host = opts.listen_host,
             lmtp = lmtp_listen,
+            lmtp_group = opts.lmtp_socket_group,
             smtp = smtp_listen,
             per_ip_failures = opts.max_auth_failures_per_ip,
             per_account_failures = opts.max_auth_failures_per_account,

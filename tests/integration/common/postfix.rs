@@ -203,25 +203,6 @@ impl Postfix {
             .unwrap_or_else(|| panic!("no queue id in {queued:?}"))
     }
 
-    /// Lets Postfix's lmtp client, which runs as user `postfix`, connect to a unix socket
-    /// that a root process created with mode 0660 (as mailgate does): the socket's group
-    /// becomes `postfix` and its directory gets search permission for everyone.
-    pub fn grant_socket_access(socket: &Path) {
-        use std::os::unix::fs::PermissionsExt;
-        let status = Command::new("chgrp")
-            .arg("postfix")
-            .arg(socket)
-            .status()
-            .expect("run chgrp");
-        assert!(status.success(), "chgrp postfix {}", socket.display());
-        let dir = socket.parent().expect("socket directory");
-        let mode = std::fs::metadata(dir)
-            .expect("socket dir")
-            .permissions()
-            .mode();
-        set_mode(dir, (mode & 0o7777) | 0o011);
-    }
-
     /// `postfix -c DIR ARGS`. Its diagnostics go to the maillog, not to stderr, unless
     /// stderr is a terminal.
     fn postfix(&self, args: &[&str]) -> Output {
