@@ -1,6 +1,7 @@
 //! Mail coming in over LMTP and SMTP: Python's smtplib as the MTA, a raw client for the
 //! byte-exact and hostile cases, and POP3S to read back what was stored.
 
+use crate::common::swaks::swaks;
 use crate::common::{python, Options, Raw, Server, PASSWORD};
 use crate::metrics::http_get;
 use std::net::SocketAddr;
@@ -616,4 +617,110 @@ async fn proxy_header_on_smtp_names_the_client_in_received() {
     // LMTP is not in the list: no header is read there.
     let mut c = Client::connect(server.lmtp.expect("lmtp")).await;
     assert_reply(&c.cmd("LHLO mta.test").await, "250-mail.test");
+}
+
+fn reply_codes(replies: &[crate::common::swaks::Reply]) -> Vec<(u16, String)> {
+    replies
+        .iter()
+        .map(|r| (r.code, r.text().split(' ').next().unwrap_or("").to_string()))
+        .collect()
+}
+
+#[test]
+fn swaks_lmtp_multi_recipient_with_unknown_and_over_quota() {
+    let server = Server::start();
+    for user in ["joe@example.org", "ann@example.org", "kim@example.net"] {
+        server.with_user(user);
+    }
+    let out = server.cli(&["user", "quota", "ann@example.org", "1K"], b"");
+    assert!(out.status.success());
+    let body = format!("Subject: swaks\r\n\r\n{}", "q".repeat(3000));
+    let run = swaks(
+        &lmtp_addr(&server),
+        &[
+            "--protocol",
+            "LMTP",
+            "--from",
+            "sender@example.com",
+            "--to",
+            "joe@example.org,nobody@example.org,ann@example.org,kim@example.net",
+            "--body",
+            &body,
+        ],
+    );
+    assert_eq!(
+        reply_codes(&run.replies_to("RCPT TO")),
+        vec![
+            (250, "2.1.5".into()),
+            (550, "5.1.1".into()),
+            (250, "2.1.5".into()),
+            (250, "2.1.5".into()),
+        ],
+        "{}",
+        run.dump()
+    );
+    // One reply per accepted recipient, in RCPT order: joe, ann (over quota), kim.
+    assert_eq!(
+        reply_codes(&run.data_replies()),
+        vec![
+            (250, "2.0.0".into()),
+            (552, "5.2.2".into()),
+            (250, "2.0.0".into()),
+        ],
+        "{}",
+        run.dump()
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for (user, n) in [
+        ("joe@example.org", 1),
+        ("ann@example.org", 0),
+        ("kim@example.net", 1),
+    ] {
+        assert_eq!(rt.block_on(fetch_all(&server, user)).len(), n, "{user}");
+    }
+}
+
+#[test]
+fn swaks_smtp_starttls_relay_and_unknown_user() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let ca = server.ca.ca_pem.display().to_string();
+    let run = swaks(
+        &smtp_addr(&server).to_string(),
+        &[
+            "-tls",
+            "--tls-verify",
+            "--tls-ca-path",
+            &ca,
+            "--tls-sni",
+            "localhost",
+            "--from",
+            "sender@example.com",
+            "--to",
+            "joe@example.org,victim@elsewhere.test,nobody@example.org",
+        ],
+    );
+    assert_eq!(run.code, Some(0), "{}", run.dump());
+    let ehlos = run.replies_to("EHLO");
+    assert_eq!(ehlos.len(), 2, "before and after TLS: {}", run.dump());
+    assert!(ehlos[0].text().contains("STARTTLS"));
+    assert!(!ehlos[1].text().contains("STARTTLS"));
+    assert_eq!(
+        reply_codes(&run.replies_to("RCPT TO")),
+        vec![
+            (250, "2.1.5".into()),
+            (550, "5.7.1".into()),
+            (550, "5.1.1".into()),
+        ],
+        "{}",
+        run.dump()
+    );
+    assert_eq!(
+        reply_codes(&run.data_replies()),
+        vec![(250, "2.0.0".into())]
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let messages = rt.block_on(fetch_all(&server, "joe@example.org"));
+    let (_, received, _) = split_trace(&messages[0]);
+    assert!(received.contains("with ESMTPS"), "{received}");
 }
