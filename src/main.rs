@@ -315,9 +315,14 @@ fn check_config(config: &Config) -> Result<u8> {
     }
     check_data_dir(&config.data_dir)?;
     check_locks(config)?;
+    if config.lmtp.listen.starts_with("unix:") {
+        server::socket_group(&config.lmtp.socket_group).map_err(anyhow::Error::msg)?;
+    }
     for (name, addr) in [
         ("pop3.listen", &config.pop3.listen),
         ("pop3.tls_listen", &config.pop3.tls_listen),
+        ("lmtp.listen", &config.lmtp.listen),
+        ("smtp.listen", &config.smtp.listen),
         ("metrics.listen", &config.metrics.listen),
     ] {
         if addr.is_empty() {

@@ -165,7 +165,7 @@ fn bind_unix(config: &Config, path: &std::path::Path) -> Result<UnixListener, Se
 }
 
 /// Resolves `lmtp.socket_group`: empty for none, a numeric gid, or a group name.
-fn socket_group(name: &str) -> Result<Option<u32>, String> {
+pub fn socket_group(name: &str) -> Result<Option<u32>, String> {
     if name.is_empty() {
         return Ok(None);
     }

@@ -196,6 +196,24 @@ fn config_errors_name_the_key_and_fail() {
     let out = cli(&path, &["check-config"], b"");
     assert!(!out.status.success());
     assert!(text(&out).contains("/nonexistent.crt"), "{}", text(&out));
+
+    // A unix LMTP socket for a group that does not exist is caught before start.
+    std::fs::write(
+        &path,
+        format!(
+            "data_dir = \"{}\"\n[lmtp]\nlisten = \"unix:{}\"\nsocket_group = \"no-such-group-here\"\n",
+            dir.path().join("d").display(),
+            dir.path().join("lmtp.sock").display()
+        ),
+    )
+    .expect("write");
+    let out = cli(&path, &["check-config"], b"");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("lmtp.socket_group: no group named \"no-such-group-here\""),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
