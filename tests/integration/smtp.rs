@@ -724,3 +724,33 @@ fn swaks_smtp_starttls_relay_and_unknown_user() {
     let (_, received, _) = split_trace(&messages[0]);
     assert!(received.contains("with ESMTPS"), "{received}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crash_before_250_loses_nothing_after_250_keeps_it() {
+    let mut server = Server::start();
+    server.with_user("joe@example.org");
+    // Acknowledged, then the server dies at once: the message must be there.
+    let mut c = Client::connect(server.lmtp.expect("lmtp")).await;
+    c.cmd("LHLO mta.test").await;
+    c.cmd("MAIL FROM:<a@b.test>").await;
+    c.cmd("RCPT TO:<joe@example.org>").await;
+    c.cmd("DATA").await;
+    assert_reply(&c.cmd("Subject: acked\r\n\r\nkept\r\n.").await, "250 2.0.0");
+    // Another one in the middle of its DATA, past one stored chunk.
+    let mut d = Client::connect(server.lmtp.expect("lmtp")).await;
+    d.cmd("LHLO mta.test").await;
+    d.cmd("MAIL FROM:<a@b.test>").await;
+    d.cmd("RCPT TO:<joe@example.org>").await;
+    assert_reply(&d.cmd("DATA").await, "354");
+    let line = format!("{}\r\n", "w".repeat(998));
+    for _ in 0..200 {
+        d.0.send(&line).await;
+    }
+    // Let the server take those bytes in (and store a chunk) before it dies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill9();
+    server.spawn();
+    let messages = fetch_all(&server, "joe@example.org").await;
+    assert_eq!(messages.len(), 1, "only the acknowledged message survives");
+    assert!(messages[0].ends_with(b"Subject: acked\r\n\r\nkept\r\n"));
+}
