@@ -45,6 +45,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub auth: AuthConfig,
     pub metrics: MetricsConfig,
+    pub provision: ProvisionConfig,
 }
 
 impl Default for Config {
@@ -62,6 +63,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
+            provision: ProvisionConfig::default(),
         }
     }
 }
@@ -233,6 +235,17 @@ impl Default for TlsConfig {
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// Domains and accounts `serve` creates at start when they are absent (see `provision`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisionConfig {
+    /// Hosted domains to create when absent; existing ones are left alone.
+    pub domains: Vec<String>,
+    /// File of `address PHC-hash` lines (argon2id); each account is created when absent,
+    /// never changed when present. Every address's domain must be in `domains`.
+    pub accounts_file: Option<PathBuf>,
 }
 
 /// Where maildrop locks and login-failure counters live.
@@ -540,7 +553,10 @@ impl Config {
                 "delivery.max_recipients",
                 self.delivery.max_recipients as u64,
             ),
-            ("delivery.idle_timeout_secs", self.delivery.idle_timeout_secs),
+            (
+                "delivery.idle_timeout_secs",
+                self.delivery.idle_timeout_secs,
+            ),
             (
                 "delivery.transaction_timeout_secs",
                 self.delivery.transaction_timeout_secs,
@@ -553,6 +569,11 @@ impl Config {
         }
         if let Err(e) = self.auth.argon2.validate() {
             return invalid("auth.argon2", e.to_string());
+        }
+        for domain in &self.provision.domains {
+            if let Err(e) = crate::store::validate_domain(domain) {
+                return invalid("provision.domains", e.to_string());
+            }
         }
         Ok(())
     }
@@ -646,8 +667,14 @@ mod tests {
                 [tls.domains."example.org"]
                 cert = "a.crt"
                 key = "a.key"
+                [provision]
+                domains = ["example.org", "example.net"]
                 "#,
             )?;
+            jail.set_env(
+                "MAILGATE_PROVISION__ACCOUNTS_FILE",
+                "/etc/mailgate/accounts",
+            );
             jail.set_env("MAILGATE_POP3__TLS_LISTEN", "127.0.0.1:0");
             jail.set_env("MAILGATE_LIMITS__IDLE_TIMEOUT_SECS", "5");
             let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
@@ -657,6 +684,11 @@ mod tests {
             assert!(c.pop3.allow_plaintext_auth);
             assert_eq!(c.limits.idle_timeout_secs, 5);
             assert_eq!(c.tls.domains["example.org"].cert, PathBuf::from("a.crt"));
+            assert_eq!(c.provision.domains, vec!["example.org", "example.net"]);
+            assert_eq!(
+                c.provision.accounts_file,
+                Some(PathBuf::from("/etc/mailgate/accounts"))
+            );
             Ok(())
         });
     }
@@ -695,7 +727,15 @@ mod tests {
                 "[pop3]\nlisten = \"127.0.0.1:2424\"\n[lmtp]\nlisten = \"127.0.0.1:2424\"\n",
                 "lmtp.listen",
             ),
-            ("[delivery]\nmax_recipients = 0\n", "delivery.max_recipients"),
+            (
+                "[delivery]\nmax_recipients = 0\n",
+                "delivery.max_recipients",
+            ),
+            (
+                "[provision]\ndomains = [\"example.org\", \"../etc\"]\n",
+                "provision.domains",
+            ),
+            ("[provision]\naccounts = \"a\"\n", "accounts"),
         ];
         for (toml, key) in cases {
             Jail::expect_with(|jail| {

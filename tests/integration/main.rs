@@ -9,4 +9,5 @@ mod cli;
 mod clients;
 mod metrics;
 mod pop3;
+mod provision;
 mod replicas;
