@@ -11,3 +11,4 @@ mod metrics;
 mod pop3;
 mod provision;
 mod replicas;
+mod tls_rotation;
