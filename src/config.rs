@@ -444,10 +444,13 @@ impl Default for AuthConfig {
 impl Config {
     /// Loads defaults, then `file` (which must exist when given), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        // `MAILGATE_LOG` is the log filter, read by main, not a config key.
+        // `MAILGATE_LOG` is the log filter and `MAILGATE_CONFIG` the file, both read by
+        // main, not config keys.
         Self::load_from(
             file,
-            Env::prefixed("MAILGATE_").ignore(&["log"]).split("__"),
+            Env::prefixed("MAILGATE_")
+                .ignore(&["log", "config"])
+                .split("__"),
         )
     }
 
@@ -799,6 +802,19 @@ mod tests {
             assert!(
                 err.to_lowercase().contains("limits.max_bad_commands"),
                 "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_log_filter_and_config_file_variables_are_not_keys() {
+        Jail::expect_with(|jail| {
+            jail.set_env("MAILGATE_LOG", "debug");
+            jail.set_env("MAILGATE_CONFIG", "/etc/mailgate/mailgate.toml");
+            assert_eq!(
+                load_in_jail(None).map_err(|e| e.to_string())?,
+                Config::default()
             );
             Ok(())
         });

@@ -27,8 +27,10 @@ use tracing::{info, warn};
     about = "TLS-first multi-tenant mail gateway"
 )]
 struct Cli {
-    /// Configuration file (TOML); `MAILGATE_SECTION__KEY` variables override it.
-    #[arg(long, global = true, value_name = "FILE")]
+    /// Configuration file (TOML); `MAILGATE_SECTION__KEY` variables override it. The
+    /// container image sets `MAILGATE_CONFIG`, so `kubectl exec ... -- mailgate user add`
+    /// finds the same file as `serve`.
+    #[arg(long, global = true, value_name = "FILE", env = "MAILGATE_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
