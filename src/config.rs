@@ -7,7 +7,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -46,6 +46,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub metrics: MetricsConfig,
     pub provision: ProvisionConfig,
+    pub proxy_protocol: ProxyProtocolConfig,
 }
 
 impl Default for Config {
@@ -64,6 +65,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
             provision: ProvisionConfig::default(),
+            proxy_protocol: ProxyProtocolConfig::default(),
         }
     }
 }
@@ -441,6 +443,78 @@ impl Default for AuthConfig {
     }
 }
 
+/// Listeners that can expect a PROXY protocol header.
+pub const PROXY_LISTENERS: &[&str] = &["pop3", "pop3s", "lmtp", "smtp"];
+
+/// The PROXY protocol (v1 and v2) from load balancers in front of some listeners, so that
+/// per-IP limits, login throttling, logs and metrics see the client's address, not the
+/// balancer's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyProtocolConfig {
+    /// Listeners (of `PROXY_LISTENERS`) whose connections start with a PROXY header.
+    /// Empty, the default: no header is read anywhere.
+    pub listeners: Vec<String>,
+    /// Peers allowed to send the header. A connection from any other peer to one of
+    /// `listeners` is closed at once: a header from anyone else must never be believed.
+    pub trusted_networks: Vec<Network>,
+    /// Time a trusted peer has to send its whole header.
+    pub header_timeout_secs: u64,
+}
+
+impl Default for ProxyProtocolConfig {
+    fn default() -> Self {
+        ProxyProtocolConfig {
+            listeners: Vec::new(),
+            trusted_networks: Vec::new(),
+            header_timeout_secs: 5,
+        }
+    }
+}
+
+impl ProxyProtocolConfig {
+    /// Whether connections on `listener` (a `PROXY_LISTENERS` name) start with a header.
+    pub fn expects_header(&self, listener: &str) -> bool {
+        self.listeners.iter().any(|l| l == listener)
+    }
+
+    /// Whether `peer` may send a header. An IPv4 peer on a dual-stack socket
+    /// (`::ffff:10.1.2.3`) counts as its IPv4 address.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.trusted_networks.iter().any(|n| n.0.contains(&peer))
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
+    }
+}
+
+/// An IPv4 or IPv6 network in CIDR notation; a bare address is a single host (/32, /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Network(ipnet::IpNet);
+
+impl TryFrom<String> for Network {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Network, String> {
+        let net = match s.parse::<ipnet::IpNet>() {
+            Ok(net) => net,
+            Err(_) => s.parse::<IpAddr>().map(ipnet::IpNet::from).map_err(|_| {
+                format!("{s:?} is not a network (10.0.0.0/8, fd00::/8) or an IP address")
+            })?,
+        };
+        Ok(Network(net.trunc()))
+    }
+}
+
+impl From<Network> for String {
+    fn from(n: Network) -> String {
+        n.0.to_string()
+    }
+}
+
 impl Config {
     /// Loads defaults, then `file` (which must exist when given), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
@@ -516,6 +590,7 @@ impl Config {
                 return invalid(key, format!("{value:?} is already used by {other}"));
             }
         }
+        self.validate_proxy_protocol()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return invalid(
                 "tls.cert",
@@ -565,6 +640,10 @@ impl Config {
                 self.delivery.transaction_timeout_secs,
             ),
             ("tls.reload_interval_secs", self.tls.reload_interval_secs),
+            (
+                "proxy_protocol.header_timeout_secs",
+                self.proxy_protocol.header_timeout_secs,
+            ),
         ] {
             if value == 0 {
                 return invalid(key, "must be greater than 0".into());
@@ -577,6 +656,38 @@ impl Config {
             if let Err(e) = crate::store::validate_domain(domain) {
                 return invalid("provision.domains", e.to_string());
             }
+        }
+        Ok(())
+    }
+
+    fn validate_proxy_protocol(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let p = &self.proxy_protocol;
+        if let Some(name) = p
+            .listeners
+            .iter()
+            .find(|l| !PROXY_LISTENERS.contains(&l.as_str()))
+        {
+            return invalid(
+                "proxy_protocol.listeners",
+                format!(
+                    "{name:?} is not a listener (one of {})",
+                    PROXY_LISTENERS.join(", ")
+                ),
+            );
+        }
+        if p.expects_header("lmtp") && self.lmtp.listen.starts_with("unix:") {
+            return invalid(
+                "proxy_protocol.listeners",
+                "lmtp listens on a unix socket, which carries no client address to replace".into(),
+            );
+        }
+        if !p.listeners.is_empty() && p.trusted_networks.is_empty() {
+            return invalid(
+                "proxy_protocol.trusted_networks",
+                "must name the load balancers' networks when proxy_protocol.listeners is set"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -730,9 +841,30 @@ mod tests {
                 "[pop3]\nlisten = \"127.0.0.1:2424\"\n[lmtp]\nlisten = \"127.0.0.1:2424\"\n",
                 "lmtp.listen",
             ),
+            ("[delivery]\nmax_recipients = 0\n", "delivery.max_recipients"),
             (
-                "[delivery]\nmax_recipients = 0\n",
-                "delivery.max_recipients",
+                "[proxy_protocol]\nlisteners = [\"imap\"]\ntrusted_networks = [\"10.0.0.0/8\"]\n",
+                "proxy_protocol.listeners",
+            ),
+            (
+                "[proxy_protocol]\nlisteners = [\"pop3s\"]\n",
+                "proxy_protocol.trusted_networks",
+            ),
+            (
+                "[proxy_protocol]\nlisteners = [\"pop3s\"]\ntrusted_networks = [\"10.0.0.0/33\"]\n",
+                "proxy_protocol.trusted_networks",
+            ),
+            (
+                "[proxy_protocol]\ntrusted_networks = [\"load-balancer\"]\n",
+                "proxy_protocol.trusted_networks",
+            ),
+            (
+                "[proxy_protocol]\nheader_timeout_secs = 0\n",
+                "proxy_protocol.header_timeout_secs",
+            ),
+            (
+                "[lmtp]\nlisten = \"unix:/run/lmtp.sock\"\n[proxy_protocol]\nlisteners = [\"lmtp\"]\ntrusted_networks = [\"10.0.0.0/8\"]\n",
+                "proxy_protocol.listeners",
             ),
             (
                 "[provision]\ndomains = [\"example.org\", \"../etc\"]\n",
@@ -751,6 +883,68 @@ mod tests {
                 Ok(())
             });
         }
+    }
+
+    #[test]
+    fn proxy_protocol_section() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "m.toml",
+                r#"
+                [proxy_protocol]
+                listeners = ["pop3s", "smtp"]
+                trusted_networks = ["10.0.0.0/8", "192.0.2.7", "fd00::/8", "2001:db8::1", "172.16.1.2/12"]
+                header_timeout_secs = 2
+                "#,
+            )?;
+            let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
+            let p = &c.proxy_protocol;
+            assert!(p.expects_header("pop3s") && p.expects_header("smtp"));
+            assert!(!p.expects_header("pop3") && !p.expects_header("lmtp"));
+            assert_eq!(p.header_timeout(), Duration::from_secs(2));
+            let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+            for trusted in [
+                "10.0.0.1",
+                "10.255.255.255",
+                "192.0.2.7",
+                "fd12::1",
+                "2001:db8::1",
+                "172.31.0.1",
+                "::ffff:10.1.2.3",
+            ] {
+                assert!(p.trusts(ip(trusted)), "{trusted}");
+            }
+            for untrusted in ["11.0.0.1", "192.0.2.8", "2001:db8::2", "127.0.0.1", "::1"] {
+                assert!(!p.trusts(ip(untrusted)), "{untrusted}");
+            }
+            // Host bits are cleared; a bare address is one host.
+            let shown: Vec<String> = p
+                .trusted_networks
+                .iter()
+                .map(|n| String::from(*n))
+                .collect();
+            assert_eq!(
+                shown,
+                [
+                    "10.0.0.0/8",
+                    "192.0.2.7/32",
+                    "fd00::/8",
+                    "2001:db8::1/128",
+                    "172.16.0.0/12"
+                ]
+            );
+
+            jail.set_env("MAILGATE_PROXY_PROTOCOL__LISTENERS", "[pop3]");
+            let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(c.proxy_protocol.listeners, ["pop3"]);
+            Ok(())
+        });
+        Jail::expect_with(|_| {
+            let c = load_in_jail(None).map_err(|e| e.to_string())?;
+            assert!(c.proxy_protocol.listeners.is_empty());
+            assert_eq!(c.proxy_protocol.header_timeout_secs, 5);
+            Ok(())
+        });
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //!
 //! - [`config`]: the one `Config` tree (defaults < TOML < `MAILGATE_*` env), validated once.
 //! - [`server`]: listeners, connection limits, the accept loops and graceful shutdown.
+//! - [`proxy`]: the PROXY protocol (v1, v2) a load balancer sends first: a pure decoder
+//!   and a reader that takes exactly the header's bytes from the socket.
 //! - [`tls`]: rustls server configuration, SNI certificate selection and hot reload.
 //! - [`pop3`]: the POP3 protocol — a pure `codec` (parser, replies, dot-stuffing) and the
 //!   async `session` that drives it over a socket.
@@ -30,6 +32,7 @@ pub mod message;
 pub mod metrics;
 pub mod pop3;
 pub mod provision;
+pub mod proxy;
 pub mod redis_conn;
 pub mod server;
 pub mod store;

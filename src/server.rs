@@ -1,5 +1,6 @@
 //! Listeners and their limits: binds the configured addresses, accepts connections
-//! under a global semaphore and a per-IP cap, runs each session in a tracked task and
+//! under a global semaphore and a per-IP cap (of the client's address, which a trusted
+//! load balancer's PROXY header may name), runs each session in a tracked task and
 //! drains them on shutdown. Speaks no protocol itself; replies come from the sessions.
 
 use crate::auth::cache::VerifiedCache;
@@ -9,6 +10,7 @@ use crate::config::Config;
 use crate::locks::LockBackend;
 use crate::metrics::{self, Metrics};
 use crate::pop3::session::{self, Listener};
+use crate::proxy;
 use crate::store::Directory;
 use crate::throttle::Throttle;
 use crate::tls::TlsManager;
@@ -17,12 +19,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -225,18 +227,73 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let admission = limits.admit(peer.ip());
+        // The global place is taken now; the per-IP one in the task, once the client's
+        // address is known (a PROXY header, read there, may name it).
+        let reserved = limits.reserve();
         let shared = shared.clone();
         tracker.spawn(async move {
-            match admission {
+            let mut stream = stream;
+            let Some(client) = client_addr(&shared, kind.name(), &mut stream, peer).await else {
+                return;
+            };
+            match reserved.and_then(|r| r.admit(client.ip())) {
                 Ok(permit) => {
-                    session::run(stream, peer, kind, shared).await;
+                    session::run(stream, client, kind, shared).await;
                     drop(permit);
                 }
-                Err(reason) => session::refuse(stream, peer, kind, reason, shared).await,
+                Err(reason) => session::refuse(stream, client, kind, reason, shared).await,
             }
         });
     }
+}
+
+/// The address a connection accepted on `listener` (a `config::PROXY_LISTENERS` name)
+/// speaks for: the socket's `peer`, or, on a listener in `proxy_protocol.listeners`, the
+/// source address of the PROXY header that a peer in `trusted_networks` must send first
+/// (v2 `LOCAL` and v1 `UNKNOWN` keep the socket's peer). `None`: the connection is refused
+/// and must be dropped without a byte written; the refusal is already logged and counted.
+/// Call it in the connection's task, never in an accept loop (it may wait up to
+/// `header_timeout_secs`), and apply the per-IP limit to what it returns.
+pub async fn client_addr(
+    shared: &Shared,
+    listener: &'static str,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+) -> Option<SocketAddr> {
+    let config = &shared.config.proxy_protocol;
+    if !config.expects_header(listener) {
+        return Some(peer);
+    }
+    let reason = if !config.trusts(peer.ip()) {
+        info!(peer = %peer, listener, reason = metrics::REASON_PROXY_UNTRUSTED,
+            "connection refused: peer is not in proxy_protocol.trusted_networks");
+        metrics::REASON_PROXY_UNTRUSTED
+    } else {
+        match proxy::read_header(stream, config.header_timeout()).await {
+            Ok(client) => {
+                let client = client.unwrap_or(peer);
+                debug!(proxy = %peer, client = %client, listener, "PROXY header");
+                return Some(client);
+            }
+            // A balancer's plain TCP health check connects and closes without a byte.
+            Err(e @ proxy::ProxyError::Closed(0)) => {
+                debug!(peer = %peer, listener, reason = metrics::REASON_PROXY_HEADER, error = %e,
+                    "connection refused");
+                metrics::REASON_PROXY_HEADER
+            }
+            Err(e) => {
+                info!(peer = %peer, listener, reason = metrics::REASON_PROXY_HEADER, error = %e,
+                    "connection refused");
+                metrics::REASON_PROXY_HEADER
+            }
+        }
+    };
+    shared
+        .metrics
+        .connections_rejected
+        .with_label_values(&[listener, reason])
+        .inc();
+    None
 }
 
 /// Answers the connections already waiting in the listen backlog at shutdown with a
@@ -287,6 +344,31 @@ pub struct ConnLimits {
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
+/// A connection's place in the global limit, taken when it is accepted; `admit` adds the
+/// per-IP place once the client's address is known.
+pub struct Reserved {
+    total: OwnedSemaphorePermit,
+    per_ip_max: usize,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Reserved {
+    pub fn admit(self, ip: IpAddr) -> Result<Admission, Refusal> {
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.per_ip_max {
+            return Err(Refusal::TooManyFromPeer);
+        }
+        *n += 1;
+        drop(map);
+        Ok(Admission {
+            _total: self.total,
+            ip,
+            per_ip: self.per_ip,
+        })
+    }
+}
+
 /// Holds one connection's place in both limits until dropped.
 pub struct Admission {
     _total: OwnedSemaphorePermit,
@@ -315,23 +397,23 @@ impl ConnLimits {
         }
     }
 
-    pub fn admit(&self, ip: IpAddr) -> Result<Admission, Refusal> {
+    /// A place in the global limit only.
+    pub fn reserve(&self) -> Result<Reserved, Refusal> {
         let total = self
             .total
             .clone()
             .try_acquire_owned()
             .map_err(|_| Refusal::TooManyConnections)?;
-        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(ip).or_insert(0);
-        if *n >= self.per_ip_max {
-            return Err(Refusal::TooManyFromPeer);
-        }
-        *n += 1;
-        Ok(Admission {
-            _total: total,
-            ip,
+        Ok(Reserved {
+            total,
+            per_ip_max: self.per_ip_max,
             per_ip: self.per_ip.clone(),
         })
+    }
+
+    /// Places in both limits, for a client whose address is known at accept.
+    pub fn admit(&self, ip: IpAddr) -> Result<Admission, Refusal> {
+        self.reserve()?.admit(ip)
     }
 }
 
@@ -351,5 +433,28 @@ mod tests {
         assert_eq!(limits.admit(b).err(), Some(Refusal::TooManyConnections));
         drop(a1);
         assert!(limits.admit(a).is_ok());
+    }
+
+    #[test]
+    fn a_reserved_place_counts_before_its_address_is_known() {
+        let limits = ConnLimits::new(2, 1);
+        let a: IpAddr = "203.0.113.7".parse().expect("ip");
+        let pending = limits.reserve().expect("reserve");
+        let b = limits.admit("127.0.0.1".parse().expect("ip")).expect("b");
+        // Both places are taken: one by a connection still waiting for its header.
+        assert_eq!(limits.reserve().err(), Some(Refusal::TooManyConnections));
+        let a1 = pending.admit(a).expect("a1");
+        assert_eq!(
+            limits.reserve().err().map(Refusal::metric_reason),
+            Some(metrics::REASON_LIMIT)
+        );
+        drop(a1);
+        let again = limits.reserve().expect("reserve");
+        let _a2 = again.admit(a).expect("a2");
+        // A refused per-IP admission gives its global place back.
+        drop(b);
+        let third = limits.reserve().expect("reserve");
+        assert_eq!(third.admit(a).err(), Some(Refusal::TooManyFromPeer));
+        assert!(limits.reserve().is_ok());
     }
 }

@@ -52,7 +52,17 @@ pub const LISTENERS: &[&str] = &["pop3", "pop3s"];
 pub const REASON_LIMIT: &str = "limit";
 pub const REASON_PER_IP_LIMIT: &str = "per_ip_limit";
 pub const REASON_SHUTDOWN: &str = "shutdown";
-const REJECT_REASONS: &[&str] = &[REASON_LIMIT, REASON_PER_IP_LIMIT, REASON_SHUTDOWN];
+/// A PROXY-protocol listener got no valid header in time from a trusted peer.
+pub const REASON_PROXY_HEADER: &str = "proxy_header";
+/// A PROXY-protocol listener was reached by a peer outside `trusted_networks`.
+pub const REASON_PROXY_UNTRUSTED: &str = "proxy_untrusted";
+const REJECT_REASONS: &[&str] = &[
+    REASON_LIMIT,
+    REASON_PER_IP_LIMIT,
+    REASON_SHUTDOWN,
+    REASON_PROXY_HEADER,
+    REASON_PROXY_UNTRUSTED,
+];
 
 pub const TLS_OK: &str = "ok";
 pub const TLS_FAILED: &str = "failed";

@@ -10,5 +10,6 @@ mod clients;
 mod metrics;
 mod pop3;
 mod provision;
+mod proxy;
 mod replicas;
 mod tls_rotation;

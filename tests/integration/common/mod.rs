@@ -471,6 +471,18 @@ impl Raw {
         }
     }
 
+    /// Connects and sends `prefix` (e.g. a PROXY protocol header) before anything else.
+    pub async fn plain_after(addr: SocketAddr, prefix: &[u8]) -> Raw {
+        let mut c = Raw::plain(addr).await;
+        c.send_bytes(prefix).await;
+        c
+    }
+
+    /// Connects, sends `prefix` in cleartext, then runs the TLS handshake.
+    pub async fn tls_after(addr: SocketAddr, prefix: &[u8], ca: &Path, sni: &str) -> Raw {
+        Raw::plain_after(addr, prefix).await.starttls(ca, sni).await
+    }
+
     /// Upgrades after a `+OK` to STLS; bytes buffered so far are dropped like a client must.
     pub async fn starttls(self, ca: &Path, sni: &str) -> Raw {
         let Raw { stream, .. } = self;
