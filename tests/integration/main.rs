@@ -7,6 +7,7 @@ mod common;
 
 mod cli;
 mod clients;
+mod helm;
 mod metrics;
 mod pop3;
 mod provision;
