@@ -503,6 +503,30 @@ def native_stderr_filtered():
                     print(line, file=sys.stderr)
 
 
+def check_image(chart_dir, repo):
+    """The image (deploy/Dockerfile) and the chart agree: the ports it exposes are the
+    chart's default container ports and its default config's, its user is the one the
+    chart runs as, and MAILGATE_CONFIG names the config it ships."""
+    where = "deploy/Dockerfile"
+    dockerfile = open(os.path.join(repo, "deploy/Dockerfile")).read()
+    values = yaml.safe_load(open(os.path.join(chart_dir, "values.yaml")))
+    exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", dockerfile, re.M) for p in line.split()}
+    chart_ports = {l["containerPort"] for l in values["listeners"].values()} | {values["metrics"]["containerPort"]}
+    check(exposed == chart_ports, where, f"EXPOSE {sorted(exposed)} != the chart's container ports {sorted(chart_ports)}")
+    image_config = tomllib.load(open(os.path.join(repo, "deploy/mailgate.toml"), "rb"))
+    listens = [image_config["pop3"]["listen"], image_config["pop3"]["tls_listen"], image_config["lmtp"]["listen"], image_config["metrics"]["listen"]]
+    check({port_of(a) for a in listens} <= exposed, where, f"deploy/mailgate.toml listens on {listens}, not all exposed")
+    users = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    uid = values["podSecurityContext"]["runAsUser"]
+    check(users == [(str(uid), str(values["podSecurityContext"]["runAsGroup"]))], where, f"USER {users} != the chart's runAsUser/runAsGroup {uid}")
+    check(re.search(r"--uid 10001 ", dockerfile) and uid == 10001, where, "the image's mailgate user is 10001")
+    check("ENV MAILGATE_CONFIG=/etc/mailgate/mailgate.toml" in dockerfile and "COPY deploy/mailgate.toml /etc/mailgate/mailgate.toml" in dockerfile, where, "MAILGATE_CONFIG names the shipped config")
+    check(re.search(r'^ENTRYPOINT \["/usr/local/bin/mailgate"\]$', dockerfile, re.M), where, "the binary is the entrypoint")
+    ignored = open(os.path.join(repo, ".dockerignore")).read().split()
+    for needed in ("!Cargo.toml", "!Cargo.lock", "!src", "!deploy/mailgate.toml"):
+        check(needed in ignored, ".dockerignore", f"{needed} missing: the build needs it")
+
+
 def main():
     chart_dir, repo, out = sys.argv[1:4]
     with native_stderr_filtered():
@@ -529,6 +553,7 @@ def run(chart_dir, repo, out):
         except helm.HelmError as e:
             fail(f, f"{type(e).__name__}: {e}")
     check_refused(chart_dir)
+    check_image(chart_dir, repo)
     return summary
 
 

@@ -203,3 +203,23 @@ fn chart_renders_validates_and_its_config_passes_check_config() {
         }
     }
 }
+
+/// The container image's own config (deploy/mailgate.toml, used without the chart) passes
+/// check-config as shipped.
+#[test]
+fn image_default_config_passes_check_config() {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mailgate.toml");
+    let run = Command::new(BIN)
+        .arg("check-config")
+        .env("MAILGATE_CONFIG", &config)
+        .output()
+        .expect("check-config");
+    let text = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success() && text.contains("configuration OK"),
+        "{text}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(text.contains("a self-signed one will be made"), "{text}");
+    assert!(text.contains("pop3.tls_listen: 0.0.0.0:1995"), "{text}");
+}
