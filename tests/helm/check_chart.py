@@ -503,6 +503,37 @@ def native_stderr_filtered():
                     print(line, file=sys.stderr)
 
 
+def check_docs(chart_dir):
+    """Every value has a `## @param` line (its own or a documented parent's, for free-form
+    maps such as podSecurityContext), every @param names a real value, and every helper
+    is named mailgate.* with a one-line comment above it."""
+    text = open(os.path.join(chart_dir, "values.yaml")).read()
+    documented = set(re.findall(r"^\s*## @param (\S+)", text, re.M))
+    values = yaml.safe_load(text)
+
+    def paths(node, prefix):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                yield from paths(v, f"{prefix}.{k}" if prefix else k)
+        else:
+            yield prefix
+
+    leaves = list(paths(values, ""))
+    for leaf in leaves:
+        parts = leaf.split(".")
+        if not any(".".join(parts[:i]) in documented for i in range(1, len(parts) + 1)):
+            fail("values.yaml", f"{leaf} has no ## @param line")
+    for name in documented:
+        if not any(leaf == name or leaf.startswith(name + ".") for leaf in leaves):
+            fail("values.yaml", f"## @param {name} documents no value")
+    helpers = open(os.path.join(chart_dir, "templates/_helpers.tpl")).read()
+    defines = re.findall(r"^(.*)\n\{\{- define \"([^\"]+)\" -\}\}", helpers, re.M)
+    check(len(defines) == helpers.count("{{- define "), "_helpers.tpl", "every define follows a line")
+    for comment, name in defines:
+        check(name.startswith("mailgate."), "_helpers.tpl", f"helper {name} is not named mailgate.*")
+        check(comment.startswith(f"{{{{/* {name}: ") and comment.endswith("*/}}"), "_helpers.tpl", f"helper {name} lacks its one-line comment")
+
+
 def check_image(chart_dir, repo):
     """The image (deploy/Dockerfile) and the chart agree: the ports it exposes are the
     chart's default container ports and its default config's, its user is the one the
@@ -553,6 +584,7 @@ def run(chart_dir, repo, out):
         except helm.HelmError as e:
             fail(f, f"{type(e).__name__}: {e}")
     check_refused(chart_dir)
+    check_docs(chart_dir)
     check_image(chart_dir, repo)
     return summary
 
