@@ -2,7 +2,8 @@
 # Runs the whole test suite on a fresh machine: installs the tools the tests drive
 # (curl, python3, openssl, fetchmail, mpop, redis-server; promtool and prometheus from
 # Debian's prometheus package; postfix and swaks; node and npm, and the npm packages
-# that validate the Grafana dashboard, into the gitignored .tools/npm) when missing, then
+# that validate the Grafana dashboard, into the gitignored .tools/npm; the pinned Python
+# packages that check the Helm chart, into the gitignored .tools/venv) when missing, then
 # formatting, lints and every test. Used by the README and by .ci/run; the integration
 # tests fail (never skip) when a tool is still missing, in CI and anywhere else.
 set -euo pipefail
@@ -13,6 +14,8 @@ command -v fetchmail >/dev/null 2>&1 || need+=(fetchmail)
 command -v mpop >/dev/null 2>&1 || need+=(mpop)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# The Helm chart checks run in a venv (Debian's python3 needs python3-venv for it).
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # The replica tests start their own redis-server on free ports; a service the package may
 # start on 6379 is not used. Likewise the metrics test starts its own prometheus on a free
@@ -56,6 +59,18 @@ if [ "$(cat "$npm_dir/.pins" 2>/dev/null)" != "$npm_pins" ]; then
     # shellcheck disable=SC2086 # the pins are separate words
     npm install --prefix "$npm_dir" --no-audit --no-fund --loglevel=error $npm_pins
     echo "$npm_pins" >"$npm_dir/.pins"
+fi
+
+# The chart checks (tests/helm/check_chart.py) use Helm's Go SDK and the Kubernetes
+# schemas from PyPI, pinned in tests/helm/requirements.txt. Reinstalled when it changes.
+py_dir=.tools/venv
+py_pins=$(sha256sum tests/helm/requirements.txt)
+if [ "$(cat "$py_dir/.pins" 2>/dev/null)" != "$py_pins" ]; then
+    echo "installing into $py_dir: tests/helm/requirements.txt"
+    rm -rf "$py_dir"
+    python3 -m venv "$py_dir"
+    "$py_dir/bin/pip" install --quiet --disable-pip-version-check -r tests/helm/requirements.txt
+    echo "$py_pins" >"$py_dir/.pins"
 fi
 
 cargo fmt --all -- --check

@@ -45,6 +45,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub auth: AuthConfig,
     pub metrics: MetricsConfig,
+    pub provision: ProvisionConfig,
     pub proxy_protocol: ProxyProtocolConfig,
 }
 
@@ -63,6 +64,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             auth: AuthConfig::default(),
             metrics: MetricsConfig::default(),
+            provision: ProvisionConfig::default(),
             proxy_protocol: ProxyProtocolConfig::default(),
         }
     }
@@ -253,6 +255,17 @@ impl Default for TlsConfig {
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+/// Domains and accounts `serve` creates at start when they are absent (see `provision`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisionConfig {
+    /// Hosted domains to create when absent; existing ones are left alone.
+    pub domains: Vec<String>,
+    /// File of `address PHC-hash` lines (argon2id); each account is created when absent,
+    /// never changed when present. Every address's domain must be in `domains`.
+    pub accounts_file: Option<PathBuf>,
 }
 
 /// Where maildrop locks and login-failure counters live.
@@ -523,10 +536,13 @@ impl From<Network> for String {
 impl Config {
     /// Loads defaults, then `file` (which must exist when given), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
-        // `MAILGATE_LOG` is the log filter, read by main, not a config key.
+        // `MAILGATE_LOG` is the log filter and `MAILGATE_CONFIG` the file, both read by
+        // main, not config keys.
         Self::load_from(
             file,
-            Env::prefixed("MAILGATE_").ignore(&["log"]).split("__"),
+            Env::prefixed("MAILGATE_")
+                .ignore(&["log", "config"])
+                .split("__"),
         )
     }
 
@@ -657,6 +673,11 @@ impl Config {
         if let Err(e) = self.auth.argon2.validate() {
             return invalid("auth.argon2", e.to_string());
         }
+        for domain in &self.provision.domains {
+            if let Err(e) = crate::store::validate_domain(domain) {
+                return invalid("provision.domains", e.to_string());
+            }
+        }
         Ok(())
     }
 
@@ -781,8 +802,14 @@ mod tests {
                 [tls.domains."example.org"]
                 cert = "a.crt"
                 key = "a.key"
+                [provision]
+                domains = ["example.org", "example.net"]
                 "#,
             )?;
+            jail.set_env(
+                "MAILGATE_PROVISION__ACCOUNTS_FILE",
+                "/etc/mailgate/accounts",
+            );
             jail.set_env("MAILGATE_POP3__TLS_LISTEN", "127.0.0.1:0");
             jail.set_env("MAILGATE_LIMITS__IDLE_TIMEOUT_SECS", "5");
             let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
@@ -792,6 +819,11 @@ mod tests {
             assert!(c.pop3.allow_plaintext_auth);
             assert_eq!(c.limits.idle_timeout_secs, 5);
             assert_eq!(c.tls.domains["example.org"].cert, PathBuf::from("a.crt"));
+            assert_eq!(c.provision.domains, vec!["example.org", "example.net"]);
+            assert_eq!(
+                c.provision.accounts_file,
+                Some(PathBuf::from("/etc/mailgate/accounts"))
+            );
             Ok(())
         });
     }
@@ -857,6 +889,11 @@ mod tests {
                 "[lmtp]\nlisten = \"unix:/run/lmtp.sock\"\n[proxy_protocol]\nlisteners = [\"lmtp\"]\ntrusted_networks = [\"10.0.0.0/8\"]\n",
                 "proxy_protocol.listeners",
             ),
+            (
+                "[provision]\ndomains = [\"example.org\", \"../etc\"]\n",
+                "provision.domains",
+            ),
+            ("[provision]\naccounts = \"a\"\n", "accounts"),
         ];
         for (toml, key) in cases {
             Jail::expect_with(|jail| {
@@ -982,6 +1019,19 @@ mod tests {
             assert!(
                 err.to_lowercase().contains("limits.max_bad_commands"),
                 "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_log_filter_and_config_file_variables_are_not_keys() {
+        Jail::expect_with(|jail| {
+            jail.set_env("MAILGATE_LOG", "debug");
+            jail.set_env("MAILGATE_CONFIG", "/etc/mailgate/mailgate.toml");
+            assert_eq!(
+                load_in_jail(None).map_err(|e| e.to_string())?,
+                Config::default()
             );
             Ok(())
         });

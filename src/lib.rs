@@ -24,6 +24,7 @@
 //! - [`metrics`]: metric names, label sets and handles (one registry), and the HTTP
 //!   endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`admin`]: the admin socket through which the CLI talks to a running server.
+//! - [`provision`]: domains and accounts (from PHC hashes) created at start when absent.
 
 pub mod admin;
 pub mod auth;
@@ -33,6 +34,7 @@ pub mod locks;
 pub mod message;
 pub mod metrics;
 pub mod pop3;
+pub mod provision;
 pub mod proxy;
 pub mod redis_conn;
 pub mod server;

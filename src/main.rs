@@ -9,6 +9,7 @@ use mailgate::config::{Config, LockBackendKind};
 use mailgate::delivery::Quotas;
 use mailgate::locks::{LocalLocks, LockBackend, RedisLocks};
 use mailgate::metrics::{self, Metrics};
+use mailgate::provision::Plan;
 use mailgate::redis_conn::RedisConn;
 use mailgate::server::{self, Listeners, Shared};
 use mailgate::store::{Address, Directory};
@@ -27,8 +28,10 @@ use tracing::{info, warn};
     about = "TLS-first multi-tenant mail gateway"
 )]
 struct Cli {
-    /// Configuration file (TOML); `MAILGATE_SECTION__KEY` variables override it.
-    #[arg(long, global = true, value_name = "FILE")]
+    /// Configuration file (TOML); `MAILGATE_SECTION__KEY` variables override it. The
+    /// container image sets `MAILGATE_CONFIG`, so `kubectl exec ... -- mailgate user add`
+    /// finds the same file as `serve`.
+    #[arg(long, global = true, value_name = "FILE", env = "MAILGATE_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
@@ -54,6 +57,12 @@ enum Cmd {
     },
     /// Validate configuration and certificates, and reach Redis when locks live there.
     CheckConfig,
+    /// Print the argon2id PHC hash of a password, for `[provision] accounts_file`.
+    HashPassword {
+        /// Read the password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +175,14 @@ fn run(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::CheckConfig => check_config(&config),
+        Cmd::HashPassword { password_stdin } => {
+            let password = read_password(password_stdin)?;
+            println!(
+                "{}",
+                auth::make_credentials(&password, &config.auth.argon2)?.phc
+            );
+            Ok(0)
+        }
         Cmd::Domain(cmd) => {
             let request = match cmd {
                 DomainCmd::Add { name } => Request::DomainAdd { name },
@@ -204,7 +221,18 @@ fn run(cli: Cli) -> Result<u8> {
 /// Reads the password and hashes it here, so it never crosses the admin socket.
 fn credentials(config: &Config, address: &str, args: &PasswordArgs) -> Result<Credentials> {
     Address::parse(address).with_context(|| format!("invalid address {address:?}"))?;
-    if !args.password_stdin {
+    let password = read_password(args.password_stdin)?;
+    let mut creds = auth::make_credentials(&password, &config.auth.argon2)?;
+    if args.apop {
+        creds.apop_secret = Some(password);
+    }
+    Ok(creds)
+}
+
+/// The first line of stdin, without its line end; `--password-stdin` is required so a
+/// password is never expected on the command line.
+fn read_password(password_stdin: bool) -> Result<String> {
+    if !password_stdin {
         bail!("missing password: pass --password-stdin and write the password to stdin");
     }
     let mut line = String::new();
@@ -217,11 +245,7 @@ fn credentials(config: &Config, address: &str, args: &PasswordArgs) -> Result<Cr
     if password.is_empty() {
         bail!("missing password: stdin was empty");
     }
-    let mut creds = auth::make_credentials(password, &config.auth.argon2)?;
-    if args.apop {
-        creds.apop_secret = Some(password.to_owned());
-    }
-    Ok(creds)
+    Ok(password.to_owned())
 }
 
 /// Sends a request to the running server, or runs it on the data dir when none runs.
@@ -314,6 +338,7 @@ fn check_config(config: &Config) -> Result<u8> {
         }
     }
     check_data_dir(&config.data_dir)?;
+    check_provision(config)?;
     check_locks(config)?;
     if config.lmtp.listen.starts_with("unix:") {
         server::socket_group(&config.lmtp.socket_group).map_err(anyhow::Error::msg)?;
@@ -333,6 +358,19 @@ fn check_config(config: &Config) -> Result<u8> {
     }
     println!("configuration OK");
     Ok(0)
+}
+
+/// Reads the provisioning plan as `serve` would, so a bad accounts file fails here.
+fn check_provision(config: &Config) -> Result<()> {
+    let plan = Plan::load(&config.provision)?;
+    if !plan.domains.is_empty() || config.provision.accounts_file.is_some() {
+        println!(
+            "provision: {} domain(s), {} account(s) created at start when absent",
+            plan.domains.len(),
+            plan.accounts.len()
+        );
+    }
+    Ok(())
 }
 
 /// Reports where locks live; for Redis, that it answers (the URL shown redacted).
@@ -401,6 +439,7 @@ fn create_data_dir(dir: &Path) -> Result<()> {
 
 async fn serve(config: Arc<Config>) -> Result<()> {
     tls::install_crypto_provider();
+    let plan = Plan::load(&config.provision)?;
     create_data_dir(&config.data_dir)?;
     let (default, self_signed) = default_cert_paths(&config);
     if self_signed && tls::ensure_self_signed(&default, &config.hostname)? {
@@ -413,6 +452,7 @@ async fn serve(config: Arc<Config>) -> Result<()> {
         Directory::open(&config.data_dir, config.store_options())
             .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
     );
+    provision(plan, directory.clone()).await?;
     let admin_listener = admin::bind(&config.admin_socket()).await?;
     let listeners = Listeners::bind(&config).await?;
     let metrics_listener = bind_metrics(&config.metrics.listen).await?;
@@ -461,6 +501,27 @@ async fn serve(config: Arc<Config>) -> Result<()> {
     let dir = directory.clone();
     tokio::task::spawn_blocking(move || dir.flush_all()).await??;
     info!("stopped");
+    Ok(())
+}
+
+/// Creates the configured domains and accounts that are absent, before any listener.
+async fn provision(plan: Plan, directory: Arc<Directory>) -> Result<()> {
+    if plan.domains.is_empty() && plan.accounts.is_empty() {
+        return Ok(());
+    }
+    let report = tokio::task::spawn_blocking(move || plan.apply(&directory)).await??;
+    for domain in &report.domains_created {
+        info!(%domain, "provisioned domain");
+    }
+    for address in &report.accounts_created {
+        info!(%address, "provisioned account");
+    }
+    info!(
+        domains_created = report.domains_created.len(),
+        accounts_created = report.accounts_created.len(),
+        accounts_kept = report.accounts_kept,
+        "provisioning done"
+    );
     Ok(())
 }
 

@@ -167,24 +167,38 @@ fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsEr
         .map_err(|e| fail("syncing", parent, e))
 }
 
-/// Size and modification time of a file: what `reload_changed` compares.
+/// What `reload_changed` compares to notice that a certificate file was replaced: the
+/// identity of the file the path leads to (device and inode), its size, and its
+/// modification and status-change times.
+///
+/// The identity catches replacements that keep size and mtime: a Kubernetes Secret
+/// volume swaps its `..data` symlink to a new directory (`cp -p`, `tar` or a kubelet
+/// restore can carry the old mtime along); the ctime, which no one can set, catches
+/// in-place rewrites, including onto an inode reused from an earlier generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FileStamp {
-    modified: Option<SystemTime>,
+    device: u64,
+    inode: u64,
     len: u64,
+    modified: Option<SystemTime>,
+    changed: (i64, i64),
 }
 
 impl FileStamp {
     fn read(path: &Path) -> Result<FileStamp, TlsError> {
+        use std::os::unix::fs::MetadataExt;
         // metadata() follows symlinks, so certbot's live/ links and Kubernetes' ..data
-        // swaps show up as the new target's time and size.
+        // swaps show up as the new target.
         let meta = fs::metadata(path).map_err(|source| TlsError::Read {
             path: path.to_path_buf(),
             source,
         })?;
         Ok(FileStamp {
-            modified: meta.modified().ok(),
+            device: meta.dev(),
+            inode: meta.ino(),
             len: meta.len(),
+            modified: meta.modified().ok(),
+            changed: (meta.ctime(), meta.ctime_nsec()),
         })
     }
 }
@@ -426,7 +440,7 @@ impl TlsManager {
         Arc::clone(&self.config)
     }
 
-    /// Re-reads certificate files whose modification time changed; a broken new file
+    /// Re-reads certificate files that were replaced or changed; a broken new file
     /// keeps the old certificate and returns the error. Returns how many were replaced.
     ///
     /// When several pairs fail only the first error is returned (the good ones are still
@@ -439,8 +453,8 @@ impl TlsManager {
         }
     }
 
-    /// One reload pass: every pair whose cert or key file changed size or modification
-    /// time is read again and, when it loads and matches, swapped in. A pair whose files
+    /// One reload pass: every pair whose cert or key file was replaced or changed (see
+    /// `FileStamp`) is read again and, when it loads and matches, swapped in. A pair whose files
     /// vanished or are broken keeps its old certificate and is retried next pass.
     pub fn reload_report(&self) -> ReloadReport {
         let _pass = self
@@ -1358,6 +1372,35 @@ mod tests {
         touch_later(&paths.key, 30);
         assert_eq!(f.manager.reload_changed().unwrap(), 1);
         assert_eq!(f.served(None), renewed.der);
+    }
+
+    #[test]
+    fn reload_notices_an_in_place_rewrite_that_keeps_size_and_mtime() {
+        let f = fixture(&["example.org"]);
+        let paths = f.paths("example.org");
+        // Text after a PEM block is ignored: pad every generation to one size.
+        let padded = |pem: &str| format!("{pem:\n<4096}");
+        let write_with_mtime = |leaf: &Leaf, mtime: SystemTime| {
+            for (path, pem) in [(&paths.cert, &leaf.cert_pem), (&paths.key, &leaf.key_pem)] {
+                fs::write(path, padded(pem)).unwrap();
+                File::options()
+                    .write(true)
+                    .open(path)
+                    .unwrap()
+                    .set_modified(mtime)
+                    .unwrap();
+            }
+        };
+        let mtime = SystemTime::now() - Duration::from_secs(600);
+        write_with_mtime(f.leaf("example.org"), mtime);
+        assert_eq!(f.manager.reload_changed().unwrap(), 1);
+        // The status-change time has a coarse clock: let it move on.
+        std::thread::sleep(Duration::from_millis(50));
+        let renewed = f.ca.issue(&["example.org", "mail.example.org"]);
+        write_with_mtime(&renewed, mtime);
+        assert_eq!(f.manager.reload_changed().unwrap(), 1);
+        assert_eq!(f.served(Some("example.org")), renewed.der);
+        assert_eq!(f.manager.reload_changed().unwrap(), 0);
     }
 
     type ErrorCheck = fn(&TlsError) -> bool;

@@ -141,7 +141,11 @@ pub(crate) fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 pub struct Credentials {
     /// argon2id PHC string.
     pub phc: String,
-    pub scram: ScramKeys,
+    /// Absent for accounts made from a PHC hash alone (start-up provisioning): the keys
+    /// need the password, so SCRAM-SHA-256 logins to them fail like a wrong password
+    /// until `user passwd` sets one.
+    #[serde(default)]
+    pub scram: Option<ScramKeys>,
     /// Shared secret for APOP, only for accounts that opted in (APOP needs it in clear).
     pub apop_secret: Option<String>,
 }
@@ -169,9 +173,92 @@ pub fn make_credentials(password: &str, params: &HashParams) -> Result<Credentia
     let scram = ScramKeys::derive(password.as_bytes(), &scram_salt, params.scram_iterations);
     Ok(Credentials {
         phc,
-        scram,
+        scram: Some(scram),
         apop_secret: None,
     })
+}
+
+/// Why a PHC string cannot serve as an account's password hash. The messages never
+/// contain the hash itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PhcError {
+    #[error("not a PHC string ($id$...)")]
+    Syntax,
+    #[error("unsupported algorithm {0:?} (only argon2id is accepted)")]
+    Algorithm(String),
+    #[error("unsupported argon2 version (only v=19 is accepted)")]
+    Version,
+    #[error("argon2 parameters are missing or out of range")]
+    Params,
+    #[error("salt is missing or not valid base64")]
+    Salt,
+    #[error("hash output is missing or of an unusable length")]
+    Output,
+}
+
+/// Credentials from an argon2id PHC string alone (no SCRAM keys, no APOP secret), for
+/// accounts whose password the server never sees. The string must be one that
+/// `verify_password` can check, so an account created from it can log in.
+pub fn credentials_from_phc(phc: &str) -> Result<Credentials, PhcError> {
+    let parsed = ParsedHash::parse(phc)?;
+    if parsed.algorithm != Algorithm::Argon2id {
+        return Err(PhcError::Algorithm(parsed.algorithm.as_str().to_string()));
+    }
+    if parsed.version != Version::V0x13 {
+        return Err(PhcError::Version);
+    }
+    Ok(Credentials {
+        phc: phc.to_owned(),
+        scram: None,
+        apop_secret: None,
+    })
+}
+
+/// A PHC string taken apart into what argon2 needs to recompute it.
+struct ParsedHash {
+    algorithm: Algorithm,
+    version: Version,
+    params: Params,
+    salt: [u8; 64],
+    salt_len: usize,
+    expected: Vec<u8>,
+}
+
+impl ParsedHash {
+    fn parse(phc: &str) -> Result<ParsedHash, PhcError> {
+        let hash = PasswordHash::new(phc).map_err(|_| PhcError::Syntax)?;
+        let algorithm = Algorithm::try_from(hash.algorithm)
+            .map_err(|_| PhcError::Algorithm(hash.algorithm.as_str().to_string()))?;
+        let version = match hash.version.map(Version::try_from) {
+            None => Version::V0x13,
+            Some(Ok(v)) => v,
+            Some(Err(_)) => return Err(PhcError::Version),
+        };
+        let params = Params::try_from(&hash).map_err(|_| PhcError::Params)?;
+        let mut salt = [0u8; 64];
+        let salt_len = hash
+            .salt
+            .ok_or(PhcError::Salt)?
+            .decode_b64(&mut salt)
+            .map_err(|_| PhcError::Salt)?
+            .len();
+        let expected = hash.hash.ok_or(PhcError::Output)?.as_bytes().to_vec();
+        let params = Params::new(
+            params.m_cost(),
+            params.t_cost(),
+            params.p_cost(),
+            Some(expected.len()),
+        )
+        .map_err(|_| PhcError::Output)?;
+        Ok(ParsedHash {
+            algorithm,
+            version,
+            params,
+            salt,
+            salt_len,
+            expected,
+        })
+    }
 }
 
 /// Checks a cleartext password against the argon2id hash (blocking, costly).
@@ -186,49 +273,27 @@ pub fn verify_password(creds: &Credentials, password: &[u8]) -> bool {
 /// so a long-lived hashing thread allocates its blocks once instead of per login (the
 /// allocator would otherwise keep tens of MiB per thread arena).
 pub fn verify_password_in(creds: &Credentials, password: &[u8], memory: &mut Vec<Block>) -> bool {
-    let Ok(hash) = PasswordHash::new(&creds.phc) else {
+    let Ok(parsed) = ParsedHash::parse(&creds.phc) else {
         return false;
     };
-    let (Some(salt), Some(expected)) = (hash.salt, hash.hash) else {
-        return false;
-    };
-    let Ok(algorithm) = Algorithm::try_from(hash.algorithm) else {
-        return false;
-    };
-    let version = match hash.version.map(Version::try_from) {
-        None => Version::V0x13,
-        Some(Ok(v)) => v,
-        Some(Err(_)) => return false,
-    };
-    let Ok(params) = Params::try_from(&hash) else {
-        return false;
-    };
-    let mut salt_buf = [0u8; 64];
-    let Ok(salt) = salt.decode_b64(&mut salt_buf) else {
-        return false;
-    };
-    let expected = expected.as_bytes();
-    let Ok(params) = Params::new(
-        params.m_cost(),
-        params.t_cost(),
-        params.p_cost(),
-        Some(expected.len()),
-    ) else {
-        return false;
-    };
-    let blocks = params.block_count();
+    let blocks = parsed.params.block_count();
     if memory.len() < blocks {
         memory.resize(blocks, Block::default());
     }
-    let mut out = vec![0u8; expected.len()];
-    let argon2 = Argon2::new(algorithm, version, params);
+    let mut out = vec![0u8; parsed.expected.len()];
+    let argon2 = Argon2::new(parsed.algorithm, parsed.version, parsed.params);
     if argon2
-        .hash_password_into_with_memory(password, salt, &mut out, &mut memory[..blocks])
+        .hash_password_into_with_memory(
+            password,
+            &parsed.salt[..parsed.salt_len],
+            &mut out,
+            &mut memory[..blocks],
+        )
         .is_err()
     {
         return false;
     }
-    subtle::ConstantTimeEq::ct_eq(out.as_slice(), expected).into()
+    subtle::ConstantTimeEq::ct_eq(out.as_slice(), parsed.expected.as_slice()).into()
 }
 
 /// Spends the same work as `verify_password` for an unknown user, so timing does not
@@ -292,12 +357,13 @@ mod tests {
     fn credentials_carry_matching_scram_keys() {
         let params = HashParams::cheap();
         let creds = make_credentials("pencil", &params).unwrap();
-        assert_eq!(creds.scram.salt.len(), SALT_LEN);
-        assert_eq!(creds.scram.iterations, params.scram_iterations);
-        let again = ScramKeys::derive(b"pencil", &creds.scram.salt, creds.scram.iterations);
-        assert!(again == creds.scram);
-        let other = ScramKeys::derive(b"pencil!", &creds.scram.salt, creds.scram.iterations);
-        assert!(other != creds.scram);
+        let keys = creds.scram.unwrap();
+        assert_eq!(keys.salt.len(), SALT_LEN);
+        assert_eq!(keys.iterations, params.scram_iterations);
+        let again = ScramKeys::derive(b"pencil", &keys.salt, keys.iterations);
+        assert!(again == keys);
+        let other = ScramKeys::derive(b"pencil!", &keys.salt, keys.iterations);
+        assert!(other != keys);
     }
 
     #[test]
@@ -305,8 +371,9 @@ mod tests {
         let a = make_credentials("same", &HashParams::cheap()).unwrap();
         let b = make_credentials("same", &HashParams::cheap()).unwrap();
         assert_ne!(a.phc, b.phc);
-        assert_ne!(a.scram.salt, b.scram.salt);
-        assert_ne!(a.scram.stored_key, b.scram.stored_key);
+        let (a, b) = (a.scram.unwrap(), b.scram.unwrap());
+        assert_ne!(a.salt, b.salt);
+        assert_ne!(a.stored_key, b.stored_key);
     }
 
     #[test]
@@ -352,6 +419,77 @@ mod tests {
                 ..good.clone()
             };
             assert!(!verify_password(&creds, b"pw"), "{phc:?}");
+        }
+    }
+
+    #[test]
+    fn credentials_from_a_phc_string_verify_without_scram_keys() {
+        let made = make_credentials("from elsewhere", &HashParams::cheap()).unwrap();
+        let creds = credentials_from_phc(&made.phc).unwrap();
+        assert!(creds.scram.is_none());
+        assert!(creds.apop_secret.is_none());
+        assert!(verify_password(&creds, b"from elsewhere"));
+        assert!(!verify_password(&creds, b"from elsewhere!"));
+        // Hashes written by the reference implementation's CLI (`echo -n password |
+        // argon2 somesalt -id -t 2 -m 16 -p 4 -e`, and `-m 10 -p 1 -l 16`).
+        for reference in [
+            "$argon2id$v=19$m=65536,t=2,p=4$c29tZXNhbHQ$GpZ3sK/oH9p7VIiV56G/64Zo/8GaUw434IimaPqxwCo",
+            "$argon2id$v=19$m=1024,t=2,p=1$c29tZXNhbHQ$gTO0gvHf4lDpocsoM1S0Wg",
+        ] {
+            let creds = credentials_from_phc(reference).unwrap();
+            assert!(verify_password(&creds, b"password"), "{reference}");
+            assert!(!verify_password(&creds, b"Password"), "{reference}");
+        }
+    }
+
+    #[test]
+    fn phc_strings_that_cannot_be_used_are_rejected_without_echoing_them() {
+        let good = make_credentials("pw", &HashParams::cheap()).unwrap().phc;
+        let argon2i = good.replace("$argon2id$", "$argon2i$");
+        let cases: Vec<(String, PhcError)> = vec![
+            (String::new(), PhcError::Syntax),
+            ("secretsecret".into(), PhcError::Syntax),
+            (
+                "$2y$10$abcdefghijklmnopqrstuuJ0Yd7Bq3lq3cDHYgY9xO5sBxRw8m".into(),
+                PhcError::Syntax,
+            ),
+            (argon2i, PhcError::Algorithm("argon2i".into())),
+            (
+                good.replace("$argon2id$", "$scrypt$"),
+                PhcError::Algorithm("scrypt".into()),
+            ),
+            (good.replace("v=19", "v=16"), PhcError::Version),
+            (good.replace("m=1024", "m=1"), PhcError::Params),
+            (good.replace("t=1,", "t=0,"), PhcError::Params),
+            (good.replace("m=1024", "m=many"), PhcError::Params),
+            ("$argon2id$v=19$m=1024,t=1,p=1".into(), PhcError::Salt),
+            (
+                format!(
+                    "$argon2id$v=19$m=1024,t=1,p=1${}$AAAAAAAAAAAAAAAAAAAAAA",
+                    "c2FsdA".repeat(20)
+                ),
+                PhcError::Syntax,
+            ),
+            (
+                "$argon2id$v=19$m=1024,t=1,p=1$abcde$AAAAAAAAAAAAAAAAAAAAAA".into(),
+                PhcError::Salt,
+            ),
+            (
+                "$argon2id$v=19$m=1024,t=1,p=1$c29tZXNhbHQ".into(),
+                PhcError::Output,
+            ),
+            (
+                "$argon2id$v=19$m=1024,t=1,p=1$c29tZXNhbHQ$AAA".into(),
+                PhcError::Syntax,
+            ),
+        ];
+        for (phc, expected) in cases {
+            let error = credentials_from_phc(&phc).expect_err(&phc);
+            assert_eq!(error, expected, "{phc:?}");
+            let shown = error.to_string();
+            if phc.len() > 12 {
+                assert!(!shown.contains(&phc[phc.len() - 12..]), "{shown}");
+            }
         }
     }
 
@@ -410,10 +548,11 @@ mod tests {
     #[test]
     fn debug_output_hides_secrets() {
         let creds = make_credentials("hunter2", &HashParams::cheap()).unwrap();
-        let shown = format!("{creds:?} {:?}", creds.scram);
+        let keys = creds.scram.clone().unwrap();
+        let shown = format!("{creds:?} {keys:?}");
         assert!(!shown.contains("hunter2"));
         assert!(!shown.contains("argon2"));
-        assert!(!shown.contains(&format!("{:?}", creds.scram.stored_key)));
+        assert!(!shown.contains(&format!("{:?}", keys.stored_key)));
         assert!(shown.contains("iterations: 4096"), "{shown}");
     }
 
@@ -434,5 +573,16 @@ mod tests {
         let back: Credentials = serde_json::from_str(&json).unwrap();
         assert!(back == creds);
         assert!(verify_password(&back, b"pw"));
+        // Records stored before SCRAM keys became optional have the keys inline, the same
+        // JSON as `Some`; records made from a PHC hash alone have none.
+        let value: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(value["scram"]["stored_key"].is_array(), "{json}");
+        for without in [
+            serde_json::json!({"phc": creds.phc, "apop_secret": null}),
+            serde_json::json!({"phc": creds.phc, "scram": null, "apop_secret": null}),
+        ] {
+            let back: Credentials = serde_json::from_value(without).unwrap();
+            assert!(back.scram.is_none());
+        }
     }
 }

@@ -343,7 +343,7 @@ mod tests {
             "n,,n=alice,r=abc,x=ext",
         ] {
             let client = ClientFirst::parse(first.as_bytes()).unwrap();
-            let server = ServerFirst::new(&client, creds.scram.clone());
+            let server = ServerFirst::new(&client, creds.scram.clone().unwrap());
             let nonce = server
                 .message
                 .split(',')

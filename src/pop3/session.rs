@@ -1213,14 +1213,18 @@ async fn sasl_scram<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let failed = || LoginResult::Failed(Some(client_first.username.clone()));
     let found = find_account(ctx, &client_first.username).await?;
-    let keys = match &found {
-        Some((_, _, account)) => account.credentials.scram.clone(),
-        None => scram::fake_keys(
-            &client_first.username,
-            &ctx.shared.secret,
-            ctx.shared.hash_params.scram_iterations,
-        ),
-    };
+    // Unknown users, and accounts made from a PHC hash alone (no SCRAM keys), get
+    // stand-in keys no proof matches: the exchange fails like a wrong password.
+    let keys = found
+        .as_ref()
+        .and_then(|(_, _, account)| account.credentials.scram.clone())
+        .unwrap_or_else(|| {
+            scram::fake_keys(
+                &client_first.username,
+                &ctx.shared.secret,
+                ctx.shared.hash_params.scram_iterations,
+            )
+        });
     let server_first = scram::ServerFirst::new(&client_first, keys);
     let Some(client_final) = sasl_response(io, ctx, server_first.message.as_bytes()).await? else {
         return Ok(LoginResult::Aborted);

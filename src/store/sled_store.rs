@@ -794,12 +794,12 @@ mod tests {
         Account {
             credentials: Credentials {
                 phc: "x".into(),
-                scram: ScramKeys {
+                scram: Some(ScramKeys {
                     salt: vec![],
                     iterations: 4096,
                     stored_key: [0; 32],
                     server_key: [0; 32],
-                },
+                }),
                 apop_secret: None,
             },
             uid_nonce: nonce,

@@ -267,3 +267,35 @@ fn admin_socket_answers_garbage_with_usage_errors() {
     let out = server.cli(&["domain", "list"], b"");
     assert!(out.status.success());
 }
+
+/// `MAILGATE_CONFIG` names the file when `--config` is absent (the container image sets
+/// it, so `kubectl exec ... -- mailgate ...` needs no flag); `--config` still wins.
+#[test]
+fn config_file_from_the_environment() {
+    let server = Server::start();
+    let run = |args: &[&str], config: &std::path::Path| {
+        Command::new(BIN)
+            .args(args)
+            .env("MAILGATE_CONFIG", config)
+            .output()
+            .expect("mailgate")
+    };
+    let out = run(&["domain", "add", "env.example"], &server.config);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(&["domain", "list"], &server.config);
+    assert!(text(&out).contains("env.example"), "{}", text(&out));
+    let absent = server.dir.path().join("absent.toml");
+    let out = run(&["check-config"], &absent);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("absent.toml"), "{}", text(&out));
+    let out = run(
+        &[
+            "--config",
+            &server.config.display().to_string(),
+            "domain",
+            "list",
+        ],
+        &absent,
+    );
+    assert!(out.status.success(), "{}", text(&out));
+}

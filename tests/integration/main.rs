@@ -7,9 +7,12 @@ mod common;
 
 mod cli;
 mod clients;
+mod helm;
 mod metrics;
 mod pop3;
 mod postfix;
+mod provision;
 mod proxy;
 mod replicas;
 mod smtp;
+mod tls_rotation;

@@ -1,0 +1,413 @@
+{{/* mailgate.name: the chart name, or nameOverride. */}}
+{{- define "mailgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* mailgate.fullname: the base name of every object, at most 63 characters. */}}
+{{- define "mailgate.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* mailgate.objectName: the full name with a suffix, kept within 63 characters. */}}
+{{- define "mailgate.objectName" -}}
+{{- $root := index . 0 -}}
+{{- $suffix := index . 1 -}}
+{{- printf "%s-%s" (include "mailgate.fullname" $root | trunc (int (sub 62 (len $suffix)))) $suffix | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* mailgate.chart: chart name and version for the helm.sh/chart label. */}}
+{{- define "mailgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* mailgate.selectorLabels: the labels that select mailgate's pods. */}}
+{{- define "mailgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mailgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end -}}
+
+{{/* mailgate.labels: the standard labels of every object, plus commonLabels. */}}
+{{- define "mailgate.labels" -}}
+helm.sh/chart: {{ include "mailgate.chart" . }}
+app.kubernetes.io/name: {{ include "mailgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: mailgate
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* mailgate.annotations: `annotations:` of an object's metadata (commonAnnotations and its own), or nothing. */}}
+{{- define "mailgate.annotations" -}}
+{{- $root := index . 0 -}}
+{{- $all := merge (deepCopy (index . 1)) $root.Values.commonAnnotations -}}
+{{- with $all }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- end -}}
+
+{{/* mailgate.serviceAccountName: the ServiceAccount the pods run as. */}}
+{{- define "mailgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "mailgate.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* mailgate.image: repository with the digest, or the tag (default: appVersion). */}}
+{{- define "mailgate.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* mailgate.listenerNames: the listeners the chart knows, in a fixed order. */}}
+{{- define "mailgate.listenerNames" -}}
+pop3 pop3s smtp lmtp
+{{- end -}}
+
+{{/* mailgate.clientListeners: enabled listeners on the client Service (not LMTP), space-separated. */}}
+{{- define "mailgate.clientListeners" -}}
+{{- $names := list -}}
+{{- range $name := list "pop3" "pop3s" "smtp" -}}
+{{- if (index $.Values.listeners $name).enabled -}}
+{{- $names = append $names $name -}}
+{{- end -}}
+{{- end -}}
+{{- join " " $names -}}
+{{- end -}}
+
+{{/* mailgate.listen: "address:port" for the pod, in brackets for IPv6. */}}
+{{- define "mailgate.listen" -}}
+{{- $root := index . 0 -}}
+{{- $port := index . 1 -}}
+{{- $addr := $root.Values.listenAddress -}}
+{{- if contains ":" $addr -}}
+{{- printf "[%s]:%d" $addr (int $port) -}}
+{{- else -}}
+{{- printf "%s:%d" $addr (int $port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* mailgate.domainSlug: a domain name as a DNS label part (dots to dashes). */}}
+{{- define "mailgate.domainSlug" -}}
+{{- . | lower | replace "." "-" | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* mailgate.defaultTlsSecret: the Secret of the default certificate (empty when self-signed). */}}
+{{- define "mailgate.defaultTlsSecret" -}}
+{{- if .Values.tls.secretName -}}
+{{- .Values.tls.secretName -}}
+{{- else if .Values.tls.certManager.enabled -}}
+{{- include "mailgate.objectName" (list . "tls") -}}
+{{- end -}}
+{{- end -}}
+
+{{/* mailgate.domainTlsSecret: the Secret of one domain's certificate (empty: the default serves it). */}}
+{{- define "mailgate.domainTlsSecret" -}}
+{{- $root := index . 0 -}}
+{{- $domain := index . 1 -}}
+{{- $tls := $domain.tls | default dict -}}
+{{- if $tls.secretName -}}
+{{- $tls.secretName -}}
+{{- else if and $root.Values.tls.certManager.enabled $tls.dnsNames -}}
+{{- include "mailgate.objectName" (list $root (printf "%s-tls" (include "mailgate.domainSlug" $domain.name))) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* mailgate.redisFullname: name of the in-chart Redis objects. */}}
+{{- define "mailgate.redisFullname" -}}
+{{- include "mailgate.objectName" (list . "redis") -}}
+{{- end -}}
+
+{{/* mailgate.redisSecretName: the Secret holding the in-chart Redis password. */}}
+{{- define "mailgate.redisSecretName" -}}
+{{- default (include "mailgate.redisFullname" .) .Values.redis.internal.existingSecret -}}
+{{- end -}}
+
+{{/* mailgate.dataDir: data_dir, a directory mailgate makes (mode 0700) on the volume. */}}
+{{- define "mailgate.dataDir" -}}/var/lib/mailgate/data{{- end -}}
+
+{{/* mailgate.configPath: where the ConfigMap's mailgate.toml is mounted (MAILGATE_CONFIG). */}}
+{{- define "mailgate.configPath" -}}/etc/mailgate/config/mailgate.toml{{- end -}}
+
+{{/* mailgate.accountsPath: where the accounts Secret's key is mounted. */}}
+{{- define "mailgate.accountsPath" -}}/etc/mailgate/accounts/accounts{{- end -}}
+
+{{/* mailgate.redisCaPath: where the Redis CA Secret's ca.crt is mounted. */}}
+{{- define "mailgate.redisCaPath" -}}/etc/mailgate/redis-ca/ca.crt{{- end -}}
+
+{{/* mailgate.config: the mailgate.toml tree as YAML: config values plus what the chart owns. */}}
+{{- define "mailgate.config" -}}
+{{- $c := deepCopy .Values.config -}}
+{{- if not $c.hostname -}}
+{{- $_ := unset $c "hostname" -}}
+{{- end -}}
+{{- $_ := set $c "data_dir" (include "mailgate.dataDir" .) -}}
+{{- $l := .Values.listeners -}}
+{{- $pop3 := $c.pop3 | default dict -}}
+{{- $_ := set $pop3 "listen" (ternary (include "mailgate.listen" (list . $l.pop3.containerPort)) "" $l.pop3.enabled) -}}
+{{- $_ := set $pop3 "tls_listen" (ternary (include "mailgate.listen" (list . $l.pop3s.containerPort)) "" $l.pop3s.enabled) -}}
+{{- $_ := set $c "pop3" $pop3 -}}
+{{- $_ := set $c "lmtp" (dict "listen" (ternary (include "mailgate.listen" (list . $l.lmtp.containerPort)) "" $l.lmtp.enabled)) -}}
+{{- $_ := set $c "smtp" (dict "listen" (ternary (include "mailgate.listen" (list . $l.smtp.containerPort)) "" $l.smtp.enabled)) -}}
+{{- $_ := set $c "metrics" (dict "listen" (include "mailgate.listen" (list . .Values.metrics.containerPort))) -}}
+{{- $tls := $c.tls | default dict -}}
+{{- if not .Values.tls.selfSigned -}}
+{{- $_ := set $tls "cert" "/etc/mailgate/tls/default/tls.crt" -}}
+{{- $_ := set $tls "key" "/etc/mailgate/tls/default/tls.key" -}}
+{{- end -}}
+{{- $sni := dict -}}
+{{- range .Values.domains -}}
+{{- if include "mailgate.domainTlsSecret" (list $ .) -}}
+{{- $dir := printf "/etc/mailgate/tls/domains/%s" (lower .name) -}}
+{{- $_ := set $sni (lower .name) (dict "cert" (printf "%s/tls.crt" $dir) "key" (printf "%s/tls.key" $dir)) -}}
+{{- end -}}
+{{- end -}}
+{{- if $sni -}}
+{{- $_ := set $tls "domains" $sni -}}
+{{- end -}}
+{{- $_ := set $c "tls" $tls -}}
+{{- $locks := $c.locks | default dict -}}
+{{- if and (eq (toString $locks.backend) "redis") .Values.redis.external.caSecret -}}
+{{- $_ := set $locks "redis_ca_file" (include "mailgate.redisCaPath" .) -}}
+{{- end -}}
+{{- $_ := set $c "locks" $locks -}}
+{{- $provision := dict -}}
+{{- with .Values.domains -}}
+{{- $names := list -}}
+{{- range . -}}
+{{- $names = append $names (lower .name) -}}
+{{- end -}}
+{{- $_ := set $provision "domains" $names -}}
+{{- end -}}
+{{- if .Values.provisioning.accountsSecret -}}
+{{- $_ := set $provision "accounts_file" (include "mailgate.accountsPath" .) -}}
+{{- end -}}
+{{- if $provision -}}
+{{- $_ := set $c "provision" $provision -}}
+{{- end -}}
+{{- $proxied := list -}}
+{{- range $name := splitList " " (include "mailgate.listenerNames" .) -}}
+{{- $listener := index $l $name -}}
+{{- if and $listener.enabled $listener.proxyProtocol -}}
+{{- $proxied = append $proxied $name -}}
+{{- end -}}
+{{- end -}}
+{{- if $proxied -}}
+{{- $_ := set $c "proxy_protocol" (dict "listeners" $proxied "trusted_networks" .Values.proxyProtocolSettings.trustedNetworks "header_timeout_secs" .Values.proxyProtocolSettings.headerTimeoutSecs) -}}
+{{- end -}}
+{{- toYaml $c -}}
+{{- end -}}
+
+{{/* mailgate.toml.key: a TOML key, quoted unless bare. */}}
+{{- define "mailgate.toml.key" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . -}}
+{{- . -}}
+{{- else -}}
+{{- toJson . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* mailgate.toml.value: a TOML value (Helm reads every number as a float; mailgate's are integers). */}}
+{{- define "mailgate.toml.value" -}}
+{{- if kindIs "bool" . -}}
+{{- . -}}
+{{- else if kindIs "string" . -}}
+{{- toJson . -}}
+{{- else if or (kindIs "float64" .) (kindIs "int" .) (kindIs "int64" .) -}}
+{{- int64 . -}}
+{{- else if kindIs "slice" . -}}
+[{{- range $i, $e := . -}}{{- if $i }}, {{ end -}}{{- include "mailgate.toml.value" $e -}}{{- end -}}]
+{{- else -}}
+{{- fail (printf "config: %v (%s) cannot be written as TOML" . (kindOf .)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* mailgate.toml.table: one TOML table (list of path segments, map), its keys before its subtables. */}}
+{{- define "mailgate.toml.table" -}}
+{{- $path := index . 0 -}}
+{{- $table := index . 1 -}}
+{{- $scalars := list -}}
+{{- $tables := list -}}
+{{- range $k, $v := $table -}}
+{{- if kindIs "map" $v -}}
+{{- $tables = append $tables $k -}}
+{{- else if not (kindIs "invalid" $v) -}}
+{{- $scalars = append $scalars $k -}}
+{{- end -}}
+{{- end -}}
+{{- if and $path $scalars }}
+
+[{{ range $i, $p := $path }}{{ if $i }}.{{ end }}{{ include "mailgate.toml.key" $p }}{{ end }}]
+{{- end -}}
+{{- range $k := $scalars }}
+{{ include "mailgate.toml.key" $k }} = {{ include "mailgate.toml.value" (index $table $k) }}
+{{- end -}}
+{{- range $k := $tables -}}
+{{- include "mailgate.toml.table" (list (append $path $k) (index $table $k)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* mailgate.configToml: mailgate.toml as the ConfigMap holds it. */}}
+{{- define "mailgate.configToml" -}}
+# Rendered by the mailgate chart from its values; see the README's Configuration section.
+{{- include "mailgate.toml.table" (list (list) (include "mailgate.config" . | fromYaml)) }}
+{{ end -}}
+
+{{/* mailgate.redisEnv: the env entries that give mailgate its Redis URL (secrets stay in Secrets). */}}
+{{- define "mailgate.redisEnv" -}}
+{{- $ext := .Values.redis.external -}}
+{{- if .Values.redis.internal.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mailgate.redisSecretName" . }}
+      key: redis-password
+- name: MAILGATE_LOCKS__REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "mailgate.redisFullname" .) | quote }}
+{{- else if $ext.urlSecret }}
+- name: MAILGATE_LOCKS__REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ext.urlSecret }}
+      key: {{ $ext.urlSecretKey }}
+{{- else }}
+{{- $auth := "" }}
+{{- if $ext.existingSecret }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ext.existingSecret }}
+      key: {{ $ext.existingSecretPasswordKey }}
+{{- $auth = printf "%s:$(REDIS_PASSWORD)@" $ext.username }}
+{{- else if $ext.username }}
+{{- $auth = printf "%s@" $ext.username }}
+{{- end }}
+- name: MAILGATE_LOCKS__REDIS_URL
+  value: {{ printf "%s://%s%s:%d/%d" (ternary "rediss" "redis" $ext.tls) $auth $ext.host (int $ext.port) (int $ext.db) | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* mailgate.validateValues: fails rendering with every problem found, one per line. */}}
+{{- define "mailgate.validateValues" -}}
+{{- $errors := list -}}
+{{- $v := .Values -}}
+{{- $backend := toString (($v.config.locks | default dict).backend | default "local") -}}
+{{- if gt (int $v.replicaCount) 1 -}}
+{{- $why := "" -}}
+{{- if ne $backend "redis" -}}
+{{- $why = " (and would need config.locks.backend=redis: local locks do not cross pods)" -}}
+{{- end -}}
+{{- $errors = append $errors (printf "replicaCount=%d: mailgate cannot run more than one pod yet%s. Each pod has its own volume and sessions are not routed to the pod that holds a domain's store, so clients would see different mailboxes. Use replicaCount=1." (int $v.replicaCount) $why) -}}
+{{- end -}}
+{{- $ports := dict -}}
+{{- $servicePorts := dict -}}
+{{- range $name := splitList " " (include "mailgate.listenerNames" .) -}}
+{{- $l := index $v.listeners $name -}}
+{{- if $l.enabled -}}
+{{- $p := toString (int $l.containerPort) -}}
+{{- if hasKey $ports $p -}}
+{{- $errors = append $errors (printf "listeners.%s.containerPort %s is already used by %s" $name $p (get $ports $p)) -}}
+{{- else -}}
+{{- $_ := set $ports $p (printf "listeners.%s.containerPort" (toString $name)) -}}
+{{- end -}}
+{{- if ne $name "lmtp" -}}
+{{- $sp := toString (int $l.servicePort) -}}
+{{- if hasKey $servicePorts $sp -}}
+{{- $errors = append $errors (printf "listeners.%s.servicePort %s is already used by %s on the client Service" $name $sp (get $servicePorts $sp)) -}}
+{{- else -}}
+{{- $_ := set $servicePorts $sp (printf "listeners.%s.servicePort" (toString $name)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $mp := toString (int $v.metrics.containerPort) -}}
+{{- if hasKey $ports $mp -}}
+{{- $errors = append $errors (printf "metrics.containerPort %s is already used by %s" $mp (get $ports $mp)) -}}
+{{- end -}}
+{{- if not (include "mailgate.clientListeners" .) -}}
+{{- $errors = append $errors "listeners: enable at least one of pop3, pop3s and smtp, or clients cannot reach mailgate" -}}
+{{- end -}}
+{{- $cm := $v.tls.certManager -}}
+{{- if and (not $v.tls.secretName) (not $cm.enabled) (not $v.tls.selfSigned) -}}
+{{- $errors = append $errors "tls.secretName: name the existing kubernetes.io/tls Secret (tls.crt, tls.key) of the default certificate, or set tls.certManager.enabled=true to have cert-manager issue it (tls.selfSigned=true only for trying the chart)" -}}
+{{- end -}}
+{{- if and $v.tls.selfSigned (or $v.tls.secretName $cm.enabled) -}}
+{{- $errors = append $errors "tls.selfSigned cannot be combined with tls.secretName or tls.certManager.enabled" -}}
+{{- end -}}
+{{- if $cm.enabled -}}
+{{- if not $cm.issuerRef.name -}}
+{{- $errors = append $errors "tls.certManager.issuerRef.name: name the Issuer or ClusterIssuer that signs the certificates" -}}
+{{- end -}}
+{{- if and (not $v.tls.secretName) (not $cm.dnsNames) -}}
+{{- $errors = append $errors "tls.certManager.dnsNames: list the names of the default certificate (the host names mail clients connect to)" -}}
+{{- end -}}
+{{- end -}}
+{{- $seen := dict -}}
+{{- range $i, $d := $v.domains -}}
+{{- $name := lower (toString $d.name) -}}
+{{- if hasKey $seen $name -}}
+{{- $errors = append $errors (printf "domains[%d]: %s is listed twice" $i $name) -}}
+{{- end -}}
+{{- $_ := set $seen $name true -}}
+{{- $tls := $d.tls | default dict -}}
+{{- if and $tls (not (include "mailgate.domainTlsSecret" (list $ $d))) -}}
+{{- if $cm.enabled -}}
+{{- $errors = append $errors (printf "domains[%d] (%s): tls needs secretName (an existing Secret) or dnsNames (for cert-manager)" $i $name) -}}
+{{- else -}}
+{{- $errors = append $errors (printf "domains[%d] (%s): tls.secretName: name the existing kubernetes.io/tls Secret of this domain's certificate (dnsNames need tls.certManager.enabled=true)" $i $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.provisioning.accountsSecret (not $v.domains) -}}
+{{- $errors = append $errors "provisioning.accountsSecret: list the accounts' domains in domains[]; an account whose domain is not listed stops mailgate at start" -}}
+{{- end -}}
+{{- $ext := $v.redis.external -}}
+{{- if eq $backend "redis" -}}
+{{- if and $v.redis.internal.enabled (or $ext.host $ext.urlSecret) -}}
+{{- $errors = append $errors "redis: use either redis.internal.enabled or an external Redis (redis.external.host / urlSecret), not both" -}}
+{{- else if not (or $v.redis.internal.enabled $ext.host $ext.urlSecret) -}}
+{{- $errors = append $errors "config.locks.backend=redis: set redis.external.host (or redis.external.urlSecret) for an external Redis, or redis.internal.enabled=true" -}}
+{{- end -}}
+{{- if and $ext.caSecret (not (or $ext.tls $ext.urlSecret)) -}}
+{{- $errors = append $errors "redis.external.caSecret is only used with redis.external.tls=true (rediss://)" -}}
+{{- end -}}
+{{- else if $v.redis.internal.enabled -}}
+{{- $errors = append $errors "redis.internal.enabled: the in-chart Redis is only used with config.locks.backend=redis" -}}
+{{- end -}}
+{{- $proxied := false -}}
+{{- range $name := splitList " " (include "mailgate.listenerNames" .) -}}
+{{- $l := index $v.listeners $name -}}
+{{- if and $l.enabled $l.proxyProtocol -}}
+{{- $proxied = true -}}
+{{- end -}}
+{{- end -}}
+{{- if and $proxied (not $v.proxyProtocolSettings.trustedNetworks) -}}
+{{- $errors = append $errors "proxyProtocolSettings.trustedNetworks: list the CIDRs the PROXY headers come from (the load balancer's or the nodes' addresses); without them every connection to a PROXY listener is closed" -}}
+{{- end -}}
+{{- $grace := int ((($v.config.limits | default dict).shutdown_grace_secs) | default 10) -}}
+{{- $needed := add $grace (int $v.lifecycle.preStopSleepSeconds) 5 -}}
+{{- if lt (int $v.terminationGracePeriodSeconds) (int $needed) -}}
+{{- $errors = append $errors (printf "terminationGracePeriodSeconds=%d must be at least lifecycle.preStopSleepSeconds (%d) + config.limits.shutdown_grace_secs (%d) + 5 = %d, or Kubernetes kills mailgate while sessions drain" (int $v.terminationGracePeriodSeconds) (int $v.lifecycle.preStopSleepSeconds) $grace (int $needed)) -}}
+{{- end -}}
+{{- if $errors -}}
+{{- fail (printf "\n\nmailgate: the values cannot be deployed:\n  - %s\n" (join "\n  - " $errors)) -}}
+{{- end -}}
+{{- end -}}
