@@ -7,7 +7,7 @@
 use crate::auth::Credentials;
 use crate::delivery::{self, DeliveryError, Quotas};
 use crate::metrics::{self, Metrics};
-use crate::store::{Account, Address, Directory, StoreError};
+use crate::store::{Account, Address, Directory, DomainStore, StoreError};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::Path;
@@ -106,6 +106,22 @@ fn store_failure(e: StoreError) -> Response {
     Response::fail(e.to_string(), code)
 }
 
+/// Loads an existing account, changes it with `edit` and stores it back.
+fn edit_account(
+    directory: &Directory,
+    address: &str,
+    edit: impl FnOnce(&mut Account),
+) -> Result<(Address, Arc<DomainStore>), StoreError> {
+    let address = Address::parse(address)?;
+    let store = directory.domain(&address.domain)?;
+    let mut account = store
+        .account(&address.local)?
+        .ok_or_else(|| StoreError::UnknownAccount(address.to_string()))?;
+    edit(&mut account);
+    store.update_account(&address.local, &account)?;
+    Ok((address, store))
+}
+
 fn delivery_failure(e: DeliveryError) -> Response {
     Response::fail(e.to_string(), e.exit_code())
 }
@@ -152,32 +168,13 @@ pub fn execute(
                 address,
                 credentials,
             } => {
-                let address = Address::parse(&address).map_err(store_failure)?;
-                let store = directory.domain(&address.domain).map_err(store_failure)?;
-                let mut account = store
-                    .account(&address.local)
-                    .map_err(store_failure)?
-                    .ok_or_else(|| {
-                        store_failure(StoreError::UnknownAccount(address.to_string()))
-                    })?;
-                account.credentials = credentials;
-                store
-                    .update_account(&address.local, &account)
-                    .map_err(store_failure)?;
+                let (address, _) =
+                    edit_account(directory, &address, |a| a.credentials = credentials)
+                        .map_err(store_failure)?;
                 Ok(vec![format!("password of {address} changed")])
             }
             Request::UserQuota { address, bytes } => {
-                let address = Address::parse(&address).map_err(store_failure)?;
-                let store = directory.domain(&address.domain).map_err(store_failure)?;
-                let mut account = store
-                    .account(&address.local)
-                    .map_err(store_failure)?
-                    .ok_or_else(|| {
-                        store_failure(StoreError::UnknownAccount(address.to_string()))
-                    })?;
-                account.quota_bytes = bytes;
-                store
-                    .update_account(&address.local, &account)
+                let (address, store) = edit_account(directory, &address, |a| a.quota_bytes = bytes)
                     .map_err(store_failure)?;
                 let (_, used) = store
                     .maildrop_usage(&address.local)

@@ -319,26 +319,11 @@ async fn accept_loop(
     tracker: TaskTracker,
 ) {
     let mut backoff = Duration::from_millis(5);
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => {
-                refuse_backlog(&listener, kind, &shared, &tracker).await;
-                return;
-            }
-            r = listener.accept() => r,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => {
-                backoff = Duration::from_millis(5);
-                x
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(listener = kind.name(), error = %e, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
+    while let Some(accepted) =
+        accept_next(kind.name(), &shared, &mut backoff, listener.accept()).await
+    {
+        let Some((stream, peer)) = accepted else {
+            continue;
         };
         let _ = stream.set_nodelay(true);
         // The global place is taken now; the per-IP one in the task, once the client's
@@ -359,6 +344,7 @@ async fn accept_loop(
             }
         });
     }
+    refuse_backlog(&listener, kind, &shared, &tracker).await;
 }
 
 /// Accepts with exponential back-off on errors (EMFILE and friends) instead of spinning;

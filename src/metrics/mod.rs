@@ -73,16 +73,62 @@ pub const TLS_1_2: &str = "TLSv1.2";
 pub const TLS_1_3: &str = "TLSv1.3";
 
 /// Session outcomes (`pop3::session::Outcome::name`).
-pub const SESSION_OUTCOMES: &[&str] = &[
-    "quit",
-    "timeout",
-    "dropped",
-    "shutdown",
-    "lock_lost",
-    "too_many_errors",
-    "tls_failed",
-    "error",
+/// How a session (POP3, LMTP or SMTP) ended: the `outcome` label and the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Quit,
+    Timeout,
+    Dropped,
+    Shutdown,
+    /// POP3 only: the maildrop lock was lost.
+    LockLost,
+    TooManyErrors,
+    TlsFailed,
+    Error,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Quit => "quit",
+            Outcome::Timeout => "timeout",
+            Outcome::Dropped => "dropped",
+            Outcome::Shutdown => "shutdown",
+            Outcome::LockLost => "lock_lost",
+            Outcome::TooManyErrors => "too_many_errors",
+            Outcome::TlsFailed => "tls_failed",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+pub const SESSION_OUTCOMES: &[Outcome] = &[
+    Outcome::Quit,
+    Outcome::Timeout,
+    Outcome::Dropped,
+    Outcome::Shutdown,
+    Outcome::LockLost,
+    Outcome::TooManyErrors,
+    Outcome::TlsFailed,
+    Outcome::Error,
 ];
+
+/// Counts a session in the active-connections gauge for as long as it lives, even if
+/// its task panics.
+pub struct ActiveGuard(prometheus::IntGauge);
+
+impl ActiveGuard {
+    pub fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        ActiveGuard(gauge)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 pub const PROTOCOL_POP3: &str = "pop3";
 /// Command label of a line that is no known command.
@@ -474,7 +520,7 @@ impl Metrics {
                     .with_label_values(&[l, result, TLS_VERSION_NONE]);
             }
             for outcome in SESSION_OUTCOMES {
-                self.sessions.with_label_values(&[l, outcome]);
+                self.sessions.with_label_values(&[l, outcome.name()]);
             }
         }
         self.tls_upgrades.with_label_values(&[PROTOCOL_POP3]);

@@ -9,7 +9,7 @@ use super::codec::{
 };
 use crate::auth::{self, scram};
 use crate::locks::{LockError, MaildropLock};
-use crate::metrics;
+use crate::metrics::{self, ActiveGuard, Outcome};
 use crate::server::{Refusal, Shared};
 use crate::store::{Account, Address, DomainStore, StoreError};
 use base64::Engine as _;
@@ -69,34 +69,6 @@ enum SessionError {
     Truncated(u64),
     #[error(transparent)]
     Hasher(#[from] crate::auth::pool::PoolStopped),
-}
-
-/// How a session ended, for the log line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Quit,
-    Timeout,
-    Dropped,
-    Shutdown,
-    LockLost,
-    TooManyErrors,
-    TlsFailed,
-    Error,
-}
-
-impl Outcome {
-    fn name(self) -> &'static str {
-        match self {
-            Outcome::Quit => "quit",
-            Outcome::Timeout => "timeout",
-            Outcome::Dropped => "dropped",
-            Outcome::Shutdown => "shutdown",
-            Outcome::LockLost => "lock_lost",
-            Outcome::TooManyErrors => "too_many_errors",
-            Outcome::TlsFailed => "tls_failed",
-            Outcome::Error => "error",
-        }
-    }
 }
 
 /// Maps an error to what the client is told and says whether to hang up
@@ -318,23 +290,6 @@ pub async fn refuse(
         let mut out = BytesMut::new();
         err(Some(RespCode::SysTemp), text).write_to(&mut out);
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;
-    }
-}
-
-/// Counts a session in the active-connections gauge for as long as it lives, even if
-/// its task panics.
-struct ActiveGuard(prometheus::IntGauge);
-
-impl ActiveGuard {
-    fn new(gauge: prometheus::IntGauge) -> Self {
-        gauge.inc();
-        ActiveGuard(gauge)
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 

@@ -9,7 +9,7 @@ use super::codec::{self, Reply, MAX_COMMAND_LINE};
 use super::core::{Core, CoreLimits, Protocol, Step, Verdict};
 use crate::delivery::{self, Batch, Quotas};
 use crate::message::CrlfNormalizer;
-use crate::metrics;
+use crate::metrics::{self, ActiveGuard, Outcome};
 use crate::pop3::codec::{DotUnstuffer, LineReader};
 use crate::server::{Refusal, Shared};
 use bytes::{Buf, BytesMut};
@@ -40,31 +40,6 @@ impl std::fmt::Display for Peer {
         match self {
             Peer::Tcp(a) => write!(f, "{a}"),
             Peer::Unix => f.write_str("unix"),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Quit,
-    Timeout,
-    Dropped,
-    Shutdown,
-    TooManyErrors,
-    TlsFailed,
-    Error,
-}
-
-impl Outcome {
-    fn name(self) -> &'static str {
-        match self {
-            Outcome::Quit => "quit",
-            Outcome::Timeout => "timeout",
-            Outcome::Dropped => "dropped",
-            Outcome::Shutdown => "shutdown",
-            Outcome::TooManyErrors => "too_many_errors",
-            Outcome::TlsFailed => "tls_failed",
-            Outcome::Error => "error",
         }
     }
 }
@@ -285,7 +260,7 @@ async fn run(conn: Conn, peer: Peer, protocol: Protocol, shared: Arc<Shared>) {
         let started = Instant::now();
         let m = shared.metrics.clone();
         m.connections_accepted.with_label_values(&[listener]).inc();
-        m.connections_active.with_label_values(&[listener]).inc();
+        let active = ActiveGuard::new(m.connections_active.with_label_values(&[listener]));
         let mut ctx = Ctx {
             shared,
             peer,
@@ -306,7 +281,7 @@ async fn run(conn: Conn, peer: Peer, protocol: Protocol, shared: Arc<Shared>) {
                 (finish(serve(&mut io, &mut core, &mut ctx).await), false)
             }
         };
-        m.connections_active.with_label_values(&[listener]).dec();
+        drop(active);
         m.sessions
             .with_label_values(&[listener, outcome.name()])
             .inc();

@@ -5,34 +5,12 @@
 
 use crate::common::postfix::{Postfix, HOSTNAME};
 use crate::common::swaks::swaks;
-use crate::common::{free_port, Options, Raw, Server, PASSWORD};
+use crate::common::{fetch_all, free_port, Options, Server};
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// Every message in `user`'s maildrop, read over POP3S.
-async fn fetch_all(server: &Server, user: &str) -> Vec<Vec<u8>> {
-    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
-    c.line().await;
-    let r = c.login(user, PASSWORD).await;
-    assert!(r.starts_with("+OK"), "{r}");
-    let stat = c.cmd("STAT").await;
-    let count: usize = stat
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("STAT: {stat}"));
-    let mut out = Vec::new();
-    for i in 1..=count {
-        let r = c.cmd(&format!("RETR {i}")).await;
-        assert!(r.starts_with("+OK"), "{r}");
-        out.push(c.multiline().await);
-    }
-    assert!(c.cmd("QUIT").await.starts_with("+OK"));
-    out
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn postfix_relays_into_mailgate_over_lmtp() {

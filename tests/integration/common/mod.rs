@@ -624,6 +624,28 @@ impl Raw {
     }
 }
 
+/// Every message in `user`'s maildrop (password [`PASSWORD`]), read over POP3S with RETR.
+pub async fn fetch_all(server: &Server, user: &str) -> Vec<Vec<u8>> {
+    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
+    c.line().await;
+    let r = c.login(user, PASSWORD).await;
+    assert!(r.starts_with("+OK"), "{r}");
+    let stat = c.cmd("STAT").await;
+    let count: usize = stat
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("STAT: {stat}"));
+    let mut out = Vec::new();
+    for i in 1..=count {
+        let r = c.cmd(&format!("RETR {i}")).await;
+        assert!(r.starts_with("+OK"), "{r}");
+        out.push(c.multiline().await);
+    }
+    assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    out
+}
+
 /// Runs a Python client script from `tests/clients/` with arguments; returns stdout and
 /// fails the test with its stderr when it exits non-zero.
 pub fn python(script: &str, args: &[&str]) -> String {
