@@ -236,32 +236,16 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
         info!(listener = "lmtp", addr = %format!("unix:{}", path.display()), "listening");
     }
     let mut loops = Vec::new();
-    if let Some(l) = listeners.pop3 {
-        loops.push(tokio::spawn(accept_loop(
-            l,
-            Listener::Pop3,
-            shared.clone(),
-            limits.clone(),
-            tracker.clone(),
-        )));
-    }
-    if let Some(l) = listeners.pop3s {
-        loops.push(tokio::spawn(accept_loop(
-            l,
-            Listener::Pop3s,
-            shared.clone(),
-            limits.clone(),
-            tracker.clone(),
-        )));
-    }
-    for (l, protocol) in [
-        (listeners.lmtp, Protocol::Lmtp),
-        (listeners.smtp, Protocol::Smtp),
+    for (l, service) in [
+        (listeners.pop3, Service::Pop3(Listener::Pop3)),
+        (listeners.pop3s, Service::Pop3(Listener::Pop3s)),
+        (listeners.lmtp, Service::Mail(Protocol::Lmtp)),
+        (listeners.smtp, Service::Mail(Protocol::Smtp)),
     ] {
         if let Some(l) = l {
-            loops.push(tokio::spawn(mail_accept_loop(
+            loops.push(tokio::spawn(accept_loop(
                 l,
-                protocol,
+                service,
                 shared.clone(),
                 limits.clone(),
                 tracker.clone(),
@@ -311,17 +295,55 @@ pub async fn run(listeners: Listeners, shared: Arc<Shared>) {
     }
 }
 
+/// What a TCP listener serves: POP3 (cleartext or implicit TLS), or LMTP/SMTP.
+#[derive(Debug, Clone, Copy)]
+enum Service {
+    Pop3(Listener),
+    Mail(Protocol),
+}
+
+impl Service {
+    fn name(self) -> &'static str {
+        match self {
+            Service::Pop3(l) => l.name(),
+            Service::Mail(p) => p.name(),
+        }
+    }
+
+    async fn run(self, stream: TcpStream, client: SocketAddr, shared: Arc<Shared>) {
+        match self {
+            Service::Pop3(l) => session::run(stream, client, l, shared).await,
+            Service::Mail(p) => smtp_session::run_tcp(stream, client, p, shared).await,
+        }
+    }
+
+    async fn refuse(
+        self,
+        stream: TcpStream,
+        client: SocketAddr,
+        reason: Refusal,
+        shared: Arc<Shared>,
+    ) {
+        match self {
+            Service::Pop3(l) => session::refuse(stream, client, l, reason, shared).await,
+            Service::Mail(p) => {
+                let client = smtp_session::Peer::Tcp(client);
+                smtp_session::refuse(stream, client, p.name(), reason, shared).await
+            }
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    kind: Listener,
+    service: Service,
     shared: Arc<Shared>,
     limits: Arc<ConnLimits>,
     tracker: TaskTracker,
 ) {
+    let name = service.name();
     let mut backoff = Duration::from_millis(5);
-    while let Some(accepted) =
-        accept_next(kind.name(), &shared, &mut backoff, listener.accept()).await
-    {
+    while let Some(accepted) = accept_next(name, &shared, &mut backoff, listener.accept()).await {
         let Some((stream, peer)) = accepted else {
             continue;
         };
@@ -332,19 +354,19 @@ async fn accept_loop(
         let shared = shared.clone();
         tracker.spawn(async move {
             let mut stream = stream;
-            let Some(client) = client_addr(&shared, kind.name(), &mut stream, peer).await else {
+            let Some(client) = client_addr(&shared, name, &mut stream, peer).await else {
                 return;
             };
             match reserved.and_then(|r| r.admit(client.ip())) {
                 Ok(permit) => {
-                    session::run(stream, client, kind, shared).await;
+                    service.run(stream, client, shared).await;
                     drop(permit);
                 }
-                Err(reason) => session::refuse(stream, client, kind, reason, shared).await,
+                Err(reason) => service.refuse(stream, client, reason, shared).await,
             }
         });
     }
-    refuse_backlog(&listener, kind, &shared, &tracker).await;
+    refuse_backlog(&listener, service, &shared, &tracker).await;
 }
 
 /// Accepts with exponential back-off on errors (EMFILE and friends) instead of spinning;
@@ -370,42 +392,6 @@ async fn accept_next<T>(
             *backoff = (*backoff * 2).min(Duration::from_secs(1));
             Some(None)
         }
-    }
-}
-
-/// The LMTP or SMTP accept loop on TCP.
-async fn mail_accept_loop(
-    listener: TcpListener,
-    protocol: Protocol,
-    shared: Arc<Shared>,
-    limits: Arc<ConnLimits>,
-    tracker: TaskTracker,
-) {
-    let name = protocol.name();
-    let mut backoff = Duration::from_millis(5);
-    while let Some(accepted) = accept_next(name, &shared, &mut backoff, listener.accept()).await {
-        let Some((stream, peer)) = accepted else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let reserved = limits.reserve();
-        let shared = shared.clone();
-        tracker.spawn(async move {
-            let mut stream = stream;
-            let Some(client) = client_addr(&shared, name, &mut stream, peer).await else {
-                return;
-            };
-            match reserved.and_then(|r| r.admit(client.ip())) {
-                Ok(permit) => {
-                    smtp_session::run_tcp(stream, client, protocol, shared).await;
-                    drop(permit);
-                }
-                Err(reason) => {
-                    let client = smtp_session::Peer::Tcp(client);
-                    smtp_session::refuse(stream, client, name, reason, shared).await
-                }
-            }
-        });
     }
 }
 
@@ -532,7 +518,7 @@ pub async fn client_addr(
 /// refusal, instead of resetting them when the listener closes.
 async fn refuse_backlog(
     listener: &TcpListener,
-    kind: Listener,
+    service: Service,
     shared: &Arc<Shared>,
     tracker: &TaskTracker,
 ) {
@@ -542,7 +528,7 @@ async fn refuse_backlog(
         else {
             break;
         };
-        let refusal = session::refuse(stream, peer, kind, Refusal::ShuttingDown, shared.clone());
+        let refusal = service.refuse(stream, peer, Refusal::ShuttingDown, shared.clone());
         tracker.spawn(refusal);
     }
 }

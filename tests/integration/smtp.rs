@@ -61,6 +61,20 @@ fn codes(v: &serde_json::Value) -> Vec<u64> {
 const MESSAGE: &[u8] = b"From: sender@example.net\r\nTo: joe@example.org\r\nSubject: in\r\n\r\n.leading dot\r\nbare lf\nbare cr\rcaf\xc3\xa9\r\nlast line";
 const STORED_BODY: &[u8] = b"From: sender@example.net\r\nTo: joe@example.org\r\nSubject: in\r\n\r\n.leading dot\r\nbare lf\r\nbare cr\r\ncaf\xc3\xa9\r\nlast line\r\n";
 
+/// Asserts that `/metrics` has exactly this sample line.
+fn assert_sample(server: &Server, sample: &str) {
+    let (_, metrics) = http_get(&format!("http://{}/metrics", server.metrics));
+    let deliveries: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("deliveries_total"))
+        .collect();
+    assert!(
+        metrics.lines().any(|l| l == sample),
+        "{sample} not in:\n{}",
+        deliveries.join("\n")
+    );
+}
+
 fn lmtp_addr(server: &Server) -> String {
     server.lmtp.expect("lmtp listener").to_string()
 }
@@ -120,15 +134,9 @@ async fn lmtp_smtplib_delivers_to_two_domains_byte_exact() {
             String::from_utf8_lossy(STORED_BODY)
         );
     }
-    let (_, metrics) = http_get(&format!("http://{}/metrics", server.metrics));
-    assert!(
-        metrics.contains("mailgate_deliveries_total{protocol=\"lmtp\",result=\"accepted\"} 2"),
-        "{}",
-        metrics
-            .lines()
-            .filter(|l| l.contains("deliveries_total"))
-            .collect::<Vec<_>>()
-            .join("\n")
+    assert_sample(
+        &server,
+        "mailgate_deliveries_total{protocol=\"lmtp\",result=\"accepted\"} 2",
     );
 }
 
@@ -263,15 +271,9 @@ async fn smtp_is_never_an_open_relay() {
     assert_reply(&c.cmd("DATA").await, "554 5.5.1");
     assert_reply(&c.cmd("RCPT TO:<Joe@EXAMPLE.org>").await, "250 2.1.5");
     assert_reply(&c.cmd("QUIT").await, "221 2.0.0");
-    let (_, metrics) = http_get(&format!("http://{}/metrics", server.metrics));
-    assert!(
-        metrics.contains("mailgate_deliveries_total{protocol=\"smtp\",result=\"relay_denied\"} 5"),
-        "{}",
-        metrics
-            .lines()
-            .filter(|l| l.contains("deliveries_total"))
-            .collect::<Vec<_>>()
-            .join("\n")
+    assert_sample(
+        &server,
+        "mailgate_deliveries_total{protocol=\"smtp\",result=\"relay_denied\"} 5",
     );
 }
 
