@@ -75,6 +75,21 @@ fn assert_sample(server: &Server, sample: &str) {
     );
 }
 
+/// Checks the EHLO/LHLO extensions smtplib saw (lower-cased) and returns them.
+fn assert_extensions(features: &serde_json::Value) -> String {
+    let features = features.to_string();
+    for f in [
+        "pipelining",
+        "size",
+        "8bitmime",
+        "enhancedstatuscodes",
+        "smtputf8",
+    ] {
+        assert!(features.contains(f), "{f} not in {features}");
+    }
+    features
+}
+
 fn lmtp_addr(server: &Server) -> String {
     server.lmtp.expect("lmtp listener").to_string()
 }
@@ -102,16 +117,7 @@ async fn lmtp_smtplib_delivers_to_two_domains_byte_exact() {
         vec![250, 250],
         "one reply per recipient: {out}"
     );
-    let features = out["features"].to_string();
-    for f in [
-        "pipelining",
-        "size",
-        "8bitmime",
-        "enhancedstatuscodes",
-        "smtputf8",
-    ] {
-        assert!(features.contains(f), "{f} not in {features}");
-    }
+    let features = assert_extensions(&out["features"]);
     assert!(
         !features.contains("starttls"),
         "LMTP offers no STARTTLS: {features}"
@@ -152,17 +158,8 @@ async fn smtp_starttls_smtplib_delivers() {
         "sender@example.net",
         &["joe@example.org"],
     );
-    let features = out["features"].to_string();
-    for f in [
-        "starttls",
-        "pipelining",
-        "size",
-        "8bitmime",
-        "enhancedstatuscodes",
-        "smtputf8",
-    ] {
-        assert!(features.contains(f), "{f} not in {features}");
-    }
+    let features = assert_extensions(&out["features"]);
+    assert!(features.contains("starttls"), "{features}");
     assert_eq!(out["starttls"][0], 220, "{out}");
     assert!(
         !out["tls_features"].to_string().contains("starttls"),
