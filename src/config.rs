@@ -157,6 +157,10 @@ pub struct DeliveryConfig {
     pub idle_timeout_secs: u64,
     /// Longest a whole transaction (MAIL FROM to the end of DATA) may take.
     pub transaction_timeout_secs: u64,
+    /// Where mail for `postmaster` goes (RFC 5321 §4.5.1: every hosted domain must take
+    /// it, and bare `<postmaster>` too): a hosted account, used for the domains that have
+    /// no `postmaster` account of their own. Empty: such mail is refused (550 5.1.1).
+    pub postmaster: String,
 }
 
 impl Default for DeliveryConfig {
@@ -168,6 +172,7 @@ impl Default for DeliveryConfig {
             domain_quota_bytes: 0,
             idle_timeout_secs: 300,
             transaction_timeout_secs: 1800,
+            postmaster: String::new(),
         }
     }
 }
@@ -588,6 +593,14 @@ impl Config {
         if let Err(e) = ListenAddr::parse(&self.lmtp.listen, true) {
             return invalid("lmtp.listen", e);
         }
+        if !self.delivery.postmaster.is_empty()
+            && crate::store::Address::parse(&self.delivery.postmaster).is_err()
+        {
+            return invalid(
+                "delivery.postmaster",
+                format!("{:?} is not an address", self.delivery.postmaster),
+            );
+        }
         if let Err(e) = self.lmtp.socket_mode_bits() {
             return invalid("lmtp.socket_mode", e);
         }
@@ -864,6 +877,7 @@ mod tests {
             ),
             ("[delivery]\nmax_recipients = 0\n", "delivery.max_recipients"),
             ("[lmtp]\nsocket_mode = \"0999\"\n", "lmtp.socket_mode"),
+            ("[delivery]\npostmaster = \"root\"\n", "delivery.postmaster"),
             ("[lmtp]\nsocket_mode = \"17777\"\n", "lmtp.socket_mode"),
             (
                 "[proxy_protocol]\nlisteners = [\"imap\"]\ntrusted_networks = [\"10.0.0.0/8\"]\n",

@@ -7,6 +7,7 @@
 use crate::config::DeliveryConfig;
 use crate::message::CrlfNormalizer;
 use crate::metrics::{self, Metrics};
+use crate::smtp::codec::POSTMASTER;
 use crate::smtp::core::Verdict;
 use crate::store::{Account, Address, Directory, DomainStore, PendingMessage, StoreError};
 use serde::{Deserialize, Serialize};
@@ -254,10 +255,35 @@ pub fn quota_verdict(
     Ok(Verdict::Accepted)
 }
 
+/// Where a RCPT address leads: itself, or, for `postmaster` (bare, or at a hosted domain
+/// without a `postmaster` account), the configured `postmaster` address when there is
+/// one. Blocking (store lookups).
+pub fn route(directory: &Directory, postmaster: &str, rcpt: &str) -> String {
+    let (local, domain) = rcpt.rsplit_once('@').unwrap_or((rcpt, ""));
+    // postmaster@ a domain we do not host stays what it is: refused as relaying.
+    let foreign = !domain.is_empty() && !directory.has_domain(domain);
+    if postmaster.is_empty() || !local.eq_ignore_ascii_case(POSTMASTER) || foreign {
+        return rcpt.to_owned();
+    }
+    let own = !domain.is_empty()
+        && directory
+            .domain(domain)
+            .and_then(|store| store.account(POSTMASTER))
+            .is_ok_and(|a| a.is_some());
+    if own {
+        rcpt.to_owned()
+    } else {
+        postmaster.to_owned()
+    }
+}
+
 /// The RCPT-time decision for one recipient: hosted domain, existing account, room for
 /// `size` octets (the client's SIZE= estimate, or 0).
 pub fn check_recipient(directory: &Directory, rcpt: &str, size: u64, quotas: Quotas) -> Verdict {
-    let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
+    let Some((_, domain)) = rcpt.rsplit_once('@') else {
+        // Bare `postmaster` with no `delivery.postmaster` to take it.
+        return Verdict::UnknownUser;
+    };
     if !directory.has_domain(domain) {
         return Verdict::RelayDenied;
     }

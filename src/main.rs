@@ -340,6 +340,13 @@ fn check_config(config: &Config) -> Result<u8> {
     check_data_dir(&config.data_dir)?;
     check_provision(config)?;
     check_locks(config)?;
+    if config.delivery.postmaster.is_empty() {
+        println!(
+            "delivery.postmaster: unset (mail to postmaster is refused for domains without a postmaster account; RFC 5321 asks for it)"
+        );
+    } else {
+        println!("delivery.postmaster: {}", config.delivery.postmaster);
+    }
     if config.lmtp.listen.starts_with("unix:") {
         server::socket_group(&config.lmtp.socket_group).map_err(anyhow::Error::msg)?;
     }

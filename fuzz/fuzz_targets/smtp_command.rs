@@ -50,7 +50,7 @@ fuzz_target!(|data: &[u8]| {
                 // Alternate verdicts so both branches of the envelope are explored.
                 Step::CheckRecipient(to) => {
                     let v = if to.len() % 2 == 0 { Verdict::Accepted } else { Verdict::UnknownUser };
-                    check(&core.recipient(v));
+                    check(&core.recipient(v, to));
                 }
                 Step::Data => core.data_done(),
             }

@@ -232,9 +232,16 @@ fn parse_rcpt(rest: &str, smtputf8: bool) -> Result<String, ParseError> {
         return Err(ParseError::Parameter);
     }
     let path = strip_route(path)?;
+    // RFC 5321 §4.5.1: `<Postmaster>` without a domain must be accepted.
+    if path.eq_ignore_ascii_case("postmaster") {
+        return Ok(POSTMASTER.to_owned());
+    }
     check_mailbox(path, smtputf8)?;
     Ok(path.to_owned())
 }
+
+/// The reserved mailbox (RFC 5321 §4.5.1), as RCPT returns the bare form.
+pub const POSTMASTER: &str = "postmaster";
 
 /// One reply: a code, an enhanced status code (RFC 3463) and text, possibly over
 /// several lines (EHLO). The only way protocol bytes reach the client.
@@ -372,6 +379,10 @@ mod tests {
         assert_eq!(
             parse("RCPT TO:<jöe@example.org>".as_bytes(), true),
             Ok(Command::Rcpt("jöe@example.org".into()))
+        );
+        assert_eq!(
+            p("RCPT TO:<PostMaster>"),
+            Ok(Command::Rcpt("postmaster".into()))
         );
     }
 

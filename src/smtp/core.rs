@@ -307,11 +307,12 @@ impl Core {
         Step::Reply(Reply::plain(250, lines))
     }
 
-    /// The session's verdict on the RCPT it was asked to check.
-    pub fn recipient(&mut self, verdict: Verdict) -> Reply {
-        let Some(to) = self.pending_rcpt.take() else {
+    /// The session's verdict on the RCPT it was asked to check; `to` is where an
+    /// accepted recipient's copy goes (the RCPT address, or where `postmaster` leads).
+    pub fn recipient(&mut self, verdict: Verdict, to: String) -> Reply {
+        if self.pending_rcpt.take().is_none() {
             return Reply::new(503, "5.5.1", "No recipient pending");
-        };
+        }
         if verdict == Verdict::Accepted {
             if let Some(e) = &mut self.envelope {
                 e.recipients.push(to);
@@ -399,12 +400,20 @@ mod tests {
             run(&mut c, "RCPT TO:<joe@example.org>"),
             Step::CheckRecipient("joe@example.org".into())
         );
-        assert_eq!(c.recipient(Verdict::UnknownUser).code, 550);
+        assert_eq!(
+            c.recipient(Verdict::UnknownUser, "joe@example.org".into())
+                .code,
+            550
+        );
         assert_eq!(
             run(&mut c, "RCPT TO:<ann@example.org>"),
             Step::CheckRecipient("ann@example.org".into())
         );
-        assert_eq!(c.recipient(Verdict::Accepted).code, 250);
+        assert_eq!(
+            c.recipient(Verdict::Accepted, "ann@example.org".into())
+                .code,
+            250
+        );
         assert_eq!(
             code(&run(&mut c, "RCPT TO:<bob@example.org>")),
             452,

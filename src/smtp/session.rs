@@ -425,17 +425,21 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 let size = core.envelope().and_then(|e| e.mail.size).unwrap_or(0);
                 let directory = ctx.shared.directory.clone();
                 let quotas = Quotas::from_config(&ctx.shared.config.delivery);
+                let shared = ctx.shared.clone();
                 let rcpt = to.clone();
-                let verdict = tokio::task::spawn_blocking(move || {
-                    delivery::check_recipient(&directory, &rcpt, size, quotas)
+                let (verdict, routed) = tokio::task::spawn_blocking(move || {
+                    let routed =
+                        delivery::route(&directory, &shared.config.delivery.postmaster, &rcpt);
+                    let verdict = delivery::check_recipient(&directory, &routed, size, quotas);
+                    (verdict, routed)
                 })
                 .await
-                .unwrap_or(Verdict::TempFail);
+                .unwrap_or((Verdict::TempFail, to.clone()));
                 if verdict != Verdict::Accepted {
                     debug!(recipient = %to, ?verdict, "recipient refused");
                     ctx.count(verdict, started.elapsed(), None);
                 }
-                io.reply(&core.recipient(verdict));
+                io.reply(&core.recipient(verdict, routed));
             }
             Step::Data => {
                 io.reply(&Reply::plain(

@@ -720,3 +720,47 @@ async fn crash_before_250_loses_nothing_after_250_keeps_it() {
     assert_eq!(messages.len(), 1, "only the acknowledged message survives");
     assert!(messages[0].ends_with(b"Subject: acked\r\n\r\nkept\r\n"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postmaster_is_accepted_for_every_hosted_domain() {
+    let server = Server::start_with(Options {
+        extra: "[delivery]\npostmaster = \"admin@example.org\"\n".into(),
+        ..Options::default()
+    });
+    server.with_user("admin@example.org");
+    server.with_user("postmaster@example.net");
+    let mut c = Client::connect(smtp_addr(&server)).await;
+    c.cmd("EHLO client.test").await;
+    c.cmd("MAIL FROM:<a@b.test>").await;
+    // Bare <Postmaster> and postmaster@ a domain without its own account go to admin@;
+    // example.net has its own postmaster; a foreign domain's postmaster is relaying.
+    assert_reply(&c.cmd("RCPT TO:<Postmaster>").await, "250 2.1.5");
+    assert_reply(
+        &c.cmd("RCPT TO:<POSTMASTER@example.org>").await,
+        "250 2.1.5",
+    );
+    assert_reply(
+        &c.cmd("RCPT TO:<postmaster@example.net>").await,
+        "250 2.1.5",
+    );
+    assert_reply(
+        &c.cmd("RCPT TO:<postmaster@elsewhere.test>").await,
+        "550 5.7.1",
+    );
+    assert_reply(&c.cmd("DATA").await, "354");
+    assert_reply(
+        &c.cmd("Subject: pm\r\n\r\nfor the postmaster\r\n.").await,
+        "250",
+    );
+    // One copy for admin@ (both RCPTs led there), one for example.net's own postmaster.
+    assert_eq!(fetch_all(&server, "admin@example.org").await.len(), 1);
+    assert_eq!(fetch_all(&server, "postmaster@example.net").await.len(), 1);
+
+    // Without delivery.postmaster, bare <postmaster> is refused as an unknown user.
+    let plain = Server::start();
+    plain.with_user("joe@example.org");
+    let mut c = Client::connect(smtp_addr(&plain)).await;
+    c.cmd("EHLO client.test").await;
+    c.cmd("MAIL FROM:<a@b.test>").await;
+    assert_reply(&c.cmd("RCPT TO:<postmaster>").await, "550 5.1.1");
+}
