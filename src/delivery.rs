@@ -249,8 +249,7 @@ pub fn quota_verdict(
         }
     }
     if quotas.domain != 0 {
-        let (_, _, used) = store.usage()?;
-        return Ok(fits(quotas.domain, used, size));
+        return Ok(fits(quotas.domain, store.stored_octets()?, size));
     }
     Ok(Verdict::Accepted)
 }

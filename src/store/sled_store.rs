@@ -67,6 +67,11 @@ pub struct DomainStore {
     /// Serialises account creation and removal, which scan the maildrop before their
     /// atomic step; deliveries do not take it.
     account_admin: Mutex<()>,
+    /// Total octets in the maildrop tree, for domain quotas: counted on first use, kept
+    /// up to date by commits, forgotten (recounted next time) when messages are removed.
+    /// Held across the maildrop transactions that change it, so a count never misses
+    /// or double-counts a commit.
+    octets: Mutex<Option<u64>>,
     /// Lets `begin_message` hand its `PendingMessage` a strong reference, so a store with
     /// a delivery in progress counts as in use and is never closed under it.
     me: Weak<DomainStore>,
@@ -364,6 +369,7 @@ impl DomainStore {
             pending,
             trash,
             account_admin: Mutex::new(()),
+            octets: Mutex::new(None),
             me: me.clone(),
         });
         store.sweep()?;
@@ -436,6 +442,8 @@ impl DomainStore {
         ids: &[u64],
         remove_account: bool,
     ) -> Result<Vec<u64>, StoreError> {
+        let mut octets = lock(&self.octets);
+        *octets = None;
         (&self.accounts, &self.maildrop, &self.trash)
             .transaction(|(accounts, maildrop, trash)| {
                 if remove_account && accounts.remove(local.as_bytes())?.is_none() {
@@ -658,7 +666,18 @@ impl DomainStore {
         ))
     }
 
-    /// Accounts, messages and total message octets of the whole domain.
+    /// Total message octets of the whole domain, counted once and then kept current.
+    pub fn stored_octets(&self) -> Result<u64, StoreError> {
+        let mut octets = lock(&self.octets);
+        if let Some(n) = *octets {
+            return Ok(n);
+        }
+        let (_, _, n) = self.usage()?;
+        *octets = Some(n);
+        Ok(n)
+    }
+
+    /// Accounts, messages and total message octets of the whole domain (a full scan).
     pub fn usage(&self) -> Result<(u64, u64, u64), StoreError> {
         let accounts = self.accounts.len() as u64;
         let (mut messages, mut octets) = (0u64, 0u64);
@@ -744,6 +763,7 @@ impl PendingMessage {
             self.store_chunk()?;
         }
         let (local, id, octets) = (self.local.as_str(), self.id, self.octets);
+        let mut total = lock(&store.octets);
         (&store.accounts, &store.maildrop, &store.pending)
             .transaction(|(accounts, maildrop, pending)| {
                 if accounts.get(local)?.is_none() {
@@ -756,6 +776,10 @@ impl PendingMessage {
                 Ok(())
             })
             .map_err(|e| store.txn_err(e))?;
+        if let Some(t) = total.as_mut() {
+            *t += octets;
+        }
+        drop(total);
         self.committed = true;
         store.flush()?;
         Ok(MessageMeta { id, octets })
@@ -858,6 +882,39 @@ mod tests {
         assert!(data.join(DOMAINS_DIR).is_dir());
         assert_eq!(dir.list_domains().unwrap(), Vec::<String>::new());
         assert_eq!(dir.open_count(), 0);
+    }
+
+    #[test]
+    fn stored_octets_follow_commits_deletes_and_removals() {
+        let tmp = TempDir::new().unwrap();
+        let dir = Directory::open(tmp.path(), StoreOptions::default()).unwrap();
+        dir.add_domain("example.org").unwrap();
+        let store = dir.domain("example.org").unwrap();
+        store.create_account("joe", &account(1)).unwrap();
+        store.create_account("ann", &account(2)).unwrap();
+        assert_eq!(store.stored_octets().unwrap(), 0);
+        let a = deliver(&store, "joe", &[b'a'; 100]);
+        deliver(&store, "ann", &[b'b'; 70_000]);
+        assert_eq!(
+            store.stored_octets().unwrap(),
+            70_100,
+            "kept current by commits"
+        );
+        store.delete_messages("joe", &[a.id]).unwrap();
+        assert_eq!(
+            store.stored_octets().unwrap(),
+            70_000,
+            "recounted after a delete"
+        );
+        // An uncommitted message counts for nothing.
+        let mut pending = store.begin_message("joe").unwrap();
+        pending.write(&store, &[b'c'; 10]).unwrap();
+        drop(pending);
+        deliver(&store, "joe", &[b'd'; 5]);
+        assert_eq!(store.stored_octets().unwrap(), 70_005);
+        store.remove_account("ann").unwrap();
+        assert_eq!(store.stored_octets().unwrap(), 5);
+        assert_eq!(store.usage().unwrap().2, 5, "the same as a full count");
     }
 
     #[test]

@@ -764,3 +764,42 @@ async fn postmaster_is_accepted_for_every_hosted_domain() {
     c.cmd("MAIL FROM:<a@b.test>").await;
     assert_reply(&c.cmd("RCPT TO:<postmaster>").await, "550 5.1.1");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn domain_quota_counts_every_maildrop_of_the_domain() {
+    let server = Server::start_with(Options {
+        extra: "[delivery]\ndomain_quota_bytes = 3000\n".into(),
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    server.with_user("ann@example.org");
+    server.with_user("kim@example.net");
+    let body = format!("Subject: d\r\n\r\n{}\r\n", "d".repeat(1800));
+    let lmtp = server.lmtp.expect("lmtp");
+    for (rcpt, want) in [
+        ("joe@example.org", "250 2.0.0"),
+        ("ann@example.org", "452 4.2.2"),
+        ("kim@example.net", "250 2.0.0"),
+    ] {
+        let mut c = Client::connect(lmtp).await;
+        c.cmd("LHLO mta.test").await;
+        c.cmd("MAIL FROM:<a@b.test>").await;
+        assert_reply(&c.cmd(&format!("RCPT TO:<{rcpt}>")).await, "250");
+        c.cmd("DATA").await;
+        c.0.send(&body).await;
+        assert_reply(&c.cmd(".").await, want);
+    }
+    // Room again once joe's message is deleted over POP3.
+    let mut p = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
+    p.line().await;
+    p.login("joe@example.org", crate::common::PASSWORD).await;
+    p.cmd("DELE 1").await;
+    assert!(p.cmd("QUIT").await.starts_with("+OK"));
+    let mut c = Client::connect(lmtp).await;
+    c.cmd("LHLO mta.test").await;
+    c.cmd("MAIL FROM:<a@b.test>").await;
+    c.cmd("RCPT TO:<ann@example.org>").await;
+    c.cmd("DATA").await;
+    c.0.send(&body).await;
+    assert_reply(&c.cmd(".").await, "250 2.0.0");
+}
