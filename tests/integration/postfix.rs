@@ -82,6 +82,41 @@ async fn postfix_relays_into_mailgate_over_lmtp() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn postfix_delivers_to_mailgate_as_mx_over_starttls() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let target = format!("smtp:{}", server.smtp.expect("smtp listener"));
+    let pf = Postfix::start(&target, &["example.org"]);
+    let message = "Subject: via MX\r\n\r\n.dot line\r\nbody\r\n";
+    let id = pf.send(
+        "sender@example.com",
+        &["joe@example.org", "nobody@example.org"],
+        message.as_bytes(),
+    );
+    let line = pf.wait_for_log(&format!("{id}: to=<joe@example.org>"), WAIT);
+    assert!(line.contains("status=sent (250 2.0.0"), "{line}");
+    let line = pf.wait_for_log(&format!("{id}: to=<nobody@example.org>"), WAIT);
+    assert!(
+        line.contains("status=bounced") && line.contains("550 5.1.1"),
+        "{line}"
+    );
+    // Postfix logs the TLS session it set up with mailgate.
+    let log = pf.log();
+    assert!(
+        log.contains("TLS connection established to 127.0.0.1"),
+        "{log}"
+    );
+    let stored = fetch_all(&server, "joe@example.org").await;
+    assert_eq!(stored.len(), 1);
+    let stored = String::from_utf8_lossy(&stored[0]).into_owned();
+    assert!(stored.ends_with(message), "{stored}");
+    assert!(
+        stored.contains("by mail.test (mailgate) with ESMTPS id"),
+        "{stored}"
+    );
+}
+
 #[test]
 fn postfix_instance_starts_and_accepts_smtp() {
     // Nothing listens on the LMTP targets: this test stops at Postfix's queue.

@@ -42,7 +42,9 @@ pub struct Queued {
 impl Postfix {
     /// Starts an instance that delivers every recipient in `domains` over LMTP to
     /// `lmtp_target`: `"127.0.0.1:PORT"`, `"[::1]:PORT"` or `"unix:/path/to/socket"` (the
-    /// syntax of mailgate's `listen`). Other domains are refused at RCPT (no relaying).
+    /// syntax of mailgate's `listen`), or over SMTP with mandatory STARTTLS to
+    /// `"smtp:127.0.0.1:PORT"` (mailgate as the domains' MX). Other domains are refused
+    /// at RCPT (no relaying).
     pub fn start(lmtp_target: &str, domains: &[&str]) -> Postfix {
         for tool in ["postfix", "postconf", "postqueue"] {
             require_tool(tool);
@@ -287,7 +289,16 @@ impl Drop for Postfix {
 }
 
 fn main_cf(root: &Path, lmtp_target: &str, domains: &[&str], cert: &Path, key: &Path) -> String {
+    let smtp = lmtp_target.strip_prefix("smtp:");
     let (transport, protocols) = match lmtp_target.strip_prefix("unix:") {
+        None if smtp.is_some() => {
+            let addr: SocketAddr = smtp
+                .unwrap_or_default()
+                .parse()
+                .unwrap_or_else(|e| panic!("SMTP target {lmtp_target:?}: {e}"));
+            // Brackets: the host itself, no MX lookup.
+            (format!("smtp:[{}]:{}", addr.ip(), addr.port()), "ipv4")
+        }
         Some(path) => {
             assert!(
                 path.starts_with('/'),
@@ -303,6 +314,9 @@ fn main_cf(root: &Path, lmtp_target: &str, domains: &[&str], cert: &Path, key: &
             (format!("lmtp:inet:{addr}"), protocols)
         }
     };
+    // To an MX, TLS is mandatory here so the test proves STARTTLS works with Postfix's
+    // client (not verified: Postfix does not match IP addresses in certificates).
+    let smtp_tls = if smtp.is_some() { "encrypt" } else { "none" };
     let root = root.display();
     format!(
         r#"compatibility_level = 3.6
@@ -343,6 +357,8 @@ queue_run_delay = 1s
 minimal_backoff_time = 1s
 maximal_backoff_time = 2s
 smtpd_tls_security_level = may
+smtp_tls_security_level = {smtp_tls}
+smtp_tls_loglevel = 1
 smtpd_tls_chain_files = {key}, {cert}
 biff = no
 "#,
