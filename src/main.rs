@@ -634,7 +634,11 @@ async fn housekeeping(shared: Arc<Shared>) {
             metrics.set_certificate_expiry(&tls.expiry());
             // Counted before closing, so a store is counted at least once while open.
             metrics.refresh_storage(&directory);
-            (reloaded, directory.close_idle())
+            let closed = directory.close_idle();
+            if closed > 0 {
+                release_freed_memory();
+            }
+            (reloaded, closed)
         })
         .await;
         match result {
@@ -651,6 +655,22 @@ async fn housekeeping(shared: Arc<Shared>) {
         }
     }
 }
+
+/// Hands memory freed by closed stores back to the kernel. sled frees a closed store's
+/// page cache, but glibc keeps the pages in its arenas: measured after an LMTP burst of
+/// 200 MB, RSS stayed at 235 MiB with the store closed and fell to 58 MiB after
+/// `malloc_trim` (docs/BENCHMARKS.md). Other C libraries return memory themselves.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim takes no pointers and only walks glibc's own arenas under
+    // their locks; it is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
 
 async fn wait_for_signal(shared: Arc<Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
