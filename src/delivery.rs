@@ -378,11 +378,6 @@ impl Batch {
         self.octets
     }
 
-    /// True while at least one copy can still succeed.
-    pub fn any_live(&self) -> bool {
-        self.targets.iter().any(|t| t.pending.is_some())
-    }
-
     /// Appends normalised message bytes to every live copy; a copy whose store fails is
     /// dropped (and will be reported as a temporary failure), the others go on.
     pub fn write(&mut self, data: &[u8]) {

@@ -271,10 +271,6 @@ impl Reply {
         }
     }
 
-    pub fn is_positive(&self) -> bool {
-        self.code < 400
-    }
-
     pub fn write_to(&self, out: &mut BytesMut) {
         let last = self.lines.len().saturating_sub(1);
         for (i, line) in self.lines.iter().enumerate() {
@@ -528,7 +524,5 @@ mod tests {
             &out[..],
             b"250 2.1.0 OK\r\n250-mx.example\r\n250-PIPELINING\r\n250 SIZE 100\r\n"
         );
-        assert!(Reply::new(252, "2.5.0", "x").is_positive());
-        assert!(!Reply::new(452, "4.2.2", "x").is_positive());
     }
 }

@@ -139,10 +139,6 @@ impl Core {
         self.helo.as_deref()
     }
 
-    pub fn tls_active(&self) -> bool {
-        self.tls_active
-    }
-
     /// True between MAIL and the end of DATA.
     pub fn in_transaction(&self) -> bool {
         self.envelope.is_some()
