@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 /// Message bytes gathered before one blocking write to the stores.
@@ -99,20 +100,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
 
     /// Reads more input within `limit`; replies are flushed first, so a pipelining
     /// client gets every answer to the commands it sent before it has to wait (RFC 2920).
-    async fn fill(&mut self, limit: Duration, shutdown: Option<&Shared>) -> std::io::Result<Input> {
+    async fn fill(
+        &mut self,
+        limit: Duration,
+        cancel: &CancellationToken,
+    ) -> std::io::Result<Input> {
         self.flush().await?;
         if self.rbuf.capacity() - self.rbuf.len() < RBUF_INITIAL / 2 {
             self.rbuf.reserve(RBUF_INITIAL);
         }
-        let cancelled = async {
-            match shutdown {
-                Some(s) => s.shutdown.cancelled().await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             biased;
-            _ = cancelled => Ok(Input::Shutdown),
+            _ = cancel.cancelled() => Ok(Input::Shutdown),
             r = tokio::time::timeout(limit, self.stream.read_buf(&mut self.rbuf)) => match r {
                 Err(_) => Ok(Input::Timeout),
                 Ok(Ok(0)) => Ok(Input::Closed),
@@ -131,7 +130,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
                     Err(_) => Input::TooLong,
                 });
             }
-            match self.fill(limit, Some(shared)).await? {
+            match self.fill(limit, &shared.shutdown).await? {
                 Input::Line(_) => {}
                 other => return Ok(other),
             }
@@ -586,21 +585,23 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
             discard(batch);
             return Err(Outcome::Timeout);
         }
-        match io.fill(ctx.read_limit(), None).await {
+        // SIGTERM lets a DATA in progress finish; only the end of the grace period
+        // (`abort`) cuts it off.
+        match io.fill(ctx.read_limit(), &ctx.shared.abort).await {
             Ok(Input::Line(_)) => {}
             Ok(Input::Timeout) => {
                 discard(batch);
                 return Err(Outcome::Timeout);
+            }
+            Ok(Input::Shutdown) => {
+                discard(batch);
+                return Err(Outcome::Shutdown);
             }
             Ok(_) | Err(_) => {
                 discard(batch);
                 debug!("client went away during DATA; nothing stored");
                 return Err(Outcome::Dropped);
             }
-        }
-        if ctx.shared.abort.is_cancelled() {
-            discard(batch);
-            return Err(Outcome::Shutdown);
         }
     }
     let verdicts = if too_big {

@@ -803,3 +803,61 @@ async fn domain_quota_counts_every_maildrop_of_the_domain() {
     c.0.send(&body).await;
     assert_reply(&c.cmd(".").await, "250 2.0.0");
 }
+
+fn sigterm(server: &Server) {
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(server.pid().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_data_finish_within_the_grace_period() {
+    let mut server = Server::start_with(Options {
+        shutdown_grace_secs: 2,
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    let lmtp = server.lmtp.expect("lmtp");
+    // One transaction finishes after SIGTERM, inside the grace period.
+    let mut c = Client::connect(lmtp).await;
+    c.cmd("LHLO mta.test").await;
+    c.cmd("MAIL FROM:<a@b.test>").await;
+    c.cmd("RCPT TO:<joe@example.org>").await;
+    assert_reply(&c.cmd("DATA").await, "354");
+    c.0.send("Subject: during shutdown\r\n\r\nfirst half\r\n")
+        .await;
+    // Another is idle between commands: it is told at once.
+    let mut idle = Client::connect(lmtp).await;
+    sigterm(&server);
+    assert_reply(&idle.reply().await, "421 4.3.2");
+    c.0.send("second half\r\n").await;
+    assert_reply(&c.cmd(".").await, "250 2.0.0");
+    // A third, mid-DATA when the grace period ends, is cut off and leaves nothing.
+    let status = server.stop();
+    assert!(status.success());
+    server.spawn();
+    let mut late = Client::connect(server.lmtp.expect("lmtp")).await;
+    late.cmd("LHLO mta.test").await;
+    late.cmd("MAIL FROM:<a@b.test>").await;
+    late.cmd("RCPT TO:<joe@example.org>").await;
+    assert_reply(&late.cmd("DATA").await, "354");
+    late.0
+        .send("Subject: too late\r\n\r\nnever finished\r\n")
+        .await;
+    sigterm(&server);
+    let started = Instant::now();
+    assert_reply(&late.reply().await, "421 4.3.2");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    server.stop();
+    server.spawn();
+    let messages = fetch_all(&server, "joe@example.org").await;
+    assert_eq!(messages.len(), 1);
+    assert!(messages[0].ends_with(b"first half\r\nsecond half\r\n"));
+}
