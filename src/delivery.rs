@@ -259,20 +259,21 @@ pub fn quota_verdict(
 /// one. Blocking (store lookups).
 pub fn route(directory: &Directory, postmaster: &str, rcpt: &str) -> String {
     let (local, domain) = rcpt.rsplit_once('@').unwrap_or((rcpt, ""));
-    // postmaster@ a domain we do not host stays what it is: refused as relaying.
-    let foreign = !domain.is_empty() && !directory.has_domain(domain);
-    if postmaster.is_empty() || !local.eq_ignore_ascii_case(POSTMASTER) || foreign {
+    if postmaster.is_empty() || !local.eq_ignore_ascii_case(POSTMASTER) {
         return rcpt.to_owned();
     }
-    let own = !domain.is_empty()
-        && directory
-            .domain(domain)
-            .and_then(|store| store.account(POSTMASTER))
-            .is_ok_and(|a| a.is_some());
-    if own {
-        rcpt.to_owned()
-    } else {
-        postmaster.to_owned()
+    if domain.is_empty() {
+        return postmaster.to_owned();
+    }
+    match directory
+        .domain(domain)
+        .and_then(|store| store.account(POSTMASTER))
+    {
+        // The domain has no postmaster of its own.
+        Ok(None) => postmaster.to_owned(),
+        // Its own account, or a domain we do not host (then refused as relaying), or a
+        // store error that the recipient check will report.
+        Ok(Some(_)) | Err(_) => rcpt.to_owned(),
     }
 }
 
@@ -283,25 +284,30 @@ pub fn check_recipient(directory: &Directory, rcpt: &str, size: u64, quotas: Quo
         // Bare `postmaster` with no `delivery.postmaster` to take it.
         return Verdict::UnknownUser;
     };
-    if !directory.has_domain(domain) {
-        return Verdict::RelayDenied;
-    }
+    // One lookup answers "hosted?" too: an open store costs no file system access.
+    let store = match directory.domain(domain) {
+        Ok(store) => store,
+        Err(StoreError::UnknownDomain(_) | StoreError::InvalidDomain(_)) => {
+            return Verdict::RelayDenied
+        }
+        Err(e) => {
+            tracing::warn!(recipient = rcpt, error = %e, "opening the store failed");
+            return Verdict::TempFail;
+        }
+    };
     // A hosted domain, but a name no account can have (quoted, UTF-8, too long).
     let Ok(address) = Address::parse(rcpt) else {
         return Verdict::UnknownUser;
     };
-    let result = directory.domain(&address.domain).and_then(|store| {
-        let Some(account) = store.account(&address.local)? else {
-            return Ok(Verdict::UnknownUser);
-        };
-        quota_verdict(&store, &address.local, &account, size, quotas)
-    });
+    let result = store
+        .account(&address.local)
+        .and_then(|account| match account {
+            None => Ok(Verdict::UnknownUser),
+            Some(account) => quota_verdict(&store, &address.local, &account, size, quotas),
+        });
     result.unwrap_or_else(|e| {
         tracing::warn!(recipient = rcpt, error = %e, "recipient check failed");
-        match e {
-            StoreError::UnknownDomain(_) => Verdict::RelayDenied,
-            _ => Verdict::TempFail,
-        }
+        Verdict::TempFail
     })
 }
 

@@ -9,6 +9,7 @@
 # Environment: MSGS (5000), SIZES ("10240 102400"), SESSIONS ("1 16"), PORT (22124).
 # Bounded like lmtp.sh; the instance is stopped and removed at the end.
 set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
 MSGS="${MSGS:-5000}"
 SIZES="${SIZES:-10240 102400}"
 SESSIONS="${SESSIONS:-1 16}"
@@ -60,24 +61,14 @@ CONF
 dovecot -c "$work/dovecot.conf"
 sleep 1
 master="$(cat "$work/run/master.pid")"
-for _ in $(seq 50); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.1
-done
-
+# All Dovecot processes: master, lmtp workers, auth, log, config, anvil.
+server_rss() {
+    ps -o rss= --ppid "$master" | awk -v m="$(ps -o rss= -p "$master")" '{t += $1} END {print t + m}'
+}
+# shellcheck source=bench/mailgate/lmtp-runs.sh
+. "$HERE/lmtp-runs.sh"
 echo "dovecot $(dovecot --version), $MSGS messages per run, $(nproc) cores"
-for size in $SIZES; do
-    for s in $SESSIONS; do
-        start=$(date +%s.%N)
-        smtp-source -L -d -s "$s" -m "$MSGS" -l "$size" -f bench@example.net \
-            -t user0@example.com "127.0.0.1:$PORT"
-        end=$(date +%s.%N)
-        # All Dovecot processes: master, lmtp workers, auth, log, config, anvil.
-        rss=$(ps -o rss= --ppid "$master" | awk -v m="$(ps -o rss= -p "$master")" '{t += $1} END {print t + m}')
-        awk -v n="$MSGS" -v a="$start" -v b="$end" -v sz="$size" -v s="$s" -v rss="$rss" \
-            'BEGIN { t = b - a; printf "size %7d B  sessions %3d  %6.0f msg/s  %7.1f MB/s  %.2f s  dovecot RSS %d KiB\n", sz, s, n / t, n * sz / t / 1e6, t, rss }'
-    done
-done
+lmtp_runs dovecot
 count=$(find "$work/mail" -path '*/new/*' -type f | wc -l)
 echo "stored: $count messages"
 grep -m3 -i "error\|fatal" "$work/dovecot.log" || true

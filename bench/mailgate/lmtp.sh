@@ -44,23 +44,10 @@ mg domain add example.com >/dev/null
 printf 'password\n' | mg user add user0@example.com --password-stdin >/dev/null
 MAILGATE_LOG=warn "$MAILGATE" --config "$work/mailgate.toml" serve &
 pid=$!
-for _ in $(seq 50); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.1
-done
-
+server_rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
+# shellcheck source=bench/mailgate/lmtp-runs.sh
+. "$HERE/lmtp-runs.sh"
 echo "mailgate $("$MAILGATE" --version 2>/dev/null || true), $MSGS messages per run, $(nproc) cores"
-for size in $SIZES; do
-    for s in $SESSIONS; do
-        start=$(date +%s.%N)
-        # -L LMTP, -d keep the connection for the next message, -s parallel sessions.
-        smtp-source -L -d -s "$s" -m "$MSGS" -l "$size" -f bench@example.net \
-            -t user0@example.com "127.0.0.1:$PORT"
-        end=$(date +%s.%N)
-        rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
-        awk -v n="$MSGS" -v a="$start" -v b="$end" -v sz="$size" -v s="$s" -v rss="$rss" \
-            'BEGIN { t = b - a; printf "size %7d B  sessions %3d  %6.0f msg/s  %7.1f MB/s  %.2f s  server RSS %d KiB\n", sz, s, n / t, n * sz / t / 1e6, t, rss }'
-    done
-done
+lmtp_runs server
 stored=$(du -sk "$work/data/domains" | cut -f1)
 echo "stored: ${stored} KiB on disk"

@@ -563,6 +563,16 @@ impl Metrics {
         String::from_utf8_lossy(&out).into_owned()
     }
 
+    /// Counts one finished session of `listener` by how it ended and how long it took.
+    pub fn observe_session(&self, listener: &str, outcome: Outcome, elapsed: Duration) {
+        self.sessions
+            .with_label_values(&[listener, outcome.name()])
+            .inc();
+        self.session_duration
+            .with_label_values(&[listener])
+            .observe(elapsed.as_secs_f64());
+    }
+
     /// Counts one finished delivery: `result` is one of the `DELIVERY_*` values and
     /// `stored` the size of the stored message when it was accepted.
     pub fn observe_delivery(

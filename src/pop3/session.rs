@@ -322,12 +322,7 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, listener: Listener, shared
             bytes_out: 0,
         };
         let outcome = connection(stream, &mut ctx).await;
-        m.sessions
-            .with_label_values(&[listener.name(), outcome.name()])
-            .inc();
-        m.session_duration
-            .with_label_values(&[listener.name()])
-            .observe(started.elapsed().as_secs_f64());
+        m.observe_session(listener.name(), outcome, started.elapsed());
         info!(
             outcome = outcome.name(),
             user = ctx.user.as_deref().unwrap_or("-"),

@@ -281,12 +281,7 @@ async fn run(conn: Conn, peer: Peer, protocol: Protocol, shared: Arc<Shared>) {
             }
         };
         drop(active);
-        m.sessions
-            .with_label_values(&[listener, outcome.name()])
-            .inc();
-        m.session_duration
-            .with_label_values(&[listener])
-            .observe(started.elapsed().as_secs_f64());
+        m.observe_session(listener, outcome, started.elapsed());
         info!(
             outcome = outcome.name(),
             tls,
