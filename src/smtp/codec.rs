@@ -95,7 +95,11 @@ pub fn parse(line: &[u8], smtputf8: bool) -> Result<Command, ParseError> {
     if verb.len() > 10 || !verb.is_ascii() {
         return Err(ParseError::Unknown);
     }
-    let verb = verb.to_ascii_uppercase();
+    // Upper-cased on the stack: no allocation per command.
+    let mut buf = [0u8; 10];
+    let upper = &mut buf[..verb.len()];
+    upper.copy_from_slice(verb.as_bytes());
+    upper.make_ascii_uppercase();
     let none = |cmd: Command| {
         if rest.trim().is_empty() {
             Ok(cmd)
@@ -103,23 +107,23 @@ pub fn parse(line: &[u8], smtputf8: bool) -> Result<Command, ParseError> {
             Err(ParseError::Syntax("Syntax error: no arguments allowed"))
         }
     };
-    match verb.as_str() {
-        "HELO" => Ok(Command::Helo(helo_name(rest)?)),
-        "EHLO" => Ok(Command::Ehlo(helo_name(rest)?)),
-        "LHLO" => Ok(Command::Lhlo(helo_name(rest)?)),
-        "MAIL" => parse_mail(rest).map(Command::Mail),
-        "RCPT" => parse_rcpt(rest, smtputf8).map(Command::Rcpt),
-        "DATA" => none(Command::Data),
-        "RSET" => none(Command::Rset),
-        "QUIT" => none(Command::Quit),
-        "STARTTLS" => none(Command::StartTls),
+    match &*upper {
+        b"HELO" => Ok(Command::Helo(helo_name(rest)?)),
+        b"EHLO" => Ok(Command::Ehlo(helo_name(rest)?)),
+        b"LHLO" => Ok(Command::Lhlo(helo_name(rest)?)),
+        b"MAIL" => parse_mail(rest).map(Command::Mail),
+        b"RCPT" => parse_rcpt(rest, smtputf8).map(Command::Rcpt),
+        b"DATA" => none(Command::Data),
+        b"RSET" => none(Command::Rset),
+        b"QUIT" => none(Command::Quit),
+        b"STARTTLS" => none(Command::StartTls),
         // NOOP and HELP may carry a string that is ignored (RFC 5321 §4.1.1.9, §4.1.1.8).
-        "NOOP" => Ok(Command::Noop),
-        "HELP" => Ok(Command::Help),
-        "VRFY" if !rest.trim().is_empty() => Ok(Command::Vrfy),
-        "EXPN" if !rest.trim().is_empty() => Ok(Command::Expn),
-        "VRFY" | "EXPN" => Err(ParseError::Syntax("Syntax error: argument required")),
-        "AUTH" | "BDAT" | "TURN" | "ETRN" | "ATRN" | "SEND" | "SOML" | "SAML" | "BURL" => {
+        b"NOOP" => Ok(Command::Noop),
+        b"HELP" => Ok(Command::Help),
+        b"VRFY" if !rest.trim().is_empty() => Ok(Command::Vrfy),
+        b"EXPN" if !rest.trim().is_empty() => Ok(Command::Expn),
+        b"VRFY" | b"EXPN" => Err(ParseError::Syntax("Syntax error: argument required")),
+        b"AUTH" | b"BDAT" | b"TURN" | b"ETRN" | b"ATRN" | b"SEND" | b"SOML" | b"SAML" | b"BURL" => {
             Ok(Command::NotImplemented)
         }
         _ => Err(ParseError::Unknown),
@@ -201,8 +205,9 @@ fn parse_mail(rest: &str) -> Result<MailFrom, ParseError> {
             Some((k, v)) => (k, Some(v)),
             None => (param, None),
         };
-        match (key.to_ascii_uppercase().as_str(), value) {
-            ("SIZE", Some(v)) => {
+        let is = |name: &str| key.eq_ignore_ascii_case(name);
+        match value {
+            Some(v) if is("SIZE") => {
                 if v.is_empty()
                     || v.len() > MAX_SIZE_DIGITS
                     || !v.bytes().all(|b| b.is_ascii_digit())
@@ -212,9 +217,9 @@ fn parse_mail(rest: &str) -> Result<MailFrom, ParseError> {
                 // More digits than u64 holds: larger than any limit anyway.
                 mail.size = Some(v.parse().unwrap_or(u64::MAX));
             }
-            ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => mail.eight_bit = true,
-            ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => mail.eight_bit = false,
-            ("SMTPUTF8", None) => mail.smtputf8 = true,
+            Some(v) if is("BODY") && v.eq_ignore_ascii_case("8BITMIME") => mail.eight_bit = true,
+            Some(v) if is("BODY") && v.eq_ignore_ascii_case("7BIT") => mail.eight_bit = false,
+            None if is("SMTPUTF8") => mail.smtputf8 = true,
             _ => return Err(ParseError::Parameter),
         }
     }
