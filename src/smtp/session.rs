@@ -52,7 +52,17 @@ enum End {
     StartTls,
 }
 
-/// Why reading stopped.
+/// What one read brought.
+enum Read {
+    /// More bytes are in the read buffer.
+    More,
+    Closed,
+    Timeout,
+    /// The token given to `fill` was cancelled.
+    Cancelled,
+}
+
+/// The next command line, or why there is none.
 enum Input {
     Line(BytesMut),
     TooLong,
@@ -100,22 +110,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
 
     /// Reads more input within `limit`; replies are flushed first, so a pipelining
     /// client gets every answer to the commands it sent before it has to wait (RFC 2920).
-    async fn fill(
-        &mut self,
-        limit: Duration,
-        cancel: &CancellationToken,
-    ) -> std::io::Result<Input> {
+    async fn fill(&mut self, limit: Duration, cancel: &CancellationToken) -> std::io::Result<Read> {
         self.flush().await?;
         if self.rbuf.capacity() - self.rbuf.len() < RBUF_INITIAL / 2 {
             self.rbuf.reserve(RBUF_INITIAL);
         }
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => Ok(Input::Shutdown),
+            _ = cancel.cancelled() => Ok(Read::Cancelled),
             r = tokio::time::timeout(limit, self.stream.read_buf(&mut self.rbuf)) => match r {
-                Err(_) => Ok(Input::Timeout),
-                Ok(Ok(0)) => Ok(Input::Closed),
-                Ok(Ok(_)) => Ok(Input::Line(BytesMut::new())),
+                Err(_) => Ok(Read::Timeout),
+                Ok(Ok(0)) => Ok(Read::Closed),
+                Ok(Ok(_)) => Ok(Read::More),
                 Ok(Err(e)) => Err(e),
             },
         }
@@ -131,8 +137,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
                 });
             }
             match self.fill(limit, &shared.shutdown).await? {
-                Input::Line(_) => {}
-                other => return Ok(other),
+                Read::More => {}
+                Read::Closed => return Ok(Input::Closed),
+                Read::Timeout => return Ok(Input::Timeout),
+                Read::Cancelled => return Ok(Input::Shutdown),
             }
         }
     }
@@ -583,16 +591,16 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
         // SIGTERM lets a DATA in progress finish; only the end of the grace period
         // (`abort`) cuts it off.
         match io.fill(ctx.read_limit(), &ctx.shared.abort).await {
-            Ok(Input::Line(_)) => {}
-            Ok(Input::Timeout) => {
+            Ok(Read::More) => {}
+            Ok(Read::Timeout) => {
                 discard(batch);
                 return Err(Outcome::Timeout);
             }
-            Ok(Input::Shutdown) => {
+            Ok(Read::Cancelled) => {
                 discard(batch);
                 return Err(Outcome::Shutdown);
             }
-            Ok(_) | Err(_) => {
+            Ok(Read::Closed) | Err(_) => {
                 discard(batch);
                 debug!("client went away during DATA; nothing stored");
                 return Err(Outcome::Dropped);
