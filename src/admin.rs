@@ -156,7 +156,7 @@ pub fn execute(
                 address,
                 credentials,
             } => {
-                let address = Address::parse(&address).map_err(store_failure)?;
+                let address = Address::parse(&address).map_err(|e| store_failure(e.into()))?;
                 let store = directory.domain(&address.domain).map_err(store_failure)?;
                 let account = Account::new(credentials);
                 store
@@ -189,7 +189,7 @@ pub fn execute(
                 )])
             }
             Request::UserRemove { address } => {
-                let address = Address::parse(&address).map_err(store_failure)?;
+                let address = Address::parse(&address).map_err(|e| store_failure(e.into()))?;
                 let store = directory.domain(&address.domain).map_err(store_failure)?;
                 store
                     .remove_account(&address.local)

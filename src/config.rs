@@ -417,12 +417,8 @@ impl LimitsConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
     }
-    pub fn throttle(&self) -> crate::throttle::Limits {
-        crate::throttle::Limits {
-            per_ip: self.max_auth_failures_per_ip,
-            per_account: self.max_auth_failures_per_account,
-            window: Duration::from_secs(self.auth_failure_window_secs),
-        }
+    pub fn auth_failure_window(&self) -> Duration {
+        Duration::from_secs(self.auth_failure_window_secs)
     }
 }
 
@@ -466,8 +462,43 @@ impl Default for AuthConfig {
     }
 }
 
-/// Listeners that can expect a PROXY protocol header.
-pub const PROXY_LISTENERS: &[&str] = &["pop3", "pop3s", "lmtp", "smtp"];
+/// The kinds of client listener: what a connection came in on. The one list of them: the
+/// `listener` label of the connection metrics, the names `proxy_protocol.listeners`
+/// accepts, and what the server runs on each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Listener {
+    /// POP3 on the cleartext port (110), STLS offered.
+    Pop3,
+    /// POP3 over implicit TLS (995, RFC 8314).
+    Pop3s,
+    /// LMTP from the MTA, on TCP or a unix socket.
+    Lmtp,
+    /// Inbound SMTP for hosted domains.
+    Smtp,
+}
+
+impl Listener {
+    pub const ALL: [Listener; 4] = [
+        Listener::Pop3,
+        Listener::Pop3s,
+        Listener::Lmtp,
+        Listener::Smtp,
+    ];
+
+    /// The name in configuration, logs and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Listener::Pop3 => "pop3",
+            Listener::Pop3s => "pop3s",
+            Listener::Lmtp => "lmtp",
+            Listener::Smtp => "smtp",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Listener> {
+        Listener::ALL.into_iter().find(|l| l.name() == name)
+    }
+}
 
 /// The PROXY protocol (v1 and v2) from load balancers in front of some listeners, so that
 /// per-IP limits, login throttling, logs and metrics see the client's address, not the
@@ -475,7 +506,7 @@ pub const PROXY_LISTENERS: &[&str] = &["pop3", "pop3s", "lmtp", "smtp"];
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyProtocolConfig {
-    /// Listeners (of `PROXY_LISTENERS`) whose connections start with a PROXY header.
+    /// Listeners (`Listener` names) whose connections start with a PROXY header.
     /// Empty, the default: no header is read anywhere.
     pub listeners: Vec<String>,
     /// Peers allowed to send the header. A connection from any other peer to one of
@@ -496,9 +527,9 @@ impl Default for ProxyProtocolConfig {
 }
 
 impl ProxyProtocolConfig {
-    /// Whether connections on `listener` (a `PROXY_LISTENERS` name) start with a header.
-    pub fn expects_header(&self, listener: &str) -> bool {
-        self.listeners.iter().any(|l| l == listener)
+    /// Whether connections on `listener` start with a header.
+    pub fn expects_header(&self, listener: Listener) -> bool {
+        self.listeners.iter().any(|l| l == listener.name())
     }
 
     /// Whether `peer` may send a header. An IPv4 peer on a dual-stack socket
@@ -594,7 +625,7 @@ impl Config {
             return invalid("lmtp.listen", e);
         }
         if !self.delivery.postmaster.is_empty()
-            && crate::store::Address::parse(&self.delivery.postmaster).is_err()
+            && crate::wire::Address::parse(&self.delivery.postmaster).is_err()
         {
             return invalid(
                 "delivery.postmaster",
@@ -687,7 +718,7 @@ impl Config {
             return invalid("auth.argon2", e.to_string());
         }
         for domain in &self.provision.domains {
-            if let Err(e) = crate::store::validate_domain(domain) {
+            if let Err(e) = crate::wire::address::validate_domain(domain) {
                 return invalid("provision.domains", e.to_string());
             }
         }
@@ -700,17 +731,15 @@ impl Config {
         if let Some(name) = p
             .listeners
             .iter()
-            .find(|l| !PROXY_LISTENERS.contains(&l.as_str()))
+            .find(|l| Listener::from_name(l).is_none())
         {
+            let names: Vec<&str> = Listener::ALL.iter().map(|l| l.name()).collect();
             return invalid(
                 "proxy_protocol.listeners",
-                format!(
-                    "{name:?} is not a listener (one of {})",
-                    PROXY_LISTENERS.join(", ")
-                ),
+                format!("{name:?} is not a listener (one of {})", names.join(", ")),
             );
         }
-        if p.expects_header("lmtp") && self.lmtp.listen.starts_with("unix:") {
+        if p.expects_header(Listener::Lmtp) && self.lmtp.listen.starts_with("unix:") {
             return invalid(
                 "proxy_protocol.listeners",
                 "lmtp listens on a unix socket, which carries no client address to replace".into(),
@@ -768,13 +797,6 @@ impl Config {
                 self.data_dir.join("tls/selfsigned.key"),
                 true,
             ),
-        }
-    }
-
-    pub fn store_options(&self) -> crate::store::StoreOptions {
-        crate::store::StoreOptions {
-            cache_capacity: self.store.cache_capacity_mib * 1024 * 1024,
-            idle_close: Duration::from_secs(self.store.idle_close_secs),
         }
     }
 }
@@ -936,8 +958,8 @@ mod tests {
             )?;
             let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
             let p = &c.proxy_protocol;
-            assert!(p.expects_header("pop3s") && p.expects_header("smtp"));
-            assert!(!p.expects_header("pop3") && !p.expects_header("lmtp"));
+            assert!(p.expects_header(Listener::Pop3s) && p.expects_header(Listener::Smtp));
+            assert!(!p.expects_header(Listener::Pop3) && !p.expects_header(Listener::Lmtp));
             assert_eq!(p.header_timeout(), Duration::from_secs(2));
             let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
             for trusted in [

@@ -5,15 +5,32 @@
 //! protocol: LMTP/SMTP map the verdicts to replies.
 
 use crate::config::DeliveryConfig;
-use crate::message::CrlfNormalizer;
 use crate::metrics::{self, Metrics};
-use crate::smtp::codec::POSTMASTER;
-use crate::smtp::core::Verdict;
 use crate::store::{Account, Address, Directory, DomainStore, PendingMessage, StoreError};
+use crate::wire::{CrlfNormalizer, POSTMASTER};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The store's answer about one recipient (at RCPT, or per recipient after DATA); the
+/// protocols turn it into their replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted,
+    /// Hosted domain, no such account (or a name no account can have).
+    UnknownUser,
+    /// Not a hosted domain: we are not a relay.
+    RelayDenied,
+    /// The maildrop or the domain is full now; may have room later.
+    QuotaFull,
+    /// The message is larger than the whole quota: it will never fit.
+    QuotaTooSmall,
+    /// The message exceeds `delivery.max_message_bytes`.
+    TooBig,
+    /// A store error: try again later.
+    TempFail,
+}
 
 /// Why a recipient was refused before anything was stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]

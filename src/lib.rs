@@ -1,44 +1,49 @@
 //! mailgate: a TLS-first, multi-tenant mail gateway.
 //!
-//! The map of the crate:
+//! The map of the crate, bottom layer first. A module may use only the layers below its
+//! own (`tests/integration/layers.rs` checks it):
 //!
-//! - [`config`]: the one `Config` tree (defaults < TOML < `MAILGATE_*` env), validated once.
-//! - [`server`]: listeners, connection limits, the accept loops and graceful shutdown.
-//! - [`proxy`]: the PROXY protocol (v1, v2) a load balancer sends first: a pure decoder
-//!   and a reader that takes exactly the header's bytes from the socket.
-//! - [`tls`]: rustls server configuration, SNI certificate selection and hot reload.
-//! - [`pop3`]: the POP3 protocol — a pure `codec` (parser, replies, dot-stuffing) and the
-//!   async `session` that drives it over a socket.
-//! - [`smtp`]: mail coming in — LMTP for MTAs and inbound SMTP for hosted domains: a pure
-//!   `codec` and `core` (state machine) and the async `session` that streams DATA into
-//!   the stores.
-//! - [`store`]: `Directory` of per-domain sled stores: accounts, maildrops, message bodies.
-//! - [`locks`]: exclusive maildrop locks behind the `LockBackend` trait: in process for
-//!   one replica, or in Redis (token-owned keys with a TTL) for several.
-//! - [`throttle`]: failed-login counting per client IP and per name, in process or in Redis.
-//! - [`redis_conn`]: the shared Redis connection: URL checks and redaction, reconnects, a
-//!   bounded timeout on every call.
-//! - [`auth`]: password hashing (argon2id), SCRAM-SHA-256 keys, SASL PLAIN and APOP checks.
-//! - [`delivery`]: local delivery to one or more recipients, durable before it answers.
-//! - [`message`]: pure helpers for RFC 5322 message bytes (CRLF normalisation at delivery).
-//! - [`metrics`]: metric names, label sets and handles (one registry), and the HTTP
-//!   endpoint for `/metrics`, `/healthz` and `/readyz`.
-//! - [`admin`]: the admin socket through which the CLI talks to a running server.
-//! - [`provision`]: domains and accounts (from PHC hashes) created at start when absent.
+//! 1. [`wire`]: the protocols' shared bytes with no I/O: line framing, dot-unstuffing,
+//!    CRLF normalisation, mailbox-name syntax.
+//! 2. Libraries with no state of the server's: [`auth`] (argon2id, SCRAM-SHA-256 keys,
+//!    SASL PLAIN and APOP checks), [`tls`] (rustls configuration, SNI certificates, hot
+//!    reload, the self-signed certificate) and [`redis_conn`] (the shared Redis
+//!    connection: URL checks and redaction, reconnects, a timeout on every call).
+//! 3. [`config`]: the one `Config` tree (defaults < TOML < `MAILGATE_*` env), validated
+//!    once, and the `Listener` kinds.
+//! 4. [`metrics`]: metric names, label sets and typed recording methods (one registry),
+//!    and the HTTP endpoint for `/metrics`, `/healthz` and `/readyz`.
+//! 5. [`net`]: the connection layer: connection context, limits and admission, client
+//!    address and PROXY header, TLS accept, buffered line I/O, refusals, session ids and
+//!    spans. [`store`]: `Directory` of per-domain sled stores (accounts, maildrops,
+//!    message bodies). [`locks`]: exclusive maildrop locks behind the `LockBackend`
+//!    trait, in process or in Redis. [`throttle`]: failed-login counting per client IP
+//!    and per name, in process or in Redis.
+//! 6. [`delivery`]: local delivery to one or more recipients, durable before it answers,
+//!    with recipient verdicts and the postmaster rule. [`provision`]: domains and
+//!    accounts created at start when absent.
+//! 7. The protocols: [`pop3`] (codec, session, login, maildrop commands, retrieval),
+//!    [`smtp`] (LMTP and inbound SMTP: codec, sans-IO core, session) and [`admin`] (the
+//!    socket through which the CLI talks to a running server).
+//! 8. [`server`]: listeners, accept loops, what each listener serves, readiness, drain.
+//! 9. [`app`]: start-up (`app::start` → `Running`), housekeeping.
+//!
+//! `main.rs` (the CLI) sits on top.
 
 pub mod admin;
+pub mod app;
 pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod locks;
-pub mod message;
 pub mod metrics;
+pub mod net;
 pub mod pop3;
 pub mod provision;
-pub mod proxy;
 pub mod redis_conn;
 pub mod server;
 pub mod smtp;
 pub mod store;
 pub mod throttle;
 pub mod tls;
+pub mod wire;

@@ -4,21 +4,20 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mailgate::admin::{self, exit, Request, Response};
+use mailgate::app::{self, default_cert_paths, domain_cert_paths};
 use mailgate::auth::{self, Credentials};
 use mailgate::config::{Config, LockBackendKind};
 use mailgate::delivery::Quotas;
-use mailgate::locks::{LocalLocks, LockBackend, RedisLocks};
-use mailgate::metrics::{self, Metrics};
 use mailgate::provision::Plan;
 use mailgate::redis_conn::RedisConn;
-use mailgate::server::{self, Listeners, Shared};
-use mailgate::store::{Address, Directory};
-use mailgate::throttle::Throttle;
-use mailgate::tls::{self, CertPaths, TlsManager};
+use mailgate::server;
+use mailgate::store::Address;
+use mailgate::tls::{self, TlsManager};
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -258,8 +257,7 @@ fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Rea
     )? {
         Some(r) => r,
         None => {
-            let directory = Directory::open(&config.data_dir, config.store_options())
-                .with_context(|| format!("opening data dir {}", config.data_dir.display()))?;
+            let directory = app::open_directory(config)?;
             let body = body.unwrap_or_else(|| Box::new(std::io::empty()));
             let quotas = Quotas::from_config(&config.delivery);
             let r = admin::execute(&directory, request, body, quotas, None);
@@ -284,28 +282,6 @@ fn print_response(r: &Response) -> u8 {
     } else {
         r.exit_code
     }
-}
-
-fn default_cert_paths(config: &Config) -> (CertPaths, bool) {
-    let (cert, key, self_signed) = config.default_cert();
-    (CertPaths { cert, key }, self_signed)
-}
-
-fn domain_cert_paths(config: &Config) -> std::collections::BTreeMap<String, CertPaths> {
-    config
-        .tls
-        .domains
-        .iter()
-        .map(|(d, f)| {
-            (
-                d.to_ascii_lowercase(),
-                CertPaths {
-                    cert: f.cert.clone(),
-                    key: f.key.clone(),
-                },
-            )
-        })
-        .collect()
 }
 
 fn check_config(config: &Config) -> Result<u8> {
@@ -432,247 +408,16 @@ fn check_data_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn create_data_dir(dir: &Path) -> Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("creating data_dir {}", dir.display()))?;
-    }
-    Ok(())
-}
-
+/// Runs the server until SIGTERM or SIGINT, then until it has drained and stopped.
 async fn serve(config: Arc<Config>) -> Result<()> {
-    tls::install_crypto_provider();
-    let plan = Plan::load(&config.provision)?;
-    create_data_dir(&config.data_dir)?;
-    let (default, self_signed) = default_cert_paths(&config);
-    if self_signed && tls::ensure_self_signed(&default, &config.hostname)? {
-        warn!(cert = %default.cert.display(), "no certificate configured: made a self-signed one");
-    }
-    let tls = Arc::new(
-        TlsManager::load(default, domain_cert_paths(&config)).context("loading certificates")?,
-    );
-    let directory = Arc::new(
-        Directory::open(&config.data_dir, config.store_options())
-            .with_context(|| format!("opening data dir {}", config.data_dir.display()))?,
-    );
-    provision(plan, directory.clone()).await?;
-    let admin_listener = admin::bind(&config.admin_socket()).await?;
-    let listeners = Listeners::bind(&config).await?;
-    let metrics_listener = bind_metrics(&config.metrics.listen).await?;
-    let metrics = Arc::new(Metrics::new(config.locks.backend.name())?);
-    metrics.set_certificate_expiry(&tls.expiry());
-    let (locks, throttle) = coordination(&config, &metrics.lock).await?;
-    let secret = load_or_create_secret(&config.data_dir.join("secret"))?;
-    let shared = Arc::new(Shared::new(
-        config.clone(),
-        directory.clone(),
-        locks,
-        throttle,
-        tls.clone(),
-        secret,
-        metrics.clone(),
-    )?);
-
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        directory.clone(),
-        Quotas::from_config(&config.delivery),
-        metrics,
-        shared.abort.clone(),
-    ));
-    // Scrapes and probes keep working while sessions drain; the endpoint stops with them.
-    let metrics_task = metrics_listener.map(|l| {
-        tokio::spawn(metrics::http::serve(
-            l,
-            shared.clone(),
-            shared.abort.clone(),
-        ))
-    });
-    let housekeeping = tokio::spawn(housekeeping(shared.clone()));
-    let signals = tokio::spawn(wait_for_signal(shared.clone()));
-
-    server::run(listeners, shared.clone()).await;
-
-    shared.abort.cancel();
+    let running = app::start(config).await?;
+    let signals = tokio::spawn(wait_for_signal(running.shutdown_token()));
+    let result = running.wait().await;
     signals.abort();
-    let _ = admin_task.await;
-    let _ = housekeeping.await;
-    if let Some(task) = metrics_task {
-        let _ = task.await;
-    }
-    let _ = std::fs::remove_file(config.admin_socket());
-    let dir = directory.clone();
-    tokio::task::spawn_blocking(move || dir.flush_all()).await??;
-    info!("stopped");
-    Ok(())
+    Ok(result?)
 }
 
-/// Creates the configured domains and accounts that are absent, before any listener.
-async fn provision(plan: Plan, directory: Arc<Directory>) -> Result<()> {
-    if plan.domains.is_empty() && plan.accounts.is_empty() {
-        return Ok(());
-    }
-    let report = tokio::task::spawn_blocking(move || plan.apply(&directory)).await??;
-    for domain in &report.domains_created {
-        info!(%domain, "provisioned domain");
-    }
-    for address in &report.accounts_created {
-        info!(%address, "provisioned account");
-    }
-    info!(
-        domains_created = report.domains_created.len(),
-        accounts_created = report.accounts_created.len(),
-        accounts_kept = report.accounts_kept,
-        "provisioning done"
-    );
-    Ok(())
-}
-
-/// The maildrop locks and the login-failure counters: in process, or both in Redis. A
-/// Redis that does not answer at start is logged, not fatal: logins fail with
-/// [SYS/TEMP] until it does, and then work without a restart.
-async fn coordination(
-    config: &Config,
-    lock_metrics: &mailgate::metrics::LockMetrics,
-) -> Result<(Arc<dyn LockBackend>, Throttle)> {
-    let limits = config.limits.throttle();
-    let locks = &config.locks;
-    match locks.backend {
-        LockBackendKind::Local => {
-            let locks: Arc<dyn LockBackend> = Arc::new(LocalLocks::new());
-            Ok((locks, Throttle::local(limits)))
-        }
-        LockBackendKind::Redis => {
-            let conn = RedisConn::open(
-                locks.redis_url.expose(),
-                locks.redis_ca_file.as_deref(),
-                locks.redis_timeout(),
-            )?;
-            match conn.ping().await {
-                Ok(rtt) => info!(
-                    url = conn.url(),
-                    ttl_secs = locks.ttl_secs,
-                    rtt_us = rtt.as_micros() as u64,
-                    "maildrop locks and login throttling in redis"
-                ),
-                Err(e) => warn!(
-                    url = conn.url(),
-                    error = %e,
-                    "redis unreachable at start: logins fail with [SYS/TEMP] until it answers"
-                ),
-            }
-            let redis_locks: Arc<dyn LockBackend> = Arc::new(RedisLocks::new(
-                conn.clone(),
-                locks.ttl(),
-                lock_metrics.clone(),
-            ));
-            Ok((redis_locks, Throttle::redis(conn, limits)))
-        }
-    }
-}
-
-/// Binds `[metrics] listen` (unless empty) and logs it like the other listeners.
-async fn bind_metrics(addr: &str) -> Result<Option<tokio::net::TcpListener>> {
-    if addr.is_empty() {
-        return Ok(None);
-    }
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} (metrics)"))?;
-    let local = listener.local_addr()?;
-    info!(listener = "metrics", addr = %local, "listening");
-    Ok(Some(listener))
-}
-
-/// The server's 32-byte secret, made on first start (mode 0600).
-fn load_or_create_secret(path: &Path) -> Result<[u8; 32]> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Ok(bytes) = std::fs::read(path) {
-        return <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
-            anyhow::anyhow!(
-                "{} is not a 32-byte secret; remove it to make a new one",
-                path.display()
-            )
-        });
-    }
-    let secret: [u8; 32] = rand::random();
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&secret)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
-    Ok(secret)
-}
-
-/// Certificate reload, the certificate and storage gauges, and idle-store closing, until
-/// shutdown is complete.
-async fn housekeeping(shared: Arc<Shared>) {
-    let period = std::time::Duration::from_secs(shared.config.tls.reload_interval_secs);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shared.abort.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let tls = shared.tls.clone();
-        let directory = shared.directory.clone();
-        let metrics = shared.metrics.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let reloaded = tls.reload_changed();
-            metrics.set_certificate_expiry(&tls.expiry());
-            // Counted before closing, so a store is counted at least once while open.
-            metrics.refresh_storage(&directory);
-            let closed = directory.close_idle();
-            if closed > 0 {
-                release_freed_memory();
-            }
-            (reloaded, closed)
-        })
-        .await;
-        match result {
-            Ok((Ok(n), closed)) => {
-                if n > 0 {
-                    info!(replaced = n, "certificates reloaded");
-                }
-                if closed > 0 {
-                    info!(closed, "closed idle domain stores");
-                }
-            }
-            Ok((Err(e), _)) => warn!(error = %e, "certificate reload failed; keeping the old one"),
-            Err(e) => warn!(error = %e, "housekeeping task failed"),
-        }
-    }
-}
-
-/// Hands memory freed by closed stores back to the kernel. sled frees a closed store's
-/// page cache, but glibc keeps the pages in its arenas: measured after an LMTP burst of
-/// 200 MB, RSS stayed at 235 MiB with the store closed and fell to 58 MiB after
-/// `malloc_trim` (docs/BENCHMARKS.md). Other C libraries return memory themselves.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_freed_memory() {
-    // SAFETY: malloc_trim takes no pointers and only walks glibc's own arenas under
-    // their locks; it is safe to call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_freed_memory() {}
-
-async fn wait_for_signal(shared: Arc<Shared>) {
+async fn wait_for_signal(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -685,5 +430,5 @@ async fn wait_for_signal(shared: Arc<Shared>) {
         _ = term.recv() => info!(signal = "SIGTERM", "shutdown requested"),
         _ = int.recv() => info!(signal = "SIGINT", "shutdown requested"),
     }
-    shared.shutdown.cancel();
+    shutdown.cancel();
 }

@@ -77,7 +77,7 @@ impl Plan {
         for name in &config.domains {
             let name = store::validate_domain(name).map_err(|source| ProvisionError::Store {
                 what: "domains".into(),
-                source,
+                source: source.into(),
             })?;
             if !domains.contains(&name) {
                 domains.push(name);

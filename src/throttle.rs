@@ -3,6 +3,7 @@
 //! across replicas. Names are counted whether or not such an account exists, so a
 //! throttled answer reveals nothing about accounts. Knows nothing about POP3.
 
+use crate::config::LimitsConfig;
 use crate::redis_conn::{RedisConn, RedisConnError};
 use ::redis::Script;
 use std::collections::HashMap;
@@ -20,6 +21,17 @@ pub struct Limits {
     /// Failures for one login name per window before logins to it are refused; 0 = off.
     pub per_account: u32,
     pub window: Duration,
+}
+
+impl Limits {
+    /// The `[limits]` failure counts and their window.
+    pub fn from_config(limits: &LimitsConfig) -> Limits {
+        Limits {
+            per_ip: limits.max_auth_failures_per_ip,
+            per_account: limits.max_auth_failures_per_account,
+            window: limits.auth_failure_window(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

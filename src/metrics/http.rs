@@ -2,8 +2,9 @@
 //! format), `/healthz` (the process answers) and `/readyz` (listeners accepting, data
 //! dir readable, lock backend reachable; 503 with the reason otherwise). HTTP/1.1 by
 //! hyper; this module only routes three GET paths and must not serve anything else.
+//! What "ready" means is the server's to say, through [`Readiness`].
 
-use crate::server::Shared;
+use super::Metrics;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -11,7 +12,8 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -24,12 +26,28 @@ use tracing::{debug, warn};
 const MAX_CONNECTIONS: usize = 64;
 /// A client that has not sent its request headers by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// The whole readiness check (lock backend round trip included) gets this long.
-const READY_TIMEOUT: Duration = Duration::from_secs(2);
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// Whether the server should get traffic now: `Err` says why not. The check bounds its
+/// own time (a probe must not hang on a lock backend that does not answer).
+pub trait Readiness: Send + Sync {
+    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+}
+
+/// What the endpoint reads: the registry, and the server's readiness.
+struct Endpoint {
+    metrics: Arc<Metrics>,
+    readiness: Arc<dyn Readiness>,
+}
+
 /// Serves until `cancel`; connections in progress finish on their own.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    readiness: Arc<dyn Readiness>,
+    cancel: CancellationToken,
+) {
+    let shared = Arc::new(Endpoint { metrics, readiness });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
@@ -65,7 +83,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, cancel: Cancellat
     }
 }
 
-async fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+async fn route(req: Request<Incoming>, shared: &Endpoint) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -74,21 +92,21 @@ async fn route(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>>
     }
     match req.uri().path() {
         "/metrics" => {
-            let ready = readiness(shared).await.is_ok();
-            shared.metrics.ready.set(i64::from(ready));
+            let ready = ready(shared).await.is_ok();
+            shared.metrics.set_ready(ready);
             let mut r = text(StatusCode::OK, shared.metrics.render());
             r.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_FORMAT));
             r
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match readiness(shared).await {
+        "/readyz" => match ready(shared).await {
             Ok(()) => {
-                shared.metrics.ready.set(1);
+                shared.metrics.set_ready(true);
                 text(StatusCode::OK, "ready\n".into())
             }
             Err(reason) => {
-                shared.metrics.ready.set(0);
+                shared.metrics.set_ready(false);
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready: {reason}\n"),
@@ -109,25 +127,6 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     r
 }
 
-/// Why the server should not get traffic now, if it should not.
-async fn readiness(shared: &Shared) -> Result<(), String> {
-    if shared.shutdown.is_cancelled() {
-        return Err("shutting down".into());
-    }
-    if !shared.accepting.load(Ordering::Acquire) {
-        return Err("listeners not accepting yet".into());
-    }
-    let directory = shared.directory.clone();
-    let stores = tokio::task::spawn_blocking(move || directory.list_domains());
-    match tokio::time::timeout(READY_TIMEOUT, stores).await {
-        Ok(Ok(Ok(_))) => {}
-        Ok(Ok(Err(e))) => return Err(format!("data dir unusable: {e}")),
-        Ok(Err(e)) => return Err(format!("data dir check failed: {e}")),
-        Err(_) => return Err("data dir check timed out".into()),
-    }
-    match tokio::time::timeout(READY_TIMEOUT, shared.locks.health()).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("lock backend: {e}")),
-        Err(_) => Err("lock backend did not answer in time".into()),
-    }
+async fn ready(shared: &Endpoint) -> Result<(), String> {
+    shared.readiness.check().await
 }

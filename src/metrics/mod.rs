@@ -6,13 +6,12 @@
 
 pub mod http;
 
-use crate::store::Directory;
+use crate::config::Listener;
 use prometheus::core::Collector;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
-use std::sync::Mutex;
 use std::time::Duration;
 
 // ---- metric names (the contract with the dashboard and the alert rules) ----
@@ -47,8 +46,6 @@ pub const PROCESS_NAMESPACE: &str = "mailgate";
 
 // ---- label values: the fixed sets ----
 
-/// Every listener kind, the `listener` label of the connection metrics.
-pub const LISTENERS: &[&str] = &["pop3", "pop3s", "lmtp", "smtp"];
 pub const REASON_LIMIT: &str = "limit";
 pub const REASON_PER_IP_LIMIT: &str = "per_ip_limit";
 pub const REASON_SHUTDOWN: &str = "shutdown";
@@ -56,13 +53,50 @@ pub const REASON_SHUTDOWN: &str = "shutdown";
 pub const REASON_PROXY_HEADER: &str = "proxy_header";
 /// A PROXY-protocol listener was reached by a peer outside `trusted_networks`.
 pub const REASON_PROXY_UNTRUSTED: &str = "proxy_untrusted";
-const REJECT_REASONS: &[&str] = &[
-    REASON_LIMIT,
-    REASON_PER_IP_LIMIT,
-    REASON_SHUTDOWN,
-    REASON_PROXY_HEADER,
-    REASON_PROXY_UNTRUSTED,
-];
+
+/// Why a connection was refused before its session: the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// `limits.max_connections` reached.
+    Limit,
+    /// `limits.max_connections_per_ip` reached for the client's address.
+    PerIpLimit,
+    /// Accepted while shutting down (the listen backlog at SIGTERM).
+    Shutdown,
+    /// A trusted peer sent no valid PROXY header in time.
+    ProxyHeader,
+    /// A peer outside `proxy_protocol.trusted_networks` reached a PROXY listener.
+    ProxyUntrusted,
+}
+
+impl Rejected {
+    const ALL: [Rejected; 5] = [
+        Rejected::Limit,
+        Rejected::PerIpLimit,
+        Rejected::Shutdown,
+        Rejected::ProxyHeader,
+        Rejected::ProxyUntrusted,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Rejected::Limit => REASON_LIMIT,
+            Rejected::PerIpLimit => REASON_PER_IP_LIMIT,
+            Rejected::Shutdown => REASON_SHUTDOWN,
+            Rejected::ProxyHeader => REASON_PROXY_HEADER,
+            Rejected::ProxyUntrusted => REASON_PROXY_UNTRUSTED,
+        }
+    }
+}
+
+/// How a TLS handshake ended: the `result` and `version` labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// Completed with this protocol version (`TLS_1_2`, `TLS_1_3`).
+    Ok(&'static str),
+    Failed,
+    TimedOut,
+}
 
 pub const TLS_OK: &str = "ok";
 pub const TLS_FAILED: &str = "failed";
@@ -72,7 +106,6 @@ pub const TLS_VERSION_NONE: &str = "none";
 pub const TLS_1_2: &str = "TLSv1.2";
 pub const TLS_1_3: &str = "TLSv1.3";
 
-/// Session outcomes (`pop3::session::Outcome::name`).
 /// How a session (POP3, LMTP or SMTP) ended: the `outcome` label and the log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -118,7 +151,7 @@ pub const SESSION_OUTCOMES: &[Outcome] = &[
 pub struct ActiveGuard(prometheus::IntGauge);
 
 impl ActiveGuard {
-    pub fn new(gauge: prometheus::IntGauge) -> Self {
+    fn new(gauge: prometheus::IntGauge) -> Self {
         gauge.inc();
         ActiveGuard(gauge)
     }
@@ -206,10 +239,6 @@ const DELIVERY_RESULTS: &[&str] = &[
     DELIVERY_TEMP_FAILURE,
 ];
 
-/// Domains whose storage gauges are recounted per housekeeping tick, so a tick's work
-/// is bounded however many domains are open.
-pub const STORAGE_DOMAINS_PER_TICK: usize = 4;
-
 /// Git commit baked in at build time (`MAILGATE_GIT_COMMIT=$(git rev-parse --short HEAD)
 /// cargo build`); builds without it say "unknown" rather than needing git to build.
 pub const GIT_COMMIT: &str = match option_env!("MAILGATE_GIT_COMMIT") {
@@ -254,28 +283,26 @@ pub struct LockMetrics {
 /// Handles to every metric, registered once in one registry.
 pub struct Metrics {
     registry: Registry,
-    pub connections_accepted: IntCounterVec,
-    pub connections_rejected: IntCounterVec,
-    pub connections_active: IntGaugeVec,
-    pub tls_handshakes: IntCounterVec,
-    pub tls_upgrades: IntCounterVec,
-    pub sessions: IntCounterVec,
-    pub session_duration: HistogramVec,
-    pub commands: IntCounterVec,
-    pub command_duration: HistogramVec,
-    pub auth_attempts: IntCounterVec,
-    pub sent_bytes: IntCounterVec,
+    connections_accepted: IntCounterVec,
+    connections_rejected: IntCounterVec,
+    connections_active: IntGaugeVec,
+    tls_handshakes: IntCounterVec,
+    tls_upgrades: IntCounterVec,
+    sessions: IntCounterVec,
+    session_duration: HistogramVec,
+    commands: IntCounterVec,
+    command_duration: HistogramVec,
+    auth_attempts: IntCounterVec,
+    sent_bytes: IntCounterVec,
     pub lock: LockMetrics,
-    pub deliveries: IntCounterVec,
-    pub delivery_duration: HistogramVec,
-    pub received_bytes: IntCounterVec,
+    deliveries: IntCounterVec,
+    delivery_duration: HistogramVec,
+    received_bytes: IntCounterVec,
     domain_accounts: IntGaugeVec,
     domain_messages: IntGaugeVec,
     domain_stored_bytes: IntGaugeVec,
     certificate_expiry: GaugeVec,
-    pub ready: IntGauge,
-    /// The last domain whose storage was recounted; the next tick starts after it.
-    storage_cursor: Mutex<String>,
+    ready: IntGauge,
 }
 
 fn counter(
@@ -479,7 +506,6 @@ impl Metrics {
                     "1 when /readyz would answer 200 (listeners bound, stores and locks usable).",
                 )?,
             )?,
-            storage_cursor: Mutex::default(),
             registry: r,
         };
         m.touch_all();
@@ -505,12 +531,13 @@ impl Metrics {
     }
 
     fn touch_all(&self) {
-        for l in LISTENERS {
+        for l in Listener::ALL.map(Listener::name) {
             self.connections_accepted.with_label_values(&[l]);
             self.connections_active.with_label_values(&[l]);
             self.session_duration.with_label_values(&[l]);
-            for reason in REJECT_REASONS {
-                self.connections_rejected.with_label_values(&[l, reason]);
+            for reason in Rejected::ALL {
+                self.connections_rejected
+                    .with_label_values(&[l, reason.name()]);
             }
             for v in [TLS_1_2, TLS_1_3] {
                 self.tls_handshakes.with_label_values(&[l, TLS_OK, v]);
@@ -525,12 +552,6 @@ impl Metrics {
         }
         self.tls_upgrades.with_label_values(&[PROTOCOL_POP3]);
         self.tls_upgrades.with_label_values(&[PROTOCOL_SMTP]);
-        for verb in crate::pop3::codec::VERBS.iter().chain([&COMMAND_UNKNOWN]) {
-            for result in [RESULT_OK, RESULT_ERR] {
-                self.commands
-                    .with_label_values(&[PROTOCOL_POP3, verb, result]);
-            }
-        }
         for c in TIMED_COMMANDS {
             self.command_duration.with_label_values(&[c]);
         }
@@ -563,13 +584,86 @@ impl Metrics {
         String::from_utf8_lossy(&out).into_owned()
     }
 
+    /// Creates the command series of a protocol's verbs (and `COMMAND_UNKNOWN`), so their
+    /// rates exist before the first command.
+    pub fn touch_commands(&self, protocol: &'static str, verbs: &[&str]) {
+        for verb in verbs.iter().chain([&COMMAND_UNKNOWN]) {
+            for result in [RESULT_OK, RESULT_ERR] {
+                self.commands.with_label_values(&[protocol, verb, result]);
+            }
+        }
+    }
+
+    /// Counts a connection admitted to a session on `listener`; the guard keeps it in
+    /// the active gauge until dropped.
+    pub fn connection_accepted(&self, listener: Listener) -> ActiveGuard {
+        self.connections_accepted
+            .with_label_values(&[listener.name()])
+            .inc();
+        ActiveGuard::new(
+            self.connections_active
+                .with_label_values(&[listener.name()]),
+        )
+    }
+
+    /// Counts a connection refused before its session.
+    pub fn connection_rejected(&self, listener: Listener, reason: Rejected) {
+        self.connections_rejected
+            .with_label_values(&[listener.name(), reason.name()])
+            .inc();
+    }
+
+    /// Counts a TLS handshake (implicit TLS, STLS or STARTTLS) on `listener`.
+    pub fn tls_handshake(&self, listener: Listener, result: Handshake) {
+        let (result, version) = match result {
+            Handshake::Ok(version) => (TLS_OK, version),
+            Handshake::Failed => (TLS_FAILED, TLS_VERSION_NONE),
+            Handshake::TimedOut => (TLS_TIMEOUT, TLS_VERSION_NONE),
+        };
+        self.tls_handshakes
+            .with_label_values(&[listener.name(), result, version])
+            .inc();
+    }
+
+    /// Counts a cleartext connection upgraded to TLS; `protocol` is a `PROTOCOL_*`.
+    pub fn tls_upgrade(&self, protocol: &'static str) {
+        self.tls_upgrades.with_label_values(&[protocol]).inc();
+    }
+
+    /// Counts one command of `protocol` by verb and whether it was answered with an error.
+    pub fn command(&self, protocol: &'static str, verb: &str, failed: bool) {
+        let result = if failed { RESULT_ERR } else { RESULT_OK };
+        self.commands
+            .with_label_values(&[protocol, verb, result])
+            .inc();
+    }
+
+    /// Records the latency of a timed command (`TIMED_COMMANDS`).
+    pub fn command_duration(&self, command: &'static str, elapsed: Duration) {
+        self.command_duration
+            .with_label_values(&[command])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts a login attempt: `mechanism` a `MECH_*`, `result` an `AUTH_*`.
+    pub fn auth_attempt(&self, mechanism: &'static str, result: &'static str) {
+        self.auth_attempts
+            .with_label_values(&[mechanism, result])
+            .inc();
+    }
+
+    /// The counter of message bytes sent by `command` (`COMMAND_RETR`, `COMMAND_TOP`).
+    pub fn sent_bytes(&self, command: &'static str) -> IntCounter {
+        self.sent_bytes.with_label_values(&[command])
+    }
+
     /// Counts one finished session of `listener` by how it ended and how long it took.
-    pub fn observe_session(&self, listener: &str, outcome: Outcome, elapsed: Duration) {
+    pub fn observe_session(&self, listener: Listener, outcome: Outcome, elapsed: Duration) {
         self.sessions
-            .with_label_values(&[listener, outcome.name()])
+            .with_label_values(&[listener.name(), outcome.name()])
             .inc();
         self.session_duration
-            .with_label_values(&[listener])
+            .with_label_values(&[listener.name()])
             .observe(elapsed.as_secs_f64());
     }
 
@@ -614,49 +708,24 @@ impl Metrics {
         }
     }
 
-    /// Recounts the storage gauges of at most `STORAGE_DOMAINS_PER_TICK` open domain
-    /// stores, round-robin.
-    ///
-    /// Only open stores are counted: opening a store to count it would cost a thread
-    /// and a cache, and while the server runs a closed store cannot change, so its
-    /// last count stays true. A domain gets gauges after its first use since start.
-    /// Blocking (sled); call from `spawn_blocking`.
-    pub fn refresh_storage(&self, directory: &Directory) {
-        let open = directory.open_domains();
-        // A panic while holding the cursor leaves a valid name behind.
-        let mut cursor = self
-            .storage_cursor
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        // `open` is sorted by name: continue after the cursor, wrapping around.
-        let start = open.partition_point(|(name, _)| name.as_str() <= cursor.as_str());
-        let picked: Vec<_> = open[start..]
-            .iter()
-            .chain(&open[..start])
-            .take(STORAGE_DOMAINS_PER_TICK)
-            .collect();
-        for (name, store) in picked {
-            match store.usage() {
-                // Removed while being counted: `forget_domain` has run or is about to.
-                Ok(_) if !directory.has_domain(name) => {}
-                Ok((accounts, messages, octets)) => {
-                    let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-                    self.domain_accounts
-                        .with_label_values(&[name])
-                        .set(clamp(accounts));
-                    self.domain_messages
-                        .with_label_values(&[name])
-                        .set(clamp(messages));
-                    self.domain_stored_bytes
-                        .with_label_values(&[name])
-                        .set(clamp(octets));
-                }
-                Err(e) => {
-                    tracing::warn!(domain = %name, error = %e, "counting domain usage failed")
-                }
-            }
-            cursor.clone_from(name);
-        }
+    /// Sets `mailgate_ready` to what `/readyz` answered.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.set(i64::from(ready));
+    }
+
+    /// Sets the storage gauges of a hosted domain (`domain` normalised, as stored) from
+    /// a count its caller made.
+    pub fn set_domain_storage(&self, domain: &str, accounts: u64, messages: u64, octets: u64) {
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.domain_accounts
+            .with_label_values(&[domain])
+            .set(clamp(accounts));
+        self.domain_messages
+            .with_label_values(&[domain])
+            .set(clamp(messages));
+        self.domain_stored_bytes
+            .with_label_values(&[domain])
+            .set(clamp(octets));
     }
 }
 
@@ -667,6 +736,8 @@ mod tests {
     #[test]
     fn every_name_is_prefixed_and_exported_from_the_start() {
         let m = Metrics::new("local").expect("metrics");
+        // The protocols name their verbs at start (`app::start`); one is enough here.
+        m.touch_commands(PROTOCOL_POP3, &["QUIT"]);
         m.set_certificate_expiry(&[("default".into(), 1_900_000_000)]);
         let text = m.render();
         for name in [
@@ -705,30 +776,5 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("mailgate_"), "{line}");
         }
-    }
-
-    #[test]
-    fn storage_gauges_follow_open_domains_round_robin() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let directory = Directory::open(dir.path(), Default::default()).expect("dir");
-        let names: Vec<String> = (0..STORAGE_DOMAINS_PER_TICK + 2)
-            .map(|i| format!("d{i}.example"))
-            .collect();
-        for n in &names {
-            directory.add_domain(n).expect("add");
-            directory.domain(n).expect("open");
-        }
-        let m = Metrics::new("local").expect("metrics");
-        m.refresh_storage(&directory);
-        let count = |m: &Metrics| m.render().matches(DOMAIN_ACCOUNTS).count();
-        // HELP, TYPE and one line per counted domain.
-        assert_eq!(count(&m), 2 + STORAGE_DOMAINS_PER_TICK);
-        m.refresh_storage(&directory);
-        assert_eq!(count(&m), 2 + names.len(), "the second tick wraps around");
-        directory.remove_domain(&names[0]).expect("remove");
-        m.forget_domain(&names[0]);
-        m.refresh_storage(&directory);
-        assert!(!m.render().contains(&format!("domain=\"{}\"", names[0])));
-        assert_eq!(count(&m), 2 + names.len() - 1);
     }
 }

@@ -1,5 +1,15 @@
-//! POP3 (RFC 1939, 2449, 2595, 5034): a pure codec and the async session that drives it.
-//! Nothing outside `codec` writes protocol bytes.
+//! POP3 (RFC 1939, 2449, 2595, 5034): a pure `codec`; the `session` (connection, states,
+//! the one gate and the one dispatch); `login` (USER/PASS, APOP, SASL, opening the
+//! maildrop) behind the `accounts::Authenticator`; the listing commands in `maildrop`;
+//! RETR/TOP streaming and UPDATE in `retrieve`. Nothing outside `codec` writes protocol
+//! bytes.
 
+pub mod accounts;
 pub mod codec;
+mod login;
+pub mod maildrop;
+mod retrieve;
 pub mod session;
+
+pub use accounts::{Accounts, Authenticator};
+pub use session::{refusal, run, Service};

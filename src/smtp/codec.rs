@@ -2,6 +2,7 @@
 //! 3463). Pure: std and `bytes` only; no tokio, no store, no tracing. Line framing and
 //! DATA's dot-unstuffing are the shared codec pieces in `pop3::codec`.
 
+use crate::wire::POSTMASTER;
 use bytes::{BufMut, BytesMut};
 use std::borrow::Cow;
 
@@ -245,9 +246,6 @@ fn parse_rcpt(rest: &str, smtputf8: bool) -> Result<String, ParseError> {
     Ok(path.to_owned())
 }
 
-/// The reserved mailbox (RFC 5321 §4.5.1), as RCPT returns the bare form.
-pub const POSTMASTER: &str = "postmaster";
-
 /// One reply: a code, an enhanced status code (RFC 3463) and text, possibly over
 /// several lines (EHLO). The only way protocol bytes reach the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -481,7 +479,7 @@ mod tests {
     /// whatever the read sizes, and an overlong line is one error, not a buffer.
     #[test]
     fn transcript_in_every_chunk_size() {
-        use crate::pop3::codec::LineReader;
+        use crate::wire::LineReader;
         let mut input =
             b"EHLO c\r\nMAIL FROM:<a@b> SIZE=10\r\nRCPT TO:<j@example.org>\nDATA\r\n".to_vec();
         input.extend(std::iter::repeat_n(b'x', 3 * MAX_COMMAND_LINE));

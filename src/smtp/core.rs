@@ -3,6 +3,7 @@
 //! clock. The one place that decides which command is allowed when.
 
 use super::codec::{Command, MailFrom, ParseError, Reply};
+use crate::delivery::Verdict;
 use std::borrow::Cow;
 
 /// Which dialect a listener speaks.
@@ -12,15 +13,6 @@ pub enum Protocol {
     Lmtp,
     /// RFC 5321 inbound: HELO/EHLO, one reply after DATA, STARTTLS.
     Smtp,
-}
-
-impl Protocol {
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Lmtp => "lmtp",
-            Protocol::Smtp => "smtp",
-        }
-    }
 }
 
 /// What the session must do next.
@@ -38,35 +30,16 @@ pub enum Step {
     Quit(Reply),
 }
 
-/// The store's answer about one recipient (at RCPT, or per recipient after DATA).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Accepted,
-    /// Hosted domain, no such account (or a name no account can have).
-    UnknownUser,
-    /// Not a hosted domain: we are not a relay.
-    RelayDenied,
-    /// The maildrop or the domain is full now; may have room later.
-    QuotaFull,
-    /// The message is larger than the whole quota: it will never fit.
-    QuotaTooSmall,
-    /// The message exceeds `delivery.max_message_bytes`.
-    TooBig,
-    /// A store error: try again later.
-    TempFail,
-}
-
-impl Verdict {
-    pub fn reply(self) -> Reply {
-        match self {
-            Verdict::Accepted => Reply::new(250, "2.1.5", "OK"),
-            Verdict::UnknownUser => Reply::new(550, "5.1.1", "No such user here"),
-            Verdict::RelayDenied => Reply::new(550, "5.7.1", "Relaying denied"),
-            Verdict::QuotaFull => Reply::new(452, "4.2.2", "Mailbox full, try again later"),
-            Verdict::QuotaTooSmall => Reply::new(552, "5.2.2", "Message exceeds the mailbox quota"),
-            Verdict::TooBig => Reply::new(552, "5.3.4", "Message too big"),
-            Verdict::TempFail => Reply::new(451, "4.3.0", "Temporary failure, try again later"),
-        }
+/// The reply that tells the client a verdict (at RCPT, or per recipient after DATA).
+pub fn verdict_reply(verdict: Verdict) -> Reply {
+    match verdict {
+        Verdict::Accepted => Reply::new(250, "2.1.5", "OK"),
+        Verdict::UnknownUser => Reply::new(550, "5.1.1", "No such user here"),
+        Verdict::RelayDenied => Reply::new(550, "5.7.1", "Relaying denied"),
+        Verdict::QuotaFull => Reply::new(452, "4.2.2", "Mailbox full, try again later"),
+        Verdict::QuotaTooSmall => Reply::new(552, "5.2.2", "Message exceeds the mailbox quota"),
+        Verdict::TooBig => Reply::new(552, "5.3.4", "Message too big"),
+        Verdict::TempFail => Reply::new(451, "4.3.0", "Temporary failure, try again later"),
     }
 }
 
@@ -210,7 +183,7 @@ impl Core {
                     return bad_sequence("Nested MAIL command");
                 }
                 if mail.size.is_some_and(|s| s > self.limits.max_message_bytes) {
-                    return Step::Reply(Verdict::TooBig.reply());
+                    return Step::Reply(verdict_reply(Verdict::TooBig));
                 }
                 if (mail.smtputf8 || mail.eight_bit) && !self.extended {
                     return Step::Reply(ParseError::Parameter.reply(false));
@@ -314,7 +287,7 @@ impl Core {
                 e.recipients.push(to);
             }
         }
-        verdict.reply()
+        verdict_reply(verdict)
     }
 
     /// DATA is over (delivered, refused, or aborted): the transaction ends.
@@ -509,7 +482,7 @@ mod tests {
             (Verdict::TempFail, 451, "4.3.0"),
         ];
         for (v, code, status) in cases {
-            let r = v.reply();
+            let r = verdict_reply(v);
             assert_eq!((r.code, r.status), (code, Some(status)), "{v:?}");
         }
     }

@@ -6,3 +6,5 @@
 pub mod codec;
 pub mod core;
 pub mod session;
+
+pub use session::{refusal, run_tcp, run_unix, Service};

@@ -6,27 +6,30 @@
 //! Must not write protocol bytes other than through `Reply`.
 
 use super::codec::{self, Reply, MAX_COMMAND_LINE};
-use super::core::{Core, CoreLimits, Protocol, Step, Verdict};
-use crate::delivery::{self, Batch, Quotas};
-use crate::message::CrlfNormalizer;
-use crate::metrics::{self, ActiveGuard, Outcome};
-use crate::pop3::codec::{DotUnstuffer, LineReader};
-use crate::server::{Refusal, Shared};
+use super::core::{verdict_reply, Core, CoreLimits, Protocol, Step};
+use crate::config::Listener;
+use crate::delivery::{self, Batch, Quotas, Verdict};
+use crate::metrics::{self, Outcome};
+use crate::net::{self, Io, Read, Refusal};
+use crate::store::Directory;
+use crate::wire::{CrlfNormalizer, DotUnstuffer};
 use bytes::{Buf, BytesMut};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
+
+/// What LMTP and SMTP sessions share: the connection layer and the stores.
+pub struct Service {
+    pub net: Arc<net::Context>,
+    pub directory: Arc<Directory>,
+}
 
 /// Message bytes gathered before one blocking write to the stores.
 const WRITE_CHUNK: usize = 64 * 1024;
-/// Read buffer; grows only while a client pipelines.
-const RBUF_INITIAL: usize = 4096;
-
-static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+/// Room reserved in the read buffer per read; grows only while a client pipelines.
+const READ_CHUNK: usize = 4096;
 
 /// Where a connection comes from, as logged and written into Received:.
 #[derive(Debug, Clone)]
@@ -52,16 +55,6 @@ enum End {
     StartTls,
 }
 
-/// What one read brought.
-enum Read {
-    /// More bytes are in the read buffer.
-    More,
-    Closed,
-    Timeout,
-    /// The token given to `fill` was cancelled.
-    Cancelled,
-}
-
 /// The next command line, or why there is none.
 enum Input {
     Line(BytesMut),
@@ -71,86 +64,42 @@ enum Input {
     Shutdown,
 }
 
-struct Io<S> {
-    stream: S,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
-    lines: LineReader,
-    idle: Duration,
+/// The next command line, read within `limit`. Replies are flushed before each read, so
+/// a pipelining client gets every answer to the commands it sent before it has to wait
+/// (RFC 2920).
+async fn next_line<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Io<S>,
+    limit: Duration,
+    ctx: &Ctx,
+) -> std::io::Result<Input> {
+    loop {
+        if let Some(line) = io.take_line(MAX_COMMAND_LINE) {
+            return Ok(match line {
+                Ok(l) => Input::Line(l),
+                Err(_) => Input::TooLong,
+            });
+        }
+        match io
+            .fill(Some(limit), &ctx.service.net.shutdown, None)
+            .await?
+        {
+            Read::More => {}
+            Read::Closed => return Ok(Input::Closed),
+            Read::Timeout => return Ok(Input::Timeout),
+            // Only POP3 passes a `lost` token.
+            Read::Cancelled | Read::Lost => return Ok(Input::Shutdown),
+        }
+    }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Io<S> {
-    fn new(stream: S, idle: Duration) -> Self {
-        Io {
-            stream,
-            rbuf: BytesMut::with_capacity(RBUF_INITIAL),
-            wbuf: BytesMut::new(),
-            lines: LineReader::new(),
-            idle,
-        }
-    }
-
-    fn reply(&mut self, r: &Reply) {
-        r.write_to(&mut self.wbuf);
-    }
-
-    async fn flush(&mut self) -> std::io::Result<()> {
-        if self.wbuf.is_empty() {
-            return Ok(());
-        }
-        match tokio::time::timeout(self.idle, self.stream.write_all(&self.wbuf)).await {
-            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-            Ok(r) => r?,
-        }
-        self.wbuf.clear();
-        tokio::time::timeout(self.idle, self.stream.flush())
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
-    }
-
-    /// Reads more input within `limit`; replies are flushed first, so a pipelining
-    /// client gets every answer to the commands it sent before it has to wait (RFC 2920).
-    async fn fill(&mut self, limit: Duration, cancel: &CancellationToken) -> std::io::Result<Read> {
-        self.flush().await?;
-        if self.rbuf.capacity() - self.rbuf.len() < RBUF_INITIAL / 2 {
-            self.rbuf.reserve(RBUF_INITIAL);
-        }
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => Ok(Read::Cancelled),
-            r = tokio::time::timeout(limit, self.stream.read_buf(&mut self.rbuf)) => match r {
-                Err(_) => Ok(Read::Timeout),
-                Ok(Ok(0)) => Ok(Read::Closed),
-                Ok(Ok(_)) => Ok(Read::More),
-                Ok(Err(e)) => Err(e),
-            },
-        }
-    }
-
-    /// The next command line.
-    async fn next_line(&mut self, limit: Duration, shared: &Shared) -> std::io::Result<Input> {
-        loop {
-            if let Some(line) = self.lines.next_line(&mut self.rbuf, MAX_COMMAND_LINE) {
-                return Ok(match line {
-                    Ok(l) => Input::Line(l),
-                    Err(_) => Input::TooLong,
-                });
-            }
-            match self.fill(limit, &shared.shutdown).await? {
-                Read::More => {}
-                Read::Closed => return Ok(Input::Closed),
-                Read::Timeout => return Ok(Input::Timeout),
-                Read::Cancelled => return Ok(Input::Shutdown),
-            }
-        }
-    }
+fn reply<S>(io: &mut Io<S>, r: &Reply) {
+    r.write_to(io.out());
 }
 
 /// Per-connection facts and counters.
 struct Ctx {
-    shared: Arc<Shared>,
+    service: Arc<Service>,
     peer: Peer,
-    listener: &'static str,
     protocol: Protocol,
     bad_commands: u32,
     /// When the transaction in progress began (MAIL accepted).
@@ -161,6 +110,10 @@ struct Ctx {
 }
 
 impl Ctx {
+    fn net(&self) -> &net::Context {
+        &self.service.net
+    }
+
     fn label(&self) -> &'static str {
         match self.protocol {
             Protocol::Lmtp => metrics::PROTOCOL_LMTP,
@@ -171,19 +124,17 @@ impl Ctx {
     /// How long the next read may wait: the idle timeout, cut short by the end of the
     /// transaction's time budget.
     fn read_limit(&self) -> Duration {
-        let idle = self.shared.config.delivery.idle_timeout();
+        let delivery = &self.net().config.delivery;
+        let idle = delivery.idle_timeout();
         match self.transaction_started {
-            Some(t) => {
-                let budget = self.shared.config.delivery.transaction_timeout();
-                idle.min(budget.saturating_sub(t.elapsed()))
-            }
+            Some(t) => idle.min(delivery.transaction_timeout().saturating_sub(t.elapsed())),
             None => idle,
         }
     }
 
     fn transaction_expired(&self) -> bool {
         self.transaction_started
-            .is_some_and(|t| t.elapsed() >= self.shared.config.delivery.transaction_timeout())
+            .is_some_and(|t| t.elapsed() >= self.net().config.delivery.transaction_timeout())
     }
 
     fn count(&mut self, verdict: Verdict, elapsed: Duration, stored: Option<u64>) {
@@ -193,7 +144,7 @@ impl Ctx {
             self.rejected += 1;
         }
         let stored = stored.filter(|_| verdict == Verdict::Accepted);
-        self.shared
+        self.net()
             .metrics
             .observe_delivery(self.label(), verdict_label(verdict), elapsed, stored);
     }
@@ -211,20 +162,16 @@ fn verdict_label(v: Verdict) -> &'static str {
     }
 }
 
-/// Answers a connection refused before its session (limits, shutdown) with 421.
-pub async fn refuse<S: AsyncWrite + Unpin>(
-    mut stream: S,
-    peer: Peer,
-    listener: &'static str,
-    reason: Refusal,
-    shared: Arc<Shared>,
-) {
-    shared
-        .metrics
-        .connections_rejected
-        .with_label_values(&[listener, reason.metric_reason()])
-        .inc();
-    info!(peer = %peer, listener, reason = ?reason, "connection refused");
+/// The listener a protocol's connections are counted under.
+fn listener_of(protocol: Protocol) -> Listener {
+    match protocol {
+        Protocol::Lmtp => Listener::Lmtp,
+        Protocol::Smtp => Listener::Smtp,
+    }
+}
+
+/// The 421 a connection refused before its session (limits, shutdown) gets.
+pub fn refusal(reason: Refusal) -> BytesMut {
     let reply = match reason {
         Refusal::TooManyConnections => {
             Reply::new(421, "4.7.0", "Too many connections, try again later")
@@ -236,7 +183,7 @@ pub async fn refuse<S: AsyncWrite + Unpin>(
     };
     let mut out = BytesMut::new();
     reply.write_to(&mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;
+    out
 }
 
 /// Runs one TCP connection (LMTP or SMTP) to its end.
@@ -244,14 +191,14 @@ pub async fn run_tcp(
     stream: TcpStream,
     peer: std::net::SocketAddr,
     protocol: Protocol,
-    shared: Arc<Shared>,
+    service: Arc<Service>,
 ) {
-    run(Conn::Tcp(stream), Peer::Tcp(peer), protocol, shared).await
+    run(Conn::Tcp(stream), Peer::Tcp(peer), protocol, service).await
 }
 
 /// Runs one LMTP connection on the unix socket to its end.
-pub async fn run_unix(stream: tokio::net::UnixStream, shared: Arc<Shared>) {
-    run(Conn::Unix(stream), Peer::Unix, Protocol::Lmtp, shared).await
+pub async fn run_unix(stream: tokio::net::UnixStream, service: Arc<Service>) {
+    run(Conn::Unix(stream), Peer::Unix, Protocol::Lmtp, service).await
 }
 
 enum Conn {
@@ -259,19 +206,14 @@ enum Conn {
     Unix(tokio::net::UnixStream),
 }
 
-async fn run(conn: Conn, peer: Peer, protocol: Protocol, shared: Arc<Shared>) {
-    let sid = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let listener = protocol.name();
-    let span = tracing::info_span!("session", sid, peer = %peer, listener);
-    async move {
+async fn run(conn: Conn, peer: Peer, protocol: Protocol, service: Arc<Service>) {
+    let net = service.net.clone();
+    let listener = listener_of(protocol);
+    net::run_session(&net, listener, peer.clone(), async move {
         let started = Instant::now();
-        let m = shared.metrics.clone();
-        m.connections_accepted.with_label_values(&[listener]).inc();
-        let active = ActiveGuard::new(m.connections_active.with_label_values(&[listener]));
         let mut ctx = Ctx {
-            shared,
+            service,
             peer,
-            listener,
             protocol,
             bad_commands: 0,
             transaction_started: None,
@@ -283,13 +225,12 @@ async fn run(conn: Conn, peer: Peer, protocol: Protocol, shared: Arc<Shared>) {
             Conn::Tcp(stream) => connection_tcp(stream, &mut ctx).await,
             Conn::Unix(stream) => {
                 let mut core = new_core(&ctx, false);
-                let mut io = Io::new(stream, ctx.shared.config.delivery.idle_timeout());
-                io.reply(&core.greeting());
+                let idle = ctx.net().config.delivery.idle_timeout();
+                let mut io = Io::new(stream, idle, READ_CHUNK);
+                reply(&mut io, &core.greeting());
                 (finish(serve(&mut io, &mut core, &mut ctx).await), false)
             }
         };
-        drop(active);
-        m.observe_session(listener, outcome, started.elapsed());
         info!(
             outcome = outcome.name(),
             tls,
@@ -299,16 +240,17 @@ async fn run(conn: Conn, peer: Peer, protocol: Protocol, shared: Arc<Shared>) {
             duration_ms = started.elapsed().as_millis() as u64,
             "session end"
         );
-    }
-    .instrument(span)
+        outcome
+    })
     .await
 }
 
 fn new_core(ctx: &Ctx, tls_active: bool) -> Core {
-    let d = &ctx.shared.config.delivery;
+    let config = &ctx.net().config;
+    let d = &config.delivery;
     Core::new(
         ctx.protocol,
-        &ctx.shared.config.hostname,
+        &config.hostname,
         CoreLimits {
             max_message_bytes: d.max_message_bytes,
             max_recipients: d.max_recipients,
@@ -326,26 +268,23 @@ fn finish(end: End) -> Outcome {
 }
 
 async fn connection_tcp(stream: TcpStream, ctx: &mut Ctx) -> (Outcome, bool) {
-    let idle = ctx.shared.config.delivery.idle_timeout();
+    let idle = ctx.net().config.delivery.idle_timeout();
     let mut core = new_core(ctx, false);
-    let mut io = Io::new(stream, idle);
-    io.reply(&core.greeting());
+    let mut io = Io::new(stream, idle, READ_CHUNK);
+    reply(&mut io, &core.greeting());
     match serve(&mut io, &mut core, ctx).await {
         End::Done(o) => (o, false),
         End::StartTls => {
-            // Whatever the client pipelined after STARTTLS is dropped with `io`: it came
-            // before the handshake and must not be executed (RFC 3207 §4.2, CVE-2011-0411).
-            let Some(tls) = crate::server::tls_accept(&ctx.shared, io.stream, ctx.listener).await
-            else {
+            // Whatever the client pipelined after STARTTLS is dropped with the buffers: it
+            // came before the handshake and must not be executed (RFC 3207 §4.2,
+            // CVE-2011-0411).
+            let listener = listener_of(ctx.protocol);
+            let Some(tls) = net::tls_accept(ctx.net(), io.into_stream(), listener).await else {
                 return (Outcome::TlsFailed, false);
             };
-            ctx.shared
-                .metrics
-                .tls_upgrades
-                .with_label_values(&[ctx.label()])
-                .inc();
+            ctx.net().metrics.tls_upgrade(ctx.label());
             core.tls_started();
-            let mut io = Io::new(tls, idle);
+            let mut io = Io::new(tls, idle, READ_CHUNK);
             (finish(serve(&mut io, &mut core, ctx).await), true)
         }
     }
@@ -368,17 +307,16 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
     core: &mut Core,
     ctx: &mut Ctx,
 ) -> End {
-    let max_bad = ctx.shared.config.limits.max_bad_commands;
+    let max_bad = ctx.net().config.limits.max_bad_commands;
     loop {
         if ctx.transaction_expired() {
-            io.reply(&Reply::new(
-                421,
-                "4.4.2",
-                "Transaction took too long, closing",
-            ));
+            reply(
+                io,
+                &Reply::new(421, "4.4.2", "Transaction took too long, closing"),
+            );
             return End::Done(Outcome::Timeout);
         }
-        let input = match io.next_line(ctx.read_limit(), &ctx.shared).await {
+        let input = match next_line(io, ctx.read_limit(), ctx).await {
             Ok(i) => i,
             Err(e) => {
                 debug!(error = %e, "connection error");
@@ -388,7 +326,7 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
         let line = match input {
             Input::Line(l) => l,
             Input::TooLong => {
-                io.reply(&Reply::new(500, "5.5.2", "Line too long"));
+                reply(io, &Reply::new(500, "5.5.2", "Line too long"));
                 if bad_command(io, ctx, max_bad) {
                     return End::Done(Outcome::TooManyErrors);
                 }
@@ -396,18 +334,18 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Input::Closed => return End::Done(Outcome::Dropped),
             Input::Timeout => {
-                io.reply(&Reply::new(421, "4.4.2", "Timeout, closing connection"));
+                reply(io, &Reply::new(421, "4.4.2", "Timeout, closing connection"));
                 return End::Done(Outcome::Timeout);
             }
             Input::Shutdown => {
-                io.reply(&Reply::new(421, "4.3.2", "Server shutting down"));
+                reply(io, &Reply::new(421, "4.3.2", "Server shutting down"));
                 return End::Done(Outcome::Shutdown);
             }
         };
         let step = match codec::parse(&line, core.smtputf8()) {
             Ok(cmd) => core.command(cmd),
             Err(e) => {
-                io.reply(&core.parse_error(&e, &line));
+                reply(io, &core.parse_error(&e, &line));
                 if bad_command(io, ctx, max_bad) {
                     return End::Done(Outcome::TooManyErrors);
                 }
@@ -416,7 +354,7 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
         };
         match step {
             Step::Reply(r) => {
-                io.reply(&r);
+                reply(io, &r);
                 // 500-503: unknown, malformed or out-of-order commands.
                 if (500..=503).contains(&r.code) && bad_command(io, ctx, max_bad) {
                     return End::Done(Outcome::TooManyErrors);
@@ -425,13 +363,12 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
             Step::CheckRecipient(to) => {
                 let started = Instant::now();
                 let size = core.envelope().and_then(|e| e.mail.size).unwrap_or(0);
-                let directory = ctx.shared.directory.clone();
-                let quotas = Quotas::from_config(&ctx.shared.config.delivery);
-                let shared = ctx.shared.clone();
+                let directory = ctx.service.directory.clone();
+                let quotas = Quotas::from_config(&ctx.net().config.delivery);
+                let config = ctx.net().config.clone();
                 let rcpt = to.clone();
                 let (verdict, routed) = tokio::task::spawn_blocking(move || {
-                    let routed =
-                        delivery::route(&directory, &shared.config.delivery.postmaster, &rcpt);
+                    let routed = delivery::route(&directory, &config.delivery.postmaster, &rcpt);
                     let verdict = delivery::check_recipient(&directory, &routed, size, quotas);
                     (verdict, routed)
                 })
@@ -441,40 +378,43 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     debug!(recipient = %to, ?verdict, "recipient refused");
                     ctx.count(verdict, started.elapsed(), None);
                 }
-                io.reply(&core.recipient(verdict, routed));
+                reply(io, &core.recipient(verdict, routed));
             }
             Step::Data => {
-                io.reply(&Reply::plain(
-                    354,
-                    vec!["End data with <CR><LF>.<CR><LF>".into()],
-                ));
+                reply(
+                    io,
+                    &Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".into()]),
+                );
                 let result = receive_data(io, core, ctx).await;
                 core.data_done();
                 match result {
                     Ok(replies) => {
                         for r in &replies {
-                            io.reply(r);
+                            reply(io, r);
                         }
                     }
                     Err(outcome) => {
                         if outcome == Outcome::Timeout {
-                            io.reply(&Reply::new(421, "4.4.2", "Timeout during DATA, closing"));
+                            reply(
+                                io,
+                                &Reply::new(421, "4.4.2", "Timeout during DATA, closing"),
+                            );
                         } else if outcome == Outcome::Shutdown {
-                            io.reply(&Reply::new(421, "4.3.2", "Server shutting down"));
+                            reply(io, &Reply::new(421, "4.3.2", "Server shutting down"));
                         }
                         return End::Done(outcome);
                     }
                 }
             }
             Step::StartTls(r) => {
-                io.reply(&r);
+                reply(io, &r);
                 if io.flush().await.is_err() {
                     return End::Done(Outcome::Dropped);
                 }
                 return End::StartTls;
             }
             Step::Quit(r) => {
-                io.reply(&r);
+                reply(io, &r);
                 return End::Done(Outcome::Quit);
             }
         }
@@ -488,17 +428,13 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Counts a bad command; true when the connection must close (after a 421 queued).
-fn bad_command<S>(io: &mut Io<S>, ctx: &mut Ctx, max: u32) -> bool
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+fn bad_command<S>(io: &mut Io<S>, ctx: &mut Ctx, max: u32) -> bool {
     ctx.bad_commands += 1;
     if ctx.bad_commands >= max {
-        io.reply(&Reply::new(
-            421,
-            "4.7.0",
-            "Too many errors, closing connection",
-        ));
+        reply(
+            io,
+            &Reply::new(421, "4.7.0", "Too many errors, closing connection"),
+        );
         return true;
     }
     false
@@ -523,7 +459,7 @@ fn trace_headers(core: &Core, ctx: &Ctx, from: &str, recipients: &[String]) -> V
     };
     format!(
         "Return-Path: <{from}>\r\nReceived: from {from_part}\r\n\tby {host} (mailgate) with {with} id {id:016x}{for_part};\r\n\t{date}\r\n",
-        host = ctx.shared.config.hostname,
+        host = ctx.net().config.hostname,
         with = core.received_with(),
     )
     .into_bytes()
@@ -541,8 +477,8 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(envelope) = core.envelope().cloned() else {
         return Ok(vec![Reply::new(503, "5.5.1", "Need MAIL before DATA")]);
     };
-    let max = ctx.shared.config.delivery.max_message_bytes;
-    let directory = ctx.shared.directory.clone();
+    let max = ctx.net().config.delivery.max_message_bytes;
+    let directory = ctx.service.directory.clone();
     let recipients = envelope.recipients.clone();
     let mut batch = blocking(move || Batch::begin(&directory, &recipients)).await?;
     let mut staged = trace_headers(core, ctx, &envelope.mail.from, &envelope.recipients);
@@ -552,10 +488,10 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
     let mut body_octets = 0u64;
     let mut too_big = false;
     loop {
-        if !io.rbuf.is_empty() {
+        if !io.input().is_empty() {
             let before = decoded.len();
-            let step = unstuffer.decode(&io.rbuf, &mut decoded);
-            io.rbuf.advance(step.consumed);
+            let step = unstuffer.decode(io.input(), &mut decoded);
+            io.input().advance(step.consumed);
             ctx.bytes_in += step.consumed as u64;
             body_octets += (decoded.len() - before) as u64;
             if body_octets > max {
@@ -590,13 +526,16 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
         }
         // SIGTERM lets a DATA in progress finish; only the end of the grace period
         // (`abort`) cuts it off.
-        match io.fill(ctx.read_limit(), &ctx.shared.abort).await {
+        match io
+            .fill(Some(ctx.read_limit()), &ctx.net().abort, None)
+            .await
+        {
             Ok(Read::More) => {}
             Ok(Read::Timeout) => {
                 discard(batch);
                 return Err(Outcome::Timeout);
             }
-            Ok(Read::Cancelled) => {
+            Ok(Read::Cancelled | Read::Lost) => {
                 discard(batch);
                 return Err(Outcome::Shutdown);
             }
@@ -612,7 +551,7 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
         vec![Verdict::TooBig; envelope.recipients.len()]
     } else {
         normalizer.finish(&mut staged);
-        let quotas = Quotas::from_config(&ctx.shared.config.delivery);
+        let quotas = Quotas::from_config(&ctx.net().config.delivery);
         let count = envelope.recipients.len();
         match core.protocol() {
             Protocol::Lmtp => {
@@ -659,13 +598,13 @@ fn data_replies(protocol: Protocol, verdicts: &[Verdict]) -> Vec<Reply> {
             .iter()
             .map(|v| match v {
                 Verdict::Accepted => delivered(),
-                other => other.reply(),
+                other => verdict_reply(*other),
             })
             .collect(),
         Protocol::Smtp => {
             let reply = match verdicts.iter().find(|v| **v != Verdict::Accepted) {
                 None => delivered(),
-                Some(v) => v.reply(),
+                Some(v) => verdict_reply(*v),
             };
             vec![reply]
         }

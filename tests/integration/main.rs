@@ -8,6 +8,7 @@ mod common;
 mod cli;
 mod clients;
 mod helm;
+mod layers;
 mod metrics;
 mod pop3;
 mod postfix;

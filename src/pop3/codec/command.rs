@@ -1,6 +1,10 @@
 //! POP3 command parsing (RFC 1939, 2449, 2595, 5034): one line in, one `Command` out.
 //! Pure: it checks syntax only; which command is allowed when is the session's business.
 
+/// RFC 2449 §4: a command line is at most 255 octets including the CRLF.
+pub const MAX_COMMAND_LINE: usize = 255;
+/// A SASL continuation line (RFC 5034); longer than a command because it carries base64.
+pub const MAX_SASL_LINE: usize = 4096;
 /// Longest user name accepted by USER and APOP, in octets.
 pub const MAX_USER_LEN: usize = 255;
 /// RFC 4422 §3.1: a SASL mechanism name is 1 to 20 characters.

@@ -3,7 +3,7 @@
 //! is pure: it frames a header in the bytes received so far and says how many bytes it
 //! took; the fields are checked by the `ppp` crate. `read_header` takes exactly those
 //! bytes from a socket, so whatever follows (a TLS ClientHello, a POP3 command) stays for
-//! the session. Whom to believe is decided by the caller (`server::client_addr`); this
+//! the session. Whom to believe is decided by the caller (`net::client_addr`); this
 //! module must not write to the socket, log or count.
 
 use std::net::SocketAddr;

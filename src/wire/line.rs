@@ -4,11 +4,6 @@
 
 use bytes::{Buf, BytesMut};
 
-/// RFC 2449 §4: a command line is at most 255 octets including the CRLF.
-pub const MAX_COMMAND_LINE: usize = 255;
-/// A SASL continuation line (RFC 5034); longer than a command because it carries base64.
-pub const MAX_SASL_LINE: usize = 4096;
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LineError {
     /// No line end within the limit; the rest of the line is being discarded.
@@ -116,6 +111,10 @@ fn find_lf(bytes: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// POP3's limits (`pop3::codec`), the lengths the reader is used with most.
+    const MAX_COMMAND_LINE: usize = 255;
+    const MAX_SASL_LINE: usize = 4096;
 
     /// One observable event of the reader: a line, or an overlong-line error.
     #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,352 @@
+//! Logging in: USER/PASS, APOP and SASL (PLAIN, SCRAM-SHA-256, RFC 5034) exchanges, the
+//! answers to a failed or throttled attempt, and on success opening the maildrop (its
+//! lock, then a snapshot of its messages). Which names and secrets are good is the
+//! `Authenticator`'s to say; this file only talks to the client and counts.
+
+use super::accounts::{Admit, Login};
+use super::codec::{MsgEntry, Reply, RespCode, MAX_SASL_LINE};
+use super::maildrop::Listing;
+use super::session::{err, Conn, Ctx, Input, SessionError, Txn};
+use crate::auth::{self, scram};
+use crate::locks::LockError;
+use crate::metrics;
+use base64::Engine as _;
+use std::borrow::Cow;
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::warn;
+
+/// How the client asked to log in.
+pub(super) enum Mechanism {
+    /// USER then PASS.
+    User {
+        name: String,
+        password: String,
+    },
+    Apop {
+        name: String,
+        digest: String,
+    },
+    /// AUTH PLAIN, with or without an initial response.
+    Plain {
+        initial: Option<String>,
+    },
+    /// AUTH SCRAM-SHA-256, with or without an initial response.
+    Scram {
+        initial: Option<String>,
+    },
+}
+
+/// A login attempt's result before the maildrop is opened.
+enum LoginResult {
+    Verified(Login),
+    /// Wrong password, unknown user, malformed name: all look the same to the client.
+    /// Carries the login name, when there was one, for the per-name failure count.
+    Failed(Option<String>),
+    /// Too many recent failures from this address or for this name.
+    Throttled,
+    /// The failure counters (in Redis) could not be read: try again later.
+    Unavailable,
+    /// The exchange was cancelled or malformed; already answered.
+    Aborted,
+}
+
+impl LoginResult {
+    /// The `result` label of the auth-attempts metric.
+    fn metric(&self) -> &'static str {
+        match self {
+            LoginResult::Verified(_) => metrics::AUTH_SUCCESS,
+            LoginResult::Failed(_) => metrics::AUTH_FAILURE,
+            LoginResult::Throttled => metrics::AUTH_THROTTLED,
+            LoginResult::Unavailable => metrics::AUTH_UNAVAILABLE,
+            LoginResult::Aborted => metrics::AUTH_ABORTED,
+        }
+    }
+
+    /// Verified, or failed for `name`.
+    fn of(found: Option<Login>, name: &str) -> LoginResult {
+        match found {
+            Some(login) => LoginResult::Verified(login),
+            None => LoginResult::Failed(Some(name.to_owned())),
+        }
+    }
+}
+
+/// Runs one login attempt to its answer; the open maildrop when it succeeded.
+pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &mut Ctx,
+    mechanism: Mechanism,
+) -> Result<Option<Box<Txn>>, SessionError> {
+    let (label, result) = match mechanism {
+        Mechanism::User { name, password } => (
+            metrics::MECH_USER,
+            password_login(ctx, &name, password.as_bytes()).await?,
+        ),
+        Mechanism::Apop { name, digest } => {
+            (metrics::MECH_APOP, apop_login(ctx, &name, &digest).await?)
+        }
+        Mechanism::Plain { initial } => {
+            (metrics::MECH_PLAIN, sasl_plain(conn, ctx, initial).await?)
+        }
+        Mechanism::Scram { initial } => {
+            (metrics::MECH_SCRAM, sasl_scram(conn, ctx, initial).await?)
+        }
+    };
+    ctx.net().metrics.auth_attempt(label, result.metric());
+    login_result(conn, ctx, result).await
+}
+
+/// `Some` when the client IP or the login name may not try now (or the throttle cannot
+/// tell). Asked before any password work, with the name whether or not it exists.
+async fn throttled(ctx: &Ctx, name: &str) -> Option<LoginResult> {
+    match ctx.service.logins.admit(ctx.peer.ip(), name).await {
+        Admit::Allowed => None,
+        Admit::Throttled => Some(LoginResult::Throttled),
+        Admit::Unavailable => Some(LoginResult::Unavailable),
+    }
+}
+
+async fn password_login(
+    ctx: &Ctx,
+    name: &str,
+    password: &[u8],
+) -> Result<LoginResult, SessionError> {
+    if let Some(refused) = throttled(ctx, name).await {
+        return Ok(refused);
+    }
+    let found = ctx.service.logins.password(name, password).await?;
+    Ok(LoginResult::of(found, name))
+}
+
+async fn apop_login(ctx: &Ctx, name: &str, digest: &str) -> Result<LoginResult, SessionError> {
+    if let Some(refused) = throttled(ctx, name).await {
+        return Ok(refused);
+    }
+    let Some(timestamp) = ctx.apop_timestamp.as_deref() else {
+        return Ok(LoginResult::Failed(Some(name.to_owned())));
+    };
+    let found = ctx.service.logins.apop(name, timestamp, digest).await?;
+    Ok(LoginResult::of(found, name))
+}
+
+/// Reads one SASL client response line; `None` when the client cancelled with `*`
+/// (already answered) or sent something undecodable (already answered).
+async fn sasl_response<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &Ctx,
+    challenge: &[u8],
+) -> Result<Option<Vec<u8>>, SessionError> {
+    conn.reply(&Reply::Challenge(challenge));
+    let cancel = ctx.net().shutdown.clone();
+    let line = match conn.next(MAX_SASL_LINE, &cancel, None).await? {
+        Input::Line(l) => l,
+        Input::TooLong => {
+            conn.reply(&err(None, "Authentication response too long"));
+            return Ok(None);
+        }
+        Input::Closed | Input::Timeout | Input::Cancelled | Input::LockLost | Input::TlsHello => {
+            return Err(SessionError::Io(
+                std::io::ErrorKind::ConnectionAborted.into(),
+            ));
+        }
+    };
+    Ok(decode_sasl(conn, &line))
+}
+
+fn decode_sasl<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    data: &[u8],
+) -> Option<Vec<u8>> {
+    if data == b"*" {
+        conn.reply(&err(None, "Authentication cancelled"));
+        return None;
+    }
+    // RFC 5034 §4: "=" stands for an empty initial response.
+    if data == b"=" {
+        return Some(Vec::new());
+    }
+    match base64::engine::general_purpose::STANDARD.decode(data) {
+        Ok(v) => Some(v),
+        Err(_) => {
+            conn.reply(&err(None, "Invalid base64 in authentication response"));
+            None
+        }
+    }
+}
+
+/// The client's first SASL message: the initial response, or an answer to an empty
+/// challenge.
+async fn sasl_first<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &Ctx,
+    initial: Option<String>,
+) -> Result<Option<Vec<u8>>, SessionError> {
+    match initial {
+        Some(ir) => Ok(decode_sasl(conn, ir.as_bytes())),
+        None => sasl_response(conn, ctx, b"").await,
+    }
+}
+
+async fn sasl_plain<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &Ctx,
+    initial: Option<String>,
+) -> Result<LoginResult, SessionError> {
+    let Some(decoded) = sasl_first(conn, ctx, initial).await? else {
+        return Ok(LoginResult::Aborted);
+    };
+    let Ok(msg) = auth::plain::parse(&decoded) else {
+        return Ok(LoginResult::Failed(None));
+    };
+    // We authorise no proxy logins: an authzid other than the authcid fails.
+    if !msg.authzid.is_empty() && !msg.authzid.eq_ignore_ascii_case(msg.authcid) {
+        return Ok(LoginResult::Failed(Some(msg.authcid.to_owned())));
+    }
+    password_login(ctx, msg.authcid, msg.password.as_bytes()).await
+}
+
+async fn sasl_scram<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &Ctx,
+    initial: Option<String>,
+) -> Result<LoginResult, SessionError> {
+    let Some(first) = sasl_first(conn, ctx, initial).await? else {
+        return Ok(LoginResult::Aborted);
+    };
+    let Ok(client_first) = scram::ClientFirst::parse(&first) else {
+        conn.reply(&err(None, "Malformed SCRAM message"));
+        return Ok(LoginResult::Aborted);
+    };
+    let name = client_first.username.as_str();
+    if let Some(refused) = throttled(ctx, name).await {
+        return Ok(refused);
+    }
+    let failed = || LoginResult::Failed(Some(name.to_owned()));
+    // Unknown users, and accounts made from a PHC hash alone (no SCRAM keys), get
+    // stand-in keys no proof matches: the exchange fails like a wrong password.
+    let (keys, found) = ctx.service.logins.scram(name).await?;
+    let server_first = scram::ServerFirst::new(&client_first, keys);
+    let Some(client_final) = sasl_response(conn, ctx, server_first.message.as_bytes()).await?
+    else {
+        return Ok(LoginResult::Aborted);
+    };
+    let Ok(server_final) = server_first.finish(&client_final) else {
+        return Ok(failed());
+    };
+    let Some(login) = found else {
+        return Ok(failed());
+    };
+    // RFC 5034 §4: additional data with success goes in a challenge; the client answers
+    // with an empty line.
+    match sasl_response(conn, ctx, server_final.as_bytes()).await? {
+        Some(empty) if empty.is_empty() => Ok(LoginResult::Verified(login)),
+        Some(_) => Ok(failed()),
+        None => Ok(LoginResult::Aborted),
+    }
+}
+
+/// Answers a login attempt; on success opens the maildrop (lock, then snapshot).
+async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &mut Ctx,
+    result: LoginResult,
+) -> Result<Option<Box<Txn>>, SessionError> {
+    let login = match result {
+        LoginResult::Verified(login) => login,
+        LoginResult::Aborted => return Ok(None),
+        LoginResult::Throttled => {
+            ctx.auth_failures += 1;
+            conn.reply(&err(
+                Some(RespCode::LoginDelay),
+                "Too many failed logins, try again later",
+            ));
+            return Ok(None);
+        }
+        LoginResult::Unavailable => {
+            conn.reply(&err(
+                Some(RespCode::SysTemp),
+                "Login service unavailable, try again later",
+            ));
+            return Ok(None);
+        }
+        LoginResult::Failed(name) => {
+            ctx.auth_failures += 1;
+            ctx.service
+                .logins
+                .failed(ctx.peer.ip(), name.as_deref())
+                .await;
+            conn.flush().await?;
+            tokio::time::sleep(ctx.net().config.limits.auth_failure_delay()).await;
+            conn.reply(&err(Some(RespCode::Auth), "Authentication failed"));
+            return Ok(None);
+        }
+    };
+    let Login {
+        address,
+        store,
+        account,
+    } = login;
+    let key = address.to_string();
+    let started = Instant::now();
+    let acquired = ctx.service.locks.acquire(&key).await;
+    let lock_metrics = &ctx.net().metrics.lock;
+    lock_metrics
+        .acquire_duration
+        .observe(started.elapsed().as_secs_f64());
+    let lock = match acquired {
+        Ok(lock) => lock,
+        Err(LockError::Busy) => {
+            lock_metrics.contention.inc();
+            conn.reply(&err(
+                Some(RespCode::InUse),
+                "Maildrop is locked by another session",
+            ));
+            return Ok(None);
+        }
+        Err(LockError::Unavailable(e)) => {
+            warn!(error = %e, "maildrop lock unavailable");
+            conn.reply(&err(
+                Some(RespCode::SysTemp),
+                "Maildrop lock service unavailable, try again later",
+            ));
+            return Ok(None);
+        }
+    };
+    let snap_store = store.clone();
+    let local = address.local.clone();
+    let snapshot = tokio::task::spawn_blocking(move || snap_store.snapshot(&local)).await?;
+    let msgs: Vec<MsgEntry> = match snapshot {
+        Ok(list) => list
+            .into_iter()
+            .map(|m| MsgEntry {
+                octets: m.octets,
+                id: m.id,
+                deleted: false,
+            })
+            .collect(),
+        Err(e) => {
+            warn!(error = %e, "cannot open maildrop");
+            lock.release().await;
+            conn.reply(&err(
+                Some(RespCode::SysTemp),
+                "Cannot open maildrop, try again later",
+            ));
+            return Ok(None);
+        }
+    };
+    ctx.user = Some(key);
+    let lost = lock.lost();
+    let txn = Box::new(Txn {
+        address,
+        store,
+        lock: Some(lock),
+        lost,
+        listing: Listing::new(msgs, account.uid_nonce),
+    });
+    let (count, octets) = txn.listing.totals();
+    conn.reply(&Reply::Ok(Cow::Owned(format!(
+        "Logged in, {count} messages ({octets} octets)"
+    ))));
+    Ok(Some(txn))
+}

@@ -1,0 +1,201 @@
+//! Reading and removing mail: RETR and TOP streamed from the store in chunks through the
+//! dot-stuffer (never a whole message in memory), and the UPDATE state at QUIT, which
+//! applies the DELE marks in one atomic batch while the maildrop lock is still ours.
+
+use super::codec::{BodyEncoder, MsgEntry, Reply, RespCode};
+use super::session::{err, ok, Conn, Ctx, SessionError, Txn};
+use crate::metrics;
+use crate::store::DomainStore;
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::warn;
+
+/// Output is written to the socket once this much is buffered during RETR/TOP.
+const FLUSH_AT: usize = 32 * 1024;
+
+/// RETR: the whole message.
+pub(super) async fn retr<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &mut Ctx,
+    txn: &mut Txn,
+    n: u32,
+) -> Result<(), SessionError> {
+    let m = match txn.listing.entry(n) {
+        Ok(m) => m,
+        Err(r) => {
+            conn.reply(&r);
+            return Ok(());
+        }
+    };
+    let started = Instant::now();
+    let encoder = BodyEncoder::full(ctx.body_options());
+    send_message(conn, ctx, &txn.store, m, encoder, None).await?;
+    ctx.net()
+        .metrics
+        .command_duration(metrics::COMMAND_RETR, started.elapsed());
+    txn.listing.accessed(n);
+    ctx.retrieved += 1;
+    Ok(())
+}
+
+/// TOP: the header and the first `lines` lines of the body.
+pub(super) async fn top<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &mut Ctx,
+    txn: &mut Txn,
+    msg: u32,
+    lines: u32,
+) -> Result<(), SessionError> {
+    let m = match txn.listing.entry(msg) {
+        Ok(m) => m,
+        Err(r) => {
+            conn.reply(&r);
+            return Ok(());
+        }
+    };
+    let started = Instant::now();
+    let encoder = BodyEncoder::top(lines, ctx.body_options());
+    let head = ok("Top of message follows");
+    send_message(conn, ctx, &txn.store, m, encoder, Some(head)).await?;
+    ctx.net()
+        .metrics
+        .command_duration(metrics::COMMAND_TOP, started.elapsed());
+    txn.listing.accessed(msg);
+    Ok(())
+}
+
+/// The UPDATE state (RFC 1939 §6): applies the DELE marks, then gives the maildrop
+/// lock up *before* the client reads the answer, so a client that reconnects at once
+/// never finds its own session's lock still held.
+pub(super) async fn update<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &mut Ctx,
+    txn: &mut Txn,
+) -> Result<(), SessionError> {
+    apply_marks(conn, ctx, txn).await?;
+    if let Some(lock) = txn.lock.take() {
+        lock.release().await;
+    }
+    conn.flush().await
+}
+
+/// Applies the DELE marks in one atomic batch, but only while the maildrop lock is
+/// still ours; writes the answer without sending it.
+async fn apply_marks<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &mut Ctx,
+    txn: &mut Txn,
+) -> Result<(), SessionError> {
+    let ids = txn.listing.marked();
+    if ids.is_empty() {
+        conn.reply(&ok("Logging out"));
+        return Ok(());
+    }
+    let held = match &txn.lock {
+        Some(lock) => lock.still_held().await,
+        None => false,
+    };
+    if !held {
+        ctx.net().metrics.lock.losses.inc();
+        warn!(user = %txn.address, "maildrop lock lost before UPDATE; nothing deleted");
+        conn.reply(&err(
+            Some(RespCode::SysTemp),
+            "Maildrop lock lost, no messages deleted",
+        ));
+        return Ok(());
+    }
+    let store = txn.store.clone();
+    let local = txn.address.local.clone();
+    let count = ids.len();
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(move || store.delete_messages(&local, &ids)).await?;
+    ctx.net()
+        .metrics
+        .command_duration(metrics::COMMAND_UPDATE, started.elapsed());
+    match result {
+        Ok(()) => {
+            ctx.deleted = count as u32;
+            conn.reply(&Reply::Ok(Cow::Owned(format!(
+                "Logging out, {count} messages deleted"
+            ))));
+        }
+        Err(e) => {
+            warn!(error = %e, "UPDATE failed");
+            conn.reply(&err(
+                Some(RespCode::SysTemp),
+                "Some deleted messages not removed",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Streams one message (or its top) through the dot-stuffer in store-sized chunks.
+async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &mut Ctx,
+    store: &Arc<DomainStore>,
+    m: MsgEntry,
+    mut encoder: BodyEncoder,
+    head: Option<Reply<'static>>,
+) -> Result<(), SessionError> {
+    // RETR must deliver every recorded octet; TOP legitimately stops early.
+    let whole = head.is_none();
+    let sent = ctx.net().metrics.sent_bytes(if whole {
+        metrics::COMMAND_RETR
+    } else {
+        metrics::COMMAND_TOP
+    });
+    let mut buf = Vec::with_capacity(crate::store::CHUNK_SIZE);
+    let mut offset = 0u64;
+    // The first chunk is read before the +OK, so a message that cannot be read gets a
+    // clean -ERR instead of a truncated reply.
+    let (returned, n) = read_chunk(store, m.id, offset, buf).await?;
+    buf = returned;
+    if n == 0 && m.octets > 0 {
+        return Err(SessionError::Truncated(m.id));
+    }
+    conn.reply(&head.unwrap_or(Reply::MessageFollows { octets: m.octets }));
+    let mut n = n;
+    while n > 0 {
+        offset += n as u64;
+        let more = encoder.encode(&buf[..n], conn.io.out());
+        let pending = conn.io.out().len();
+        if pending >= FLUSH_AT {
+            ctx.bytes_out += pending as u64;
+            sent.inc_by(pending as u64);
+            conn.flush().await?;
+        }
+        if !more || offset >= m.octets {
+            break;
+        }
+        let (returned, read) = read_chunk(store, m.id, offset, buf).await?;
+        buf = returned;
+        n = read;
+    }
+    if whole && offset < m.octets {
+        return Err(SessionError::Truncated(m.id));
+    }
+    encoder.finish(conn.io.out());
+    let pending = conn.io.out().len();
+    ctx.bytes_out += pending as u64;
+    sent.inc_by(pending as u64);
+    Ok(())
+}
+
+async fn read_chunk(
+    store: &Arc<DomainStore>,
+    id: u64,
+    offset: u64,
+    mut buf: Vec<u8>,
+) -> Result<(Vec<u8>, usize), SessionError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        buf.clear();
+        let n = store.read_body(id, offset, &mut buf)?;
+        Ok((buf, n))
+    })
+    .await?
+}
