@@ -21,6 +21,8 @@
 //! - [`auth`]: password hashing (argon2id), SCRAM-SHA-256 keys, SASL PLAIN and APOP checks.
 //! - [`delivery`]: local delivery to one or more recipients, durable before it answers.
 //! - [`message`]: pure helpers for RFC 5322 message bytes (CRLF normalisation at delivery).
+//! - [`fsutil`]: atomic file writes (temporary file, fsync, rename, directory fsync) for
+//!   the files mailgate makes itself: the self-signed certificate and the server secret.
 //! - [`metrics`]: metric names, label sets and handles (one registry), and the HTTP
 //!   endpoint for `/metrics`, `/healthz` and `/readyz`.
 //! - [`admin`]: the admin socket through which the CLI talks to a running server.
@@ -30,6 +32,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod fsutil;
 pub mod locks;
 pub mod message;
 pub mod metrics;

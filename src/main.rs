@@ -590,8 +590,6 @@ async fn bind_metrics(addr: &str) -> Result<Option<tokio::net::TcpListener>> {
 
 /// The server's 32-byte secret, made on first start (mode 0600).
 fn load_or_create_secret(path: &Path) -> Result<[u8; 32]> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Ok(bytes) = std::fs::read(path) {
         return <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
             anyhow::anyhow!(
@@ -601,17 +599,8 @@ fn load_or_create_secret(path: &Path) -> Result<[u8; 32]> {
         });
     }
     let secret: [u8; 32] = rand::random();
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(&secret)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
+    mailgate::fsutil::write_atomically(path, &secret, 0o600)
+        .with_context(|| format!("creating {}", path.display()))?;
     Ok(secret)
 }
 

@@ -4,9 +4,7 @@
 //! Does no socket I/O itself.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -78,8 +76,8 @@ pub fn ensure_self_signed(paths: &CertPaths, hostname: &str) -> Result<bool, Tls
         return Ok(false);
     }
     let (cert_pem, key_pem) = self_signed_pem(hostname)?;
-    write_atomically(&paths.key, key_pem.as_bytes(), 0o600)?;
-    write_atomically(&paths.cert, cert_pem.as_bytes(), 0o644)?;
+    write_file(&paths.key, key_pem.as_bytes(), 0o600)?;
+    write_file(&paths.cert, cert_pem.as_bytes(), 0o644)?;
     Ok(true)
 }
 
@@ -121,50 +119,15 @@ fn self_signed_pem(hostname: &str) -> Result<(String, String), TlsError> {
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-/// Writes `contents` to a temporary file beside `path` created with `mode`, syncs it,
-/// renames it over `path` and syncs the directory, creating parent directories first.
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    let fail = |what: &str, p: &Path, e: std::io::Error| {
-        TlsError::Generate(format!("{what} {}: {e}", p.display()))
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| TlsError::Generate(format!("{} has no file name", path.display())))?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    fs::create_dir_all(parent).map_err(|e| fail("creating", parent, e))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = parent.join(tmp_name);
-    // A leftover from a crash may carry another mode; create_new below must own the file.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail("removing", &tmp, e)),
+/// Creates `path`'s parent directories, then writes it with
+/// [`crate::fsutil::write_atomically`]; errors name the path.
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)
+            .map_err(|e| TlsError::Generate(format!("creating {}: {e}", parent.display())))?;
     }
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(contents)?;
-            f.sync_all()
-        });
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(fail("writing", &tmp, e));
-    }
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(fail("renaming to", path, e));
-    }
-    File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| fail("syncing", parent, e))
+    crate::fsutil::write_atomically(path, contents, mode)
+        .map_err(|e| TlsError::Generate(format!("writing {}: {e}", path.display())))
 }
 
 /// What `reload_changed` compares to notice that a certificate file was replaced: the
@@ -518,6 +481,7 @@ pub const RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::os::unix::fs::PermissionsExt;
     use std::process::Command;
 
