@@ -483,7 +483,6 @@ mod tests {
     use super::*;
     use std::fs::File;
     use std::os::unix::fs::PermissionsExt;
-    use std::process::Command;
 
     use rustls::pki_types::ServerName;
     use rustls::{
@@ -706,28 +705,6 @@ mod tests {
             Err(_) => server_task.abort(),
         }
         result
-    }
-
-    /// True when the `openssl` command runs; under CI it must.
-    fn have_openssl() -> bool {
-        let found = Command::new("openssl")
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            found || std::env::var("CI").as_deref() != Ok("true"),
-            "openssl must be on PATH when CI=true"
-        );
-        found
-    }
-
-    fn openssl(args: &[&str]) {
-        let out = Command::new("openssl").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     }
 
     fn mode(path: &Path) -> u32 {
@@ -992,90 +969,6 @@ mod tests {
         );
         assert_eq!(default.not_after, 1_936_742_400, "2031-05-17T00:00:00Z");
         assert_eq!(manager.paths().count(), 3);
-    }
-
-    #[test]
-    fn key_formats_written_by_openssl_load() {
-        if !have_openssl() {
-            return;
-        }
-        // (case, commands making KEY, the key file's first line)
-        let cases: &[(&str, &[&str], &str)] = &[
-            (
-                "sec1 ec",
-                &["ecparam", "-name", "prime256v1", "-genkey", "-out", "KEY"],
-                "-----BEGIN EC PARAMETERS-----",
-            ),
-            (
-                "pkcs1 rsa",
-                &["genrsa", "-traditional", "-out", "KEY", "2048"],
-                "-----BEGIN RSA PRIVATE KEY-----",
-            ),
-            (
-                "pkcs8 rsa",
-                &[
-                    "genpkey",
-                    "-algorithm",
-                    "RSA",
-                    "-pkeyopt",
-                    "rsa_keygen_bits:2048",
-                    "-out",
-                    "KEY",
-                ],
-                "-----BEGIN PRIVATE KEY-----",
-            ),
-            (
-                "pkcs8 ed25519",
-                &["genpkey", "-algorithm", "ed25519", "-out", "KEY"],
-                "-----BEGIN PRIVATE KEY-----",
-            ),
-        ];
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        for (case, make_key, first_line) in cases {
-            let dir = tempfile::tempdir().unwrap();
-            let key = dir.path().join("key.pem");
-            let cert = dir.path().join("cert.pem");
-            let key_arg = key.to_str().unwrap();
-            let args: Vec<&str> = make_key
-                .iter()
-                .map(|a| if *a == "KEY" { key_arg } else { a })
-                .collect();
-            openssl(&args);
-            openssl(&[
-                "req",
-                "-x509",
-                "-new",
-                "-key",
-                key_arg,
-                "-subj",
-                "/CN=fmt.test",
-                "-days",
-                "2",
-                "-addext",
-                "subjectAltName=DNS:fmt.test",
-                "-addext",
-                "basicConstraints=critical,CA:FALSE",
-                "-out",
-                cert.to_str().unwrap(),
-            ]);
-            let text = fs::read_to_string(&key).unwrap();
-            assert_eq!(text.lines().next(), Some(*first_line), "{case}");
-            let manager = TlsManager::load(CertPaths { cert, key }, BTreeMap::new())
-                .unwrap_or_else(|e| panic!("{case}: {e}"));
-            // The server must also be able to sign with it.
-            let root = manager.resolver.select(None).cert[0].clone();
-            let served = runtime
-                .block_on(handshake(
-                    manager.server_config(),
-                    client_config(std::slice::from_ref(&root), BOTH, &[]),
-                    "fmt.test",
-                ))
-                .unwrap_or_else(|e| panic!("{case}: {e}"));
-            assert_eq!(served.chain[0], root, "{case}");
-        }
     }
 
     // ---- SNI -----------------------------------------------------------------------
@@ -1588,122 +1481,6 @@ mod tests {
             fs::read_dir(&sub).unwrap().count(),
             1,
             "only the directory stays"
-        );
-    }
-
-    // ---- the development script ----------------------------------------------------
-
-    #[tokio::test]
-    async fn dev_cert_script_output_loads_and_serves_by_sni() {
-        if !have_openssl() {
-            return;
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/make-dev-certs.sh");
-        let dir = tempfile::tempdir().unwrap();
-        let out_dir = dir.path().join("out");
-        let run = Command::new("bash")
-            .arg(&script)
-            .arg("-o")
-            .arg(&out_dir)
-            .args(["example.org", "Example.NET"])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        assert!(
-            run.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        for file in [
-            "ca.crt",
-            "ca.key",
-            "example.org.crt",
-            "example.org.key",
-            "example.net.crt",
-            "example.net.key",
-        ] {
-            let path = out_dir.join(file);
-            assert!(
-                stdout.contains(&path.display().to_string()),
-                "{file} not reported:\n{stdout}"
-            );
-            let want = if file.ends_with(".key") { 0o600 } else { 0o644 };
-            assert_eq!(mode(&path), want, "{file}");
-        }
-
-        let pair = |d: &str| CertPaths {
-            cert: out_dir.join(format!("{d}.crt")),
-            key: out_dir.join(format!("{d}.key")),
-        };
-        let domains = BTreeMap::from([
-            ("example.org".to_string(), pair("example.org")),
-            ("example.net".to_string(), pair("example.net")),
-        ]);
-        let manager = TlsManager::load(pair("example.org"), domains).unwrap();
-        let ca = CertificateDer::from_pem_file(out_dir.join("ca.crt")).unwrap();
-        let leaf =
-            |d: &str| CertificateDer::from_pem_file(out_dir.join(format!("{d}.crt"))).unwrap();
-        let client = client_config(&[ca], BOTH, &[]);
-        for (name, want) in [
-            ("mail.example.net", "example.net"),
-            ("example.net", "example.net"),
-            ("mail.example.org", "example.org"),
-            ("localhost", "example.org"),
-            ("127.0.0.1", "example.org"),
-        ] {
-            let served = handshake(manager.server_config(), client.clone(), name)
-                .await
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(served.chain[0], leaf(want), "{name}");
-        }
-
-        // A second run keeps the CA, so clients trusting it keep working.
-        let ca_before = fs::read(out_dir.join("ca.crt")).unwrap();
-        let again = Command::new("bash")
-            .arg(&script)
-            .arg("-o")
-            .arg(&out_dir)
-            .arg("example.com")
-            .output()
-            .unwrap();
-        assert!(again.status.success());
-        assert_eq!(fs::read(out_dir.join("ca.crt")).unwrap(), ca_before);
-    }
-
-    #[test]
-    fn dev_cert_script_rejects_bad_arguments() {
-        if !have_openssl() {
-            return;
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/make-dev-certs.sh");
-        let dir = tempfile::tempdir().unwrap();
-        let cases: &[&[&str]] = &[
-            &[],
-            &["../escape.org"],
-            &["no_underscores.org"],
-            &["single"],
-            &["-x", "a.org"],
-            &["a.org", "-o"],
-        ];
-        for args in cases {
-            let run = Command::new("bash")
-                .arg(&script)
-                .arg("-o")
-                .arg(dir.path())
-                .args(*args)
-                .output()
-                .unwrap();
-            assert_eq!(
-                run.status.code(),
-                Some(2),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&run.stderr)
-            );
-        }
-        assert_eq!(
-            fs::read_dir(dir.path()).unwrap().count(),
-            0,
-            "nothing written"
         );
     }
 }
