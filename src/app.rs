@@ -10,6 +10,7 @@ use crate::auth::cache::VerifiedCache;
 use crate::auth::pool::HashPool;
 use crate::config::{Config, Listener, LockBackendKind};
 use crate::delivery::Quotas;
+use crate::fsutil;
 use crate::locks::{LocalLocks, LockBackend, RedisLocks};
 use crate::metrics::{self, LockMetrics, Metrics, MetricsError};
 use crate::net;
@@ -352,8 +353,6 @@ async fn bind_metrics(addr: &str) -> Result<Option<tokio::net::TcpListener>, App
 
 /// The server's 32-byte secret, made on first start (mode 0600).
 fn load_or_create_secret(path: &Path) -> Result<[u8; 32], AppError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let failed = |message: String| AppError::Secret {
         path: path.to_path_buf(),
         message,
@@ -363,19 +362,8 @@ fn load_or_create_secret(path: &Path) -> Result<[u8; 32], AppError> {
             .map_err(|_| failed("not a 32-byte secret; remove it to make a new one".into()));
     }
     let secret: [u8; 32] = rand::random();
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&secret)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| failed(format!("cannot create: {e}")))?;
+    fsutil::write_atomically(path, &secret, 0o600)
+        .map_err(|e| failed(format!("cannot create: {e}")))?;
     Ok(secret)
 }
 

@@ -4,7 +4,8 @@
 //! own (`tests/integration/layers.rs` checks it):
 //!
 //! 1. [`wire`]: the protocols' shared bytes with no I/O: line framing, dot-unstuffing,
-//!    CRLF normalisation, mailbox-name syntax.
+//!    CRLF normalisation, mailbox-name syntax. [`fsutil`]: atomic file writes (temporary
+//!    file, fsync, rename, directory fsync) for the files mailgate makes itself.
 //! 2. Libraries with no state of the server's: [`auth`] (argon2id, SCRAM-SHA-256 keys,
 //!    SASL PLAIN and APOP checks), [`tls`] (rustls configuration, SNI certificates, hot
 //!    reload, the self-signed certificate) and [`redis_conn`] (the shared Redis
@@ -35,6 +36,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod fsutil;
 pub mod locks;
 pub mod metrics;
 pub mod net;

@@ -1,7 +1,9 @@
 //! Integration tests: the real `mailgate` binary on 127.0.0.1 ephemeral ports, real TLS
 //! with a test CA, real clients (Python poplib, curl) as well as a raw client for
 //! byte-exact and hostile cases, a real redis-server for the replica tests, and private
-//! Postfix instances and swaks for mail coming in. One binary keeps link time down.
+//! Postfix instances and swaks for mail coming in; `tls_tools` loads certificates made by
+//! `openssl` and `certs/make-dev-certs.sh` through the library. One binary keeps link
+//! time down.
 
 mod common;
 
@@ -17,3 +19,4 @@ mod proxy;
 mod replicas;
 mod smtp;
 mod tls_rotation;
+mod tls_tools;

@@ -1,12 +1,11 @@
 //! TLS for every listener: a rustls `ServerConfig` (ring provider, TLS 1.2 and 1.3 only)
 //! whose certificate is chosen by SNI per hosted domain with a default fallback, read
-//! from PEM with `rustls-pki-types`, and reloaded when the files change.
+//! from PEM with `rustls-pki-types`, and reloaded when the files change; and, in
+//! `self_signed.rs`, the self-signed certificate a fresh install starts with.
 //! Does no socket I/O itself.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,6 +15,12 @@ use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+mod self_signed;
+#[cfg(test)]
+mod test_support;
+
+pub use self_signed::{ensure_self_signed, SELF_SIGNED_VALIDITY};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -59,113 +64,8 @@ pub fn install_crypto_provider() {
 /// few hundred bytes per entry this costs a few MiB.
 pub const SESSION_CACHE_SIZE: usize = 16_384;
 
-/// How long a self-signed certificate made by [`ensure_self_signed`] is valid.
-/// Long, because nobody renews it: it only exists so a fresh install speaks TLS at all.
-pub const SELF_SIGNED_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
-
 /// The name [`TlsManager::expiry`] and [`ReloadReport`] use for the default certificate.
 pub const DEFAULT_NAME: &str = "default";
-
-/// Writes a self-signed certificate for `hostname` to `paths` unless both files exist
-/// (key file mode 0600). Returns true when it made one.
-///
-/// The certificate is ECDSA P-256 with SANs `hostname`, `localhost`, `127.0.0.1` and
-/// `::1`. Each file is written to a temporary name and renamed, so a crash never leaves
-/// a half-written file; the key is written first, so a crash in between leaves no
-/// certificate and the next start generates both again.
-pub fn ensure_self_signed(paths: &CertPaths, hostname: &str) -> Result<bool, TlsError> {
-    if exists(&paths.cert)? && exists(&paths.key)? {
-        return Ok(false);
-    }
-    let (cert_pem, key_pem) = self_signed_pem(hostname)?;
-    write_atomically(&paths.key, key_pem.as_bytes(), 0o600)?;
-    write_atomically(&paths.cert, cert_pem.as_bytes(), 0o644)?;
-    Ok(true)
-}
-
-fn exists(path: &Path) -> Result<bool, TlsError> {
-    path.try_exists().map_err(|source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-/// Returns (certificate PEM, PKCS#8 key PEM).
-fn self_signed_pem(hostname: &str) -> Result<(String, String), TlsError> {
-    let generate = |e: rcgen::Error| TlsError::Generate(e.to_string());
-    if hostname.trim().is_empty() {
-        return Err(TlsError::Generate("the hostname is empty".to_string()));
-    }
-    let mut names = vec![hostname.to_string()];
-    for extra in ["localhost", "127.0.0.1", "::1"] {
-        if !names.iter().any(|n| n.eq_ignore_ascii_case(extra)) {
-            names.push(extra.to_string());
-        }
-    }
-    let mut params = rcgen::CertificateParams::new(names).map_err(generate)?;
-    let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::CommonName, hostname);
-    dn.push(rcgen::DnType::OrganizationName, "mailgate self-signed");
-    params.distinguished_name = dn;
-    let now = SystemTime::now();
-    // An hour of slack for clients whose clocks run a little behind ours.
-    params.not_before = now
-        .checked_sub(Duration::from_secs(3600))
-        .unwrap_or(now)
-        .into();
-    params.not_after = now.checked_add(SELF_SIGNED_VALIDITY).unwrap_or(now).into();
-    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate)?;
-    let cert = params.self_signed(&key).map_err(generate)?;
-    Ok((cert.pem(), key.serialize_pem()))
-}
-
-/// Writes `contents` to a temporary file beside `path` created with `mode`, syncs it,
-/// renames it over `path` and syncs the directory, creating parent directories first.
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    let fail = |what: &str, p: &Path, e: std::io::Error| {
-        TlsError::Generate(format!("{what} {}: {e}", p.display()))
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| TlsError::Generate(format!("{} has no file name", path.display())))?;
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    fs::create_dir_all(parent).map_err(|e| fail("creating", parent, e))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = parent.join(tmp_name);
-    // A leftover from a crash may carry another mode; create_new below must own the file.
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(fail("removing", &tmp, e)),
-    }
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(contents)?;
-            f.sync_all()
-        });
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(fail("writing", &tmp, e));
-    }
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(fail("renaming to", path, e));
-    }
-    File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| fail("syncing", parent, e))
-}
 
 /// What `reload_changed` compares to notice that a certificate file was replaced: the
 /// identity of the file the path leads to (device and inode), its size, and its
@@ -517,19 +417,11 @@ pub const RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {
+    use super::test_support::{client_config, handshake, BOTH};
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
-    use std::process::Command;
+    use std::fs::File;
 
-    use rustls::pki_types::ServerName;
-    use rustls::{
-        ClientConfig, HandshakeKind, ProtocolVersion, RootCertStore, SupportedProtocolVersion,
-    };
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_rustls::{TlsAcceptor, TlsConnector};
-    use x509_parser::extensions::GeneralName;
-
-    const BOTH: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+    use rustls::{HandshakeKind, ProtocolVersion};
 
     /// A test CA issuing leaf certificates, all generated in memory.
     struct Ca {
@@ -661,113 +553,6 @@ mod tests {
         fn served(&self, sni: Option<&str>) -> CertificateDer<'static> {
             self.manager.resolver.select(sni).cert[0].clone()
         }
-    }
-
-    fn client_config(
-        roots: &[CertificateDer<'static>],
-        versions: &[&'static SupportedProtocolVersion],
-        alpn: &[&[u8]],
-    ) -> Arc<ClientConfig> {
-        let mut store = RootCertStore::empty();
-        for root in roots {
-            store.add(root.clone()).unwrap();
-        }
-        let mut config =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(versions)
-                .unwrap()
-                .with_root_certificates(store)
-                .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(config)
-    }
-
-    /// What the client saw of one handshake.
-    struct Served {
-        chain: Vec<CertificateDer<'static>>,
-        version: ProtocolVersion,
-        kind: HandshakeKind,
-    }
-
-    /// A real handshake over an in-memory pipe; the server sends a greeting so that
-    /// TLS 1.3 session tickets reach the client before it hangs up. An IP address as
-    /// `name` makes the client send no SNI.
-    async fn handshake(
-        server: Arc<rustls::ServerConfig>,
-        client: Arc<ClientConfig>,
-        name: &str,
-    ) -> Result<Served, String> {
-        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
-        let acceptor = TlsAcceptor::from(server);
-        let server_task = tokio::spawn(async move {
-            let mut tls = acceptor.accept(server_io).await?;
-            tls.write_all(b"+OK\r\n").await?;
-            tls.flush().await?;
-            let mut rest = Vec::new();
-            tls.read_to_end(&mut rest).await?;
-            Ok::<_, std::io::Error>(())
-        });
-        let client_side = async {
-            let server_name = ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?;
-            let mut tls = TlsConnector::from(client)
-                .connect(server_name, client_io)
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut greeting = [0u8; 5];
-            tls.read_exact(&mut greeting)
-                .await
-                .map_err(|e| e.to_string())?;
-            assert_eq!(&greeting, b"+OK\r\n");
-            let (_, conn) = tls.get_ref();
-            let served = Served {
-                chain: conn
-                    .peer_certificates()
-                    .ok_or("no peer certificates")?
-                    .to_vec(),
-                version: conn.protocol_version().ok_or("no version")?,
-                kind: conn.handshake_kind().ok_or("no handshake kind")?,
-            };
-            tls.shutdown().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(served)
-        };
-        let result = tokio::time::timeout(Duration::from_secs(10), client_side)
-            .await
-            .map_err(|_| "handshake timed out".to_string())?;
-        match &result {
-            Ok(_) => tokio::time::timeout(Duration::from_secs(10), server_task)
-                .await
-                .expect("server side timed out")
-                .expect("server task panicked")
-                .expect("server side failed"),
-            Err(_) => server_task.abort(),
-        }
-        result
-    }
-
-    /// True when the `openssl` command runs; under CI it must.
-    fn have_openssl() -> bool {
-        let found = Command::new("openssl")
-            .arg("version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            found || std::env::var("CI").as_deref() != Ok("true"),
-            "openssl must be on PATH when CI=true"
-        );
-        found
-    }
-
-    fn openssl(args: &[&str]) {
-        let out = Command::new("openssl").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn mode(path: &Path) -> u32 {
-        fs::metadata(path).unwrap().permissions().mode() & 0o777
     }
 
     // ---- loading -------------------------------------------------------------------
@@ -1028,90 +813,6 @@ mod tests {
         );
         assert_eq!(default.not_after, 1_936_742_400, "2031-05-17T00:00:00Z");
         assert_eq!(manager.paths().count(), 3);
-    }
-
-    #[test]
-    fn key_formats_written_by_openssl_load() {
-        if !have_openssl() {
-            return;
-        }
-        // (case, commands making KEY, the key file's first line)
-        let cases: &[(&str, &[&str], &str)] = &[
-            (
-                "sec1 ec",
-                &["ecparam", "-name", "prime256v1", "-genkey", "-out", "KEY"],
-                "-----BEGIN EC PARAMETERS-----",
-            ),
-            (
-                "pkcs1 rsa",
-                &["genrsa", "-traditional", "-out", "KEY", "2048"],
-                "-----BEGIN RSA PRIVATE KEY-----",
-            ),
-            (
-                "pkcs8 rsa",
-                &[
-                    "genpkey",
-                    "-algorithm",
-                    "RSA",
-                    "-pkeyopt",
-                    "rsa_keygen_bits:2048",
-                    "-out",
-                    "KEY",
-                ],
-                "-----BEGIN PRIVATE KEY-----",
-            ),
-            (
-                "pkcs8 ed25519",
-                &["genpkey", "-algorithm", "ed25519", "-out", "KEY"],
-                "-----BEGIN PRIVATE KEY-----",
-            ),
-        ];
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        for (case, make_key, first_line) in cases {
-            let dir = tempfile::tempdir().unwrap();
-            let key = dir.path().join("key.pem");
-            let cert = dir.path().join("cert.pem");
-            let key_arg = key.to_str().unwrap();
-            let args: Vec<&str> = make_key
-                .iter()
-                .map(|a| if *a == "KEY" { key_arg } else { a })
-                .collect();
-            openssl(&args);
-            openssl(&[
-                "req",
-                "-x509",
-                "-new",
-                "-key",
-                key_arg,
-                "-subj",
-                "/CN=fmt.test",
-                "-days",
-                "2",
-                "-addext",
-                "subjectAltName=DNS:fmt.test",
-                "-addext",
-                "basicConstraints=critical,CA:FALSE",
-                "-out",
-                cert.to_str().unwrap(),
-            ]);
-            let text = fs::read_to_string(&key).unwrap();
-            assert_eq!(text.lines().next(), Some(*first_line), "{case}");
-            let manager = TlsManager::load(CertPaths { cert, key }, BTreeMap::new())
-                .unwrap_or_else(|e| panic!("{case}: {e}"));
-            // The server must also be able to sign with it.
-            let root = manager.resolver.select(None).cert[0].clone();
-            let served = runtime
-                .block_on(handshake(
-                    manager.server_config(),
-                    client_config(std::slice::from_ref(&root), BOTH, &[]),
-                    "fmt.test",
-                ))
-                .unwrap_or_else(|e| panic!("{case}: {e}"));
-            assert_eq!(served.chain[0], root, "{case}");
-        }
     }
 
     // ---- SNI -----------------------------------------------------------------------
@@ -1474,272 +1175,5 @@ mod tests {
         assert_eq!(f.served(Some("example.net")), f.leaf("example.net").der);
         assert_eq!(f.served(None), f.default.der);
         assert!(f.manager.reload_changed().is_err());
-    }
-
-    // ---- self-signed ---------------------------------------------------------------
-
-    fn sans(der: &CertificateDer<'_>) -> (Vec<String>, Vec<Vec<u8>>) {
-        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
-        let ext = cert.subject_alternative_name().unwrap().unwrap();
-        let mut dns = Vec::new();
-        let mut ips = Vec::new();
-        for name in &ext.value.general_names {
-            match name {
-                GeneralName::DNSName(d) => dns.push(d.to_string()),
-                GeneralName::IPAddress(ip) => ips.push(ip.to_vec()),
-                other => panic!("unexpected SAN {other:?}"),
-            }
-        }
-        (dns, ips)
-    }
-
-    #[tokio::test]
-    async fn self_signed_is_made_once_private_and_usable() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = CertPaths {
-            cert: dir.path().join("a/b/server.crt"),
-            key: dir.path().join("a/b/server.key"),
-        };
-        assert!(ensure_self_signed(&paths, "mail.example.com").unwrap());
-        assert_eq!(mode(&paths.key), 0o600);
-        let cert_before = fs::read(&paths.cert).unwrap();
-        let key_before = fs::read(&paths.key).unwrap();
-        assert!(!ensure_self_signed(&paths, "mail.example.com").unwrap());
-        assert_eq!(fs::read(&paths.cert).unwrap(), cert_before);
-        assert_eq!(fs::read(&paths.key).unwrap(), key_before);
-        let mut left: Vec<String> = fs::read_dir(dir.path().join("a/b"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            vec!["server.crt", "server.key"],
-            "no temporary files stay behind"
-        );
-
-        let manager = TlsManager::load(paths, BTreeMap::new()).unwrap();
-        let der = manager.resolver.select(None).cert[0].clone();
-        let (dns, ips) = sans(&der);
-        assert_eq!(dns, vec!["mail.example.com", "localhost"]);
-        let mut v6 = vec![0u8; 16];
-        v6[15] = 1;
-        assert_eq!(ips, vec![vec![127, 0, 0, 1], v6]);
-        let (_, expiry) = manager.expiry().remove(0);
-        let years = (expiry - unix_now()) / (365 * 24 * 3600);
-        assert!((9..=10).contains(&years), "{years}");
-
-        for name in ["mail.example.com", "localhost", "127.0.0.1", "::1"] {
-            let client = client_config(std::slice::from_ref(&der), BOTH, &[]);
-            let served = handshake(manager.server_config(), client, name)
-                .await
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(served.chain, vec![der.clone()], "{name}");
-        }
-    }
-
-    #[test]
-    fn self_signed_for_localhost_lists_it_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let paths = CertPaths {
-            cert: dir.path().join("c.pem"),
-            key: dir.path().join("k.pem"),
-        };
-        assert!(ensure_self_signed(&paths, "LOCALHOST").unwrap());
-        let manager = TlsManager::load(paths, BTreeMap::new()).unwrap();
-        let (dns, ips) = sans(&manager.resolver.select(None).cert[0]);
-        assert_eq!(dns, vec!["LOCALHOST"]);
-        assert_eq!(ips.len(), 2);
-    }
-
-    #[test]
-    fn self_signed_replaces_a_lone_file() {
-        for missing in ["cert", "key"] {
-            let dir = tempfile::tempdir().unwrap();
-            let paths = CertPaths {
-                cert: dir.path().join("c.pem"),
-                key: dir.path().join("k.pem"),
-            };
-            let present = if missing == "cert" {
-                &paths.key
-            } else {
-                &paths.cert
-            };
-            fs::write(present, "left over").unwrap();
-            assert!(
-                ensure_self_signed(&paths, "host.test").unwrap(),
-                "{missing}"
-            );
-            assert_eq!(mode(&paths.key), 0o600, "{missing}");
-            TlsManager::load(paths, BTreeMap::new()).unwrap_or_else(|e| panic!("{missing}: {e}"));
-        }
-    }
-
-    #[test]
-    fn self_signed_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = CertPaths {
-            cert: dir.path().join("c.pem"),
-            key: dir.path().join("k.pem"),
-        };
-        for bad in ["h\u{e9}st.test", "", "  "] {
-            assert!(
-                matches!(ensure_self_signed(&ok, bad), Err(TlsError::Generate(_))),
-                "{bad:?}"
-            );
-            assert!(
-                !ok.key.exists() && !ok.cert.exists(),
-                "nothing written for {bad:?}"
-            );
-        }
-
-        let blocker = dir.path().join("file");
-        fs::write(&blocker, "").unwrap();
-        let under_file = CertPaths {
-            cert: blocker.join("c.pem"),
-            key: blocker.join("k.pem"),
-        };
-        match ensure_self_signed(&under_file, "host.test") {
-            Err(TlsError::Read { path, .. }) => assert_eq!(path, under_file.cert),
-            other => panic!("unexpected {other:?}"),
-        }
-
-        // The key path is a directory: the rename fails, names it, and cleans up.
-        let sub = dir.path().join("sub");
-        fs::create_dir_all(sub.join("k.pem")).unwrap();
-        let key_is_dir = CertPaths {
-            cert: sub.join("c.pem"),
-            key: sub.join("k.pem"),
-        };
-        match ensure_self_signed(&key_is_dir, "host.test") {
-            Err(TlsError::Generate(message)) => {
-                assert!(
-                    message.contains(&key_is_dir.key.display().to_string()),
-                    "{message}"
-                )
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-        assert_eq!(
-            fs::read_dir(&sub).unwrap().count(),
-            1,
-            "only the directory stays"
-        );
-    }
-
-    // ---- the development script ----------------------------------------------------
-
-    #[tokio::test]
-    async fn dev_cert_script_output_loads_and_serves_by_sni() {
-        if !have_openssl() {
-            return;
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/make-dev-certs.sh");
-        let dir = tempfile::tempdir().unwrap();
-        let out_dir = dir.path().join("out");
-        let run = Command::new("bash")
-            .arg(&script)
-            .arg("-o")
-            .arg(&out_dir)
-            .args(["example.org", "Example.NET"])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&run.stdout);
-        assert!(
-            run.status.success(),
-            "{stdout}{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        for file in [
-            "ca.crt",
-            "ca.key",
-            "example.org.crt",
-            "example.org.key",
-            "example.net.crt",
-            "example.net.key",
-        ] {
-            let path = out_dir.join(file);
-            assert!(
-                stdout.contains(&path.display().to_string()),
-                "{file} not reported:\n{stdout}"
-            );
-            let want = if file.ends_with(".key") { 0o600 } else { 0o644 };
-            assert_eq!(mode(&path), want, "{file}");
-        }
-
-        let pair = |d: &str| CertPaths {
-            cert: out_dir.join(format!("{d}.crt")),
-            key: out_dir.join(format!("{d}.key")),
-        };
-        let domains = BTreeMap::from([
-            ("example.org".to_string(), pair("example.org")),
-            ("example.net".to_string(), pair("example.net")),
-        ]);
-        let manager = TlsManager::load(pair("example.org"), domains).unwrap();
-        let ca = CertificateDer::from_pem_file(out_dir.join("ca.crt")).unwrap();
-        let leaf =
-            |d: &str| CertificateDer::from_pem_file(out_dir.join(format!("{d}.crt"))).unwrap();
-        let client = client_config(&[ca], BOTH, &[]);
-        for (name, want) in [
-            ("mail.example.net", "example.net"),
-            ("example.net", "example.net"),
-            ("mail.example.org", "example.org"),
-            ("localhost", "example.org"),
-            ("127.0.0.1", "example.org"),
-        ] {
-            let served = handshake(manager.server_config(), client.clone(), name)
-                .await
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(served.chain[0], leaf(want), "{name}");
-        }
-
-        // A second run keeps the CA, so clients trusting it keep working.
-        let ca_before = fs::read(out_dir.join("ca.crt")).unwrap();
-        let again = Command::new("bash")
-            .arg(&script)
-            .arg("-o")
-            .arg(&out_dir)
-            .arg("example.com")
-            .output()
-            .unwrap();
-        assert!(again.status.success());
-        assert_eq!(fs::read(out_dir.join("ca.crt")).unwrap(), ca_before);
-    }
-
-    #[test]
-    fn dev_cert_script_rejects_bad_arguments() {
-        if !have_openssl() {
-            return;
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/make-dev-certs.sh");
-        let dir = tempfile::tempdir().unwrap();
-        let cases: &[&[&str]] = &[
-            &[],
-            &["../escape.org"],
-            &["no_underscores.org"],
-            &["single"],
-            &["-x", "a.org"],
-            &["a.org", "-o"],
-        ];
-        for args in cases {
-            let run = Command::new("bash")
-                .arg(&script)
-                .arg("-o")
-                .arg(dir.path())
-                .args(*args)
-                .output()
-                .unwrap();
-            assert_eq!(
-                run.status.code(),
-                Some(2),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&run.stderr)
-            );
-        }
-        assert_eq!(
-            fs::read_dir(dir.path()).unwrap().count(),
-            0,
-            "nothing written"
-        );
     }
 }
