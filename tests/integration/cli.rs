@@ -16,7 +16,7 @@ fn text(out: &std::process::Output) -> String {
 /// on the data dir (server stopped).
 #[test]
 fn admin_commands_with_and_without_server() {
-    let mut server = Server::start();
+    let mut server = Server::binary();
     for running in [true, false] {
         if !running {
             assert!(server.stop().success());
@@ -218,7 +218,7 @@ fn config_errors_name_the_key_and_fail() {
 
 #[test]
 fn serve_refuses_a_second_server_on_the_same_data_dir() {
-    let server = Server::start();
+    let server = Server::binary();
     let out = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&server.config)
@@ -233,7 +233,7 @@ fn serve_refuses_a_second_server_on_the_same_data_dir() {
 #[test]
 fn admin_socket_answers_garbage_with_usage_errors() {
     use std::io::{Read, Write};
-    let server = Server::start();
+    let server = Server::binary();
     let socket = server.dir.path().join("data/admin.sock");
     let ask = |request: &[u8]| -> serde_json::Value {
         let mut s = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
@@ -272,7 +272,7 @@ fn admin_socket_answers_garbage_with_usage_errors() {
 /// it, so `kubectl exec ... -- mailgate ...` needs no flag); `--config` still wins.
 #[test]
 fn config_file_from_the_environment() {
-    let server = Server::start();
+    let server = Server::binary();
     let run = |args: &[&str], config: &std::path::Path| {
         Command::new(BIN)
             .args(args)

@@ -443,6 +443,8 @@ async fn counters_move_by_exactly_the_traffic() {
 async fn health_and_readiness_follow_the_server_state() {
     let mut server = Server::start_with(common::Options {
         shutdown_grace_secs: 20,
+        // SIGTERM to the binary.
+        process: true,
         ..Default::default()
     });
     server.with_user(USER);

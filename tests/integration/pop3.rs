@@ -523,8 +523,10 @@ async fn nul_bytes_are_replaced_only_when_configured() {
 
 #[tokio::test]
 async fn sigterm_ends_sessions_without_update() {
+    // The binary: SIGTERM itself.
     let mut server = Server::start_with(Options {
         shutdown_grace_secs: 1,
+        process: true,
         ..Options::default()
     });
     server.with_user("joe@example.org");

@@ -116,7 +116,12 @@ async fn replicas_share_maildrop_locks() {
 #[tokio::test]
 async fn killed_replica_lock_expires_and_its_deletions_are_not_applied() {
     let redis = RedisServer::start();
-    let (mut a, b) = replicas(&redis, Options::default(), &[JOE]);
+    // The binaries, to kill -9 one.
+    let process = Options {
+        process: true,
+        ..Options::default()
+    };
+    let (mut a, b) = replicas(&redis, process, &[JOE]);
     a.deliver(JOE, &message("one", 1));
     a.deliver(JOE, &message("two", 1));
     let mut on_a = login(&a, JOE).await;
@@ -181,7 +186,14 @@ async fn recovered(server: &Server) -> Duration {
 #[tokio::test]
 async fn redis_outage_ends_sessions_and_fails_logins_fast_then_recovers() {
     let mut redis = RedisServer::start();
-    let a = replica(&redis, Options::default());
+    // The binary: the same process must survive the outage.
+    let a = replica(
+        &redis,
+        Options {
+            process: true,
+            ..Options::default()
+        },
+    );
     a.with_user(JOE);
     a.deliver(JOE, &message("one", 1));
     a.deliver(JOE, &message("two", 1));

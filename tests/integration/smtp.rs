@@ -325,7 +325,11 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_megabyte_line_gets_500_and_bounded_memory() {
-    let server = Server::start();
+    // The binary: its RSS is the server's alone.
+    let server = Server::start_with(Options {
+        process: true,
+        ..Options::default()
+    });
     let before = rss_kib(server.pid());
     let mut c = Client::connect(smtp_addr(&server)).await;
     let chunk = vec![b'A'; 1024 * 1024];
@@ -693,7 +697,11 @@ fn swaks_smtp_starttls_relay_and_unknown_user() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_before_250_loses_nothing_after_250_keeps_it() {
-    let mut server = Server::start();
+    // The binary, to kill -9.
+    let mut server = Server::start_with(Options {
+        process: true,
+        ..Options::default()
+    });
     server.with_user("joe@example.org");
     // Acknowledged, then the server dies at once: the message must be there.
     let mut c = Client::connect(server.lmtp.expect("lmtp")).await;
@@ -815,8 +823,10 @@ fn sigterm(server: &Server) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_lets_data_finish_within_the_grace_period() {
+    // The binary, to signal.
     let mut server = Server::start_with(Options {
         shutdown_grace_secs: 2,
+        process: true,
         ..Options::default()
     });
     server.with_user("joe@example.org");

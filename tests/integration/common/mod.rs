@@ -1,5 +1,8 @@
-//! Test harness: a real `mailgate serve` process on `127.0.0.1:0` with a temporary data
-//! dir and certificates from a test CA, stopped on `Drop`; helpers for the CLI, a raw
+//! Test harness: a real mailgate server on `127.0.0.1:0` with a temporary data dir and
+//! certificates from a test CA, stopped on `Drop`. By default it runs in this process
+//! (`mailgate::app::start` on a runtime of its own, addresses from the start-up API, its
+//! log captured by thread); `Options::process` runs the `mailgate serve` binary instead,
+//! for tests of signals, `kill -9` and the process's memory. Helpers for the CLI, a raw
 //! POP3 client (cleartext, STLS, implicit TLS) and external clients.
 
 pub mod postfix;
@@ -86,6 +89,9 @@ pub struct Options {
     pub lmtp_socket_group: String,
     /// Extra TOML appended verbatim.
     pub extra: String,
+    /// Run the `mailgate serve` binary (for signals, `kill -9`, the process's RSS)
+    /// instead of a server in this process.
+    pub process: bool,
 }
 
 impl Default for Options {
@@ -105,6 +111,7 @@ impl Default for Options {
             smtp_listen: None,
             lmtp_socket_group: String::new(),
             extra: String::new(),
+            process: false,
         }
     }
 }
@@ -119,12 +126,87 @@ pub struct Server {
     pub lmtp: Option<SocketAddr>,
     /// Inbound SMTP, when configured.
     pub smtp: Option<SocketAddr>,
-    /// Listener names the server must report before `spawn` returns.
+    /// Listener names the binary must report before `spawn` returns.
     expected: Vec<&'static str>,
     /// The `/metrics`, `/healthz`, `/readyz` endpoint.
     pub metrics: SocketAddr,
+    /// The binary, when `Options::process`.
+    process: bool,
     child: Option<Child>,
-    pub log: Arc<Mutex<Vec<String>>>,
+    in_process: Option<InProcess>,
+    pub log: Log,
+}
+
+/// A server running in this process, on a runtime of its own whose threads are named
+/// after it, so its log lines can be told from other servers'.
+struct InProcess {
+    runtime: tokio::runtime::Runtime,
+    running: mailgate::app::Running,
+}
+
+/// A server's log lines.
+type Log = Arc<Mutex<Vec<String>>>;
+/// The log buffer of each in-process server, by the number in its threads' names.
+static LOGS: Mutex<Vec<(u64, Log)>> = Mutex::new(Vec::new());
+static NEXT_SERVER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+const THREAD_PREFIX: &str = "mailgate-test-";
+
+/// Routes each formatted log line to the buffer of the server whose thread wrote it.
+struct RoutedLog;
+
+struct LineWriter(Vec<u8>);
+
+impl std::io::Write for LineWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineWriter {
+    fn drop(&mut self) {
+        let thread = std::thread::current();
+        let Some(id) = thread
+            .name()
+            .and_then(|n| n.strip_prefix(THREAD_PREFIX))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            return;
+        };
+        let log = LOGS
+            .lock()
+            .expect("logs")
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, l)| l.clone());
+        if let Some(log) = log {
+            let text = String::from_utf8_lossy(&self.0);
+            let mut log = log.lock().expect("log");
+            log.extend(text.lines().map(str::to_owned));
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for RoutedLog {
+    type Writer = LineWriter;
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter(Vec::new())
+    }
+}
+
+/// The log format of `mailgate serve` at `info`, into the servers' buffers.
+fn capture_logs() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    INIT.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_ansi(false)
+            .with_writer(RoutedLog)
+            .try_init();
+    });
 }
 
 /// Python and curl must exist; in CI a missing tool is a failure, never a skip.
@@ -150,6 +232,15 @@ pub fn free_port() -> u16 {
 impl Server {
     pub fn start() -> Server {
         Self::start_with(Options::default())
+    }
+
+    /// The `mailgate serve` binary with the default options, for tests of the CLI and
+    /// the process itself.
+    pub fn binary() -> Server {
+        Self::start_with(Options {
+            process: true,
+            ..Options::default()
+        })
     }
 
     pub fn start_with(opts: Options) -> Server {
@@ -247,15 +338,57 @@ scram_iterations = 4096
             smtp: None,
             expected,
             metrics: "0.0.0.0:0".parse().expect("addr"),
+            process: opts.process,
             child: None,
+            in_process: None,
             log: Arc::default(),
         };
         server.spawn();
         server
     }
 
-    /// Starts (or restarts) the server process and waits for its listeners.
+    /// Starts (or restarts) the server and waits for its listeners.
     pub fn spawn(&mut self) {
+        if self.process {
+            self.spawn_process();
+        } else {
+            self.start_in_process();
+        }
+    }
+
+    fn start_in_process(&mut self) {
+        capture_logs();
+        let id = NEXT_SERVER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LOGS.lock().expect("logs").push((id, self.log.clone()));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(format!("{THREAD_PREFIX}{id}"))
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let config = mailgate::config::Config::load(Some(&self.config)).expect("config");
+        // Started on the server's own threads (so start-up is logged as its own), and
+        // waited for without `block_on`, which async tests may not call.
+        let (tx, rx) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            let _ = tx.send(mailgate::app::start(Arc::new(config)).await);
+        });
+        let running = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(running)) => running,
+            Ok(Err(e)) => panic!("server did not start: {e}\nlog:\n{}", self.log_text()),
+            Err(_) => panic!("server did not start in time; log:\n{}", self.log_text()),
+        };
+        use mailgate::config::Listener;
+        self.pop3 = running.addr(Listener::Pop3).expect("pop3");
+        self.pop3s = running.addr(Listener::Pop3s).expect("pop3s");
+        self.lmtp = running.addr(Listener::Lmtp);
+        self.smtp = running.addr(Listener::Smtp);
+        self.metrics = running.metrics.expect("metrics");
+        self.in_process = Some(InProcess { runtime, running });
+    }
+
+    /// Starts the `mailgate serve` binary and reads its listeners from its log.
+    fn spawn_process(&mut self) {
         let mut child = Command::new(BIN)
             .arg("serve")
             .arg("--config")
@@ -314,8 +447,28 @@ scram_iterations = 4096
         self.child = Some(child);
     }
 
-    /// Sends SIGTERM and waits for exit; returns the exit status.
+    /// Sends SIGTERM (in process: the same shutdown) and waits for the server to stop;
+    /// returns the exit status (in process: 0 when it stopped cleanly).
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(InProcess { runtime, running }) = self.in_process.take() {
+            running.shutdown();
+            let (tx, rx) = std::sync::mpsc::channel();
+            runtime.spawn(async move {
+                let _ = tx.send(running.wait().await);
+            });
+            let result = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("server did not stop after shutdown");
+            runtime.shutdown_background();
+            return match result {
+                Ok(()) => std::process::ExitStatus::from_raw(0),
+                Err(e) => {
+                    eprintln!("server stopped with an error: {e}");
+                    std::process::ExitStatus::from_raw(1 << 8)
+                }
+            };
+        }
         let mut child = self.child.take().expect("server running");
         signal(&child, "TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -331,13 +484,20 @@ scram_iterations = 4096
         }
     }
 
+    /// The binary's pid (`Options::process` only).
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
+        self.child
+            .as_ref()
+            .expect("a running process: start the server with Options::process")
+            .id()
     }
 
-    /// SIGKILL, like a crashed node: no shutdown, no lock release.
+    /// SIGKILL, like a crashed node: no shutdown, no lock release (`Options::process`).
     pub fn kill9(&mut self) {
-        let mut child = self.child.take().expect("server running");
+        let mut child = self
+            .child
+            .take()
+            .expect("a running process: start the server with Options::process");
         child.kill().expect("kill -9");
         child.wait().expect("wait");
     }
@@ -400,6 +560,11 @@ impl Drop for Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // Like the process's kill: the runtime's tasks are dropped where they are.
+        if let Some(server) = self.in_process.take() {
+            drop(server.running);
+            server.runtime.shutdown_background();
         }
     }
 }
