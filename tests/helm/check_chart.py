@@ -10,7 +10,8 @@ oldest and newest supported versions (CRD kinds checked by hand), and assertions
 what the objects must say (ports against the ConfigMap's TOML, security contexts,
 probes, Secret mounts, the dashboard and alert rules against deploy/, and the chart's
 files/ as byte-equal copies of deploy/'s). Values the chart must refuse are refused with a
-message naming the problem.
+message naming the problem. README.md's parameters table must be what Bitnami's readme
+generator (installed by scripts/test.sh) makes from values.yaml.
 
 For the server-side check (`mailgate check-config`, run by tests/integration/helm.rs),
 each values file's mailgate.toml is written to OUT_DIR/NAME/mailgate.toml with every
@@ -23,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import tomllib
@@ -533,6 +535,29 @@ def check_docs(chart_dir):
         check(comment.startswith(f"{{{{/* {name}: ") and comment.endswith("*/}}"), "_helpers.tpl", f"helper {name} lacks its one-line comment")
 
 
+# Bitnami's readme generator, pinned in scripts/test.sh's npm_pins.
+README_GENERATOR = ".tools/npm/node_modules/.bin/readme-generator"
+
+
+def check_readme(chart_dir, repo):
+    """README.md's parameters table is exactly what Bitnami's readme generator makes from
+    the `## @param` lines of values.yaml: it runs on a copy and the copy must come out
+    unchanged. The generator also refuses values without metadata and metadata without
+    a value. Only --readme is given, so it never writes values.schema.json."""
+    generator = os.path.join(repo, README_GENERATOR)
+    if not check(os.path.exists(generator), "README.md", f"{generator} is missing: ./scripts/test.sh installs @bitnami/readme-generator-for-helm there"):
+        return
+    readme = os.path.join(chart_dir, "README.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        regenerated = os.path.join(tmp, "README.md")
+        shutil.copyfile(readme, regenerated)
+        run = subprocess.run([generator, "--values", os.path.join(chart_dir, "values.yaml"), "--readme", regenerated], capture_output=True, text=True)
+        if not check(run.returncode == 0, "values.yaml", f"the readme generator refused its ## @param lines:\n{run.stdout}{run.stderr}"):
+            return
+        with open(readme) as a, open(regenerated) as b:
+            check(a.read() == b.read(), "README.md", f"the parameters table differs from values.yaml's ## @param lines: run {README_GENERATOR} --values helm/mailgate/values.yaml --readme helm/mailgate/README.md")
+
+
 def check_image(chart_dir, repo):
     """The image (deploy/Dockerfile) and the chart agree: the ports it exposes are the
     chart's default container ports and its default config's, its user is the one the
@@ -584,6 +609,7 @@ def run(chart_dir, repo, out):
     check_refused(chart_dir)
     check_docs(chart_dir)
     check_chart_files(chart_dir, repo)
+    check_readme(chart_dir, repo)
     check_image(chart_dir, repo)
     return summary
 
