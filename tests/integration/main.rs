@@ -7,6 +7,7 @@ mod common;
 
 mod cli;
 mod clients;
+mod config_example;
 mod helm;
 mod metrics;
 mod pop3;
