@@ -2,10 +2,11 @@
 # Runs the whole test suite on a fresh machine: installs the tools the tests drive
 # (curl, python3, openssl, fetchmail, mpop, redis-server; promtool and prometheus from
 # Debian's prometheus package; postfix and swaks; node and npm, and the npm packages
-# that validate the Grafana dashboard, into the gitignored .tools/npm; the pinned Python
-# packages that check the Helm chart, into the gitignored .tools/venv) when missing, then
-# formatting, lints and every test. Used by the README and by .ci/run; the integration
-# tests fail (never skip) when a tool is still missing, in CI and anywhere else.
+# that validate the Grafana dashboard and generate the chart README's parameters table,
+# into the gitignored .tools/npm; the pinned Python packages that check the Helm chart,
+# into the gitignored .tools/venv) when missing, then formatting, lints and every test.
+# Used by the README and by .ci/run; the integration tests fail (never skip) when a tool
+# is still missing, in CI and anywhere else.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,9 +49,10 @@ for module in Net::SSLeay IO::Socket::INET6; do
     perl "-M$module" -e1 || { echo "missing required perl module: $module" >&2; exit 1; }
 done
 
-# The dashboard's schema comes from Grafana's own types; versions are pinned so the
-# check does not change under us. Reinstalled when the pins change.
-npm_pins="@grafana/schema@13.2.3 ts-json-schema-generator@2.4.0 ajv@8.20.0"
+# The dashboard's schema comes from Grafana's own types, and the chart README's
+# parameters table from Bitnami's readme generator; versions are pinned so the checks do
+# not change under us. Reinstalled when the pins change.
+npm_pins="@grafana/schema@13.2.3 ts-json-schema-generator@2.4.0 ajv@8.20.0 @bitnami/readme-generator-for-helm@2.7.2"
 npm_dir=.tools/npm
 if [ "$(cat "$npm_dir/.pins" 2>/dev/null)" != "$npm_pins" ]; then
     echo "installing into $npm_dir: $npm_pins"

@@ -14,11 +14,15 @@
 # Each invocation starts its own release server on 127.0.0.1 (ports from the
 # populate.sh config, 22110/22995; it refuses to run if either port is taken),
 # runs its scenarios and stops that server by its saved pid (SIGTERM, then SIGKILL
-# of the same pid after 20 s; never by name).  Result lines (pop3load's key=value
-# line plus server_cpu_s, server_cpu_ms_per_session, foreign_cpu_pct,
-# pre_run_host_busy_pct, attempt) are appended to
-# bench/results/mailgate-<date>/<label>.txt, pop3load's human summaries to <label>.log,
-# the server's stderr to server-<label>.log.
+# of the same pid after 20 s; never by name).  Two places get output:
+#   OUT, bench/results/mailgate-<date>/: the summaries that are evidence, i.e. result
+#     lines (pop3load's key=value line plus server_cpu_s, server_cpu_ms_per_session,
+#     foreign_cpu_pct, pre_run_host_busy_pct, attempt) in <label>.txt, a summary of each
+#     server log in server-<label>.summary.txt, and host.txt;
+#   RAW, bench/out/mailgate-<date>/ (git-ignored): pop3load's human summaries and the
+#     discarded runs in <label>.log, the server's stderr in server-<label>.log, RSS
+#     traces (<label>-rss.tsv) and everything of `perf` (data, stat, report, result lines).
+# Commit from OUT only what docs/BENCHMARKS.md cites.
 #
 # As in the kit: before each run it waits (up to QUIET_WAIT=180 s) for the host to
 # be <= QUIET_PCT=15 % busy; a run whose foreign CPU (host CPU used by neither the
@@ -26,7 +30,7 @@
 # up to RETRIES=2 times.  Every pop3load run is bounded by -d/-n and --max-time.
 #
 # Environment: MG_DATA (bench/mailgate/data), MAILGATE (release binary), POP3LOAD
-# (/work/target-pop3load/release/pop3load), OUT (results dir), DUR (20), MG_NICE /
+# (/work/target-pop3load/release/pop3load), OUT and RAW (above), DUR (20), MG_NICE /
 # LOAD_NICE (-10, as the Dovecot runs), MG_CACHE_TTL (verified-login cache TTL;
 # unset = mailgate's default 300 s), MG_LOG (server log filter, default info),
 # MG_EXTRA_ENV (extra VAR=value words for the server's environment, diagnostics only).
@@ -40,6 +44,7 @@ PIDFILE="$MG_DATA/server.pid"
 PT="$KIT/scripts/proctree.py"
 L="${POP3LOAD:-/work/target-pop3load/release/pop3load}"
 OUT="${OUT:-$REPO/bench/results/mailgate-$(date +%F)}"
+RAW="${RAW:-$REPO/bench/out/mailgate-$(date +%F)}"
 DUR="${DUR:-20}"
 MG_NICE="${MG_NICE:--10}"
 LOAD_NICE="${LOAD_NICE:--10}"
@@ -56,7 +61,7 @@ fi
 PLAIN_ADDR=$(sed -n 's/^listen = "\(.*\)"/\1/p' "$CFG")
 TLS_ADDR=$(sed -n 's/^tls_listen = "\(.*\)"/\1/p' "$CFG")
 case "$PLAIN_ADDR $TLS_ADDR" in 127.0.0.1:*\ 127.0.0.1:*) ;; *) echo "run: listeners must be on 127.0.0.1 ($PLAIN_ADDR $TLS_ADDR)" >&2; exit 1;; esac
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$RAW"
 
 # 1000+ sessions need 1000+ descriptors in the server and in pop3load.
 hard=$(ulimit -Hn)
@@ -75,7 +80,7 @@ PY
 }
 
 start_server() {  # LABEL
-  local label=$1 log="$OUT/server-$1.log"
+  local label=$1 log="$RAW/server-$1.log"
   SERVER_LABEL=$label
   for a in "$PLAIN_ADDR" "$TLS_ADDR"; do
     if port_taken "$a"; then echo "run: $a is already taken; refusing to start (another server?)" >&2; exit 1; fi
@@ -119,10 +124,10 @@ stop_server() {
   summarize_log
 }
 
-# The server log has a line per session (hundreds of MB, git-ignored); keep a summary:
+# The server log has a line per session (hundreds of MB, in RAW); keep a summary in OUT:
 # session outcomes, and every WARN/ERROR line kind with its first occurrence.
 summarize_log() {
-  local log="$OUT/server-$SERVER_LABEL.log"
+  local log="$RAW/server-$SERVER_LABEL.log"
   [ -f "$log" ] || return 0
   python3 - "$log" > "$OUT/server-$SERVER_LABEL.summary.txt" <<'PY'
 import collections, re, sys
@@ -162,7 +167,7 @@ one() {
     line="$(one_attempt "$@") attempt=$attempt"
     fpct=$(sed -n 's/.* foreign_cpu_pct=\([0-9.]*\).*/\1/p' <<<"$line")
     if python3 -c "import sys; sys.exit(0 if float('${fpct:-0}') <= float('${FOREIGN_MAX:-5}') else 1)"; then break; fi
-    [ "$attempt" -le "${RETRIES:-2}" ] && echo "DISCARDED (noisy): $line" | tee -a "$OUT/$1.log" >&2
+    [ "$attempt" -le "${RETRIES:-2}" ] && echo "DISCARDED (noisy): $line" | tee -a "$RAW/$1.log" >&2
   done
   echo "$line" | tee -a "$OUT/$1.txt"
 }
@@ -178,7 +183,7 @@ one_attempt() {
   done
   c0=$(srv_cpu)
   line=$(nice -n "$LOAD_NICE" "$L" -t "$(addr_for "$mode")" -m "$mode" -s "$scen" -c "$conc" -d "$dur" --max-time $((dur * 3 + 60)) \
-         -u "$users" -r "$range" -p "$PASSWORD" --label "$label" "$@" 2>>"$OUT/$label.log" | tail -1)
+         -u "$users" -r "$range" -p "$PASSWORD" --label "$label" "$@" 2>>"$RAW/$label.log" | tail -1)
   c1=$(srv_cpu)
   [ -n "$line" ] || line="label=$label mode=$mode scenario=$scen conc=$conc sessions=0 errors=pop3load-failed"
   echo "$line $(python3 - "$line" "$c0" "$c1" <<'PY'
@@ -221,7 +226,7 @@ big() {  # LABEL: 5 x ~5 MiB messages, retr-all, c=1 and 4, each mode
 
 idle() {  # LABEL MODE N HOLD: N logged-in idle sessions; server RSS/PSS before and while held
   local label=$1 mode=$2 n=$3 hold=${4:-30}
-  local ready="$OUT/.idle-ready.$$" res="$OUT/.idle-result.$$" base held lpid
+  local ready="$RAW/.idle-ready.$$" res="$RAW/.idle-result.$$" base held lpid
   # mailgate locks a maildrop from PASS to the end of the session (RFC 1939), so
   # every idle session needs its own account: populate.sh makes user0..user(N-1).
   local range="0-$((n - 1))"
@@ -229,7 +234,7 @@ idle() {  # LABEL MODE N HOLD: N logged-in idle sessions; server RSS/PSS before 
   sleep 2
   base=$(python3 "$PT" mem "$SERVER_PID")
   nice -n "$LOAD_NICE" "$L" -t "$(addr_for "$mode")" -m "$mode" -s idle -c "$n" --hold "$hold" -u 'user{N}@example.com' -r "$range" \
-       -p "$PASSWORD" --label "$label" --ready-file "$ready" --max-time $((hold + 300)) > "$res" 2>>"$OUT/$label.log" &
+       -p "$PASSWORD" --label "$label" --ready-file "$ready" --max-time $((hold + 300)) > "$res" 2>>"$RAW/$label.log" &
   lpid=$!
   for _ in $(seq 1 $(( (hold + 300) * 10 ))); do
     [ -f "$ready" ] && break
@@ -256,11 +261,11 @@ idle() {  # LABEL MODE N HOLD: N logged-in idle sessions; server RSS/PSS before 
 
 rss_trace() {  # LABEL MODE SCENARIO CONC DUR [RANGE]: a load run while the server's RSS is sampled each second
   local label=$1 mode=$2 scen=$3 conc=$4 dur=$5 range=${6:-0-199} lpid t=0
-  local trace="$OUT/$label-rss.tsv"
+  local trace="$RAW/$label-rss.tsv"
   echo "# $(date -Is) $mode $scen c=$conc ${dur}s range=$range cache_ttl=${MG_CACHE_TTL:-default}" >> "$trace"
   echo -e "t_s\trss_kb\tthreads" >> "$trace"
   nice -n "$LOAD_NICE" "$L" -t "$(addr_for "$mode")" -m "$mode" -s "$scen" -c "$conc" -d "$dur" --max-time $((dur * 3 + 60)) \
-       -u "$DEFAULT_USERS" -r "$range" -p "$PASSWORD" --label "$label" 2>>"$OUT/$label.log" >> "$OUT/$label.txt" &
+       -u "$DEFAULT_USERS" -r "$range" -p "$PASSWORD" --label "$label" 2>>"$RAW/$label.log" >> "$OUT/$label.txt" &
   lpid=$!
   while kill -0 "$lpid" 2>/dev/null; do
     echo -e "$t\t$(awk '/^VmRSS:/{print $2}' "/proc/$SERVER_PID/status")\t$(awk '/^Threads:/{print $2}' "/proc/$SERVER_PID/status")" >> "$trace"
@@ -272,23 +277,24 @@ rss_trace() {  # LABEL MODE SCENARIO CONC DUR [RANGE]: a load run while the serv
   tail -1 "$OUT/$label.txt"
 }
 
-perf_profile() {  # LABEL MODE SCENARIO CONC DUR: perf stat, then perf record, each over a load run
+perf_profile() {  # LABEL MODE SCENARIO CONC DUR: perf stat, then perf record, each over a load run (all in RAW:
+  # perf slows the server, so its runs' figures are not results)
   local label=$1 mode=$2 scen=$3 conc=$4 dur=$5 lpid
   command -v perf >/dev/null || { echo "run: perf not installed" >&2; return 1; }
-  local data="${PERF_DATA:-/tmp/mailgate-perf-$label.data}"
+  local data="${PERF_DATA:-$RAW/perf-$label.data}"
   nice -n "$LOAD_NICE" "$L" -t "$(addr_for "$mode")" -m "$mode" -s "$scen" -c "$conc" -d "$dur" --max-time $((dur * 3 + 60)) \
-       -u "$DEFAULT_USERS" -r 0-199 -p "$PASSWORD" --label "$label-stat" 2>>"$OUT/$label.log" >> "$OUT/$label.txt" &
+       -u "$DEFAULT_USERS" -r 0-199 -p "$PASSWORD" --label "$label-stat" 2>>"$RAW/$label.log" >> "$RAW/$label.txt" &
   lpid=$!
   sleep 1
   perf stat -e task-clock,context-switches,cpu-migrations,page-faults,cycles,instructions \
-       -p "$SERVER_PID" -o "$OUT/perf-$label.stat.txt" -- sleep $((dur - 2))
+       -p "$SERVER_PID" -o "$RAW/perf-$label.stat.txt" -- sleep $((dur - 2))
   wait "$lpid"
   sleep 1
   nice -n "$LOAD_NICE" "$L" -t "$(addr_for "$mode")" -m "$mode" -s "$scen" -c "$conc" -d "$dur" --max-time $((dur * 3 + 60)) \
-       -u "$DEFAULT_USERS" -r 0-199 -p "$PASSWORD" --label "$label-record" 2>>"$OUT/$label.log" >> "$OUT/$label.txt" &
+       -u "$DEFAULT_USERS" -r 0-199 -p "$PASSWORD" --label "$label-record" 2>>"$RAW/$label.log" >> "$RAW/$label.txt" &
   lpid=$!
   sleep 1
-  perf record -F 499 -g -p "$SERVER_PID" -o "$data" -- sleep $((dur - 2)) 2>>"$OUT/$label.log"
+  perf record -F 499 -g -p "$SERVER_PID" -o "$data" -- sleep $((dur - 2)) 2>>"$RAW/$label.log"
   wait "$lpid"
   {
     echo "# perf report --no-children --sort dso,symbol (self time), $mode $scen c=$conc"
@@ -296,8 +302,8 @@ perf_profile() {  # LABEL MODE SCENARIO CONC DUR: perf stat, then perf record, e
     echo
     echo "# perf report --sort dso (self time by library)"
     perf report -i "$data" --no-children --sort dso --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
-  } > "$OUT/perf-$label.report.txt"
-  tail -2 "$OUT/$label.txt" | cut -c1-200
+  } > "$RAW/perf-$label.report.txt"
+  tail -2 "$RAW/$label.txt" | cut -c1-200
 }
 
 host_info() {
@@ -352,7 +358,7 @@ main() {
       MG_EXTRA_ENV="MALLOC_MMAP_THRESHOLD_=131072" start_server idle-mmapthr
       idle idle-mmapthr tls 1000 30; idle idle-mmapthr plain 1000 30; stop_server
       host_info ;;
-    *) sed -n '2,33p' "$0"; exit 2 ;;
+    *) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 2 ;;
   esac
 }
 

@@ -8,8 +8,10 @@ For every helm/mailgate/ci/*-values.yaml: lint (strict), render, a client-side d
 install, every rendered object validated strictly against the Kubernetes schemas of the
 oldest and newest supported versions (CRD kinds checked by hand), and assertions on
 what the objects must say (ports against the ConfigMap's TOML, security contexts,
-probes, Secret mounts, the dashboard and alert rules against deploy/). Values the chart
-must refuse are refused with a message naming the problem.
+probes, Secret mounts, the dashboard and alert rules against deploy/, and the chart's
+files/ as byte-equal copies of deploy/'s). Values the chart must refuse are refused with a
+message naming the problem. README.md's parameters table must be what Bitnami's readme
+generator (installed by scripts/test.sh) makes from values.yaml.
 
 For the server-side check (`mailgate check-config`, run by tests/integration/helm.rs),
 each values file's mailgate.toml is written to OUT_DIR/NAME/mailgate.toml with every
@@ -17,12 +19,12 @@ each values file's mailgate.toml is written to OUT_DIR/NAME/mailgate.toml with e
 needs.json listing the files the config names and the container's environment.
 Exits non-zero with every failure listed; never skips.
 """
-import contextlib
 import copy
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import tomllib
@@ -484,23 +486,22 @@ def check_refused(chart_dir):
                         check(w in str(e), f"refused {replicas} replicas without the schema", f"message lacks {w!r}: {e}")
 
 
-@contextlib.contextmanager
-def native_stderr_filtered():
-    """The Go library logs every symlink it follows (files/ holds links to deploy/) on
-    the process's stderr; drop those lines and pass everything else through."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines():
-                if "found symbolic link in path" not in line:
-                    print(line, file=sys.stderr)
+def check_chart_files(chart_dir, repo):
+    """The chart owns its files: files/ holds real copies (no symlinks, which would leave
+    the chart directory) of deploy/prometheus/alerts.yaml and deploy/grafana/*.json, byte
+    for byte, and nothing else."""
+    deploy = os.path.join(repo, "deploy")
+    owned = ["prometheus/alerts.yaml"] + sorted(f"grafana/{f}" for f in os.listdir(os.path.join(deploy, "grafana")) if f.endswith(".json"))
+    files = os.path.join(chart_dir, "files")
+    present = sorted(os.path.relpath(os.path.join(d, f), files) for d, _, names in os.walk(files) for f in names)
+    check(present == sorted(owned), "files/", f"holds {present}, expected copies of deploy/{{{', '.join(owned)}}}")
+    for rel in owned:
+        copy_path = os.path.join(files, rel)
+        where = f"files/{rel}"
+        if check(os.path.lexists(copy_path), where, f"missing: copy deploy/{rel} there"):
+            check(not os.path.islink(copy_path) and os.path.isfile(copy_path), where, "must be a regular file, not a symlink")
+            with open(copy_path, "rb") as a, open(os.path.join(deploy, rel), "rb") as b:
+                check(a.read() == b.read(), where, f"differs from deploy/{rel}: copy it again (cp deploy/{rel} helm/mailgate/files/{rel})")
 
 
 def check_docs(chart_dir):
@@ -534,6 +535,29 @@ def check_docs(chart_dir):
         check(comment.startswith(f"{{{{/* {name}: ") and comment.endswith("*/}}"), "_helpers.tpl", f"helper {name} lacks its one-line comment")
 
 
+# Bitnami's readme generator, pinned in scripts/test.sh's npm_pins.
+README_GENERATOR = ".tools/npm/node_modules/.bin/readme-generator"
+
+
+def check_readme(chart_dir, repo):
+    """README.md's parameters table is exactly what Bitnami's readme generator makes from
+    the `## @param` lines of values.yaml: it runs on a copy and the copy must come out
+    unchanged. The generator also refuses values without metadata and metadata without
+    a value. Only --readme is given, so it never writes values.schema.json."""
+    generator = os.path.join(repo, README_GENERATOR)
+    if not check(os.path.exists(generator), "README.md", f"{generator} is missing: ./scripts/test.sh installs @bitnami/readme-generator-for-helm there"):
+        return
+    readme = os.path.join(chart_dir, "README.md")
+    with tempfile.TemporaryDirectory() as tmp:
+        regenerated = os.path.join(tmp, "README.md")
+        shutil.copyfile(readme, regenerated)
+        run = subprocess.run([generator, "--values", os.path.join(chart_dir, "values.yaml"), "--readme", regenerated], capture_output=True, text=True)
+        if not check(run.returncode == 0, "values.yaml", f"the readme generator refused its ## @param lines:\n{run.stdout}{run.stderr}"):
+            return
+        with open(readme) as a, open(regenerated) as b:
+            check(a.read() == b.read(), "README.md", f"the parameters table differs from values.yaml's ## @param lines: run {README_GENERATOR} --values helm/mailgate/values.yaml --readme helm/mailgate/README.md")
+
+
 def check_image(chart_dir, repo):
     """The image (deploy/Dockerfile) and the chart agree: the ports it exposes are the
     chart's default container ports and its default config's, its user is the one the
@@ -560,8 +584,7 @@ def check_image(chart_dir, repo):
 
 def main():
     chart_dir, repo, out = sys.argv[1:4]
-    with native_stderr_filtered():
-        summary = run(chart_dir, repo, out)
+    summary = run(chart_dir, repo, out)
     for name, count in summary.items():
         print(f"{name}: {count} objects rendered, validated and checked")
     if failures:
@@ -585,6 +608,8 @@ def run(chart_dir, repo, out):
             fail(f, f"{type(e).__name__}: {e}")
     check_refused(chart_dir)
     check_docs(chart_dir)
+    check_chart_files(chart_dir, repo)
+    check_readme(chart_dir, repo)
     check_image(chart_dir, repo)
     return summary
 

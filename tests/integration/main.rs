@@ -9,6 +9,7 @@ mod common;
 
 mod cli;
 mod clients;
+mod config_example;
 mod helm;
 mod layers;
 mod metrics;

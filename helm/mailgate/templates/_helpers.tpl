@@ -267,7 +267,7 @@ pop3 pop3s smtp lmtp
 
 {{/* mailgate.configToml: mailgate.toml as the ConfigMap holds it. */}}
 {{- define "mailgate.configToml" -}}
-# Rendered by the mailgate chart from its values; see the README's Configuration section.
+# Rendered by the mailgate chart from its values; every key and its default are in mailgate.example.toml.
 {{- include "mailgate.toml.table" (list (list) (include "mailgate.config" . | fromYaml)) }}
 {{ end -}}
 
