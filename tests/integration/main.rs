@@ -1,5 +1,6 @@
-//! Integration tests: the real `mailgate` binary on 127.0.0.1 ephemeral ports, real TLS
-//! with a test CA, real clients (Python poplib, curl) as well as a raw client for
+//! Integration tests: a real mailgate server on 127.0.0.1 ephemeral ports (started in
+//! this process through `app::start`, or as the `mailgate serve` binary where signals,
+//! `kill -9` or the process itself are tested), real TLS with a test CA, real clients (Python poplib, curl) as well as a raw client for
 //! byte-exact and hostile cases, a real redis-server for the replica tests, and private
 //! Postfix instances and swaks for mail coming in; `tls_tools` loads certificates made by
 //! `openssl` and `certs/make-dev-certs.sh` through the library. One binary keeps link

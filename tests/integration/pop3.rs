@@ -202,7 +202,7 @@ async fn dele_rset_quit_and_drop_semantics() {
     let mut c = tls_login(&server, "joe@example.org").await;
     assert!(c.cmd("DELE 1").await.starts_with("+OK"));
     drop(c);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.wait_active("pop3s", 0).await;
     let mut c = tls_login(&server, "joe@example.org").await;
     assert!(c.cmd("STAT").await.starts_with("+OK 3 "));
     // A deleted message vanishes from STAT/LIST/UIDL; RETR/TOP/DELE of it fail.
@@ -485,7 +485,7 @@ async fn connections_per_ip_are_capped() {
     assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
     assert!(c.closed().await);
     drop(a);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_active("pop3", 1).await;
     let mut d = Raw::plain(server.pop3).await;
     assert!(d.line().await.starts_with("+OK"));
 }

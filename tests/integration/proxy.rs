@@ -177,7 +177,7 @@ async fn per_ip_limit_counts_the_claimed_address() {
     // The same address again once the first has left.
     assert!(a.cmd("QUIT").await.starts_with("+OK"));
     assert!(a.closed().await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_active("pop3", 1).await;
     let mut again = Raw::plain_after(server.pop3, &v1("203.0.113.7", 1003)).await;
     assert!(again.line().await.starts_with("+OK"));
     assert!(b.cmd("QUIT").await.starts_with("+OK"));

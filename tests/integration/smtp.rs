@@ -406,7 +406,7 @@ async fn client_gone_mid_data_stores_nothing() {
         }
     }
     // The server notices the close; then a complete delivery still works and is alone.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.wait_active("lmtp", 0).await;
     assert!(fetch_all(&server, "joe@example.org").await.is_empty());
     let mut c = Client::connect(server.lmtp.expect("lmtp")).await;
     c.cmd("LHLO mta.test").await;

@@ -506,6 +506,34 @@ scram_iterations = 4096
         self.log.lock().expect("log").join("\n")
     }
 
+    /// Waits until `listener` has exactly `n` sessions running, as the server counts
+    /// them (`mailgate_connections_active`): the way to know it has noticed a client
+    /// leave, instead of sleeping.
+    pub async fn wait_active(&self, listener: &str, n: u64) {
+        let series = format!("mailgate_connections_active{{listener=\"{listener}\"}} ");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut http = TcpStream::connect(self.metrics).await.expect("metrics");
+            http.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+                .await
+                .expect("request");
+            let mut body = String::new();
+            http.read_to_string(&mut body).await.expect("response");
+            let now = body
+                .lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if now == Some(n) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{listener}: {now:?} sessions, waited for {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Runs `mailgate --config ... ARGS` with `stdin`.
     pub fn cli(&self, args: &[&str], stdin: &[u8]) -> Output {
         cli(&self.config, args, stdin)
