@@ -15,12 +15,13 @@ use tracing::warn;
 /// Output is written to the socket once this much is buffered during RETR/TOP.
 const FLUSH_AT: usize = 32 * 1024;
 
-/// RETR: the whole message.
-pub(super) async fn retr<S: AsyncRead + AsyncWrite + Unpin>(
+/// RETR (`top: None`), or TOP with the header and the first `lines` lines of the body.
+pub(super) async fn retrieve<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     ctx: &mut Ctx,
     txn: &mut Txn,
     n: u32,
+    top: Option<u32>,
 ) -> Result<(), SessionError> {
     let m = match txn.listing.entry(n) {
         Ok(m) => m,
@@ -30,39 +31,26 @@ pub(super) async fn retr<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let started = Instant::now();
-    let encoder = BodyEncoder::full(ctx.body_options());
-    send_message(conn, ctx, &txn.store, m, encoder, None).await?;
-    ctx.net()
-        .metrics
-        .command_duration(metrics::COMMAND_RETR, started.elapsed());
-    txn.listing.accessed(n);
-    ctx.retrieved += 1;
-    Ok(())
-}
-
-/// TOP: the header and the first `lines` lines of the body.
-pub(super) async fn top<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut Conn<S>,
-    ctx: &mut Ctx,
-    txn: &mut Txn,
-    msg: u32,
-    lines: u32,
-) -> Result<(), SessionError> {
-    let m = match txn.listing.entry(msg) {
-        Ok(m) => m,
-        Err(r) => {
-            conn.reply(&r);
-            return Ok(());
-        }
+    let (encoder, head, command) = match top {
+        None => (
+            BodyEncoder::full(ctx.body_options()),
+            None,
+            metrics::COMMAND_RETR,
+        ),
+        Some(lines) => (
+            BodyEncoder::top(lines, ctx.body_options()),
+            Some(ok("Top of message follows")),
+            metrics::COMMAND_TOP,
+        ),
     };
-    let started = Instant::now();
-    let encoder = BodyEncoder::top(lines, ctx.body_options());
-    let head = ok("Top of message follows");
-    send_message(conn, ctx, &txn.store, m, encoder, Some(head)).await?;
+    send_message(conn, ctx, &txn.store, m, encoder, head).await?;
     ctx.net()
         .metrics
-        .command_duration(metrics::COMMAND_TOP, started.elapsed());
-    txn.listing.accessed(msg);
+        .command_duration(command, started.elapsed());
+    txn.listing.accessed(n);
+    if top.is_none() {
+        ctx.retrieved += 1;
+    }
     Ok(())
 }
 

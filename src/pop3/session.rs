@@ -601,8 +601,8 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
         C::Last => conn.reply(&maildrop::last(listing)),
         C::Dele(n) => conn.reply(&maildrop::dele(listing, n)),
         C::Rset => conn.reply(&maildrop::rset(listing)),
-        C::Retr(n) => retrieve::retr(conn, ctx, txn, n).await?,
-        C::Top { msg, lines } => retrieve::top(conn, ctx, txn, msg, lines).await?,
+        C::Retr(n) => retrieve::retrieve(conn, ctx, txn, n, None).await?,
+        C::Top { msg, lines } => retrieve::retrieve(conn, ctx, txn, msg, Some(lines)).await?,
         C::Quit => {
             retrieve::update(conn, ctx, txn).await?;
             return Ok(Some(Step::Done(Outcome::Quit)));
