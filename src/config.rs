@@ -83,6 +83,10 @@ pub struct Pop3Config {
     pub apop: bool,
     /// Replace NUL octets in messages sent to clients (Dovecot's `outlook-no-nuls`).
     pub replace_nul: bool,
+    /// LAST (RFC 1460). Off: `-ERR`, and clients use UIDL. On: messages retrieved in a
+    /// session that ends in UPDATE are marked seen in the store, and LAST is the highest
+    /// seen message number, across sessions.
+    pub last: bool,
 }
 
 impl Default for Pop3Config {
@@ -93,6 +97,7 @@ impl Default for Pop3Config {
             allow_plaintext_auth: false,
             apop: false,
             replace_nul: false,
+            last: false,
         }
     }
 }

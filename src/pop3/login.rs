@@ -316,13 +316,16 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
     let snap_store = store.clone();
     let local = address.local.clone();
     let snapshot = tokio::task::spawn_blocking(move || snap_store.snapshot(&local)).await?;
-    let msgs: Vec<MsgEntry> = match snapshot {
+    let msgs: Vec<(MsgEntry, bool)> = match snapshot {
         Ok(list) => list
             .into_iter()
-            .map(|m| MsgEntry {
-                octets: m.octets,
-                id: m.id,
-                deleted: false,
+            .map(|m| {
+                let entry = MsgEntry {
+                    octets: m.octets,
+                    id: m.id,
+                    deleted: false,
+                };
+                (entry, m.seen)
             })
             .collect(),
         Err(e) => {

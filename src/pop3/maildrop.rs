@@ -1,20 +1,22 @@
 //! The maildrop commands of the TRANSACTION state that need no message body: STAT,
 //! LIST, UIDL, DELE, RSET, LAST and NOOP, as plain functions over the session's
 //! [`Listing`] that return the `Reply`. No I/O, no store: the listing is the snapshot
-//! taken at login, with this session's DELE marks.
+//! taken at login, with this session's DELE and seen marks (written at UPDATE).
 
 use super::codec::{MsgEntry, Reply};
 use std::borrow::Cow;
 
 /// The maildrop as this session sees it: the messages listed at login, in order, with
-/// their DELE marks.
+/// their DELE marks and seen marks.
 #[derive(Debug, Clone)]
 pub struct Listing {
     pub msgs: Vec<MsgEntry>,
     /// The account's UIDL prefix.
     pub nonce: u32,
-    /// Highest message number accessed, for LAST (RFC 1460).
-    pub highest: u32,
+    /// Per message: retrieved, in an earlier session or this one (for LAST).
+    seen: Vec<bool>,
+    /// The seen marks as they were at login, for RSET and to know what UPDATE adds.
+    seen_at_login: Vec<bool>,
 }
 
 fn err(text: &'static str) -> Reply<'static> {
@@ -22,11 +24,14 @@ fn err(text: &'static str) -> Reply<'static> {
 }
 
 impl Listing {
-    pub fn new(msgs: Vec<MsgEntry>, nonce: u32) -> Listing {
+    /// The listing of `msgs`, each with whether it was seen before this session.
+    pub fn new(msgs: Vec<(MsgEntry, bool)>, nonce: u32) -> Listing {
+        let (msgs, seen): (Vec<MsgEntry>, Vec<bool>) = msgs.into_iter().unzip();
         Listing {
             msgs,
             nonce,
-            highest: 0,
+            seen_at_login: seen.clone(),
+            seen,
         }
     }
 
@@ -56,9 +61,24 @@ impl Listing {
             .collect()
     }
 
-    /// Notes that message `n` was accessed (RETR, TOP, DELE).
-    pub fn accessed(&mut self, n: u32) {
-        self.highest = self.highest.max(n);
+    /// Marks message `n` seen: the client got all of it (RETR, or TOP of the whole).
+    pub fn retrieved(&mut self, n: u32) {
+        if let Some(seen) = (n as usize)
+            .checked_sub(1)
+            .and_then(|i| self.seen.get_mut(i))
+        {
+            *seen = true;
+        }
+    }
+
+    /// Ids of the messages this session saw first and does not delete, for UPDATE.
+    pub fn newly_seen(&self) -> Vec<u64> {
+        self.msgs
+            .iter()
+            .zip(self.seen.iter().zip(&self.seen_at_login))
+            .filter(|(m, (now, before))| !m.deleted && **now && !**before)
+            .map(|(m, _)| m.id)
+            .collect()
     }
 }
 
@@ -101,26 +121,33 @@ pub fn uidl(listing: &Listing, n: Option<u32>) -> Reply<'_> {
     }
 }
 
+/// LAST: the highest number of a seen message not marked deleted; 0 when there is none.
 pub fn last(listing: &Listing) -> Reply<'static> {
-    Reply::Ok(Cow::Owned(listing.highest.to_string()))
+    let highest = listing
+        .msgs
+        .iter()
+        .zip(&listing.seen)
+        .rposition(|(m, seen)| *seen && !m.deleted)
+        .map_or(0, |i| i + 1);
+    Reply::Ok(Cow::Owned(highest.to_string()))
 }
 
 pub fn dele(listing: &mut Listing, n: u32) -> Reply<'static> {
     match listing.entry(n) {
         Ok(_) => {
             listing.msgs[n as usize - 1].deleted = true;
-            listing.accessed(n);
             Reply::Ok(Cow::Borrowed("Marked to be deleted"))
         }
         Err(r) => r,
     }
 }
 
+/// RSET: no DELE marks, and the seen marks as at login.
 pub fn rset(listing: &mut Listing) -> Reply<'static> {
     for m in &mut listing.msgs {
         m.deleted = false;
     }
-    listing.highest = 0;
+    listing.seen.clone_from(&listing.seen_at_login);
     let (count, octets) = listing.totals();
     Reply::Ok(Cow::Owned(format!("{count} messages ({octets} octets)")))
 }
@@ -130,16 +157,24 @@ mod tests {
     use super::*;
     use bytes::BytesMut;
 
-    fn listing() -> Listing {
+    fn listing_seen(seen: [bool; 3]) -> Listing {
         let msgs = [(7, 100), (9, 250), (12, 40)]
             .into_iter()
-            .map(|(id, octets)| MsgEntry {
-                id,
-                octets,
-                deleted: false,
+            .zip(seen)
+            .map(|((id, octets), seen)| {
+                let entry = MsgEntry {
+                    id,
+                    octets,
+                    deleted: false,
+                };
+                (entry, seen)
             })
             .collect();
         Listing::new(msgs, 0xabcd)
+    }
+
+    fn listing() -> Listing {
+        listing_seen([false; 3])
     }
 
     fn text(r: Reply<'_>) -> String {
@@ -188,17 +223,39 @@ mod tests {
     }
 
     #[test]
-    fn rset_unmarks_everything_and_last_follows_access() {
+    fn last_is_the_highest_seen_message_not_deleted() {
         let mut l = listing();
         assert_eq!(text(last(&l)), "+OK 0\r\n");
-        l.accessed(2);
+        l.retrieved(2);
         assert_eq!(text(last(&l)), "+OK 2\r\n");
+        // DELE is no retrieval; deleting the highest seen one lowers LAST.
         dele(&mut l, 3);
-        dele(&mut l, 1);
-        assert_eq!(text(last(&l)), "+OK 3\r\n");
-        assert_eq!(text(rset(&mut l)), "+OK 3 messages (390 octets)\r\n");
-        assert_eq!(text(last(&l)), "+OK 0\r\n");
-        assert!(l.marked().is_empty());
+        assert_eq!(text(last(&l)), "+OK 2\r\n");
+        l.retrieved(1);
+        dele(&mut l, 2);
+        assert_eq!(text(last(&l)), "+OK 1\r\n");
+        // Numbers outside the listing are ignored.
+        l.retrieved(0);
+        l.retrieved(9);
+        assert_eq!(l.newly_seen(), vec![7]);
+        assert_eq!(l.marked(), vec![9, 12]);
         assert_eq!(text(noop()), "+OK\r\n");
+    }
+
+    #[test]
+    fn marks_from_earlier_sessions_count_and_rset_returns_to_them() {
+        let mut l = listing_seen([true, true, false]);
+        assert_eq!(text(last(&l)), "+OK 2\r\n");
+        assert!(
+            l.newly_seen().is_empty(),
+            "known marks are not written again"
+        );
+        l.retrieved(3);
+        assert_eq!(text(last(&l)), "+OK 3\r\n");
+        assert_eq!(l.newly_seen(), vec![12]);
+        dele(&mut l, 1);
+        assert_eq!(text(rset(&mut l)), "+OK 3 messages (390 octets)\r\n");
+        assert_eq!(text(last(&l)), "+OK 2\r\n");
+        assert!(l.marked().is_empty() && l.newly_seen().is_empty());
     }
 }

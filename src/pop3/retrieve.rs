@@ -1,6 +1,7 @@
 //! Reading and removing mail: RETR and TOP streamed from the store in chunks through the
 //! dot-stuffer (never a whole message in memory), and the UPDATE state at QUIT, which
-//! applies the DELE marks in one atomic batch while the maildrop lock is still ours.
+//! applies the DELE marks (and, with `pop3.last`, the seen marks) in one atomic
+//! transaction while the maildrop lock is still ours.
 
 use super::codec::{BodyEncoder, MsgEntry, Reply, RespCode};
 use super::session::{err, ok, Conn, Ctx, SessionError, Txn};
@@ -43,11 +44,13 @@ pub(super) async fn retrieve<S: AsyncRead + AsyncWrite + Unpin>(
             metrics::COMMAND_TOP,
         ),
     };
-    send_message(conn, ctx, &txn.store, m, encoder, head).await?;
+    let whole = send_message(conn, ctx, &txn.store, m, encoder, head).await?;
     ctx.net()
         .metrics
         .command_duration(command, started.elapsed());
-    txn.listing.accessed(n);
+    if whole {
+        txn.listing.retrieved(n);
+    }
     if top.is_none() {
         ctx.retrieved += 1;
     }
@@ -69,15 +72,21 @@ pub(super) async fn update<S: AsyncRead + AsyncWrite + Unpin>(
     conn.flush().await
 }
 
-/// Applies the DELE marks in one atomic batch, but only while the maildrop lock is
-/// still ours; writes the answer without sending it.
+/// Applies the DELE marks, and the seen marks when `pop3.last` is on, in one atomic
+/// transaction, but only while the maildrop lock is still ours; writes the answer
+/// without sending it.
 async fn apply_marks<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     ctx: &mut Ctx,
     txn: &mut Txn,
 ) -> Result<(), SessionError> {
     let ids = txn.listing.marked();
-    if ids.is_empty() {
+    let seen = if ctx.net().config.pop3.last {
+        txn.listing.newly_seen()
+    } else {
+        Vec::new()
+    };
+    if ids.is_empty() && seen.is_empty() {
         conn.reply(&ok("Logging out"));
         return Ok(());
     }
@@ -98,11 +107,13 @@ async fn apply_marks<S: AsyncRead + AsyncWrite + Unpin>(
     let local = txn.address.local.clone();
     let count = ids.len();
     let started = Instant::now();
-    let result = tokio::task::spawn_blocking(move || store.delete_messages(&local, &ids)).await?;
+    let result =
+        tokio::task::spawn_blocking(move || store.update_maildrop(&local, &ids, &seen)).await?;
     ctx.net()
         .metrics
         .command_duration(metrics::COMMAND_UPDATE, started.elapsed());
     match result {
+        Ok(()) if count == 0 => conn.reply(&ok("Logging out")),
         Ok(()) => {
             ctx.deleted = count as u32;
             conn.reply(&Reply::Ok(Cow::Owned(format!(
@@ -120,7 +131,8 @@ async fn apply_marks<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Streams one message (or its top) through the dot-stuffer in store-sized chunks.
+/// Streams one message (or its top) through the dot-stuffer in store-sized chunks;
+/// whether the client got the whole message.
 async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     ctx: &mut Ctx,
@@ -128,7 +140,7 @@ async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(
     m: MsgEntry,
     mut encoder: BodyEncoder,
     head: Option<Reply<'static>>,
-) -> Result<(), SessionError> {
+) -> Result<bool, SessionError> {
     // RETR must deliver every recorded octet; TOP legitimately stops early.
     let whole = head.is_none();
     let sent = ctx.net().metrics.sent_bytes(if whole {
@@ -166,11 +178,12 @@ async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(
     if whole && offset < m.octets {
         return Err(SessionError::Truncated(m.id));
     }
+    let complete = offset >= m.octets && !encoder.cut();
     encoder.finish(conn.io.out());
     let pending = conn.io.out().len();
     ctx.bytes_out += pending as u64;
     sent.inc_by(pending as u64);
-    Ok(())
+    Ok(complete)
 }
 
 async fn read_chunk(

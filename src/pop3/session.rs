@@ -456,6 +456,8 @@ struct Gate {
     cleartext_port: bool,
     plaintext_allowed: bool,
     apop: bool,
+    /// `pop3.last`: LAST is answered.
+    last: bool,
 }
 
 impl Gate {
@@ -466,6 +468,7 @@ impl Gate {
             cleartext_port: ctx.listener == Listener::Pop3,
             plaintext_allowed: ctx.net().config.pop3.allow_plaintext_auth,
             apop: ctx.apop_timestamp.is_some(),
+            last: ctx.net().config.pop3.last,
         }
     }
 }
@@ -513,6 +516,8 @@ fn gate(command: &Command, g: Gate) -> Result<(), Reply<'static>> {
         | C::Last => {
             if in_auth {
                 Err(err(None, "Command not valid before login"))
+            } else if matches!(command, C::Last) && !g.last {
+                Err(err(None, "LAST is not offered, use UIDL"))
             } else {
                 Ok(())
             }
@@ -679,13 +684,14 @@ mod tests {
             for tls in [false, true] {
                 for cleartext_port in [true, false] {
                     for plaintext_allowed in [false, true] {
-                        for apop in [false, true] {
+                        for (apop, last) in [(false, false), (true, true), (false, true)] {
                             let g = Gate {
                                 before_login,
                                 tls,
                                 cleartext_port,
                                 plaintext_allowed,
                                 apop,
+                                last,
                             };
                             for c in all_commands() {
                                 let expected = match &c {
@@ -695,6 +701,7 @@ mod tests {
                                         before_login && (tls || plaintext_allowed) && apop
                                     }
                                     c if is_login(c) => before_login && (tls || plaintext_allowed),
+                                    Command::Last => !before_login && last,
                                     c if is_mail(c) => !before_login,
                                     _ => unreachable!("every command is classified"),
                                 };
@@ -731,6 +738,7 @@ mod tests {
             cleartext_port: true,
             plaintext_allowed: false,
             apop: false,
+            last: false,
         };
         let c = capa_lines(base);
         assert!(

@@ -5,7 +5,7 @@
 
 mod sled_store;
 
-pub use sled_store::{Directory, DomainStore, PendingMessage, DOMAINS_DIR};
+pub use sled_store::{Directory, DomainStore, PendingMessage, DOMAINS_DIR, FORMAT_VERSION};
 
 pub use crate::wire::address::{validate_domain, validate_local, Address, AddressError};
 
@@ -36,6 +36,12 @@ pub enum StoreError {
     Sled { path: String, source: sled::Error },
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    #[error("{path} is in store format {found}; this mailgate reads formats up to {supported} (upgrade mailgate)")]
+    Format {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: String,
@@ -110,6 +116,8 @@ pub struct MessageMeta {
     /// Monotonic within the domain store; never reused.
     pub id: u64,
     pub octets: u64,
+    /// Retrieved in an earlier session that ended in UPDATE (`pop3.last`).
+    pub seen: bool,
 }
 
 #[cfg(test)]

@@ -8,10 +8,18 @@
 //! | tree       | key                                   | value                          |
 //! |------------|---------------------------------------|--------------------------------|
 //! | `accounts` | local part                            | `Account` as JSON              |
-//! | `maildrop` | local part, `0x00`, id (u64 BE)       | octets (u64 BE)                |
+//! | `maildrop` | local part, `0x00`, id (u64 BE)       | octets (u64 BE), flags (u8)    |
 //! | `bodies`   | id (u64 BE), chunk index (u32 BE)     | at most `CHUNK_SIZE` bytes     |
 //! | `pending`  | id (u64 BE)                           | local part (being delivered)   |
 //! | `trash`    | id (u64 BE)                           | empty (body still to remove)   |
+//! | `meta`     | `format`                              | format version (u32 BE)        |
+//!
+//! Flags of a maildrop entry: bit 0 (`FLAG_SEEN`) is set once a client retrieved the
+//! message in a session that ended in UPDATE. Format history, upgraded in place at open
+//! (`DomainStore::upgrade`), never read as another:
+//!
+//! - 1 (no `meta` tree): maildrop values are the octets alone (8 bytes).
+//! - 2: maildrop values carry a flags byte; `meta` records the format.
 //!
 //! Big-endian keys make sled's byte order the numeric order, so a maildrop prefix scan
 //! yields delivery order and a body prefix scan yields chunk order. `pending` and `trash`
@@ -29,6 +37,15 @@ use std::time::Instant;
 
 /// Name of the directory under `data_dir` that holds one sub-directory per domain.
 pub const DOMAINS_DIR: &str = "domains";
+
+/// The format this code writes; stores of an older one are upgraded at open, a newer
+/// one is refused.
+pub const FORMAT_VERSION: u32 = 2;
+const FORMAT_KEY: &[u8] = b"format";
+/// Maildrop entry flag: retrieved in a session that ended in UPDATE (for LAST).
+const FLAG_SEEN: u8 = 1;
+/// Maildrop entries rewritten per batch while upgrading a store.
+const UPGRADE_BATCH: usize = 10_000;
 
 /// How often sled syncs on its own; every acknowledged write flushes explicitly anyway,
 /// this only bounds what an unacknowledged write can lose.
@@ -64,6 +81,7 @@ pub struct DomainStore {
     bodies: Tree,
     pending: Tree,
     trash: Tree,
+    meta: Tree,
     /// Serialises account creation and removal, which scan the maildrop before their
     /// atomic step; deliveries do not take it.
     account_admin: Mutex<()>,
@@ -304,6 +322,33 @@ fn maildrop_key(local: &str, id: u64) -> Vec<u8> {
     key
 }
 
+/// A maildrop value: the message's size and its flags.
+struct MaildropEntry {
+    octets: u64,
+    flags: u8,
+}
+
+impl MaildropEntry {
+    fn encode(&self) -> [u8; 9] {
+        let mut v = [0; 9];
+        v[..8].copy_from_slice(&self.octets.to_be_bytes());
+        v[8] = self.flags;
+        v
+    }
+
+    /// A format 2 value; anything else (a format 1 value included) is `None`.
+    fn decode(value: &[u8]) -> Option<MaildropEntry> {
+        let (octets, flags) = value.split_first_chunk::<8>()?;
+        match flags {
+            [flags] => Some(MaildropEntry {
+                octets: u64::from_be_bytes(*octets),
+                flags: *flags,
+            }),
+            _ => None,
+        }
+    }
+}
+
 fn be_u64(bytes: &[u8]) -> Option<u64> {
     bytes.try_into().ok().map(u64::from_be_bytes)
 }
@@ -358,7 +403,7 @@ impl DomainStore {
         let db = open_retrying_lock(&config).map_err(err)?;
         let tree = |n: &str| db.open_tree(n).map_err(err);
         let (accounts, maildrop, bodies) = (tree("accounts")?, tree("maildrop")?, tree("bodies")?);
-        let (pending, trash) = (tree("pending")?, tree("trash")?);
+        let (pending, trash, meta) = (tree("pending")?, tree("trash")?, tree("meta")?);
         let store = Arc::new_cyclic(|me| DomainStore {
             name: name.to_owned(),
             path: path_str.clone(),
@@ -368,12 +413,86 @@ impl DomainStore {
             bodies,
             pending,
             trash,
+            meta,
             account_admin: Mutex::new(()),
             octets: Mutex::new(None),
             me: me.clone(),
         });
+        store.upgrade()?;
         store.sweep()?;
         Ok(store)
+    }
+
+    /// The store's format version: recorded in `meta`; absent in a format 1 store, and in
+    /// a store just created (no account, message or body yet), which is taken as current.
+    fn format(&self) -> Result<u32, StoreError> {
+        match self.meta.get(FORMAT_KEY).map_err(|e| self.sled_err(e))? {
+            Some(v) => v
+                .as_ref()
+                .try_into()
+                .map(u32::from_be_bytes)
+                .map_err(|_| StoreError::Corrupt(format!("bad format record in {}", self.path))),
+            None if self.accounts.is_empty()
+                && self.maildrop.is_empty()
+                && self.bodies.is_empty() =>
+            {
+                Ok(FORMAT_VERSION)
+            }
+            None => Ok(1),
+        }
+    }
+
+    /// Brings a store of an older format to `FORMAT_VERSION`, once, in place, and records
+    /// the version; refuses a store of a newer format. Each step can be interrupted and
+    /// run again: it only rewrites what is still in the old form.
+    fn upgrade(&self) -> Result<(), StoreError> {
+        let found = self.format()?;
+        if found > FORMAT_VERSION {
+            return Err(StoreError::Format {
+                path: self.path.clone(),
+                found,
+                supported: FORMAT_VERSION,
+            });
+        }
+        if found == FORMAT_VERSION && self.meta.contains_key(FORMAT_KEY).unwrap_or(false) {
+            return Ok(());
+        }
+        let mut rewritten = 0usize;
+        if found < 2 {
+            // Format 1 → 2: every maildrop value gains a flags byte (nothing seen yet).
+            let mut batch = Batch::default();
+            let mut in_batch = 0;
+            for entry in self.maildrop.iter() {
+                let (key, value) = entry.map_err(|e| self.sled_err(e))?;
+                if value.len() == 8 {
+                    let mut v = value.to_vec();
+                    v.push(0);
+                    batch.insert(key, v);
+                    in_batch += 1;
+                    rewritten += 1;
+                }
+                if in_batch == UPGRADE_BATCH {
+                    self.maildrop
+                        .apply_batch(std::mem::take(&mut batch))
+                        .map_err(|e| self.sled_err(e))?;
+                    in_batch = 0;
+                }
+            }
+            self.maildrop
+                .apply_batch(batch)
+                .map_err(|e| self.sled_err(e))?;
+        }
+        self.flush()?;
+        self.meta
+            .insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+            .map_err(|e| self.sled_err(e))?;
+        self.flush()?;
+        if found < FORMAT_VERSION {
+            let domain = &self.name;
+            tracing::info!(%domain, from = found, to = FORMAT_VERSION, messages = rewritten,
+                "store format upgraded");
+        }
+        Ok(())
     }
 
     fn sled_err(&self, source: sled::Error) -> StoreError {
@@ -433,13 +552,15 @@ impl DomainStore {
         Ok(())
     }
 
-    /// Atomically removes the given maildrop entries of `local` (those that exist) and
-    /// lists their ids in `trash`; returns the ids removed. With `remove_account`, the
-    /// account record goes in the same transaction (`UnknownAccount` if absent).
+    /// Atomically removes the given maildrop entries of `local` (those that exist), lists
+    /// their ids in `trash` and sets the seen flag of the `seen` entries that remain;
+    /// returns the ids removed. With `remove_account`, the account record goes in the
+    /// same transaction (`UnknownAccount` if absent).
     fn unlink_messages(
         &self,
         local: &str,
         ids: &[u64],
+        seen: &[u64],
         remove_account: bool,
     ) -> Result<Vec<u64>, StoreError> {
         let mut octets = lock(&self.octets);
@@ -456,6 +577,23 @@ impl DomainStore {
                     if maildrop.remove(maildrop_key(local, id))?.is_some() {
                         trash.insert(&id_key(id), &[])?;
                         removed.push(id);
+                    }
+                }
+                for &id in seen {
+                    let key = maildrop_key(local, id);
+                    if let Some(value) = maildrop.get(&key)? {
+                        let Some(mut entry) = MaildropEntry::decode(&value) else {
+                            return Err(ConflictableTransactionError::Abort(StoreError::Corrupt(
+                                format!(
+                                    "bad maildrop entry of {local}@{} in {}",
+                                    self.name, self.path
+                                ),
+                            )));
+                        };
+                        if entry.flags & FLAG_SEEN == 0 {
+                            entry.flags |= FLAG_SEEN;
+                            maildrop.insert(key, &entry.encode())?;
+                        }
                     }
                 }
                 Ok(removed)
@@ -509,7 +647,7 @@ impl DomainStore {
         // No delivery can add entries now: commits require the account record.
         let stale = self.maildrop_ids(local)?;
         if !stale.is_empty() {
-            let removed = self.unlink_messages(local, &stale, false)?;
+            let removed = self.unlink_messages(local, &stale, &[], false)?;
             self.flush()?;
             self.purge(&removed)?;
         }
@@ -547,10 +685,10 @@ impl DomainStore {
         check_local(local)?;
         let _admin = lock(&self.account_admin);
         let ids = self.maildrop_ids(local)?;
-        let mut removed = self.unlink_messages(local, &ids, true)?;
+        let mut removed = self.unlink_messages(local, &ids, &[], true)?;
         let late = self.maildrop_ids(local)?;
         if !late.is_empty() {
-            removed.extend(self.unlink_messages(local, &late, false)?);
+            removed.extend(self.unlink_messages(local, &late, &[], false)?);
         }
         self.flush()?;
         self.purge(&removed)
@@ -578,8 +716,12 @@ impl DomainStore {
             .scan_prefix(&prefix)
             .map(|entry| {
                 let (key, value) = entry.map_err(|e| self.sled_err(e))?;
-                match (be_u64(&key[prefix.len()..]), be_u64(&value)) {
-                    (Some(id), Some(octets)) => Ok(MessageMeta { id, octets }),
+                match (be_u64(&key[prefix.len()..]), MaildropEntry::decode(&value)) {
+                    (Some(id), Some(entry)) => Ok(MessageMeta {
+                        id,
+                        octets: entry.octets,
+                        seen: entry.flags & FLAG_SEEN != 0,
+                    }),
                     _ => Err(StoreError::Corrupt(format!(
                         "bad maildrop entry of {local}@{} in {}",
                         self.name, self.path
@@ -640,14 +782,20 @@ impl DomainStore {
         })
     }
 
-    /// Deletes messages of `local` in one atomic batch, then flushes.
+    /// Deletes messages of `local` and marks others seen in one atomic transaction, then
+    /// flushes.
     ///
     /// The maildrop entries disappear together (the POP3 UPDATE commit point); ids not in
     /// the maildrop are ignored. Bodies are removed after the flush; a crash before that
     /// leaves them listed in `trash` for the next open to sweep.
-    pub fn delete_messages(&self, local: &str, ids: &[u64]) -> Result<(), StoreError> {
+    pub fn update_maildrop(
+        &self,
+        local: &str,
+        delete: &[u64],
+        seen: &[u64],
+    ) -> Result<(), StoreError> {
         check_local(local)?;
-        let removed = self.unlink_messages(local, ids, false)?;
+        let removed = self.unlink_messages(local, delete, seen, false)?;
         self.flush()?;
         self.purge(&removed)
     }
@@ -683,11 +831,11 @@ impl DomainStore {
         let (mut messages, mut octets) = (0u64, 0u64);
         for value in self.maildrop.iter().values() {
             let value = value.map_err(|e| self.sled_err(e))?;
-            let size = be_u64(&value).ok_or_else(|| {
+            let entry = MaildropEntry::decode(&value).ok_or_else(|| {
                 StoreError::Corrupt(format!("bad maildrop size in {}", self.path))
             })?;
             messages += 1;
-            octets += size;
+            octets += entry.octets;
         }
         Ok((accounts, messages, octets))
     }
@@ -771,7 +919,8 @@ impl PendingMessage {
                         StoreError::UnknownAccount(local.to_owned()),
                     ));
                 }
-                maildrop.insert(maildrop_key(local, id), &octets.to_be_bytes())?;
+                let entry = MaildropEntry { octets, flags: 0 };
+                maildrop.insert(maildrop_key(local, id), &entry.encode())?;
                 pending.remove(&id_key(id))?;
                 Ok(())
             })
@@ -782,7 +931,11 @@ impl PendingMessage {
         drop(total);
         self.committed = true;
         store.flush()?;
-        Ok(MessageMeta { id, octets })
+        Ok(MessageMeta {
+            id,
+            octets,
+            seen: false,
+        })
     }
 }
 
@@ -900,7 +1053,7 @@ mod tests {
             70_100,
             "kept current by commits"
         );
-        store.delete_messages("joe", &[a.id]).unwrap();
+        store.update_maildrop("joe", &[a.id], &[]).unwrap();
         assert_eq!(
             store.stored_octets().unwrap(),
             70_000,
@@ -1081,7 +1234,8 @@ mod tests {
                     meta,
                     MessageMeta {
                         id,
-                        octets: size as u64
+                        octets: size as u64,
+                        seen: false,
                     }
                 );
                 assert_eq!(read_all(&store, meta.id), data, "size {size} piece {piece}");
@@ -1145,7 +1299,7 @@ mod tests {
             for i in 0..3 {
                 seen.push(deliver(&store, "u", &pattern(i, i)).id);
             }
-            store.delete_messages("u", &seen[1..]).unwrap();
+            store.update_maildrop("u", &seen[1..], &[]).unwrap();
             seen.push(deliver(&store, "u", b"x").id);
             // A discarded delivery consumes its id too.
             let discarded = store.begin_message("u").unwrap();
@@ -1179,7 +1333,7 @@ mod tests {
         let chunks_before = body_chunks(&store);
         // Unknown ids and another account's id are ignored, duplicates are harmless.
         store
-            .delete_messages("alice", &[a[1].id, 999_999, b.id, a[3].id, a[1].id])
+            .update_maildrop("alice", &[a[1].id, 999_999, b.id, a[3].id, a[1].id], &[])
             .unwrap();
         assert_eq!(store.snapshot("alice").unwrap(), vec![a[0], a[2]]);
         assert_eq!(store.snapshot("bob").unwrap(), vec![b]);
@@ -1189,11 +1343,11 @@ mod tests {
         assert_eq!(read_all(&store, a[2].id), pattern(CHUNK_SIZE + 2, 2));
         assert_eq!(body_chunks(&store), chunks_before - 4);
         assert!(store.trash.is_empty());
-        store.delete_messages("alice", &[]).unwrap();
-        store.delete_messages("nobody", &[a[0].id]).unwrap();
+        store.update_maildrop("alice", &[], &[]).unwrap();
+        store.update_maildrop("nobody", &[a[0].id], &[]).unwrap();
         assert_eq!(store.snapshot("alice").unwrap(), vec![a[0], a[2]]);
         assert!(matches!(
-            store.delete_messages("Alice", &[a[0].id]),
+            store.update_maildrop("Alice", &[a[0].id], &[]),
             Err(StoreError::InvalidAddress(_))
         ));
     }
@@ -1211,7 +1365,7 @@ mod tests {
             gone = deliver(&store, "u", &pattern(CHUNK_SIZE * 2, 2));
             // The commit point of a delete without its body removal: a crash right after.
             assert_eq!(
-                store.unlink_messages("u", &[gone.id], false).unwrap(),
+                store.unlink_messages("u", &[gone.id], &[], false).unwrap(),
                 vec![gone.id]
             );
             store.flush().unwrap();
@@ -1484,5 +1638,124 @@ mod tests {
         assert_eq!(store.snapshot("u").unwrap(), vec![meta]);
         assert_eq!(read_all(&store, meta.id), data);
         assert_eq!(store.usage().unwrap(), (1, 1, data.len() as u64));
+    }
+
+    #[test]
+    fn seen_marks_are_kept_with_the_deletions_of_one_update() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("u", &account(1)).unwrap();
+        let m: Vec<MessageMeta> = (0..4)
+            .map(|i| deliver(&store, "u", &[b'x'; 10][..i + 1]))
+            .collect();
+        assert!(store.snapshot("u").unwrap().iter().all(|e| !e.seen));
+        // Deleted and seen in one update: the deletion wins; unknown ids are ignored.
+        store
+            .update_maildrop("u", &[m[1].id], &[m[0].id, m[1].id, m[2].id, 999])
+            .unwrap();
+        let after = store.snapshot("u").unwrap();
+        let seen: Vec<(u64, bool)> = after.iter().map(|e| (e.id, e.seen)).collect();
+        assert_eq!(
+            seen,
+            vec![(m[0].id, true), (m[2].id, true), (m[3].id, false)]
+        );
+        // Marking again changes nothing; sizes and usage are untouched by the flags.
+        store.update_maildrop("u", &[], &[m[0].id]).unwrap();
+        assert_eq!(store.snapshot("u").unwrap(), after);
+        assert_eq!(store.usage().unwrap(), (1, 3, 1 + 3 + 4));
+    }
+
+    /// Writes what format 1 wrote: maildrop values of 8 bytes, no `meta` tree.
+    fn write_format_1(path: &Path, messages: &[(u64, &[u8])]) {
+        let db = sled::Config::new().path(path).open().unwrap();
+        let accounts = db.open_tree("accounts").unwrap();
+        accounts
+            .insert("u", serde_json::to_vec(&account(0x0102_0304)).unwrap())
+            .unwrap();
+        let maildrop = db.open_tree("maildrop").unwrap();
+        let bodies = db.open_tree("bodies").unwrap();
+        for (id, body) in messages {
+            maildrop
+                .insert(maildrop_key("u", *id), &(body.len() as u64).to_be_bytes())
+                .unwrap();
+            bodies.insert(chunk_key(*id, 0), *body).unwrap();
+        }
+        db.flush().unwrap();
+    }
+
+    #[test]
+    fn a_format_1_store_is_upgraded_once_and_keeps_every_message() {
+        let tmp = TempDir::new().unwrap();
+        let path = tmp.path().join("a.org");
+        write_format_1(&path, &[(7, b"first\r\n"), (9, b"second\r\n")]);
+        let store = DomainStore::open("a.org", &path, &StoreOptions::default()).unwrap();
+        assert_eq!(store.format().unwrap(), FORMAT_VERSION);
+        let listed = store.snapshot("u").unwrap();
+        let expected = [(7, 7), (9, 8)].map(|(id, octets)| MessageMeta {
+            id,
+            octets,
+            seen: false,
+        });
+        assert_eq!(listed, expected);
+        assert_eq!(read_all(&store, 9), b"second\r\n");
+        assert_eq!(store.account("u").unwrap().unwrap().uid_nonce, 0x0102_0304);
+        // Written in the new format, recorded, and not upgraded again.
+        store.update_maildrop("u", &[], &[7]).unwrap();
+        drop(store);
+        let store = DomainStore::open("a.org", &path, &StoreOptions::default()).unwrap();
+        assert!(store.snapshot("u").unwrap()[0].seen);
+        assert_eq!(
+            store.meta.get(FORMAT_KEY).unwrap().as_deref(),
+            Some(&FORMAT_VERSION.to_be_bytes()[..])
+        );
+    }
+
+    #[test]
+    fn an_interrupted_upgrade_runs_again_and_a_newer_format_is_refused() {
+        let tmp = TempDir::new().unwrap();
+        let path = tmp.path().join("a.org");
+        write_format_1(&path, &[(1, b"one\r\n"), (2, b"two\r\n")]);
+        {
+            // Half-way: one value rewritten, the version not yet recorded.
+            let db = sled::Config::new().path(&path).open().unwrap();
+            let maildrop = db.open_tree("maildrop").unwrap();
+            let entry = MaildropEntry {
+                octets: 5,
+                flags: 0,
+            };
+            maildrop
+                .insert(maildrop_key("u", 1), &entry.encode())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = DomainStore::open("a.org", &path, &StoreOptions::default()).unwrap();
+        let sizes: Vec<u64> = store
+            .snapshot("u")
+            .unwrap()
+            .iter()
+            .map(|m| m.octets)
+            .collect();
+        assert_eq!(sizes, vec![5, 5]);
+        store
+            .meta
+            .insert(FORMAT_KEY, &(FORMAT_VERSION + 1).to_be_bytes())
+            .unwrap();
+        drop(store);
+        let refused = DomainStore::open("a.org", &path, &StoreOptions::default());
+        assert!(
+            matches!(refused, Err(StoreError::Format { found, .. }) if found == FORMAT_VERSION + 1)
+        );
+    }
+
+    #[test]
+    fn a_new_store_starts_in_the_current_format() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        assert_eq!(
+            store.meta.get(FORMAT_KEY).unwrap().as_deref(),
+            Some(&FORMAT_VERSION.to_be_bytes()[..])
+        );
     }
 }

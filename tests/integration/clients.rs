@@ -2,19 +2,11 @@
 //! mpop, an independent SCRAM-SHA-256 client, and curl (`pop3s://`, `pop3://` with STLS,
 //! plain).
 
-use crate::common::{message, python, require_tool, Options, Server, PASSWORD};
-use sha2::{Digest, Sha256};
+use crate::common::{hex_sha256, message, python, require_tool, Options, Server, PASSWORD};
 use std::process::Command;
 
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("bad JSON from client ({e}): {s}"))
-}
-
-fn hex_sha256(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[test]

@@ -173,7 +173,11 @@ async fn retr_list_uidl_top_are_byte_exact() {
         .iter()
         .all(|u| u.len() <= 70 && u.bytes().all(|b| (0x21..=0x7e).contains(&b))));
     assert_eq!(c.cmd("UIDL 2").await, format!("+OK 2 {}\r\n", uids[1]));
-    assert_eq!(c.cmd("LAST").await, "+OK 2\r\n");
+    // LAST is off by default (`pop3.last`), as in Dovecot: clients fall back to UIDL.
+    assert_eq!(
+        c.cmd("LAST").await,
+        "-ERR LAST is not offered, use UIDL\r\n"
+    );
     for bad in [
         "RETR 0",
         "RETR 3",

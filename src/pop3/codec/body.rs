@@ -93,6 +93,8 @@ pub struct BodyEncoder {
     line: LineState,
     tail: Tail,
     limit: Limit,
+    /// TOP's limit left input unsent.
+    cut: bool,
 }
 
 impl BodyEncoder {
@@ -103,6 +105,7 @@ impl BodyEncoder {
             line: LineState::Start,
             tail: Tail::Crlf,
             limit: Limit::All,
+            cut: false,
         }
     }
 
@@ -114,6 +117,7 @@ impl BodyEncoder {
             line: LineState::Start,
             tail: Tail::Crlf,
             limit: Limit::Header { body_lines: lines },
+            cut: false,
         }
     }
 
@@ -140,7 +144,14 @@ impl BodyEncoder {
                 self.line = self.line.after(segment);
             }
         }
+        self.cut |= !rest.is_empty();
         self.limit != Limit::Done
+    }
+
+    /// Whether TOP's limit left some of the input given so far unsent. With every chunk
+    /// of a message given and nothing cut, the client got the whole message.
+    pub fn cut(&self) -> bool {
+        self.cut
     }
 
     /// Ends the multi-line reply: CRLF if the output did not end a line, then `.` CRLF.
@@ -307,6 +318,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn cut_tells_whether_top_sent_everything() {
+        let message = b"A: b\r\n\r\none\r\ntwo\r\n";
+        for (lines, cut) in [(0, true), (1, true), (2, false), (99, false)] {
+            let mut enc = BodyEncoder::top(lines, BodyOptions::default());
+            enc.encode(message, &mut BytesMut::new());
+            assert_eq!(enc.cut(), cut, "TOP {lines}");
+        }
+        let mut enc = BodyEncoder::full(BodyOptions::default());
+        enc.encode(message, &mut BytesMut::new());
+        assert!(!enc.cut());
     }
 
     #[test]

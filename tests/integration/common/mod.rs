@@ -76,6 +76,8 @@ pub struct Options {
     pub max_connections_per_ip: usize,
     pub max_bad_commands: u32,
     pub replace_nul: bool,
+    /// `pop3.last`: LAST from persistent seen marks.
+    pub last: bool,
     pub shutdown_grace_secs: u64,
     pub max_auth_failures_per_ip: u32,
     pub max_auth_failures_per_account: u32,
@@ -103,6 +105,7 @@ impl Default for Options {
             max_connections_per_ip: 100,
             max_bad_commands: 10,
             replace_nul: false,
+            last: false,
             shutdown_grace_secs: 5,
             listen_host: "127.0.0.1".into(),
             max_auth_failures_per_ip: 1000,
@@ -263,6 +266,7 @@ tls_listen = "{host}:0"
 allow_plaintext_auth = {plain}
 apop = {apop}
 replace_nul = {nul}
+last = {last}
 
 [lmtp]
 listen = "{lmtp}"
@@ -310,6 +314,7 @@ scram_iterations = 4096
             plain = opts.allow_plaintext_auth,
             apop = opts.apop,
             nul = opts.replace_nul,
+            last = opts.last,
             cert = cert.display(),
             key = key.display(),
             org_cert = org_cert.display(),
@@ -837,6 +842,15 @@ pub async fn fetch_all(server: &Server, user: &str) -> Vec<Vec<u8>> {
     }
     assert!(c.cmd("QUIT").await.starts_with("+OK"));
     out
+}
+
+/// The SHA-256 of `data` in lower-case hex.
+pub fn hex_sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Runs a Python client script from `tests/clients/` with arguments; returns stdout and
