@@ -19,7 +19,7 @@ use crate::provision::{Plan, ProvisionError};
 use crate::redis_conn::{RedisConn, RedisConnError};
 use crate::server::{self, Listeners, ServerError, Services};
 use crate::smtp;
-use crate::store::{Directory, StoreError, StoreOptions};
+use crate::store::{Directory, StoreError, StoreOptions, Usage};
 use crate::throttle::{self, Throttle};
 use crate::tls::{self, CertPaths, TlsError, TlsManager};
 use std::net::SocketAddr;
@@ -367,25 +367,32 @@ fn load_or_create_secret(path: &Path) -> Result<[u8; 32], AppError> {
     Ok(secret)
 }
 
-/// Domains whose storage gauges are recounted per housekeeping tick, so a tick's work
-/// is bounded however many domains are open.
+/// Open domain stores whose storage gauges are refreshed per housekeeping tick, so a
+/// tick's work is bounded however many domains are open (a store counts its usage once,
+/// then keeps it current, but recounts after removals).
 const STORAGE_DOMAINS_PER_TICK: usize = 4;
 
-/// Recounts the storage gauges of at most `STORAGE_DOMAINS_PER_TICK` open domain stores
-/// per tick, round-robin.
+/// The per-domain storage gauges of every hosted domain.
 ///
-/// Only open stores are counted: opening a store to count it would cost a thread and a
-/// cache, and while the server runs a closed store cannot change, so its last count
-/// stays true. A domain gets gauges after its first use since start.
+/// Open stores are refreshed round-robin, at most `STORAGE_DOMAINS_PER_TICK` per tick,
+/// and record their usage in their directory when it changed. A closed store cannot
+/// change while the server runs, so its gauges are set from the usage it recorded when
+/// it was last closed, once per close; a domain that never recorded one (a store of an older
+/// release) is opened once to be counted, and records its usage when it closes again.
 #[derive(Default)]
 struct StorageGauges {
-    /// The last domain counted; the next tick starts after it.
+    /// The last open domain refreshed; the next tick starts after it.
     cursor: String,
+    /// Closed domains whose gauges are set from their recorded usage.
+    from_record: std::collections::BTreeSet<String>,
 }
 
 impl StorageGauges {
-    /// Blocking (sled); call from `spawn_blocking`.
+    /// Blocking (sled, files); call from `spawn_blocking`.
     fn tick(&mut self, directory: &Directory, metrics: &Metrics) {
+        let set = |name: &str, u: Usage| {
+            metrics.set_domain_storage(name, u.accounts, u.messages, u.octets)
+        };
         let open = directory.open_domains();
         // `open` is sorted by name: continue after the cursor, wrapping around.
         let start = open.partition_point(|(name, _)| name.as_str() <= self.cursor.as_str());
@@ -395,15 +402,44 @@ impl StorageGauges {
             .take(STORAGE_DOMAINS_PER_TICK)
             .collect();
         for (name, store) in picked {
-            match store.usage() {
+            match store.record_usage() {
                 // Removed while being counted: `forget_domain` has run or is about to.
                 Ok(_) if !directory.has_domain(name) => {}
-                Ok((accounts, messages, octets)) => {
-                    metrics.set_domain_storage(name, accounts, messages, octets)
-                }
+                Ok(usage) => set(name, usage),
                 Err(e) => warn!(domain = %name, error = %e, "counting domain usage failed"),
             }
             self.cursor.clone_from(name);
+        }
+        let hosted = match directory.list_domains() {
+            Ok(hosted) => hosted,
+            Err(e) => {
+                warn!(error = %e, "listing domains for the storage gauges failed");
+                return;
+            }
+        };
+        let is_open = |d: &str| open.iter().any(|(o, _)| o == d);
+        // A domain open now records its usage again when it closes: read it then.
+        self.from_record
+            .retain(|d| hosted.binary_search(d).is_ok() && !is_open(d));
+        for name in hosted {
+            if self.from_record.contains(&name) || is_open(&name) {
+                continue;
+            }
+            let usage = match directory.recorded_usage(&name) {
+                Some(usage) => usage,
+                None => match directory.domain(&name).and_then(|s| s.record_usage()) {
+                    Ok(usage) => {
+                        info!(domain = %name, "counted a domain that had no recorded usage");
+                        usage
+                    }
+                    Err(e) => {
+                        warn!(domain = %name, error = %e, "counting domain usage failed");
+                        continue;
+                    }
+                },
+            };
+            set(&name, usage);
+            self.from_record.insert(name);
         }
     }
 }
@@ -498,5 +534,59 @@ mod tests {
         gauges.tick(&directory, &m);
         assert!(!m.render().contains(&format!("domain=\"{}\"", names[0])));
         assert_eq!(count(&m), 2 + names.len() - 1);
+    }
+
+    #[test]
+    fn every_hosted_domain_gets_gauges_and_closed_ones_stay_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = StoreOptions {
+            idle_close: Duration::ZERO,
+            ..StoreOptions::default()
+        };
+        let directory = Directory::open(dir.path(), opts).expect("dir");
+        for name in ["recorded.example", "unrecorded.example"] {
+            directory.add_domain(name).expect("add");
+        }
+        // One closes after use (recording its usage); the other's record is lost, as
+        // for a store of an older release.
+        let store = directory.domain("recorded.example").expect("open");
+        store
+            .create_account(
+                "u",
+                &crate::store::Account::new(crate::auth::Credentials {
+                    phc: "x".into(),
+                    scram: None,
+                    apop_secret: None,
+                }),
+            )
+            .expect("account");
+        drop(store);
+        assert_eq!(directory.close_idle(), 2);
+        let unrecorded = dir.path().join("domains/unrecorded.example");
+        std::fs::remove_file(unrecorded.join(crate::store::USAGE_FILE)).expect("rm");
+
+        let m = Metrics::new("local").expect("metrics");
+        let mut gauges = StorageGauges::default();
+        gauges.tick(&directory, &m);
+        let text = m.render();
+        assert!(
+            text.contains("mailgate_domain_accounts{domain=\"recorded.example\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailgate_domain_messages{domain=\"unrecorded.example\"} 0"),
+            "{text}"
+        );
+        // Only the store without a record was opened, to be counted.
+        let open: Vec<String> = directory
+            .open_domains()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(open, vec!["unrecorded.example".to_owned()]);
+        assert_eq!(directory.close_idle(), 1);
+        assert!(directory.recorded_usage("unrecorded.example").is_some());
+        gauges.tick(&directory, &m);
+        assert!(directory.open_domains().is_empty());
     }
 }

@@ -5,7 +5,9 @@
 
 mod sled_store;
 
-pub use sled_store::{Directory, DomainStore, PendingMessage, DOMAINS_DIR, FORMAT_VERSION};
+pub use sled_store::{
+    Directory, DomainStore, PendingMessage, DOMAINS_DIR, FORMAT_VERSION, USAGE_FILE,
+};
 
 pub use crate::wire::address::{validate_domain, validate_local, Address, AddressError};
 
@@ -108,6 +110,15 @@ impl Account {
             quota_bytes: None,
         }
     }
+}
+
+/// What a domain holds: the figures of the per-domain gauges and of domain quotas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub accounts: u64,
+    pub messages: u64,
+    /// Total message octets.
+    pub octets: u64,
 }
 
 /// One message in a maildrop, as a session snapshot lists it.

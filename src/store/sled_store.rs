@@ -21,12 +21,17 @@
 //! - 1 (no `meta` tree): maildrop values are the octets alone (8 bytes).
 //! - 2: maildrop values carry a flags byte; `meta` records the format.
 //!
+//! Beside sled's files, `USAGE_FILE` in the domain's directory records the domain's
+//! accounts, messages and octets as of its last close (or housekeeping pass), so the
+//! per-domain gauges of a closed store can be read without opening it.
+//!
 //! Big-endian keys make sled's byte order the numeric order, so a maildrop prefix scan
 //! yields delivery order and a body prefix scan yields chunk order. `pending` and `trash`
 //! are what make crashes harmless: whatever they list is swept when the store is opened.
 
 use super::{
-    validate_domain, validate_local, Account, MessageMeta, StoreError, StoreOptions, CHUNK_SIZE,
+    validate_domain, validate_local, Account, MessageMeta, StoreError, StoreOptions, Usage,
+    CHUNK_SIZE,
 };
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::{Batch, Db, Tree};
@@ -44,6 +49,8 @@ pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"format";
 /// Maildrop entry flag: retrieved in a session that ended in UPDATE (for LAST).
 const FLAG_SEEN: u8 = 1;
+/// The domain's usage as last recorded, in its directory beside sled's files.
+pub const USAGE_FILE: &str = "mailgate-usage.json";
 /// Maildrop entries rewritten per batch while upgrading a store.
 const UPGRADE_BATCH: usize = 10_000;
 
@@ -85,11 +92,13 @@ pub struct DomainStore {
     /// Serialises account creation and removal, which scan the maildrop before their
     /// atomic step; deliveries do not take it.
     account_admin: Mutex<()>,
-    /// Total octets in the maildrop tree, for domain quotas: counted on first use, kept
-    /// up to date by commits, forgotten (recounted next time) when messages are removed.
-    /// Held across the maildrop transactions that change it, so a count never misses
-    /// or double-counts a commit.
-    octets: Mutex<Option<u64>>,
+    /// Accounts, messages and octets of the domain (octets for domain quotas, all three
+    /// for the gauges): counted on first use, kept up to date by commits, forgotten
+    /// (recounted next time) when messages or accounts are removed or added. Held across
+    /// the transactions that change it, so a count never misses or double-counts one.
+    usage: Mutex<Option<Usage>>,
+    /// What `USAGE_FILE` holds, so it is rewritten only when the figures changed.
+    recorded: Mutex<Option<Usage>>,
     /// Lets `begin_message` hand its `PendingMessage` a strong reference, so a store with
     /// a delivery in progress counts as in use and is never closed under it.
     me: Weak<DomainStore>,
@@ -267,6 +276,13 @@ impl Directory {
         idle.len()
     }
 
+    /// The usage a domain's store recorded when it was last closed (or recorded by
+    /// housekeeping), read without opening the store; `None` when it never recorded one.
+    pub fn recorded_usage(&self, name: &str) -> Option<Usage> {
+        let name = validate_domain(name).ok()?;
+        read_usage_file(&self.root.join(name))
+    }
+
     /// The open domain stores, sorted by name (for metrics that must not open stores).
     pub fn open_domains(&self) -> Vec<(String, Arc<DomainStore>)> {
         let mut out: Vec<_> = lock(&self.open)
@@ -415,7 +431,8 @@ impl DomainStore {
             trash,
             meta,
             account_admin: Mutex::new(()),
-            octets: Mutex::new(None),
+            usage: Mutex::new(None),
+            recorded: Mutex::new(read_usage_file(path)),
             me: me.clone(),
         });
         store.upgrade()?;
@@ -563,8 +580,8 @@ impl DomainStore {
         seen: &[u64],
         remove_account: bool,
     ) -> Result<Vec<u64>, StoreError> {
-        let mut octets = lock(&self.octets);
-        *octets = None;
+        let mut usage = lock(&self.usage);
+        *usage = None;
         (&self.accounts, &self.maildrop, &self.trash)
             .transaction(|(accounts, maildrop, trash)| {
                 if remove_account && accounts.remove(local.as_bytes())?.is_none() {
@@ -651,10 +668,15 @@ impl DomainStore {
             self.flush()?;
             self.purge(&removed)?;
         }
+        let mut usage = lock(&self.usage);
         self.accounts
             .compare_and_swap(local, None as Option<&[u8]>, Some(record))
             .map_err(|e| self.sled_err(e))?
             .map_err(|_| StoreError::AccountExists(local.to_owned()))?;
+        if let Some(u) = usage.as_mut() {
+            u.accounts += 1;
+        }
+        drop(usage);
         self.flush()
     }
 
@@ -816,17 +838,43 @@ impl DomainStore {
 
     /// Total message octets of the whole domain, counted once and then kept current.
     pub fn stored_octets(&self) -> Result<u64, StoreError> {
-        let mut octets = lock(&self.octets);
-        if let Some(n) = *octets {
-            return Ok(n);
-        }
-        let (_, _, n) = self.usage()?;
-        *octets = Some(n);
-        Ok(n)
+        Ok(self.usage()?.octets)
     }
 
-    /// Accounts, messages and total message octets of the whole domain (a full scan).
-    pub fn usage(&self) -> Result<(u64, u64, u64), StoreError> {
+    /// Accounts, messages and total message octets of the whole domain: counted once (a
+    /// full scan), then kept current.
+    pub fn usage(&self) -> Result<Usage, StoreError> {
+        let mut usage = lock(&self.usage);
+        if let Some(u) = *usage {
+            return Ok(u);
+        }
+        let counted = self.count_usage()?;
+        *usage = Some(counted);
+        Ok(counted)
+    }
+
+    /// Writes the current usage to `USAGE_FILE` when it differs from what the file holds.
+    /// Counts first if nothing is counted yet.
+    pub fn record_usage(&self) -> Result<Usage, StoreError> {
+        let usage = self.usage()?;
+        let mut recorded = lock(&self.recorded);
+        if *recorded != Some(usage) {
+            let path = Path::new(&self.path).join(USAGE_FILE);
+            let json = serde_json::to_vec(&usage)
+                .map_err(|e| StoreError::Corrupt(format!("cannot encode usage: {e}")))?;
+            crate::fsutil::write_atomically(&path, &json, 0o600).map_err(|source| {
+                StoreError::Io {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+            *recorded = Some(usage);
+        }
+        Ok(usage)
+    }
+
+    /// A full scan of the accounts and the maildrops.
+    fn count_usage(&self) -> Result<Usage, StoreError> {
         let accounts = self.accounts.len() as u64;
         let (mut messages, mut octets) = (0u64, 0u64);
         for value in self.maildrop.iter().values() {
@@ -837,7 +885,11 @@ impl DomainStore {
             messages += 1;
             octets += entry.octets;
         }
-        Ok((accounts, messages, octets))
+        Ok(Usage {
+            accounts,
+            messages,
+            octets,
+        })
     }
 }
 
@@ -848,7 +900,20 @@ impl Drop for DomainStore {
         if let Err(e) = self.flush() {
             tracing::warn!(domain = %self.name, error = %e, "flush on close failed");
         }
+        // A store closed while its domain is removed has no directory to record into.
+        if Path::new(&self.path).is_dir() {
+            if let Err(e) = self.record_usage() {
+                tracing::warn!(domain = %self.name, error = %e, "recording usage on close failed");
+            }
+        }
     }
+}
+
+/// The usage `USAGE_FILE` in the store directory `path` records, if it is there and
+/// readable.
+fn read_usage_file(path: &Path) -> Option<Usage> {
+    let bytes = std::fs::read(path.join(USAGE_FILE)).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 impl PendingMessage {
@@ -911,7 +976,7 @@ impl PendingMessage {
             self.store_chunk()?;
         }
         let (local, id, octets) = (self.local.as_str(), self.id, self.octets);
-        let mut total = lock(&store.octets);
+        let mut total = lock(&store.usage);
         (&store.accounts, &store.maildrop, &store.pending)
             .transaction(|(accounts, maildrop, pending)| {
                 if accounts.get(local)?.is_none() {
@@ -926,7 +991,8 @@ impl PendingMessage {
             })
             .map_err(|e| store.txn_err(e))?;
         if let Some(t) = total.as_mut() {
-            *t += octets;
+            t.messages += 1;
+            t.octets += octets;
         }
         drop(total);
         self.committed = true;
@@ -1023,6 +1089,12 @@ mod tests {
         }
     }
 
+    /// A full count of (accounts, messages, octets).
+    fn counts(store: &DomainStore) -> (u64, u64, u64) {
+        let u = store.count_usage().unwrap();
+        (u.accounts, u.messages, u.octets)
+    }
+
     fn body_chunks(store: &DomainStore) -> usize {
         store.bodies.len()
     }
@@ -1067,7 +1139,11 @@ mod tests {
         assert_eq!(store.stored_octets().unwrap(), 70_005);
         store.remove_account("ann").unwrap();
         assert_eq!(store.stored_octets().unwrap(), 5);
-        assert_eq!(store.usage().unwrap().2, 5, "the same as a full count");
+        assert_eq!(
+            store.count_usage().unwrap().octets,
+            5,
+            "the same as a full count"
+        );
     }
 
     #[test]
@@ -1250,7 +1326,7 @@ mod tests {
             store.maildrop_usage("u").unwrap(),
             (expected.len() as u64, total)
         );
-        assert_eq!(store.usage().unwrap(), (1, expected.len() as u64, total));
+        assert_eq!(counts(&store), (1, expected.len() as u64, total));
     }
 
     #[test]
@@ -1418,7 +1494,7 @@ mod tests {
         assert_eq!(body_chunks(&store), 0, "swept at open");
         assert!(store.pending.is_empty());
         assert!(store.snapshot("u").unwrap().is_empty());
-        assert_eq!(store.usage().unwrap(), (1, 0, 0));
+        assert_eq!(counts(&store), (1, 0, 0));
     }
 
     #[test]
@@ -1490,7 +1566,7 @@ mod tests {
         store.update_account("u", &account(5)).unwrap();
         assert_eq!(store.account("u").unwrap().unwrap().uid_nonce, 5);
         assert_eq!(store.list_accounts().unwrap(), vec!["alice", "u", "zed"]);
-        assert_eq!(store.usage().unwrap(), (3, 0, 0));
+        assert_eq!(counts(&store), (3, 0, 0));
         for bad in ["", "U", "a\0b", "a b", "a/b", ".x", "a@b"] {
             assert!(
                 matches!(store.account(bad), Err(StoreError::InvalidAddress(_))),
@@ -1637,7 +1713,7 @@ mod tests {
         assert_eq!(store.account("u").unwrap().unwrap().uid_nonce, 42);
         assert_eq!(store.snapshot("u").unwrap(), vec![meta]);
         assert_eq!(read_all(&store, meta.id), data);
-        assert_eq!(store.usage().unwrap(), (1, 1, data.len() as u64));
+        assert_eq!(counts(&store), (1, 1, data.len() as u64));
     }
 
     #[test]
@@ -1663,7 +1739,7 @@ mod tests {
         // Marking again changes nothing; sizes and usage are untouched by the flags.
         store.update_maildrop("u", &[], &[m[0].id]).unwrap();
         assert_eq!(store.snapshot("u").unwrap(), after);
-        assert_eq!(store.usage().unwrap(), (1, 3, 1 + 3 + 4));
+        assert_eq!(counts(&store), (1, 3, 1 + 3 + 4));
     }
 
     /// Writes what format 1 wrote: maildrop values of 8 bytes, no `meta` tree.
@@ -1757,5 +1833,42 @@ mod tests {
             store.meta.get(FORMAT_KEY).unwrap().as_deref(),
             Some(&FORMAT_VERSION.to_be_bytes()[..])
         );
+    }
+
+    #[test]
+    fn usage_is_kept_current_and_recorded_beside_the_store() {
+        let tmp = TempDir::new().unwrap();
+        let dir = Directory::open(tmp.path(), opts(Duration::ZERO)).unwrap();
+        dir.add_domain("a.org").unwrap();
+        assert_eq!(dir.recorded_usage("a.org"), None);
+        {
+            let store = dir.domain("a.org").unwrap();
+            let empty = store.usage().unwrap();
+            assert_eq!((empty.accounts, empty.messages, empty.octets), (0, 0, 0));
+            store.create_account("u", &account(1)).unwrap();
+            store.create_account("v", &account(2)).unwrap();
+            let m = deliver(&store, "u", b"12345");
+            deliver(&store, "v", b"123");
+            // Kept current from the first count on, and equal to a fresh count.
+            assert_eq!(store.usage().unwrap(), store.count_usage().unwrap());
+            store.update_maildrop("u", &[m.id], &[]).unwrap();
+            store.remove_account("v").unwrap();
+            assert_eq!(store.usage().unwrap(), store.count_usage().unwrap());
+            assert_eq!(counts(&store), (1, 0, 0));
+            deliver(&store, "u", b"1234567");
+            assert_eq!(store.usage().unwrap(), store.count_usage().unwrap());
+        }
+        // Closing records it; it is read back without opening the store.
+        assert_eq!(dir.close_idle(), 1);
+        let recorded = dir.recorded_usage("a.org").expect("recorded at close");
+        assert_eq!(
+            (recorded.accounts, recorded.messages, recorded.octets),
+            (1, 1, 7)
+        );
+        assert!(dir.open_domains().is_empty());
+        assert_eq!(dir.recorded_usage("../a.org"), None);
+        // A damaged record is no record.
+        std::fs::write(tmp.path().join("domains/a.org").join(USAGE_FILE), "{").unwrap();
+        assert_eq!(dir.recorded_usage("a.org"), None);
     }
 }

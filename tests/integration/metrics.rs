@@ -156,6 +156,35 @@ async fn busy_server() -> Server {
     server
 }
 
+#[test]
+fn every_hosted_domain_has_storage_gauges_after_a_restart() {
+    let mut server = Server::start();
+    let tenants = ["a.example", "b.example", "c.example"];
+    for (i, domain) in tenants.into_iter().enumerate() {
+        let user = format!("joe@{domain}");
+        server.with_user(&user);
+        for n in 0..i {
+            server.deliver(&user, &common::message(&format!("m{n}"), 1));
+        }
+    }
+    // After a restart no store is open; every tenant still gets its series at the first
+    // housekeeping pass, with what it holds.
+    assert!(server.stop().success());
+    server.spawn();
+    let samples = scrape_until(server.metrics, "storage gauges of every tenant", |s| {
+        tenants
+            .iter()
+            .all(|d| s.has("mailgate_domain_messages", &[("domain", d)]))
+    });
+    for (i, domain) in tenants.into_iter().enumerate() {
+        let labels = [("domain", domain)];
+        assert_eq!(samples.get("mailgate_domain_accounts", &labels), 1.0);
+        assert_eq!(samples.get("mailgate_domain_messages", &labels), i as f64);
+        let octets = samples.get("mailgate_domain_stored_bytes", &labels);
+        assert_eq!(octets > 0.0, i > 0, "{domain}: {octets}");
+    }
+}
+
 #[tokio::test]
 async fn counters_move_by_exactly_the_traffic() {
     let server = Server::start();
