@@ -147,11 +147,8 @@ impl Inner {
             .inspect_err(|_| self.redis_error(metrics::REDIS_RELEASE))
     }
 
-    fn redis_error(&self, operation: &str) {
-        self.metrics
-            .redis_errors
-            .with_label_values(&[operation])
-            .inc();
+    fn redis_error(&self, operation: &'static str) {
+        self.metrics.redis_error(operation);
     }
 
     /// Marks the lock lost once: the session sees `lost` and ends without UPDATE.

@@ -277,7 +277,14 @@ pub struct LockMetrics {
     /// TTL renewals that failed (the lock may be lost); Redis backend only.
     pub renewals_failed: IntCounter,
     /// Redis commands that failed, by operation (`REDIS_*`); Redis backend only.
-    pub redis_errors: IntCounterVec,
+    redis_errors: IntCounterVec,
+}
+
+impl LockMetrics {
+    /// Counts a failed Redis command; `operation` is a `REDIS_*`.
+    pub fn redis_error(&self, operation: &'static str) {
+        self.redis_errors.with_label_values(&[operation]).inc();
+    }
 }
 
 /// Handles to every metric, registered once in one registry.
