@@ -94,6 +94,7 @@ pub mod exit {
     pub const NOUSER: u8 = 67;
     pub const SOFTWARE: u8 = 70;
     pub const TEMPFAIL: u8 = 75;
+    pub const CONFIG: u8 = 78;
 }
 
 /// The store's error as the operator reads it, with what to do when the store's own

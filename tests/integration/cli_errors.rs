@@ -286,8 +286,12 @@ fn deliver_without_recipients_is_a_usage_error() {
     let out = server.cli(&["deliver"], &message("x", 1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
+    // Once in the error, once in the usage line under it.
     assert_eq!(stderr.matches("<RECIPIENTS>").count(), 2, "{stderr}");
-    assert!(stderr.contains("required arguments were not provided"), "{stderr}");
+    assert!(
+        stderr.contains("required arguments were not provided"),
+        "{stderr}"
+    );
 }
 
 /// Configuration mistakes: a missing file, a file that is not TOML, a bad value.
