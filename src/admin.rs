@@ -94,16 +94,36 @@ pub mod exit {
     pub const NOUSER: u8 = 67;
     pub const SOFTWARE: u8 = 70;
     pub const TEMPFAIL: u8 = 75;
+    pub const CONFIG: u8 = 78;
 }
 
+/// The store's error as the operator reads it, with what to do when the store's own
+/// text does not say it, and its exit code.
 fn store_failure(e: StoreError) -> Response {
-    let code = match e {
-        StoreError::InvalidDomain(_) | StoreError::InvalidAddress(_) => exit::DATAERR,
-        StoreError::UnknownDomain(_) | StoreError::UnknownAccount(_) => exit::NOUSER,
-        StoreError::DomainExists(_) | StoreError::AccountExists(_) => exit::DATAERR,
-        _ => exit::TEMPFAIL,
+    let (code, expected) = match e {
+        StoreError::InvalidDomain(_) | StoreError::InvalidAddress(_) => (exit::DATAERR, ""),
+        StoreError::UnknownDomain(_) => (
+            exit::NOUSER,
+            ": expected a hosted domain (see mailgate domain list)",
+        ),
+        StoreError::UnknownAccount(_) => (
+            exit::NOUSER,
+            ": expected an existing account (see mailgate user list)",
+        ),
+        StoreError::DomainExists(_) | StoreError::AccountExists(_) => (exit::DATAERR, ""),
+        _ => (exit::TEMPFAIL, ""),
     };
-    Response::fail(e.to_string(), code)
+    Response::fail(format!("{e}{expected}"), code)
+}
+
+/// Like `store_failure`, for errors about the account `address`: the store names an
+/// account by its local part, the operator typed the whole address.
+fn account_failure(address: &Address, e: StoreError) -> Response {
+    store_failure(match e {
+        StoreError::UnknownAccount(_) => StoreError::UnknownAccount(address.to_string()),
+        StoreError::AccountExists(_) => StoreError::AccountExists(address.to_string()),
+        e => e,
+    })
 }
 
 /// Loads an existing account, changes it with `edit` and stores it back.
@@ -118,8 +138,12 @@ fn edit_account(
         .account(&address.local)?
         .ok_or_else(|| StoreError::UnknownAccount(address.to_string()))?;
     edit(&mut account);
-    store.update_account(&address.local, &account)?;
-    Ok((address, store))
+    match store.update_account(&address.local, &account) {
+        Ok(()) => Ok((address, store)),
+        // Removed since it was read.
+        Err(StoreError::UnknownAccount(_)) => Err(StoreError::UnknownAccount(address.to_string())),
+        Err(e) => Err(e),
+    }
 }
 
 fn delivery_failure(e: DeliveryError) -> Response {
@@ -161,7 +185,7 @@ pub fn execute(
                 let account = Account::new(credentials);
                 store
                     .create_account(&address.local, &account)
-                    .map_err(store_failure)?;
+                    .map_err(|e| account_failure(&address, e))?;
                 Ok(vec![format!("user {address} added")])
             }
             Request::UserPasswd {
@@ -178,7 +202,7 @@ pub fn execute(
                     .map_err(store_failure)?;
                 let (_, used) = store
                     .maildrop_usage(&address.local)
-                    .map_err(store_failure)?;
+                    .map_err(|e| account_failure(&address, e))?;
                 let limit = match bytes {
                     None => "the configured default".to_owned(),
                     Some(0) => "unlimited".to_owned(),
@@ -193,7 +217,7 @@ pub fn execute(
                 let store = directory.domain(&address.domain).map_err(store_failure)?;
                 store
                     .remove_account(&address.local)
-                    .map_err(store_failure)?;
+                    .map_err(|e| account_failure(&address, e))?;
                 Ok(vec![format!("user {address} removed")])
             }
             Request::UserList { domain } => {

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("configuration file {0} does not exist")]
+    #[error(
+        "configuration file {0} does not exist: expected --config or MAILGATE_CONFIG to name an existing file"
+    )]
     MissingFile(PathBuf),
     #[error("invalid configuration: {0}")]
     Figment(Box<figment::Error>),

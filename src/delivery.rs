@@ -7,6 +7,7 @@
 use crate::config::DeliveryConfig;
 use crate::metrics::{self, Metrics};
 use crate::store::{Account, Address, Directory, DomainStore, PendingMessage, StoreError};
+use crate::wire::address::ADDRESS_EXPECTED;
 use crate::wire::{CrlfNormalizer, POSTMASTER};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -35,7 +36,7 @@ pub enum Verdict {
 /// Why a recipient was refused before anything was stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum RecipientError {
-    #[error("{0}: malformed address")]
+    #[error("invalid address {0:?}: {ADDRESS_EXPECTED}")]
     Malformed(String),
     #[error("{0}: no such user here")]
     UnknownUser(String),
@@ -47,7 +48,7 @@ pub enum RecipientError {
 pub enum DeliveryError {
     #[error("no recipients")]
     NoRecipients,
-    #[error("invalid sender address {0:?}")]
+    #[error("invalid sender address {0:?}: {ADDRESS_EXPECTED}")]
     BadSender(String),
     #[error("recipient refused: {0}")]
     Recipient(#[from] RecipientError),

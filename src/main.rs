@@ -6,12 +6,12 @@ use clap::{Args, Parser, Subcommand};
 use mailgate::admin::{self, exit, Request, Response};
 use mailgate::app::{self, default_cert_paths, domain_cert_paths};
 use mailgate::auth::{self, Credentials};
-use mailgate::config::{Config, LockBackendKind};
+use mailgate::config::{Config, ConfigError, LockBackendKind};
 use mailgate::delivery::Quotas;
 use mailgate::provision::Plan;
 use mailgate::redis_conn::RedisConn;
 use mailgate::server;
-use mailgate::store::Address;
+use mailgate::store::{Address, AddressError};
 use mailgate::tls::{self, TlsManager};
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
@@ -107,13 +107,56 @@ enum UserCmd {
     },
 }
 
+/// A mistake in the arguments or in what was piped in, found before any request runs.
+/// Each text names the offending value once and says what was expected.
+#[derive(Debug, thiserror::Error)]
+enum Mistake {
+    #[error(
+        "quota {0:?}: expected octets with an optional K, M, G or T suffix, `unlimited` or `default`"
+    )]
+    QuotaSyntax(String),
+    #[error("quota {0:?}: expected a size above 0, or `unlimited` for no limit")]
+    QuotaZero(String),
+    #[error("quota {0:?} is too large: at most {max} octets", max = u64::MAX)]
+    QuotaTooLarge(String),
+    #[error("missing password: pass --password-stdin and write the password to stdin")]
+    NoPasswordStdin,
+    #[error("empty password on stdin: expected the password on its first line")]
+    EmptyPassword,
+}
+
+impl Mistake {
+    /// sysexits(3): a wrong argument is a usage error, an empty password bad input.
+    fn exit_code(&self) -> u8 {
+        match self {
+            Mistake::EmptyPassword => exit::DATAERR,
+            _ => exit::USAGE,
+        }
+    }
+}
+
+/// The exit status for an error that stopped a command: the sysexits code of the
+/// mistake it reports, 1 for anything else.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(m) = e.downcast_ref::<Mistake>() {
+        m.exit_code()
+    } else if e.is::<AddressError>() {
+        exit::DATAERR
+    } else if e.is::<ConfigError>() {
+        exit::CONFIG
+    } else {
+        1
+    }
+}
+
 /// Parses `mailgate user quota`'s limit: `None` for `default`, `Some(0)` for `unlimited`.
-fn parse_quota(limit: &str) -> Result<Option<u64>> {
+fn parse_quota(limit: &str) -> Result<Option<u64>, Mistake> {
     match limit.to_ascii_lowercase().as_str() {
         "default" => return Ok(None),
         "unlimited" => return Ok(Some(0)),
         _ => {}
     }
+    let syntax = || Mistake::QuotaSyntax(limit.to_owned());
     let (digits, unit) = match limit.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (&limit[..i], c.to_ascii_uppercase()),
         _ => (limit, 'B'),
@@ -124,16 +167,18 @@ fn parse_quota(limit: &str) -> Result<Option<u64>> {
         'M' => 20,
         'G' => 30,
         'T' => 40,
-        _ => bail!("quota {limit:?}: unit must be K, M, G or T"),
+        _ => return Err(syntax()),
     };
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("quota {limit:?}: not a number of octets"))?;
-    let bytes = n
-        .checked_mul(1u64 << shift)
-        .with_context(|| format!("quota {limit:?} is too large"))?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(syntax());
+    }
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| Mistake::QuotaTooLarge(limit.to_owned()))?;
     if bytes == 0 {
-        bail!("quota 0: use `unlimited` for no limit");
+        return Err(Mistake::QuotaZero(limit.to_owned()));
     }
     Ok(Some(bytes))
 }
@@ -146,7 +191,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("mailgate: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(exit_code(&e))
         }
     }
 }
@@ -219,7 +264,7 @@ fn run(cli: Cli) -> Result<u8> {
 
 /// Reads the password and hashes it here, so it never crosses the admin socket.
 fn credentials(config: &Config, address: &str, args: &PasswordArgs) -> Result<Credentials> {
-    Address::parse(address).with_context(|| format!("invalid address {address:?}"))?;
+    Address::parse(address)?;
     let password = read_password(args.password_stdin)?;
     let mut creds = auth::make_credentials(&password, &config.auth.argon2)?;
     if args.apop {
@@ -232,7 +277,7 @@ fn credentials(config: &Config, address: &str, args: &PasswordArgs) -> Result<Cr
 /// password is never expected on the command line.
 fn read_password(password_stdin: bool) -> Result<String> {
     if !password_stdin {
-        bail!("missing password: pass --password-stdin and write the password to stdin");
+        return Err(Mistake::NoPasswordStdin.into());
     }
     let mut line = String::new();
     std::io::stdin()
@@ -242,7 +287,7 @@ fn read_password(password_stdin: bool) -> Result<String> {
     let password = line.strip_suffix('\n').unwrap_or(&line);
     let password = password.strip_suffix('\r').unwrap_or(password);
     if password.is_empty() {
-        bail!("missing password: stdin was empty");
+        return Err(Mistake::EmptyPassword.into());
     }
     Ok(password.to_owned())
 }

@@ -11,6 +11,8 @@ pub use sled_store::{
 
 pub use crate::wire::address::{validate_domain, validate_local, Address, AddressError};
 
+use crate::wire::address::{ADDRESS_EXPECTED, DOMAIN_EXPECTED};
+
 use crate::auth::Credentials;
 use crate::config::StoreConfig;
 use serde::{Deserialize, Serialize};
@@ -20,9 +22,9 @@ pub const CHUNK_SIZE: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("invalid domain name {0:?}")]
+    #[error("invalid domain name {0:?}: {DOMAIN_EXPECTED}")]
     InvalidDomain(String),
-    #[error("invalid address {0:?}")]
+    #[error("invalid address {0:?}: {ADDRESS_EXPECTED}")]
     InvalidAddress(String),
     #[error("unknown domain {0}")]
     UnknownDomain(String),

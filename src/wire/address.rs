@@ -5,14 +5,22 @@
 /// The reserved local part every mail domain must accept (RFC 5321 §4.5.1).
 pub const POSTMASTER: &str = "postmaster";
 
-/// A name that is not a valid mailbox or domain; carries the start of the input.
+/// A name that is not a valid mailbox or domain; carries the start of the input. The
+/// texts say what a valid name looks like, so callers add nothing to them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressError {
-    #[error("invalid domain name {0:?}")]
+    #[error("invalid domain name {0:?}: {DOMAIN_EXPECTED}")]
     Domain(String),
-    #[error("invalid address {0:?}")]
+    #[error("invalid address {0:?}: {ADDRESS_EXPECTED}")]
     Address(String),
 }
+
+/// What an error about a malformed address tells the operator to give instead.
+pub const ADDRESS_EXPECTED: &str = "expected local@domain";
+
+/// What an error about a malformed domain name tells the operator to give instead.
+pub const DOMAIN_EXPECTED: &str =
+    "expected dot-separated labels of letters, digits and inner hyphens";
 
 /// A validated, lower-cased `local@domain`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

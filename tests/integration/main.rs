@@ -9,6 +9,7 @@
 mod common;
 
 mod cli;
+mod cli_errors;
 mod clients;
 mod config_example;
 mod helm;
