@@ -164,6 +164,15 @@ def expand(value, env):
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), value)
 
 
+def expects_self_signed(values):
+    """Whether mailgate should make its own default certificate: tls.selfSigned when set,
+    otherwise when neither a Secret nor cert-manager names one (no values at all)."""
+    tls = values.get("tls", {})
+    if tls.get("selfSigned") is not None:
+        return tls["selfSigned"]
+    return not (tls.get("secretName") or tls.get("certManager", {}).get("enabled"))
+
+
 def check_release(objects, values, where, repo, out):
     sts = one(objects, "StatefulSet", f"{RELEASE}-mailgate", where)
     cm = one(objects, "ConfigMap", f"{RELEASE}-mailgate", where)
@@ -280,6 +289,15 @@ def check_release(objects, values, where, repo, out):
 
     files = []
     tls = config.get("tls", {})
+    self_signed = expects_self_signed(values)
+    # Self-signed: no certificate paths, so `mailgate serve` makes data_dir/tls/selfsigned.*
+    # on the data volume, which must be the writable claim; nothing mounts a default Secret.
+    check(("cert" in tls) == ("key" in tls) == (not self_signed), where, f"[tls] cert/key {tls.get('cert')!r}/{tls.get('key')!r}, but self-signed={self_signed}")
+    if self_signed:
+        check("tls-default" not in volumes, where, "a default certificate Secret is mounted, though self-signed")
+        data_mount = mounts.get("/var/lib/mailgate", {})
+        check(data_mount.get("name") == "data" and not data_mount.get("readOnly"), where, "the self-signed certificate needs the writable data volume at /var/lib/mailgate")
+        check(not [c for c in find(objects, "Certificate") if c["spec"]["secretName"] == f"{RELEASE}-mailgate-tls"], where, "a default Certificate, though self-signed")
     pairs = []
     if "cert" in tls:
         pairs.append(("default", tls["cert"], tls["key"]))
@@ -388,7 +406,7 @@ def check_release(objects, values, where, repo, out):
             if k in entry:
                 entry[k] = root + entry[k]
     with open(os.path.join(name_dir, "needs.json"), "w") as f:
-        json.dump({"files": files, "redis": redis, "backend": locks.get("backend", "local")}, f, indent=2)
+        json.dump({"files": files, "redis": redis, "backend": locks.get("backend", "local"), "self_signed": self_signed}, f, indent=2)
 
 
 def check_values_file(chart_dir, repo, path, out):
@@ -410,6 +428,12 @@ def check_values_file(chart_dir, repo, path, out):
     key = lambda o: (o["kind"], o["metadata"]["name"])
     check(sorted(map(key, installed)) == sorted(map(key, rendered)), where, "the dry-run install and the render differ")
     check(release["status"] == "pending-install" and release.get("notes"), where, f"dry-run install: {release['status']}, NOTES rendered")
+    notes = release.get("notes") or ""
+    warned = "serves a self-signed one" in notes
+    check(warned == expects_self_signed(values), where, f"NOTES.txt warns of the self-signed certificate: {warned}, expected {expects_self_signed(values)}")
+    if warned:
+        for words in ("for trying the chart", "tls.secretName=", "tls.certManager.enabled=true"):
+            check(words in notes, where, f"NOTES.txt's self-signed warning lacks {words!r}")
     check([h["kind"] for h in hooks] == ["Pod"], where, "one test hook, a Pod")
     for _, o in objects:
         check(o["metadata"].get("namespace") in (NAMESPACE, values.get("metrics", {}).get("dashboard", {}).get("namespace")), where, f"{key(o)} namespace")
@@ -432,7 +456,10 @@ REFUSED = [
     ("a port clash", {"listeners": {"lmtp": {"containerPort": 1995}}}, ["listeners.lmtp.containerPort 1995 is already used by listeners.pop3s.containerPort"]),
     ("a metrics port clash", {"metrics": {"containerPort": 1110}}, ["metrics.containerPort 1110 is already used by listeners.pop3.containerPort"]),
     ("a service port clash", {"listeners": {"smtp": {"enabled": True, "servicePort": 995}}}, ["listeners.smtp.servicePort 995 is already used by listeners.pop3s.servicePort"]),
-    ("no default certificate", {"tls": {"secretName": ""}}, ["tls.secretName: name the existing kubernetes.io/tls Secret"]),
+    ("no default certificate with selfSigned=false", {"tls": {"secretName": "", "selfSigned": False}}, ["tls.selfSigned=false: name the existing kubernetes.io/tls Secret"]),
+    ("selfSigned=true with a Secret", {"tls": {"selfSigned": True}}, ["tls.selfSigned=true cannot be combined with tls.secretName"]),
+    ("selfSigned=true with cert-manager", {"tls": {"secretName": "", "selfSigned": True, "certManager": {"enabled": True, "issuerRef": {"name": "ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}, "dnsNames": ["mail.example.com"]}}}, ["tls.selfSigned=true cannot be combined"]),
+    ("selfSigned of the wrong type", {"tls": {"selfSigned": "yes"}}, ["/tls/selfSigned"]),
     ("a domain without its certificate Secret", {"domains": [{"name": "example.org", "tls": {"dnsNames": ["mail.example.org"]}}]}, ["domains[0] (example.org): tls.secretName"]),
     ("cert-manager without an issuer", {"tls": {"secretName": "", "certManager": {"enabled": True, "dnsNames": ["mail.example.com"]}}}, ["tls.certManager.issuerRef.name"]),
     ("Redis locks without a Redis", {"config": {"locks": {"backend": "redis"}}}, ["config.locks.backend=redis: set redis.external.host"]),

@@ -5,6 +5,8 @@
 //! mailgate.toml is loaded by the real `mailgate check-config`, with the container's
 //! environment (Redis URL expanded the way the kubelet does) and the files the chart
 //! mounts made here: certificates, an accounts file, a Redis CA, a real redis-server.
+//! With no certificate named (no values at all), check-config must say it will make the
+//! self-signed one in the data dir.
 
 use crate::common::redis_server::{RedisOptions, RedisServer};
 use crate::common::{TestCa, BIN};
@@ -195,6 +197,18 @@ fn chart_renders_validates_and_its_config_passes_check_config() {
         if redis.is_some() {
             assert!(text.contains("reachable"), "{name}: {text}");
         }
+        // With no certificate named, serve makes its own in the data dir on the volume.
+        let self_signed = format!(
+            "a self-signed one will be made at {}",
+            dir.join("root/var/lib/mailgate/data/tls/selfsigned.crt")
+                .display()
+        );
+        assert_eq!(
+            text.contains(&self_signed),
+            needs["self_signed"] == true,
+            "{name}: self-signed expected: {}\n{text}",
+            needs["self_signed"]
+        );
         if accounts > 0 {
             assert!(
                 text.contains(&format!("{accounts} account(s) created at start")),

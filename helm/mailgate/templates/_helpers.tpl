@@ -110,6 +110,16 @@ pop3 pop3s smtp lmtp
 {{- . | lower | replace "." "-" | trunc 40 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* mailgate.selfSigned: "true" when mailgate makes its own default certificate: tls.selfSigned=true, or left unset with no Secret and no cert-manager named. */}}
+{{- define "mailgate.selfSigned" -}}
+{{- $tls := .Values.tls -}}
+{{- if kindIs "bool" $tls.selfSigned -}}
+{{- if $tls.selfSigned -}}true{{- end -}}
+{{- else if not (or $tls.secretName $tls.certManager.enabled) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{/* mailgate.defaultTlsSecret: the Secret of the default certificate (empty when self-signed). */}}
 {{- define "mailgate.defaultTlsSecret" -}}
 {{- if .Values.tls.secretName -}}
@@ -169,7 +179,7 @@ pop3 pop3s smtp lmtp
 {{- $_ := set $c "smtp" (dict "listen" (ternary (include "mailgate.listen" (list . $l.smtp.containerPort)) "" $l.smtp.enabled)) -}}
 {{- $_ := set $c "metrics" (dict "listen" (include "mailgate.listen" (list . .Values.metrics.containerPort))) -}}
 {{- $tls := $c.tls | default dict -}}
-{{- if not .Values.tls.selfSigned -}}
+{{- if not (include "mailgate.selfSigned" .) -}}
 {{- $_ := set $tls "cert" "/etc/mailgate/tls/default/tls.crt" -}}
 {{- $_ := set $tls "key" "/etc/mailgate/tls/default/tls.key" -}}
 {{- end -}}
@@ -346,11 +356,12 @@ pop3 pop3s smtp lmtp
 {{- $errors = append $errors "listeners: enable at least one of pop3, pop3s and smtp, or clients cannot reach mailgate" -}}
 {{- end -}}
 {{- $cm := $v.tls.certManager -}}
-{{- if and (not $v.tls.secretName) (not $cm.enabled) (not $v.tls.selfSigned) -}}
-{{- $errors = append $errors "tls.secretName: name the existing kubernetes.io/tls Secret (tls.crt, tls.key) of the default certificate, or set tls.certManager.enabled=true to have cert-manager issue it (tls.selfSigned=true only for trying the chart)" -}}
+{{- $named := or $v.tls.secretName $cm.enabled -}}
+{{- if and (eq (toString $v.tls.selfSigned) "false") (not $named) -}}
+{{- $errors = append $errors "tls.selfSigned=false: name the existing kubernetes.io/tls Secret (tls.crt, tls.key) of the default certificate in tls.secretName, or set tls.certManager.enabled=true to have cert-manager issue it (leave tls.selfSigned unset for a self-signed one, for trying the chart only)" -}}
 {{- end -}}
-{{- if and $v.tls.selfSigned (or $v.tls.secretName $cm.enabled) -}}
-{{- $errors = append $errors "tls.selfSigned cannot be combined with tls.secretName or tls.certManager.enabled" -}}
+{{- if and (eq (toString $v.tls.selfSigned) "true") $named -}}
+{{- $errors = append $errors "tls.selfSigned=true cannot be combined with tls.secretName or tls.certManager.enabled: leave tls.selfSigned unset to use the certificate named" -}}
 {{- end -}}
 {{- if $cm.enabled -}}
 {{- if not $cm.issuerRef.name -}}
