@@ -2,7 +2,10 @@
 //! mpop, an independent SCRAM-SHA-256 client, and curl (`pop3s://`, `pop3://` with STLS,
 //! plain).
 
-use crate::common::{hex_sha256, message, python, require_tool, Options, Server, PASSWORD};
+use crate::common::{
+    count_subjects, hex_sha256, message, python, require_tool, write_private, Options, Server,
+    PASSWORD,
+};
 use std::process::Command;
 
 fn json(s: &str) -> serde_json::Value {
@@ -289,25 +292,6 @@ impl TapMkdir for std::path::PathBuf {
         std::fs::create_dir_all(&self).expect("mkdir");
         self
     }
-}
-
-fn write_private(path: &std::path::Path, text: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("create");
-    std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
-}
-
-/// How many messages in an mbox (or MDA output) carry this exact Subject line.
-fn count_subjects(mbox: &str, subject: &str) -> usize {
-    mbox.lines()
-        .filter(|l| l.trim_end() == format!("Subject: {subject}"))
-        .count()
 }
 
 #[test]

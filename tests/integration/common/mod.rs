@@ -844,6 +844,26 @@ pub async fn fetch_all(server: &Server, user: &str) -> Vec<Vec<u8>> {
     out
 }
 
+/// Writes a file only its owner may read (mail clients refuse rc files others can).
+pub fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .expect("create");
+    std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
+}
+
+/// How many messages in an mbox (or MDA output) carry this exact Subject line.
+pub fn count_subjects(mbox: &str, subject: &str) -> usize {
+    mbox.lines()
+        .filter(|l| l.trim_end() == format!("Subject: {subject}"))
+        .count()
+}
+
 /// The SHA-256 of `data` in lower-case hex.
 pub fn hex_sha256(data: &[u8]) -> String {
     use sha2::Digest;
