@@ -17,10 +17,34 @@ pub enum ConfigError {
         "configuration file {0} does not exist: expected --config or MAILGATE_CONFIG to name an existing file"
     )]
     MissingFile(PathBuf),
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration: {}", describe(.0))]
     Figment(Box<figment::Error>),
     #[error("invalid configuration: `{key}`: {message}")]
     Invalid { key: &'static str, message: String },
+}
+
+/// A figment error as figment words it, except that a file is named as it was given:
+/// figment shows it relative to the working directory when that is shorter, so the same
+/// mistake would read differently depending on where the command ran.
+fn describe(error: &figment::Error) -> String {
+    let each = error.clone().into_iter().map(|e| {
+        let mut text = e.kind.to_string();
+        if let (Some(profile), Some(md)) = (&e.profile, &e.metadata) {
+            if !e.path.is_empty() {
+                text.push_str(&format!(" for key {:?}", md.interpolate(profile, &e.path)));
+            }
+        }
+        match e.metadata.as_ref().map(|md| (md, &md.source)) {
+            Some((md, Some(figment::Source::File(path)))) => {
+                text.push_str(&format!(" in {} {}", path.display(), md.name));
+            }
+            Some((md, Some(source))) => text.push_str(&format!(" in {source} {}", md.name)),
+            Some((md, None)) => text.push_str(&format!(" in {}", md.name)),
+            None => {}
+        }
+        text
+    });
+    each.collect::<Vec<_>>().join("\n")
 }
 
 impl From<figment::Error> for ConfigError {
@@ -1085,6 +1109,32 @@ mod tests {
         Jail::expect_with(|_| {
             let err = load_in_jail(Some("absent.toml")).expect_err("must fail");
             assert!(matches!(err, ConfigError::MissingFile(_)));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_file_is_named_as_given_wherever_the_command_runs() {
+        Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[pop3\nlisten = 1\n")?;
+            let absolute = jail.directory().join("bad.toml");
+            let sub = jail.directory().join("sub");
+            std::fs::create_dir(&sub).map_err(|e| e.to_string())?;
+            // From the file's directory and from below it, figment itself would show
+            // `bad.toml` and `../bad.toml`: the message names the path given, once.
+            for cwd in [jail.directory().to_path_buf(), sub] {
+                std::env::set_current_dir(&cwd).map_err(|e| e.to_string())?;
+                let err = Config::load(Some(&absolute))
+                    .expect_err("not TOML")
+                    .to_string();
+                let shown = absolute.display().to_string();
+                assert_eq!(err.matches(&shown).count(), 1, "{err}");
+                assert!(err.contains("invalid table header"), "{err}");
+            }
+            jail.set_env("MAILGATE_POP3__APOP", "maybe");
+            let err = load_in_jail(None).expect_err("not a bool").to_string();
+            assert!(err.contains("\"POP3.APOP\""), "{err}");
+            assert!(err.contains("environment variable"), "{err}");
             Ok(())
         });
     }

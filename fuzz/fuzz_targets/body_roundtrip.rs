@@ -5,8 +5,9 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use mailgate::message;
-use mailgate::pop3::codec::{BodyEncoder, BodyOptions, DotUnstuffer};
+use mailgate::wire::crlf as message;
+use mailgate::pop3::codec::{BodyEncoder, BodyOptions};
+use mailgate::wire::DotUnstuffer;
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the chunk sizes for encoding and decoding.

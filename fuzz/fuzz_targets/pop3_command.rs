@@ -4,7 +4,8 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use mailgate::pop3::codec::{Command, LineReader, MAX_COMMAND_LINE};
+use mailgate::pop3::codec::{Command, MAX_COMMAND_LINE};
+use mailgate::wire::LineReader;
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the read size, so chunk boundaries are fuzzed too.

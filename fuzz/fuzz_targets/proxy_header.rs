@@ -6,7 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mailgate::proxy::{decode, Decoded, MAX_HEADER};
+use mailgate::net::proxy::{decode, Decoded, MAX_HEADER};
 
 fuzz_target!(|data: &[u8]| {
     let data = &data[..data.len().min(MAX_HEADER + 64)];

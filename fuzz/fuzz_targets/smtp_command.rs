@@ -5,9 +5,10 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use mailgate::pop3::codec::LineReader;
+use mailgate::wire::LineReader;
 use mailgate::smtp::codec::{parse, Reply, MAX_COMMAND_LINE};
-use mailgate::smtp::core::{Core, CoreLimits, Protocol, Step, Verdict};
+use mailgate::delivery::Verdict;
+use mailgate::smtp::core::{Core, CoreLimits, Protocol, Step};
 
 fn check(reply: &Reply) {
     let mut out = BytesMut::new();
