@@ -3,8 +3,8 @@
 //! plain).
 
 use crate::common::{
-    count_subjects, hex_sha256, message, python, require_tool, write_private, Options, Server,
-    PASSWORD,
+    count_subjects, fetchmail, hex_sha256, message, python, require_tool, write_private, Options,
+    Server, PASSWORD,
 };
 use std::process::Command;
 
@@ -322,13 +322,7 @@ fn fetchmail_over_pop3s_and_stls() {
                 mbox = mbox.display(),
             ),
         );
-        let out = Command::new("fetchmail")
-            .args(["--nosyslog", "-N", "-f"])
-            .arg(&rc)
-            .env("FETCHMAILHOME", dir)
-            .env("HOME", dir)
-            .output()
-            .expect("fetchmail");
+        let out = fetchmail(&rc, dir);
         if i == 0 {
             assert!(out.status.success(), "fetchmail ({flags}): {out:?}");
         } else {

@@ -3,7 +3,8 @@
 //! (LAST-based, UIDL-based, fetchmail, mpop) polling twice fetch nothing twice.
 
 use crate::common::{
-    count_subjects, message, python, require_tool, write_private, Options, Raw, Server, PASSWORD,
+    count_subjects, fetchmail, message, python, require_tool, write_private, Options, Raw, Server,
+    PASSWORD,
 };
 use std::process::Command;
 
@@ -142,7 +143,6 @@ fn keep_poll(server: &Server, state: &std::path::Path) -> (String, Vec<String>) 
 
 /// fetchmail keeping mail, UIDs remembered in its idfile: the number of new messages.
 fn fetchmail_keep(server: &Server) -> String {
-    require_tool("fetchmail");
     let dir = server.dir.path();
     let rc = dir.join("fetchmailrc-keep");
     let text = format!(
@@ -152,13 +152,7 @@ fn fetchmail_keep(server: &Server) -> String {
         mbox = dir.join("fetchmail-keep.mbox").display(),
     );
     write_private(&rc, &text);
-    let out = Command::new("fetchmail")
-        .args(["--nosyslog", "-N", "-f"])
-        .arg(&rc)
-        .env("FETCHMAILHOME", dir)
-        .env("HOME", dir)
-        .output()
-        .expect("fetchmail");
+    let out = fetchmail(&rc, dir);
     // 0: mail fetched; 1: no new mail.
     assert!(matches!(out.status.code(), Some(0 | 1)), "{out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -857,6 +857,18 @@ pub fn write_private(path: &std::path::Path, text: &str) {
     std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
 }
 
+/// Runs fetchmail once with the rc file `rc`, its state (idfile) kept in `home`.
+pub fn fetchmail(rc: &Path, home: &Path) -> Output {
+    require_tool("fetchmail");
+    Command::new("fetchmail")
+        .args(["--nosyslog", "-N", "-f"])
+        .arg(rc)
+        .env("FETCHMAILHOME", home)
+        .env("HOME", home)
+        .output()
+        .expect("fetchmail")
+}
+
 /// How many messages in an mbox (or MDA output) carry this exact Subject line.
 pub fn count_subjects(mbox: &str, subject: &str) -> usize {
     mbox.lines()
