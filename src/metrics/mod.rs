@@ -1,7 +1,7 @@
 //! Prometheus metrics: every metric name is a constant in this module, every label value
 //! comes from a small fixed set (listener, protocol, command, result, mechanism, reason,
 //! backend, hosted domain, certificate name), and one `Metrics` value of handles is built
-//! at start-up and passed to every layer through `Shared`. Nothing here may be labelled
+//! at start-up and passed to every layer through `net::Context`. Nothing here may be labelled
 //! with a user name, an address or a client IP. `http` serves the registry.
 
 pub mod http;
