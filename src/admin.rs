@@ -116,16 +116,6 @@ fn store_failure(e: StoreError) -> Response {
     Response::fail(format!("{e}{expected}"), code)
 }
 
-/// Like `store_failure`, for errors about the account `address`: the store names an
-/// account by its local part, the operator typed the whole address.
-fn account_failure(address: &Address, e: StoreError) -> Response {
-    store_failure(match e {
-        StoreError::UnknownAccount(_) => StoreError::UnknownAccount(address.to_string()),
-        StoreError::AccountExists(_) => StoreError::AccountExists(address.to_string()),
-        e => e,
-    })
-}
-
 /// Loads an existing account, changes it with `edit` and stores it back.
 fn edit_account(
     directory: &Directory,
@@ -138,12 +128,8 @@ fn edit_account(
         .account(&address.local)?
         .ok_or_else(|| StoreError::UnknownAccount(address.to_string()))?;
     edit(&mut account);
-    match store.update_account(&address.local, &account) {
-        Ok(()) => Ok((address, store)),
-        // Removed since it was read.
-        Err(StoreError::UnknownAccount(_)) => Err(StoreError::UnknownAccount(address.to_string())),
-        Err(e) => Err(e),
-    }
+    store.update_account(&address.local, &account)?;
+    Ok((address, store))
 }
 
 fn delivery_failure(e: DeliveryError) -> Response {
@@ -185,7 +171,7 @@ pub fn execute(
                 let account = Account::new(credentials);
                 store
                     .create_account(&address.local, &account)
-                    .map_err(|e| account_failure(&address, e))?;
+                    .map_err(store_failure)?;
                 Ok(vec![format!("user {address} added")])
             }
             Request::UserPasswd {
@@ -202,7 +188,7 @@ pub fn execute(
                     .map_err(store_failure)?;
                 let (_, used) = store
                     .maildrop_usage(&address.local)
-                    .map_err(|e| account_failure(&address, e))?;
+                    .map_err(store_failure)?;
                 let limit = match bytes {
                     None => "the configured default".to_owned(),
                     Some(0) => "unlimited".to_owned(),
@@ -217,7 +203,7 @@ pub fn execute(
                 let store = directory.domain(&address.domain).map_err(store_failure)?;
                 store
                     .remove_account(&address.local)
-                    .map_err(|e| account_failure(&address, e))?;
+                    .map_err(store_failure)?;
                 Ok(vec![format!("user {address} removed")])
             }
             Request::UserList { domain } => {

@@ -30,8 +30,10 @@ pub enum StoreError {
     UnknownDomain(String),
     #[error("domain {0} already exists")]
     DomainExists(String),
+    /// The account's whole address, `local@domain`.
     #[error("unknown account {0}")]
     UnknownAccount(String),
+    /// The account's whole address, `local@domain`.
     #[error("account {0} already exists")]
     AccountExists(String),
     #[error("message {0} not found")]

@@ -586,7 +586,7 @@ impl DomainStore {
             .transaction(|(accounts, maildrop, trash)| {
                 if remove_account && accounts.remove(local.as_bytes())?.is_none() {
                     return Err(ConflictableTransactionError::Abort(
-                        StoreError::UnknownAccount(local.to_owned()),
+                        StoreError::UnknownAccount(self.address(local)),
                     ));
                 }
                 let mut removed = Vec::with_capacity(ids.len());
@@ -627,6 +627,11 @@ impl DomainStore {
         &self.name
     }
 
+    /// `local@domain`, how errors name an account of this store.
+    fn address(&self, local: &str) -> String {
+        format!("{local}@{}", self.name)
+    }
+
     pub fn account(&self, local: &str) -> Result<Option<Account>, StoreError> {
         check_local(local)?;
         let Some(bytes) = self.accounts.get(local).map_err(|e| self.sled_err(e))? else {
@@ -659,7 +664,7 @@ impl DomainStore {
             .contains_key(local)
             .map_err(|e| self.sled_err(e))?
         {
-            return Err(StoreError::AccountExists(local.to_owned()));
+            return Err(StoreError::AccountExists(self.address(local)));
         }
         // No delivery can add entries now: commits require the account record.
         let stale = self.maildrop_ids(local)?;
@@ -672,7 +677,7 @@ impl DomainStore {
         self.accounts
             .compare_and_swap(local, None as Option<&[u8]>, Some(record))
             .map_err(|e| self.sled_err(e))?
-            .map_err(|_| StoreError::AccountExists(local.to_owned()))?;
+            .map_err(|_| StoreError::AccountExists(self.address(local)))?;
         if let Some(u) = usage.as_mut() {
             u.accounts += 1;
         }
@@ -688,7 +693,7 @@ impl DomainStore {
             .transaction(|accounts| {
                 if accounts.get(local)?.is_none() {
                     return Err(ConflictableTransactionError::Abort(
-                        StoreError::UnknownAccount(local.to_owned()),
+                        StoreError::UnknownAccount(self.address(local)),
                     ));
                 }
                 accounts.insert(local, record.as_slice())?;
@@ -981,7 +986,7 @@ impl PendingMessage {
             .transaction(|(accounts, maildrop, pending)| {
                 if accounts.get(local)?.is_none() {
                     return Err(ConflictableTransactionError::Abort(
-                        StoreError::UnknownAccount(local.to_owned()),
+                        StoreError::UnknownAccount(store.address(local)),
                     ));
                 }
                 let entry = MaildropEntry { octets, flags: 0 };
@@ -1503,7 +1508,9 @@ mod tests {
         dir.add_domain("a.org").unwrap();
         let store = dir.domain("a.org").unwrap();
         let msg = store.begin_message("ghost").unwrap();
-        assert!(matches!(msg.commit(&store), Err(StoreError::UnknownAccount(u)) if u == "ghost"));
+        assert!(
+            matches!(msg.commit(&store), Err(StoreError::UnknownAccount(u)) if u == "ghost@a.org")
+        );
         store.create_account("u", &account(1)).unwrap();
         let mut msg = store.begin_message("u").unwrap();
         msg.write(&store, &pattern(CHUNK_SIZE + 1, 0)).unwrap();
