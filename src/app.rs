@@ -417,7 +417,8 @@ impl StorageGauges {
                 return;
             }
         };
-        let is_open = |d: &str| open.iter().any(|(o, _)| o == d);
+        // `open` is sorted by name.
+        let is_open = |d: &str| open.binary_search_by(|(o, _)| o.as_str().cmp(d)).is_ok();
         // A domain open now records its usage again when it closes: read it then.
         self.from_record
             .retain(|d| hosted.binary_search(d).is_ok() && !is_open(d));
