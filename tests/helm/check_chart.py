@@ -159,6 +159,29 @@ def check_pod(spec, where, name):
         check(seccomp.get("type") == "RuntimeDefault", where, f"{label}: seccomp RuntimeDefault")
 
 
+def check_redis(objects, deployment, values, where):
+    """The in-chart Redis keeps its append-only file (the domains' homes in cluster mode)
+    on a claim that outlives the release, or on an emptyDir when persistence is off."""
+    spec = deployment["spec"]["template"]["spec"]
+    check_pod(spec, where, "redis")
+    (redis,) = spec["containers"]
+    script = " ".join(redis["command"])
+    check("--appendonly yes" in script and "--maxmemory-policy noeviction" in script, where, "Redis writes an append-only file and evicts nothing")
+    check("requirepass" in script and "/data/" not in script.split("exec")[0], where, "the Redis password file is written off the data volume")
+    check(deployment["spec"]["strategy"]["type"] == "Recreate", where, "one Redis pod at a time")
+    persistence = values.get("redis", {}).get("internal", {}).get("persistence", {})
+    data = {v["name"]: v for v in spec["volumes"]}.get("data", {})
+    claims = [c for c in find(objects, "PersistentVolumeClaim") if c["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"]
+    if persistence.get("enabled", True):
+        if check(len(claims) == 1, where, "one Redis claim"):
+            claim = claims[0]
+            check(data.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"], where, "Redis's data volume is its claim")
+            check(claim["spec"]["resources"]["requests"]["storage"] == persistence.get("size", "1Gi"), where, "Redis claim size from values")
+            check(claim["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep", where, "the Redis claim is kept when the release is deleted")
+    else:
+        check(not claims and "emptyDir" in data, where, "Redis without persistence uses an emptyDir")
+
+
 def expand(value, env):
     """Kubernetes' $(VAR) expansion against the variables defined before."""
     return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), value)
@@ -360,7 +383,7 @@ def check_release(objects, values, where, repo, out):
         deployments = [d for d in find(objects, "Deployment") if d["metadata"]["labels"].get("app.kubernetes.io/component") == "redis"]
         check(len(deployments) == int(bool(internal)), where, "in-chart Redis follows redis.internal.enabled")
         for d in deployments:
-            check_pod(d["spec"]["template"]["spec"], where, "redis")
+            check_redis(objects, d, values, where)
     else:
         check("MAILGATE_LOCKS__REDIS_URL" not in env_names, where, "a Redis URL with local locks")
 
