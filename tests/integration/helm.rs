@@ -4,7 +4,9 @@
 //! (kubernetes-validate, strict) and checks what the objects say; then each rendered
 //! mailgate.toml is loaded by the real `mailgate check-config`, with the container's
 //! environment (Redis URL expanded the way the kubelet does) and the files the chart
-//! mounts made here: certificates, an accounts file, a Redis CA, a real redis-server.
+//! mounts made here: certificates, an accounts file, a Redis CA, a real redis-server,
+//! and in cluster mode the replicas' certificate (every replica name, from a test CA),
+//! the CA and the server secret, with the first pod's name as the downward API gives it.
 //! With no certificate named (no values at all), check-config must say it will make the
 //! self-signed one in the data dir.
 
@@ -58,6 +60,8 @@ fn redis_for(env: &[Value], ca: &TestCa, ca_file: Option<&str>) -> LocalRedis {
                 v
             }
             (_, Value::Object(_)) if name == "REDIS_PASSWORD" => PASSWORD.to_string(),
+            // The pod's own fields (the replica name) play no part in the URL.
+            _ if e["valueFrom"]["fieldRef"].is_object() => continue,
             _ => panic!("no test value for env {e}"),
         };
         vars.insert(name, value);
@@ -164,6 +168,27 @@ fn chart_renders_validates_and_its_config_passes_check_config() {
                     put(file["path"].as_str().expect("path"), lines.as_bytes());
                 }
                 "ca" => ca_file = Some(file["path"].as_str().expect("path").to_string()),
+                "cluster" => {
+                    // One certificate for every replica, with the CA, as the chart's
+                    // Secret holds them; the server secret as its Secret would.
+                    let names: Vec<&str> = file["names"]
+                        .as_array()
+                        .expect("names")
+                        .iter()
+                        .map(|n| n.as_str().expect("replica name"))
+                        .collect();
+                    let (cert, key) = ca.issue(&format!("{name}-cluster"), &names);
+                    for (k, from) in [("cert", &cert), ("key", &key), ("ca", &ca.ca_pem)] {
+                        put(
+                            file[k].as_str().expect("cluster file"),
+                            &std::fs::read(from).expect("cluster file"),
+                        );
+                    }
+                    put(
+                        file["secret_file"].as_str().expect("secret_file"),
+                        b"0123456789abcdef0123456789abcdef0123456789abcdef",
+                    );
+                }
                 other => panic!("{name}: unknown file kind {other}"),
             }
         }
@@ -182,6 +207,9 @@ fn chart_renders_validates_and_its_config_passes_check_config() {
             .env("MAILGATE_LOG", "warn");
         if let Some(r) = &redis {
             cmd.env("MAILGATE_LOCKS__REDIS_URL", &r.url);
+        }
+        for (k, v) in needs["env"].as_object().expect("env") {
+            cmd.env(k, v.as_str().expect("env value"));
         }
         let run = cmd.output().expect("check-config");
         let text = format!(

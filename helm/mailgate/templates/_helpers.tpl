@@ -151,6 +151,50 @@ true
 {{- default (include "mailgate.redisFullname" .) .Values.redis.internal.existingSecret -}}
 {{- end -}}
 
+{{/* mailgate.clustered: "true" when the replicas run as a cluster: more than one, or cluster.enabled. */}}
+{{- define "mailgate.clustered" -}}
+{{- if or .Values.cluster.enabled (gt (int .Values.replicaCount) 1) -}}true{{- end -}}
+{{- end -}}
+
+{{/* mailgate.replicaNames: the StatefulSet's pod names, which are the replica names (at least one), space-separated. */}}
+{{- define "mailgate.replicaNames" -}}
+{{- $names := list -}}
+{{- range $i := until (int (max 1 (int .Values.replicaCount))) -}}
+{{- $names = append $names (printf "%s-%d" (include "mailgate.fullname" $) $i) -}}
+{{- end -}}
+{{- join " " $names -}}
+{{- end -}}
+
+{{/* mailgate.clusterTlsSecret: the Secret with the replicas' certificate, key and cluster CA. */}}
+{{- define "mailgate.clusterTlsSecret" -}}
+{{- default (include "mailgate.objectName" (list . "cluster-tls")) .Values.cluster.tls.existingSecret -}}
+{{- end -}}
+
+{{/* mailgate.clusterCaName: the chart's own cluster CA (Certificate, its Secret and the CA Issuer). */}}
+{{- define "mailgate.clusterCaName" -}}
+{{- include "mailgate.objectName" (list . "cluster-ca") -}}
+{{- end -}}
+
+{{/* mailgate.clusterSecretName: the Secret with the cluster-wide server secret. */}}
+{{- define "mailgate.clusterSecretName" -}}
+{{- default (include "mailgate.objectName" (list . "cluster-secret")) .Values.cluster.secret.existingSecret -}}
+{{- end -}}
+
+{{/* mailgate.clusterSecretKey: the key of the server secret in that Secret. */}}
+{{- define "mailgate.clusterSecretKey" -}}
+{{- if .Values.cluster.secret.existingSecret -}}
+{{- .Values.cluster.secret.existingSecretKey -}}
+{{- else -}}
+cluster-secret
+{{- end -}}
+{{- end -}}
+
+{{/* mailgate.clusterTlsDir: where the replicas' certificate Secret is mounted (tls.crt, tls.key, ca.crt). */}}
+{{- define "mailgate.clusterTlsDir" -}}/etc/mailgate/cluster/tls{{- end -}}
+
+{{/* mailgate.clusterSecretPath: where the server secret is mounted ([cluster] secret_file). */}}
+{{- define "mailgate.clusterSecretPath" -}}/etc/mailgate/cluster/secret/secret{{- end -}}
+
 {{/* mailgate.dataDir: data_dir, a directory mailgate makes (mode 0700) on the volume. */}}
 {{- define "mailgate.dataDir" -}}/var/lib/mailgate/data{{- end -}}
 
@@ -199,6 +243,31 @@ true
 {{- $_ := set $locks "redis_ca_file" (include "mailgate.redisCaPath" .) -}}
 {{- end -}}
 {{- $_ := set $c "locks" $locks -}}
+{{- $_ := unset $c "cluster" -}}
+{{- if include "mailgate.clustered" . -}}
+{{- $cl := .Values.cluster -}}
+{{- $cluster := deepCopy (.Values.config.cluster | default dict) -}}
+{{- $headless := include "mailgate.objectName" (list . "headless") -}}
+{{- $peers := dict -}}
+{{- range $name := splitList " " (include "mailgate.replicaNames" .) -}}
+{{- $_ := set $peers $name (printf "%s.%s.%s.svc.%s:%d" $name $headless $.Release.Namespace $cl.clusterDomain (int $cl.port)) -}}
+{{- end -}}
+{{- $dir := include "mailgate.clusterTlsDir" . -}}
+{{- $_ := set $cluster "listen" (include "mailgate.listen" (list . $cl.port)) -}}
+{{- $_ := set $cluster "cert" (printf "%s/tls.crt" $dir) -}}
+{{- $_ := set $cluster "key" (printf "%s/tls.key" $dir) -}}
+{{- $_ := set $cluster "ca" (printf "%s/ca.crt" $dir) -}}
+{{- $_ := set $cluster "secret_file" (include "mailgate.clusterSecretPath" .) -}}
+{{- $_ := set $cluster "peers" $peers -}}
+{{- $pins := dict -}}
+{{- range $domain, $replica := $cl.pins -}}
+{{- $_ := set $pins (lower $domain) $replica -}}
+{{- end -}}
+{{- if $pins -}}
+{{- $_ := set $cluster "pins" $pins -}}
+{{- end -}}
+{{- $_ := set $c "cluster" $cluster -}}
+{{- end -}}
 {{- $provision := dict -}}
 {{- with .Values.domains -}}
 {{- $names := list -}}
@@ -320,12 +389,43 @@ true
 {{- $errors := list -}}
 {{- $v := .Values -}}
 {{- $backend := toString (($v.config.locks | default dict).backend | default "local") -}}
-{{- if gt (int $v.replicaCount) 1 -}}
-{{- $why := "" -}}
+{{- $cl := $v.cluster -}}
+{{- $ct := $cl.tls -}}
+{{- $replicas := int $v.replicaCount -}}
+{{- if include "mailgate.clustered" . -}}
+{{- $needs := list -}}
 {{- if ne $backend "redis" -}}
-{{- $why = " (and would need config.locks.backend=redis: local locks do not cross pods)" -}}
+{{- $needs = append $needs "Redis for the domains' homes (config.locks.backend=redis, with redis.internal.enabled=true or redis.external.host)" -}}
 {{- end -}}
-{{- $errors = append $errors (printf "replicaCount=%d: mailgate cannot run more than one pod yet%s. Each pod has its own volume and sessions are not routed to the pod that holds a domain's store, so clients would see different mailboxes. Use replicaCount=1." (int $v.replicaCount) $why) -}}
+{{- if not (or $ct.existingSecret $ct.certManager.enabled) -}}
+{{- $needs = append $needs "certificates for the replicas' mutual TLS (cluster.tls.certManager.enabled=true, or cluster.tls.existingSecret with tls.crt, tls.key and ca.crt)" -}}
+{{- end -}}
+{{- if $needs -}}
+{{- $errors = append $errors (printf "%s runs mailgate as a cluster, which needs %s" (ternary (printf "replicaCount=%d" $replicas) "cluster.enabled=true" (gt $replicas 1)) (join " and " $needs)) -}}
+{{- end -}}
+{{- if and $ct.existingSecret $ct.certManager.enabled -}}
+{{- $errors = append $errors "cluster.tls: use either existingSecret or certManager.enabled, not both" -}}
+{{- end -}}
+{{- $names := splitList " " (include "mailgate.replicaNames" .) -}}
+{{- range $domain, $replica := $cl.pins -}}
+{{- if not (has $replica $names) -}}
+{{- $errors = append $errors (printf "cluster.pins: %s is pinned to %s, which is not a replica (%s)" $domain $replica (join ", " $names)) -}}
+{{- end -}}
+{{- end -}}
+{{- $budget := $v.podDisruptionBudget -}}
+{{- if and $budget.enabled (gt $replicas 1) (not (kindIs "string" $budget.maxUnavailable)) (ge (int $budget.maxUnavailable) $replicas) -}}
+{{- $errors = append $errors (printf "podDisruptionBudget.maxUnavailable=%d lets all %d replicas be evicted at once, and with them every domain: keep it below replicaCount (1 drains one replica at a time)" (int $budget.maxUnavailable) $replicas) -}}
+{{- end -}}
+{{- else -}}
+{{- $unused := list -}}
+{{- range $name, $set := dict "cluster.tls.existingSecret" $ct.existingSecret "cluster.tls.certManager.enabled" $ct.certManager.enabled "cluster.secret.existingSecret" $cl.secret.existingSecret "cluster.pins" $cl.pins "config.cluster" $v.config.cluster -}}
+{{- if $set -}}
+{{- $unused = append $unused $name -}}
+{{- end -}}
+{{- end -}}
+{{- if $unused -}}
+{{- $errors = append $errors (printf "%s: only used in cluster mode (replicaCount > 1, or cluster.enabled=true for a cluster of one replica)" (join ", " $unused)) -}}
+{{- end -}}
 {{- end -}}
 {{- $ports := dict -}}
 {{- $servicePorts := dict -}}
@@ -351,6 +451,14 @@ true
 {{- $mp := toString (int $v.metrics.containerPort) -}}
 {{- if hasKey $ports $mp -}}
 {{- $errors = append $errors (printf "metrics.containerPort %s is already used by %s" $mp (get $ports $mp)) -}}
+{{- else -}}
+{{- $_ := set $ports $mp "metrics.containerPort" -}}
+{{- end -}}
+{{- if include "mailgate.clustered" . -}}
+{{- $cp := toString (int $cl.port) -}}
+{{- if hasKey $ports $cp -}}
+{{- $errors = append $errors (printf "cluster.port %s is already used by %s" $cp (get $ports $cp)) -}}
+{{- end -}}
 {{- end -}}
 {{- if not (include "mailgate.clientListeners" .) -}}
 {{- $errors = append $errors "listeners: enable at least one of pop3, pop3s and smtp, or clients cannot reach mailgate" -}}
