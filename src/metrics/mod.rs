@@ -1,8 +1,9 @@
 //! Prometheus metrics: every metric name is a constant in this module, every label value
 //! comes from a small fixed set (listener, protocol, command, result, mechanism, reason,
-//! backend, hosted domain, certificate name), and one `Metrics` value of handles is built
-//! at start-up and passed to every layer through `net::Context`. Nothing here may be labelled
-//! with a user name, an address or a client IP. `http` serves the registry.
+//! backend, hosted domain, certificate name, configured peer replica, home state), and one
+//! `Metrics` value of handles is built at start-up and passed to every layer through
+//! `net::Context`. Nothing here may be labelled with a user name, an address or a client
+//! IP. `http` serves the registry.
 
 pub mod http;
 
@@ -41,6 +42,13 @@ pub const DOMAIN_STORED_BYTES: &str = "mailgate_domain_stored_bytes";
 pub const CERTIFICATE_EXPIRY: &str = "mailgate_certificate_expiry_timestamp_seconds";
 pub const BUILD_INFO: &str = "mailgate_build_info";
 pub const READY: &str = "mailgate_ready";
+pub const CLUSTER_FORWARDS: &str = "mailgate_cluster_forwards_total";
+pub const CLUSTER_FORWARDED_RECIPIENTS: &str = "mailgate_cluster_forwarded_recipients_total";
+pub const CLUSTER_PEER_CONNECT_DURATION: &str = "mailgate_cluster_peer_connect_duration_seconds";
+pub const CLUSTER_PEER_UP: &str = "mailgate_cluster_peer_up";
+pub const CLUSTER_DOMAINS: &str = "mailgate_cluster_domains";
+pub const CLUSTER_HOME_CONFLICTS: &str = "mailgate_cluster_home_conflicts_total";
+pub const CLUSTER_INBOUND: &str = "mailgate_cluster_inbound_total";
 /// The process collector's namespace: its metrics become `mailgate_process_*`.
 pub const PROCESS_NAMESPACE: &str = "mailgate";
 
@@ -239,6 +247,140 @@ const DELIVERY_RESULTS: &[&str] = &[
     DELIVERY_TEMP_FAILURE,
 ];
 
+/// Admin requests forwarded to a domain's home replica (the other protocols are above).
+pub const PROTOCOL_ADMIN: &str = "admin";
+
+/// What a replica forwards to a domain's home: the `protocol` label of the cluster metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardProtocol {
+    /// A POP3 session, after the login name named the domain.
+    Pop3,
+    /// An LMTP delivery, after the recipients named the domain.
+    Lmtp,
+    /// An inbound SMTP delivery, after the recipients named the domain.
+    Smtp,
+    /// An admin socket request about a domain homed elsewhere.
+    Admin,
+}
+
+impl ForwardProtocol {
+    pub const ALL: [ForwardProtocol; 4] = [
+        ForwardProtocol::Pop3,
+        ForwardProtocol::Lmtp,
+        ForwardProtocol::Smtp,
+        ForwardProtocol::Admin,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardProtocol::Pop3 => PROTOCOL_POP3,
+            ForwardProtocol::Lmtp => PROTOCOL_LMTP,
+            ForwardProtocol::Smtp => PROTOCOL_SMTP,
+            ForwardProtocol::Admin => PROTOCOL_ADMIN,
+        }
+    }
+}
+
+/// How forwarding a session or request to a peer ended: the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardResult {
+    /// The home took it and the exchange ran to its end.
+    Ok,
+    /// No connection or TLS handshake within `cluster.connect_timeout_ms`.
+    Unreachable,
+    /// The home answered but refused the forward (e.g. hop limit reached, fenced).
+    Refused,
+    /// The link broke mid-way.
+    Error,
+}
+
+impl ForwardResult {
+    pub const ALL: [ForwardResult; 4] = [
+        ForwardResult::Ok,
+        ForwardResult::Unreachable,
+        ForwardResult::Refused,
+        ForwardResult::Error,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardResult::Ok => "ok",
+            ForwardResult::Unreachable => "unreachable",
+            ForwardResult::Refused => "refused",
+            ForwardResult::Error => "error",
+        }
+    }
+}
+
+/// The verdict on one recipient of a delivery forwarded to its home: the `result` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipientResult {
+    /// The home stored it (2xx).
+    Delivered,
+    /// The home refused it for good (5xx).
+    Rejected,
+    /// Answered 4xx, by the home or because the home could not be reached: the sender retries.
+    Deferred,
+}
+
+impl RecipientResult {
+    pub const ALL: [RecipientResult; 3] = [
+        RecipientResult::Delivered,
+        RecipientResult::Rejected,
+        RecipientResult::Deferred,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RecipientResult::Delivered => "delivered",
+            RecipientResult::Rejected => "rejected",
+            RecipientResult::Deferred => "deferred",
+        }
+    }
+}
+
+/// A domain on this replica's volume by its home record in Redis, as this replica sees
+/// it: the `state` label of `mailgate_cluster_domains`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HomeState {
+    /// Homed here and served here.
+    Active,
+    /// A move is under way.
+    Moving,
+    /// Two replicas claimed it with the same epoch; neither serves it until an operator
+    /// picks one.
+    Held,
+    /// The record names another replica: this copy is not served.
+    Elsewhere,
+    /// No valid view of the record (Redis unreachable): its clients get temporary failures.
+    Unknown,
+}
+
+impl HomeState {
+    pub const ALL: [HomeState; 5] = [
+        HomeState::Active,
+        HomeState::Moving,
+        HomeState::Held,
+        HomeState::Elsewhere,
+        HomeState::Unknown,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HomeState::Active => "active",
+            HomeState::Moving => "moving",
+            HomeState::Held => "held",
+            HomeState::Elsewhere => "elsewhere",
+            HomeState::Unknown => "unknown",
+        }
+    }
+}
+
+/// Result label of a forwarded session offered to this replica's internal listener.
+pub const INBOUND_OK: &str = "ok";
+/// Refused before it started: bad certificate, ALPN or preamble, or hop limit reached.
+pub const INBOUND_REJECTED: &str = "rejected";
+
 /// Git commit baked in at build time (`MAILGATE_GIT_COMMIT=$(git rev-parse --short HEAD)
 /// cargo build`); builds without it say "unknown" rather than needing git to build.
 pub const GIT_COMMIT: &str = match option_env!("MAILGATE_GIT_COMMIT") {
@@ -253,6 +395,12 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Session lengths from 100 ms to 1 h.
 const SESSION_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// Connect plus TLS handshake to a peer replica, from 0.5 ms (same host) to 2 s (the
+/// default `cluster.connect_timeout_ms`).
+const PEER_CONNECT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +458,20 @@ pub struct Metrics {
     domain_stored_bytes: IntGaugeVec,
     certificate_expiry: GaugeVec,
     ready: IntGauge,
+    cluster: ClusterMetrics,
+}
+
+/// The replica-set metrics. The per-peer series exist once `Metrics::cluster_peers` names
+/// the peers (never on a replica that is not clustered); the rest exist from the start,
+/// at zero on a replica that is not clustered.
+struct ClusterMetrics {
+    forwards: IntCounterVec,
+    forwarded_recipients: IntCounterVec,
+    peer_connect_duration: HistogramVec,
+    peer_up: IntGaugeVec,
+    domains: IntGaugeVec,
+    home_conflicts: IntCounter,
+    inbound: IntCounterVec,
 }
 
 fn counter(
@@ -513,6 +675,52 @@ impl Metrics {
                     "1 when /readyz would answer 200 (listeners bound, stores and locks usable).",
                 )?,
             )?,
+            cluster: ClusterMetrics {
+                forwards: counter(
+                    &r,
+                    CLUSTER_FORWARDS,
+                    "Sessions and requests this replica forwarded to a domain's home, by peer, protocol and result.",
+                    &["peer", "protocol", "result"],
+                )?,
+                forwarded_recipients: counter(
+                    &r,
+                    CLUSTER_FORWARDED_RECIPIENTS,
+                    "Recipients of LMTP/SMTP deliveries forwarded to their home, by peer and result (deferred: 4xx, home unreachable included).",
+                    &["peer", "result"],
+                )?,
+                peer_connect_duration: histogram(
+                    &r,
+                    CLUSTER_PEER_CONNECT_DURATION,
+                    "Time to connect to a peer replica and finish the mutual-TLS handshake, successful attempts only.",
+                    &["peer"],
+                    PEER_CONNECT_BUCKETS,
+                )?,
+                peer_up: gauge(
+                    &r,
+                    CLUSTER_PEER_UP,
+                    "1 when the last connection attempt to the peer succeeded, 0 when it failed.",
+                    &["peer"],
+                )?,
+                domains: gauge(
+                    &r,
+                    CLUSTER_DOMAINS,
+                    "Domains on this replica's volume by the state of their home record as this replica sees it.",
+                    &["state"],
+                )?,
+                home_conflicts: register(
+                    &r,
+                    IntCounter::new(
+                        CLUSTER_HOME_CONFLICTS,
+                        "Announcements that found another replica claiming a domain with the same epoch (the domain became held).",
+                    )?,
+                )?,
+                inbound: counter(
+                    &r,
+                    CLUSTER_INBOUND,
+                    "Forwarded sessions offered on the replica listener, by protocol and result (rejected: certificate, ALPN, preamble or hop limit).",
+                    &["protocol", "result"],
+                )?,
+            },
             registry: r,
         };
         m.touch_all();
@@ -575,6 +783,14 @@ impl Metrics {
             self.received_bytes.with_label_values(&[p]);
             for result in DELIVERY_RESULTS {
                 self.deliveries.with_label_values(&[p, result]);
+            }
+        }
+        for state in HomeState::ALL {
+            self.cluster.domains.with_label_values(&[state.name()]);
+        }
+        for p in ForwardProtocol::ALL {
+            for result in [INBOUND_OK, INBOUND_REJECTED] {
+                self.cluster.inbound.with_label_values(&[p.name(), result]);
             }
         }
     }
@@ -694,6 +910,92 @@ impl Metrics {
         }
     }
 
+    /// Creates the per-peer series of the other replicas (names from `cluster.peers`), so
+    /// their rates start at zero. `mailgate_cluster_peer_up` is left to the first
+    /// connection attempt: a peer never tried is neither up nor down.
+    pub fn cluster_peers(&self, peers: &[&str]) {
+        let c = &self.cluster;
+        for &peer in peers {
+            c.peer_connect_duration.with_label_values(&[peer]);
+            for p in ForwardProtocol::ALL {
+                for result in ForwardResult::ALL {
+                    c.forwards
+                        .with_label_values(&[peer, p.name(), result.name()]);
+                }
+            }
+            for result in RecipientResult::ALL {
+                c.forwarded_recipients
+                    .with_label_values(&[peer, result.name()]);
+            }
+        }
+    }
+
+    /// Counts one session or request forwarded to `peer` (a configured replica name).
+    pub fn forward(&self, peer: &str, protocol: ForwardProtocol, result: ForwardResult) {
+        self.cluster
+            .forwards
+            .with_label_values(&[peer, protocol.name(), result.name()])
+            .inc();
+    }
+
+    /// Counts one recipient of a delivery forwarded to its home `peer`, by verdict.
+    pub fn forwarded_recipient(&self, peer: &str, result: RecipientResult) {
+        self.cluster
+            .forwarded_recipients
+            .with_label_values(&[peer, result.name()])
+            .inc();
+    }
+
+    /// Records a connection attempt to `peer`: `Some(time to connect and handshake)` when
+    /// it succeeded, `None` when it failed or timed out.
+    pub fn peer_connect(&self, peer: &str, elapsed: Option<Duration>) {
+        let c = &self.cluster;
+        if let Some(elapsed) = elapsed {
+            c.peer_connect_duration
+                .with_label_values(&[peer])
+                .observe(elapsed.as_secs_f64());
+        }
+        c.peer_up
+            .with_label_values(&[peer])
+            .set(i64::from(elapsed.is_some()));
+    }
+
+    /// Sets the domain counts by home state from one refresh: every state is set, those
+    /// not in `counts` to 0 (a state named twice counts the sum).
+    pub fn set_cluster_domains(&self, counts: &[(HomeState, i64)]) {
+        for state in HomeState::ALL {
+            let n = counts
+                .iter()
+                .filter(|(s, _)| *s == state)
+                .map(|(_, n)| n)
+                .sum();
+            self.cluster
+                .domains
+                .with_label_values(&[state.name()])
+                .set(n);
+        }
+    }
+
+    /// Counts an announcement that found another replica claiming a domain with the same
+    /// epoch.
+    pub fn home_conflict(&self) {
+        self.cluster.home_conflicts.inc();
+    }
+
+    /// Counts a forwarded session offered on the replica listener: accepted, or rejected
+    /// before it started.
+    pub fn inbound(&self, protocol: ForwardProtocol, accepted: bool) {
+        let result = if accepted {
+            INBOUND_OK
+        } else {
+            INBOUND_REJECTED
+        };
+        self.cluster
+            .inbound
+            .with_label_values(&[protocol.name(), result])
+            .inc();
+    }
+
     /// Drops the storage gauges of a removed domain (`domain` normalised, as stored).
     pub fn forget_domain(&self, domain: &str) {
         for g in [
@@ -770,6 +1072,9 @@ mod tests {
             CERTIFICATE_EXPIRY,
             BUILD_INFO,
             READY,
+            CLUSTER_DOMAINS,
+            CLUSTER_HOME_CONFLICTS,
+            CLUSTER_INBOUND,
             "mailgate_process_cpu_seconds_total",
             "mailgate_process_resident_memory_bytes",
             "mailgate_process_open_fds",
@@ -782,6 +1087,106 @@ mod tests {
         }
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("mailgate_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn cluster_metrics_count_by_peer_and_fixed_labels() {
+        let m = Metrics::new("local").expect("metrics");
+        let c = &m.cluster;
+        let per_peer = [
+            CLUSTER_FORWARDS,
+            CLUSTER_FORWARDED_RECIPIENTS,
+            CLUSTER_PEER_CONNECT_DURATION,
+            CLUSTER_PEER_UP,
+        ];
+        // Not clustered: no peer series, the fixed ones at zero.
+        let text = m.render();
+        for name in per_peer {
+            assert!(!text.contains(&format!("\n{name}")), "{name} in:\n{text}");
+        }
+        for state in HomeState::ALL {
+            assert_eq!(c.domains.with_label_values(&[state.name()]).get(), 0);
+        }
+
+        m.cluster_peers(&["b", "c"]);
+        let text = m.render();
+        assert!(text.contains(
+            r#"mailgate_cluster_forwards_total{peer="c",protocol="admin",result="unreachable"} 0"#
+        ));
+        assert!(text.contains(
+            r#"mailgate_cluster_forwarded_recipients_total{peer="b",result="deferred"} 0"#
+        ));
+        assert!(
+            text.contains(r#"mailgate_cluster_peer_connect_duration_seconds_count{peer="b"} 0"#)
+        );
+        assert!(
+            !text.contains(CLUSTER_PEER_UP),
+            "untried peers are neither up nor down"
+        );
+
+        m.forward("b", ForwardProtocol::Pop3, ForwardResult::Ok);
+        m.forward("b", ForwardProtocol::Pop3, ForwardResult::Ok);
+        m.forward("c", ForwardProtocol::Lmtp, ForwardResult::Refused);
+        let forwards = |peer, p: ForwardProtocol, r: ForwardResult| {
+            c.forwards
+                .with_label_values(&[peer, p.name(), r.name()])
+                .get()
+        };
+        assert_eq!(forwards("b", ForwardProtocol::Pop3, ForwardResult::Ok), 2);
+        assert_eq!(
+            forwards("c", ForwardProtocol::Lmtp, ForwardResult::Refused),
+            1
+        );
+        assert_eq!(forwards("c", ForwardProtocol::Pop3, ForwardResult::Ok), 0);
+
+        m.forwarded_recipient("b", RecipientResult::Delivered);
+        m.forwarded_recipient("b", RecipientResult::Deferred);
+        m.forwarded_recipient("b", RecipientResult::Deferred);
+        let recipients = |r: RecipientResult| {
+            c.forwarded_recipients
+                .with_label_values(&["b", r.name()])
+                .get()
+        };
+        assert_eq!(recipients(RecipientResult::Delivered), 1);
+        assert_eq!(recipients(RecipientResult::Rejected), 0);
+        assert_eq!(recipients(RecipientResult::Deferred), 2);
+
+        // A success is timed and marks the peer up; a failure only marks it down.
+        m.peer_connect("b", Some(Duration::from_millis(3)));
+        m.peer_connect("c", None);
+        let up = |peer| c.peer_up.with_label_values(&[peer]).get();
+        let timed = |peer| c.peer_connect_duration.with_label_values(&[peer]);
+        assert_eq!((up("b"), up("c")), (1, 0));
+        assert_eq!(
+            (timed("b").get_sample_count(), timed("c").get_sample_count()),
+            (1, 0)
+        );
+        assert!((timed("b").get_sample_sum() - 0.003).abs() < 1e-9);
+        m.peer_connect("b", None);
+        assert_eq!(up("b"), 0);
+
+        // Every state is set at each refresh, unnamed ones to zero.
+        m.set_cluster_domains(&[(HomeState::Active, 3), (HomeState::Held, 1)]);
+        m.set_cluster_domains(&[(HomeState::Active, 2), (HomeState::Elsewhere, 4)]);
+        let domains: Vec<i64> = HomeState::ALL
+            .iter()
+            .map(|s| c.domains.with_label_values(&[s.name()]).get())
+            .collect();
+        assert_eq!(domains, [2, 0, 0, 4, 0]);
+
+        m.home_conflict();
+        assert_eq!(c.home_conflicts.get(), 1);
+
+        m.inbound(ForwardProtocol::Smtp, true);
+        m.inbound(ForwardProtocol::Smtp, false);
+        m.inbound(ForwardProtocol::Smtp, false);
+        let inbound = |r| c.inbound.with_label_values(&[PROTOCOL_SMTP, r]).get();
+        assert_eq!((inbound(INBOUND_OK), inbound(INBOUND_REJECTED)), (1, 2));
+
+        let text = m.render();
+        for name in per_peer {
+            assert!(text.contains(&format!("\n{name}")), "{name} missing");
         }
     }
 }
