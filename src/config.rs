@@ -73,6 +73,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub provision: ProvisionConfig,
     pub proxy_protocol: ProxyProtocolConfig,
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -92,6 +93,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             provision: ProvisionConfig::default(),
             proxy_protocol: ProxyProtocolConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -302,6 +304,73 @@ pub struct ProvisionConfig {
     /// File of `address PHC-hash` lines (argon2id); each account is created when absent,
     /// never changed when present. Every address's domain must be in `domains`.
     pub accounts_file: Option<PathBuf>,
+}
+
+/// Several replicas serving the same domains: each domain has one home replica (recorded
+/// in Redis), and every replica forwards what belongs to another over a mutual-TLS
+/// replica-to-replica listener. Off while `name` is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This replica's name, one of `peers`; empty (the default): not clustered.
+    pub name: String,
+    /// The replica-to-replica listener: mutual TLS with `ca`, nothing else.
+    pub listen: String,
+    /// This replica's certificate chain and key (PEM), presented both as a server and as
+    /// a client; it must name this replica (DNS SAN = `name`).
+    pub cert: String,
+    pub key: String,
+    /// The private cluster CA (PEM): a peer must present a certificate it signed.
+    pub ca: String,
+    /// The cluster-wide server secret (at least 32 bytes), the same file on every
+    /// replica, so stand-in answers for unknown users match on every replica.
+    pub secret_file: String,
+    /// Longest a connection to a peer (TCP and TLS) may take before its domains are
+    /// answered with a temporary failure.
+    pub connect_timeout_ms: u64,
+    /// Every replica, this one included: name = "host:port" of its `listen`.
+    pub peers: BTreeMap<String, String>,
+    /// Optional: domain = replica name, the home given to the domain when it is created.
+    pub pins: BTreeMap<String, String>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            name: String::new(),
+            listen: "0.0.0.0:7025".into(),
+            cert: String::new(),
+            key: String::new(),
+            ca: String::new(),
+            secret_file: String::new(),
+            connect_timeout_ms: 2000,
+            peers: BTreeMap::new(),
+            pins: BTreeMap::new(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether this replica runs in a cluster.
+    pub fn enabled(&self) -> bool {
+        !self.name.is_empty()
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+/// A replica name: what a peer certificate must carry as a DNS name, so lowercase
+/// letters, digits and inner hyphens (a StatefulSet pod name).
+fn valid_replica_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
 }
 
 /// Where maildrop locks and login-failure counters live.
@@ -753,6 +822,89 @@ impl Config {
                 return invalid("provision.domains", e.to_string());
             }
         }
+        self.validate_cluster()
+    }
+
+    /// A cluster needs Redis (the home records and the locks live there), its own
+    /// certificates, the shared secret and a peer list naming this replica.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let c = &self.cluster;
+        if !c.enabled() {
+            return Ok(());
+        }
+        if !valid_replica_name(&c.name) {
+            return invalid(
+                "cluster.name",
+                format!(
+                    "{:?} is not a replica name: expected lowercase letters, digits and inner hyphens (a pod name)",
+                    c.name
+                ),
+            );
+        }
+        if self.locks.backend != LockBackendKind::Redis {
+            return invalid(
+                "locks.backend",
+                "a cluster needs \"redis\": the domain homes and the locks are shared there".into(),
+            );
+        }
+        if c.listen.parse::<SocketAddr>().is_err() {
+            return invalid(
+                "cluster.listen",
+                format!("{:?} is not an address:port", c.listen),
+            );
+        }
+        for (key, value) in [
+            ("cluster.cert", &c.cert),
+            ("cluster.key", &c.key),
+            ("cluster.ca", &c.ca),
+            ("cluster.secret_file", &c.secret_file),
+        ] {
+            if value.is_empty() {
+                return invalid(key, "must be set when cluster.name is".into());
+            }
+        }
+        if c.connect_timeout_ms == 0 {
+            return invalid(
+                "cluster.connect_timeout_ms",
+                "must be greater than 0".into(),
+            );
+        }
+        for (name, addr) in &c.peers {
+            if !valid_replica_name(name) {
+                return invalid(
+                    "cluster.peers",
+                    format!("{name:?} is not a replica name: expected lowercase letters, digits and inner hyphens"),
+                );
+            }
+            match addr.rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {}
+                _ => {
+                    return invalid(
+                        "cluster.peers",
+                        format!("{name}: {addr:?} is not host:port"),
+                    )
+                }
+            }
+        }
+        if !c.peers.contains_key(&c.name) {
+            return invalid(
+                "cluster.peers",
+                format!("must list this replica, {:?}, too", c.name),
+            );
+        }
+        for (domain, replica) in &c.pins {
+            if let Err(e) = crate::wire::address::validate_domain(domain) {
+                return invalid("cluster.pins", e.to_string());
+            }
+            if !c.peers.contains_key(replica) {
+                return invalid(
+                    "cluster.pins",
+                    format!("{domain}: {replica:?} is not in cluster.peers"),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -892,6 +1044,99 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    const CLUSTER_OK: &str = r#"
+        [locks]
+        backend = "redis"
+        [cluster]
+        name = "mailgate-0"
+        cert = "c.pem"
+        key = "k.pem"
+        ca = "ca.pem"
+        secret_file = "secret"
+        [cluster.peers]
+        "mailgate-0" = "mailgate-0.mailgate-headless:7025"
+        "mailgate-1" = "10.0.0.2:7025"
+        [cluster.pins]
+        "big.example" = "mailgate-1"
+        "#;
+
+    #[test]
+    fn cluster_config_loads_and_validates() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", CLUSTER_OK)?;
+            let c = load_in_jail(Some("c.toml")).map_err(|e| e.to_string())?;
+            assert!(c.cluster.enabled());
+            assert_eq!(c.cluster.listen, "0.0.0.0:7025");
+            assert_eq!(c.cluster.connect_timeout(), Duration::from_secs(2));
+            assert_eq!(c.cluster.peers.len(), 2);
+            assert_eq!(c.cluster.pins["big.example"], "mailgate-1");
+            // The pod name arrives by environment in the chart.
+            jail.set_env("MAILGATE_CLUSTER__NAME", "mailgate-1");
+            let c = load_in_jail(Some("c.toml")).map_err(|e| e.to_string())?;
+            assert_eq!(c.cluster.name, "mailgate-1");
+            Ok(())
+        });
+        assert!(!Config::default().cluster.enabled());
+    }
+
+    #[test]
+    fn cluster_mistakes_name_the_key() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "backend = \"redis\"",
+                "backend = \"local\"",
+                "locks.backend",
+            ),
+            (
+                "name = \"mailgate-0\"",
+                "name = \"Mailgate_0\"",
+                "cluster.name",
+            ),
+            ("cert = \"c.pem\"", "cert = \"\"", "cluster.cert"),
+            (
+                "secret_file = \"secret\"",
+                "secret_file = \"\"",
+                "cluster.secret_file",
+            ),
+            (
+                "\"mailgate-0\" = \"mailgate-0.mailgate-headless:7025\"",
+                "\"mailgate-9\" = \"x:7025\"",
+                "cluster.peers",
+            ),
+            ("\"10.0.0.2:7025\"", "\"10.0.0.2\"", "cluster.peers"),
+            (
+                "\"big.example\" = \"mailgate-1\"",
+                "\"big.example\" = \"mailgate-7\"",
+                "cluster.pins",
+            ),
+            (
+                "\"big.example\" = \"mailgate-1\"",
+                "\"bad domain\" = \"mailgate-1\"",
+                "cluster.pins",
+            ),
+            (
+                "ca = \"ca.pem\"",
+                "ca = \"ca.pem\"\nlisten = \"7025\"",
+                "cluster.listen",
+            ),
+            (
+                "ca = \"ca.pem\"",
+                "ca = \"ca.pem\"\nconnect_timeout_ms = 0",
+                "cluster.connect_timeout_ms",
+            ),
+        ];
+        for (from, to, key) in cases {
+            assert!(CLUSTER_OK.contains(from), "{from}");
+            let text = CLUSTER_OK.replacen(from, to, 1);
+            Jail::expect_with(|jail| {
+                jail.create_file("c.toml", &text)?;
+                let err = load_in_jail(Some("c.toml")).expect_err(&text).to_string();
+                assert!(err.contains(key), "{text}: {err}");
+                Ok(())
+            });
+        }
     }
 
     #[test]
