@@ -23,17 +23,23 @@
 //! 6. [`delivery`]: local delivery to one or more recipients, durable before it answers,
 //!    with recipient verdicts and the postmaster rule. [`provision`]: domains and
 //!    accounts created at start when absent.
-//! 7. The protocols: [`pop3`] (codec, session, login, maildrop commands, retrieval),
-//!    [`smtp`] (LMTP and inbound SMTP: codec, sans-IO core, session) and [`admin`] (the
-//!    socket through which the CLI talks to a running server).
-//! 8. [`server`]: listeners, accept loops, what each listener serves, readiness, drain.
-//! 9. [`app`]: start-up (`app::start` → `Running`), housekeeping.
+//! 7. [`cluster`]: several replicas serving the same domains: the home records in
+//!    Redis, rendezvous placement, the mutual-TLS replica link and the forwarding
+//!    preamble, and the one routing question (serve here, forward, or try later).
+//! 8. The protocols: [`pop3`] (codec, session, login, maildrop commands, retrieval,
+//!    forwarding to the home), [`smtp`] (LMTP and inbound SMTP: codec, sans-IO core,
+//!    session, forwarding to homes) and [`admin`] (the socket through which the CLI
+//!    talks to a running server, and admin requests between replicas).
+//! 9. [`server`]: listeners, accept loops, what each listener serves, the replica
+//!    listener, readiness, drain.
+//! 10. [`app`]: start-up (`app::start` → `Running`), housekeeping.
 //!
 //! `main.rs` (the CLI) sits on top.
 
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod fsutil;

@@ -23,7 +23,8 @@
 //!
 //! Beside sled's files, `USAGE_FILE` in the domain's directory records the domain's
 //! accounts, messages and octets as of its last close (or housekeeping pass), so the
-//! per-domain gauges of a closed store can be read without opening it.
+//! per-domain gauges of a closed store can be read without opening it; `EPOCH_FILE`
+//! holds the domain's cluster epoch.
 //!
 //! Big-endian keys make sled's byte order the numeric order, so a maildrop prefix scan
 //! yields delivery order and a body prefix scan yields chunk order. `pending` and `trash`
@@ -51,6 +52,10 @@ const FORMAT_KEY: &[u8] = b"format";
 const FLAG_SEEN: u8 = 1;
 /// The domain's usage as last recorded, in its directory beside sled's files.
 pub const USAGE_FILE: &str = "mailgate-usage.json";
+/// Beside sled's files: the domain's cluster epoch (decimal), which a replica compares
+/// with the home record in Redis before it serves the domain; it travels with the store
+/// when the directory is copied. Absent: epoch 1, what every domain starts with.
+pub const EPOCH_FILE: &str = "mailgate-epoch";
 /// Maildrop entries rewritten per batch while upgrading a store.
 const UPGRADE_BATCH: usize = 10_000;
 
@@ -225,6 +230,42 @@ impl Directory {
         }
         names.sort();
         Ok(names)
+    }
+
+    /// The cluster epoch recorded in a domain's directory (1 when none is recorded).
+    pub fn epoch(&self, name: &str) -> Result<u64, StoreError> {
+        let name = validate_domain(name)?;
+        let path = self.root.join(&name);
+        if !path.is_dir() {
+            return Err(StoreError::UnknownDomain(name));
+        }
+        let file = path.join(EPOCH_FILE);
+        match std::fs::read_to_string(&file) {
+            Ok(text) => text.trim().parse::<u64>().map_err(|_| StoreError::Io {
+                path: file.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{text:?} is not an epoch"),
+                ),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(1),
+            Err(source) => Err(StoreError::Io {
+                path: file.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Records a domain's cluster epoch, durably.
+    pub fn set_epoch(&self, name: &str, epoch: u64) -> Result<(), StoreError> {
+        let name = validate_domain(name)?;
+        let file = self.root.join(&name).join(EPOCH_FILE);
+        crate::fsutil::write_atomically(&file, epoch.to_string().as_bytes(), 0o600).map_err(
+            |source| StoreError::Io {
+                path: file.display().to_string(),
+                source,
+            },
+        )
     }
 
     pub fn has_domain(&self, name: &str) -> bool {
@@ -1840,6 +1881,24 @@ mod tests {
             store.meta.get(FORMAT_KEY).unwrap().as_deref(),
             Some(&FORMAT_VERSION.to_be_bytes()[..])
         );
+    }
+
+    #[test]
+    fn the_epoch_is_recorded_beside_the_store() {
+        let (tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        assert_eq!(dir.epoch("a.org").unwrap(), 1, "a new domain starts at 1");
+        dir.set_epoch("a.org", 7).unwrap();
+        assert_eq!(dir.epoch("A.org").unwrap(), 7);
+        assert!(matches!(
+            dir.epoch("b.org"),
+            Err(StoreError::UnknownDomain(_))
+        ));
+        assert!(dir.epoch("../a.org").is_err());
+        std::fs::write(tmp.path().join("domains/a.org").join(EPOCH_FILE), "x").unwrap();
+        assert!(matches!(dir.epoch("a.org"), Err(StoreError::Io { .. })));
+        // Not a domain directory entry of its own.
+        assert_eq!(dir.list_domains().unwrap(), vec!["a.org"]);
     }
 
     #[test]

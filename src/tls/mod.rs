@@ -172,7 +172,7 @@ fn pem_error(path: &Path, error: pem::Error) -> TlsError {
 }
 
 /// Every CERTIFICATE block of the file, leaf first as the file has them.
-fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let chain = CertificateDer::pem_file_iter(path)
         .map_err(|e| pem_error(path, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -186,7 +186,7 @@ fn read_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// The first PKCS#8, PKCS#1 (RSA) or SEC1 (EC) key of the file.
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
         pem::Error::NoItemsFound => TlsError::NoKey {
             path: path.to_path_buf(),

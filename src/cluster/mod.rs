@@ -1,0 +1,526 @@
+//! Several replicas serving the same domains: where each domain lives (its home,
+//! recorded in Redis: `homes`), which replica a new domain goes to (a pin, else
+//! rendezvous hashing: `hash`), the mutual-TLS link between replicas (`link`) and what a
+//! forwarded connection says first (`preamble`). [`Cluster`] answers the one question
+//! the protocols ask — serve this domain here, forward it, or answer "try later" — and
+//! keeps this replica's claims on its copies current. It forwards nothing itself: the
+//! protocols relay their own bytes. Must not name the protocols, the server or start-up.
+
+pub mod hash;
+pub mod homes;
+pub mod link;
+pub mod preamble;
+
+pub use homes::{Announced, Record, State};
+pub use link::{Alpn, Link, LinkError};
+pub use preamble::Preamble;
+
+use crate::config::Config;
+use crate::metrics::{ForwardProtocol, ForwardResult, HomeState, Metrics};
+use crate::redis_conn::RedisConn;
+use crate::store::{Directory, StoreError};
+use homes::{Homes, HomesError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+/// How long a read record is used before routing reads it again.
+const ROUTE_CACHE: Duration = Duration::from_secs(1);
+/// A claim outlives its last announcement this many lock TTLs: a replica that stopped
+/// announcing a copy (stopped, or its copy removed) gives up a held domain after that.
+const CLAIMS_PER_TTL: u32 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Homes(#[from] HomesError),
+    #[error("reading cluster.secret_file {path}: {source}")]
+    Secret {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cluster.secret_file {0} holds fewer than 32 bytes")]
+    ShortSecret(String),
+    #[error("domain {domain} already exists (home {home})")]
+    Exists { domain: String, home: String },
+    #[error("no replica is up to take domain {0}")]
+    NoReplica(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What to do with a domain's session or delivery here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Serve it from this replica's store (or, for a domain nobody hosts, answer as for an
+    /// unknown name).
+    Local,
+    /// Hand it to the home replica of that name.
+    Forward(String),
+    /// Answer "try again later".
+    Unavailable(Unavailable),
+}
+
+/// Why a domain cannot be served now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Two copies with the same epoch: an operator must remove one.
+    Held,
+    /// Being moved.
+    Moving,
+    /// No valid view of the record: Redis has not answered for `locks.ttl_secs`, or a
+    /// replica has not re-announced since Redis lost its data.
+    NoView,
+    /// The record names this replica but its copy's epoch differs, or this replica was
+    /// reached as a home for a domain homed elsewhere.
+    NotHere,
+}
+
+impl Unavailable {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Unavailable::Held => "domain held: two replicas hold copies",
+            Unavailable::Moving => "domain is being moved",
+            Unavailable::NoView => "domain homes unknown for now",
+            Unavailable::NotHere => "domain not served by this replica",
+        }
+    }
+}
+
+/// The cluster-wide server secret: SHA-256 of `cluster.secret_file`, so any file of 32
+/// bytes or more (e.g. a Kubernetes Secret) gives the same key on every replica.
+pub fn load_secret(path: &str) -> Result<[u8; 32], ClusterError> {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).map_err(|source| ClusterError::Secret {
+        path: path.to_owned(),
+        source,
+    })?;
+    if bytes.len() < 32 {
+        return Err(ClusterError::ShortSecret(path.to_owned()));
+    }
+    Ok(sha2::Sha256::digest(&bytes).into())
+}
+
+struct View {
+    record: Option<Record>,
+    incomplete: bool,
+    read: Instant,
+}
+
+/// This replica's part in the cluster.
+pub struct Cluster {
+    pub link: Link,
+    homes: Homes,
+    name: String,
+    pins: std::collections::BTreeMap<String, String>,
+    /// How long a view of a record stays valid (`locks.ttl_secs`).
+    ttl: Duration,
+    views: Mutex<HashMap<String, View>>,
+    /// The copies on this replica's volume and their store epochs, as of the last
+    /// announcement (or creation).
+    local: Mutex<HashMap<String, u64>>,
+    metrics: Arc<Metrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cluster {
+    /// Reads the link's certificates; touches neither Redis nor the stores.
+    pub fn open(
+        config: &Config,
+        redis: RedisConn,
+        metrics: Arc<Metrics>,
+    ) -> Result<Cluster, ClusterError> {
+        let link = Link::load(&config.cluster)?;
+        let ttl = config.locks.ttl();
+        let others: Vec<&str> = link
+            .peer_names()
+            .filter(|p| *p != config.cluster.name)
+            .collect();
+        metrics.cluster_peers(&others);
+        Ok(Cluster {
+            homes: Homes::new(redis, &config.cluster.name, ttl * CLAIMS_PER_TTL),
+            link,
+            name: config.cluster.name.clone(),
+            pins: config.cluster.pins.clone(),
+            ttl,
+            views: Mutex::new(HashMap::new()),
+            local: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    /// This replica's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn homes(&self) -> &Homes {
+        &self.homes
+    }
+
+    /// `locks.ttl_secs`: how long a view of a record may be used.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// How many domains this replica is the active home of, as last announced.
+    pub fn homed_count(&self) -> usize {
+        let local = lock(&self.local);
+        lock(&self.views)
+            .iter()
+            .filter(|(d, v)| {
+                v.record.as_ref().is_some_and(|r| {
+                    r.home == self.name
+                        && r.state == State::Active
+                        && local.get(*d) == Some(&r.epoch)
+                })
+            })
+            .count()
+    }
+
+    /// Where `domain` is served. `forwarded`: the session already crossed the link, so
+    /// it may only be served here.
+    pub async fn route(&self, domain: &str, forwarded: bool) -> Route {
+        let domain = domain.to_ascii_lowercase();
+        let Some((record, incomplete)) = self.view(&domain).await else {
+            return Route::Unavailable(Unavailable::NoView);
+        };
+        let local_epoch = lock(&self.local).get(&domain).copied();
+        let Some(record) = record else {
+            // A copy here without a record is announced at the next pass; a replica
+            // that has not announced since Redis lost its data may hold it.
+            if local_epoch.is_some() || incomplete {
+                return Route::Unavailable(Unavailable::NoView);
+            }
+            return Route::Local;
+        };
+        match record.state {
+            State::Held => return Route::Unavailable(Unavailable::Held),
+            State::Moving => return Route::Unavailable(Unavailable::Moving),
+            State::Active => {}
+        }
+        if record.home == self.name {
+            if local_epoch == Some(record.epoch) {
+                Route::Local
+            } else {
+                Route::Unavailable(Unavailable::NotHere)
+            }
+        } else if forwarded || self.link.peer_names().all(|p| p != record.home) {
+            Route::Unavailable(Unavailable::NotHere)
+        } else {
+            Route::Forward(record.home)
+        }
+    }
+
+    /// The record as last read if that was recent, else read now; `None` when Redis
+    /// has not answered for longer than the view may be used.
+    async fn view(&self, domain: &str) -> Option<(Option<Record>, bool)> {
+        if let Some(v) = lock(&self.views).get(domain) {
+            if v.read.elapsed() < ROUTE_CACHE {
+                return Some((v.record.clone(), v.incomplete));
+            }
+        }
+        match self.homes.read(domain, self.link.peer_names()).await {
+            Ok(read) => {
+                let out = (read.record.clone(), read.incomplete);
+                lock(&self.views).insert(
+                    domain.to_owned(),
+                    View {
+                        record: read.record,
+                        incomplete: read.incomplete,
+                        read: Instant::now(),
+                    },
+                );
+                Some(out)
+            }
+            Err(e) => {
+                warn!(domain, error = %e, "cannot read the domain's home");
+                let views = lock(&self.views);
+                let v = views.get(domain)?;
+                (v.read.elapsed() < self.ttl).then(|| (v.record.clone(), v.incomplete))
+            }
+        }
+    }
+
+    fn remember(&self, domain: &str, record: Record) {
+        lock(&self.views).insert(
+            domain.to_owned(),
+            View {
+                record: Some(record),
+                incomplete: false,
+                read: Instant::now(),
+            },
+        );
+    }
+
+    /// Connects to `peer` for `protocol`, counting the attempt.
+    pub async fn connect(
+        &self,
+        peer: &str,
+        alpn: Alpn,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, LinkError> {
+        match self.link.connect(peer, alpn).await {
+            Ok((stream, took)) => {
+                self.metrics.peer_connect(peer, Some(took));
+                Ok(stream)
+            }
+            Err(e) => {
+                self.metrics.peer_connect(peer, None);
+                self.metrics
+                    .forward(peer, forward_protocol(alpn), ForwardResult::Unreachable);
+                warn!(peer, error = %e, "cannot reach the home replica");
+                Err(e)
+            }
+        }
+    }
+
+    /// One pass of this replica's duties: re-read rotated certificates, announce every
+    /// copy on the volume (which repairs a Redis that lost its data), mark the pass done,
+    /// refresh the heartbeat and the domain gauges. Run at start and every third of the
+    /// lock TTL.
+    pub async fn tick(&self, directory: &Arc<Directory>) {
+        match self.link.reload_if_changed() {
+            Ok(true) => info!("cluster certificates reloaded"),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot reload the cluster certificates; keeping the old ones")
+            }
+        }
+        let dir = directory.clone();
+        let copies = tokio::task::spawn_blocking(move || -> Result<Vec<(String, u64)>, StoreError> {
+            let mut out = Vec::new();
+            for domain in dir.list_domains()? {
+                match dir.epoch(&domain) {
+                    Ok(epoch) => out.push((domain, epoch)),
+                    Err(e) => warn!(domain, error = %e, "cannot read the domain's epoch; not announced"),
+                }
+            }
+            Ok(out)
+        })
+        .await;
+        let copies = match copies {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot list the domains to announce");
+                return;
+            }
+            Err(e) => {
+                warn!(error = %e, "listing the domains failed");
+                return;
+            }
+        };
+        *lock(&self.local) = copies.iter().cloned().collect();
+        const STATES: [HomeState; 5] = [
+            HomeState::Active,
+            HomeState::Moving,
+            HomeState::Held,
+            HomeState::Elsewhere,
+            HomeState::Unknown,
+        ];
+        let mut counts = [0i64; STATES.len()];
+        let mut complete = true;
+        for (domain, epoch) in &copies {
+            let state = match self.homes.announce(domain, *epoch).await {
+                Ok((what, record)) => {
+                    match what {
+                        Announced::Conflict => {
+                            self.metrics.home_conflict();
+                            warn!(domain, other = %record.home, epoch, "two replicas hold this domain at the same epoch: held until one copy is removed");
+                        }
+                        Announced::Created | Announced::TookOver => {
+                            info!(domain, epoch = record.epoch, outcome = ?what, "domain homed here");
+                        }
+                        Announced::Stale => {
+                            warn!(domain, home = %record.home, epoch, recorded = record.epoch, "this copy is older than the home's: not served here");
+                        }
+                        Announced::Confirmed | Announced::Held => {}
+                    }
+                    let state = match record.state {
+                        State::Held => HomeState::Held,
+                        State::Moving => HomeState::Moving,
+                        State::Active if record.home == self.name => HomeState::Active,
+                        State::Active => HomeState::Elsewhere,
+                    };
+                    self.remember(domain, record);
+                    state
+                }
+                Err(e) => {
+                    complete = false;
+                    warn!(domain, error = %e, "cannot announce the domain");
+                    HomeState::Unknown
+                }
+            };
+            if let Some(i) = STATES.iter().position(|s| *s == state) {
+                counts[i] += 1;
+            }
+        }
+        if complete {
+            if let Err(e) = self.homes.announced().await {
+                warn!(error = %e, "cannot mark the announcement done");
+            }
+        }
+        let homed = counts[0];
+        let beat = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "domains": homed,
+        })
+        .to_string();
+        if let Err(e) = self.homes.heartbeat(&beat, self.ttl).await {
+            warn!(error = %e, "cannot write the heartbeat");
+        }
+        let counts: Vec<(HomeState, i64)> = STATES.into_iter().zip(counts).collect();
+        self.metrics.set_cluster_domains(&counts);
+    }
+
+    /// Connects to every other replica (and hangs up), so `mailgate_cluster_peer_up`
+    /// follows a peer going away and coming back even without traffic.
+    pub async fn probe_peers(&self) {
+        let others: Vec<String> = self
+            .link
+            .peer_names()
+            .filter(|p| *p != self.name)
+            .map(str::to_owned)
+            .collect();
+        for peer in others {
+            match self.link.connect(&peer, Alpn::Admin).await {
+                Ok((mut stream, took)) => {
+                    self.metrics.peer_connect(&peer, Some(took));
+                    use tokio::io::AsyncWriteExt;
+                    let _ = stream.shutdown().await;
+                }
+                Err(e) => {
+                    self.metrics.peer_connect(&peer, None);
+                    tracing::debug!(peer, error = %e, "peer unreachable");
+                }
+            }
+        }
+    }
+
+    /// Whether this replica is the home of `domain` as last seen (for per-domain
+    /// metrics, which only a home exports).
+    pub fn homed_here(&self, domain: &str) -> bool {
+        lock(&self.views)
+            .get(domain)
+            .and_then(|v| v.record.as_ref())
+            .is_some_and(|r| r.home == self.name)
+    }
+
+    /// The replica a new domain goes to: its pin, else the first replica of its
+    /// rendezvous order whose heartbeat is live. `Exists` when it has a record.
+    pub async fn place(&self, domain: &str) -> Result<String, ClusterError> {
+        let domain = domain.to_ascii_lowercase();
+        let read = self.homes.read(&domain, std::iter::empty()).await?;
+        if let Some(record) = read.record {
+            return Err(ClusterError::Exists {
+                domain,
+                home: record.home,
+            });
+        }
+        if let Some(pinned) = self.pins.get(&domain) {
+            return Ok(pinned.clone());
+        }
+        let names: Vec<&str> = self.link.peer_names().collect();
+        let beats = self.homes.heartbeats(&names).await?;
+        let up: Vec<&str> = names
+            .iter()
+            .zip(&beats)
+            .filter(|(_, b)| b.is_some())
+            .map(|(n, _)| *n)
+            .collect();
+        hash::target(&domain, names.iter().copied(), |n| up.contains(&n))
+            .map(str::to_owned)
+            .ok_or(ClusterError::NoReplica(domain))
+    }
+
+    /// Where `[provision]` would create `domain`: its recorded home if it has one, else
+    /// its pin, else the first replica of its rendezvous order over every configured
+    /// replica (not only live ones, so every replica agrees at start).
+    pub async fn provision_home(&self, domain: &str) -> Result<String, ClusterError> {
+        let domain = domain.to_ascii_lowercase();
+        let read = self.homes.read(&domain, std::iter::empty()).await?;
+        if let Some(record) = read.record {
+            return Ok(record.home);
+        }
+        if let Some(pinned) = self.pins.get(&domain) {
+            return Ok(pinned.clone());
+        }
+        hash::target(&domain, self.link.peer_names(), |_| true)
+            .map(str::to_owned)
+            .ok_or(ClusterError::NoReplica(domain))
+    }
+
+    /// Creates `domain` here as its home: the record first (so no two replicas create
+    /// it), then the store at epoch 1. Blocking store work runs off the async threads.
+    pub async fn create_here(
+        &self,
+        directory: &Arc<Directory>,
+        domain: &str,
+    ) -> Result<(), ClusterError> {
+        let domain = crate::wire::address::validate_domain(domain)
+            .map_err(|e| ClusterError::Store(e.into()))?;
+        if let Err(home) = self.homes.create(&domain, &self.name).await? {
+            return Err(ClusterError::Exists { domain, home });
+        }
+        let dir = directory.clone();
+        let name = domain.clone();
+        let made = tokio::task::spawn_blocking(move || {
+            dir.add_domain(&name)?;
+            dir.set_epoch(&name, 1)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(StoreError::Io {
+                path: domain.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+        if let Err(e) = made {
+            // Nothing was created here: give the name back.
+            if let Err(e) = self.homes.remove(&domain).await {
+                warn!(domain, error = %e, "cannot remove the record of a domain that was not created");
+            }
+            return Err(e.into());
+        }
+        lock(&self.local).insert(domain.clone(), 1);
+        self.remember(
+            &domain,
+            Record {
+                home: self.name.clone(),
+                state: State::Active,
+                epoch: 1,
+            },
+        );
+        Ok(())
+    }
+
+    /// Forgets `domain` after its copy here was removed (its record too, if it named
+    /// this replica).
+    pub async fn removed_here(&self, domain: &str) -> Result<(), ClusterError> {
+        let domain = domain.to_ascii_lowercase();
+        lock(&self.local).remove(&domain);
+        lock(&self.views).remove(&domain);
+        self.homes.remove(&domain).await?;
+        Ok(())
+    }
+}
+
+/// The metric label of what a link connection carries.
+pub fn forward_protocol(alpn: Alpn) -> ForwardProtocol {
+    match alpn {
+        Alpn::Pop3 => ForwardProtocol::Pop3,
+        Alpn::Lmtp => ForwardProtocol::Lmtp,
+        Alpn::Smtp => ForwardProtocol::Smtp,
+        Alpn::Admin => ForwardProtocol::Admin,
+    }
+}
