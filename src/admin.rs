@@ -3,8 +3,13 @@
 //! admin socket `data_dir/admin.sock` (mode 0600 in a 0700 directory: only the server's
 //! user can open it). Wire format: one JSON request line, for `Deliver` followed by the
 //! message bytes up to the client's write shutdown; one JSON response line back.
+//! On a replica of a cluster the server sends a request about another replica's domain
+//! to that home over the replica link (the same wire format, ALPN `mailgate-admin/1`),
+//! creates new domains on the replica their pin or hash names, lists the domains of
+//! every replica, and answers `ClusterStatus`.
 
 use crate::auth::Credentials;
+use crate::cluster::{Alpn, Cluster, Route};
 use crate::delivery::{self, DeliveryError, Quotas};
 use crate::metrics::{self, Metrics};
 use crate::store::{Account, Address, Directory, DomainStore, StoreError};
@@ -12,8 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -52,6 +56,14 @@ pub enum Request {
         from: Option<String>,
         recipients: Vec<String>,
     },
+    /// Every replica (reachable, version, domains homed) and every domain (home, state,
+    /// epoch); one JSON document when `json`.
+    ClusterStatus {
+        #[serde(default)]
+        json: bool,
+    },
+    /// Between replicas: this replica's version and how many domains it homes.
+    Ping,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -220,6 +232,10 @@ pub fn execute(
                 }
                 Ok(lines)
             }
+            Request::ClusterStatus { .. } | Request::Ping => Err(Response::fail(
+                "not clustered: cluster.name is empty".into(),
+                exit::USAGE,
+            )),
             Request::Deliver { from, recipients } => {
                 let delivered = match metrics {
                     Some(m) => delivery::deliver_counted(
@@ -294,14 +310,16 @@ pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     Ok(listener)
 }
 
+/// What admin requests run with in a server.
+pub struct Admin {
+    pub directory: Arc<Directory>,
+    pub quotas: Quotas,
+    pub metrics: Arc<Metrics>,
+    pub cluster: Option<Arc<Cluster>>,
+}
+
 /// Serves admin requests until `cancel`.
-pub async fn serve(
-    listener: UnixListener,
-    directory: Arc<Directory>,
-    quotas: Quotas,
-    metrics: Arc<Metrics>,
-    cancel: CancellationToken,
-) {
+pub async fn serve(listener: UnixListener, admin: Arc<Admin>, cancel: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -314,26 +332,45 @@ pub async fn serve(
                 }
             },
         };
-        let directory = directory.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(stream, directory, quotas, metrics).await {
-                warn!(error = %e, "admin request failed");
-            }
-        });
+        let admin = admin.clone();
+        tokio::spawn(async move { handle(stream, BytesMut::new(), Local::Socket, admin).await });
     }
 }
 
-async fn handle(
-    stream: UnixStream,
-    directory: Arc<Directory>,
-    quotas: Quotas,
-    metrics: Arc<Metrics>,
+/// Where a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// The admin socket: a request about another replica's domain goes to its home.
+    Socket,
+    /// Another replica: run here, never sent on.
+    Replica,
+}
+
+use bytes::BytesMut;
+
+/// Answers one request on `stream` (`input`: bytes already read from it).
+pub async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    input: BytesMut,
+    from: Local,
+    admin: Arc<Admin>,
+) {
+    if let Err(e) = handle_inner(stream, input, from, admin).await {
+        warn!(error = %e, "admin request failed");
+    }
+}
+
+async fn handle_inner<S: AsyncRead + AsyncWrite + Send + 'static>(
+    stream: S,
+    input: BytesMut,
+    from: Local,
+    admin: Arc<Admin>,
 ) -> std::io::Result<()> {
-    let (mut read_half, mut write_half) = stream.into_split();
+    let (mut read_half, mut write_half) = tokio::io::split(stream);
     // Read the request line by hand so body bytes that arrive with it are kept; each
     // byte is looked at once, and a client that never finishes the line is cut off.
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf = input.to_vec();
+    buf.reserve(1024);
     let read_line = async {
         let mut scanned = 0;
         loop {
@@ -349,6 +386,10 @@ async fn handle(
     let newline = tokio::time::timeout(REQUEST_TIMEOUT, read_line)
         .await
         .unwrap_or(Ok(None))?;
+    // A replica's liveness probe connects and hangs up without a byte.
+    if newline.is_none() && buf.is_empty() && from == Local::Replica {
+        return Ok(());
+    }
     let response = match newline.map(|i| (serde_json::from_slice::<Request>(&buf[..i]), i)) {
         None => Response::fail(
             "request line missing, too long or too slow".into(),
@@ -357,33 +398,20 @@ async fn handle(
         Some((Err(e), _)) => Response::fail(format!("malformed request: {e}"), exit::USAGE),
         Some((Ok(request), i)) => {
             let op = request_name(&request);
-            let leftover = std::io::Cursor::new(buf.split_off(i + 1));
-            // The body (Deliver only) streams through a blocking bridge: the store is
-            // blocking anyway, and this keeps the message out of memory.
-            let bridge = tokio_util::io::SyncIoBridge::new_with_handle(
-                read_half,
-                tokio::runtime::Handle::current(),
-            );
-            let done = tokio::task::spawn_blocking(move || {
-                let mut body = Read::chain(leftover, bridge);
-                let response = execute(&directory, request, &mut body, quotas, Some(&metrics));
-                (response, body.into_inner().1.into_inner())
-            })
-            .await;
-            let response = match done {
-                Ok((response, back)) => {
-                    read_half = back;
-                    response
+            let leftover = buf.split_off(i + 1);
+            let line = buf;
+            let (response, back) = match &admin.cluster {
+                Some(cluster) => {
+                    clustered(cluster, &admin, request, &line, leftover, read_half, from).await
                 }
-                Err(e) => {
-                    return reply(
-                        &mut write_half,
-                        &Response::fail(format!("internal error: {e}"), exit::SOFTWARE),
-                    )
-                    .await;
-                }
+                None => run_here(&admin, request, leftover, read_half).await,
             };
             info!(op, ok = response.ok, "admin request");
+            match back {
+                Some(back) => read_half = back,
+                // The request's task failed and took the stream's read side with it.
+                None => return reply(&mut write_half, &response).await,
+            }
             response
         }
     };
@@ -396,7 +424,337 @@ async fn handle(
     Ok(())
 }
 
-async fn reply(write_half: &mut OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
+/// Runs a request on this replica's stores. The body (Deliver only) streams through a
+/// blocking bridge: the store is blocking anyway, and this keeps the message out of
+/// memory. Gives the read half back for draining.
+async fn run_here<R: AsyncRead + Send + Unpin + 'static>(
+    admin: &Arc<Admin>,
+    request: Request,
+    leftover: Vec<u8>,
+    read_half: R,
+) -> (Response, Option<R>) {
+    let leftover = std::io::Cursor::new(leftover);
+    let bridge =
+        tokio_util::io::SyncIoBridge::new_with_handle(read_half, tokio::runtime::Handle::current());
+    let admin = admin.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let mut body = Read::chain(leftover, bridge);
+        let response = execute(
+            &admin.directory,
+            request,
+            &mut body,
+            admin.quotas,
+            Some(&admin.metrics),
+        );
+        (response, body.into_inner().1.into_inner())
+    })
+    .await;
+    match done {
+        Ok((response, back)) => (response, Some(back)),
+        Err(e) => (
+            Response::fail(format!("internal error: {e}"), exit::SOFTWARE),
+            None,
+        ),
+    }
+}
+
+fn temporary(e: impl std::fmt::Display) -> Response {
+    Response::fail(e.to_string(), exit::TEMPFAIL)
+}
+
+/// The domain a request is about, if one decides where it runs.
+fn domain_of(request: &Request) -> Option<String> {
+    let of_address = |a: &str| a.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+    match request {
+        Request::DomainRemove { name } => Some(name.to_ascii_lowercase()),
+        Request::UserAdd { address, .. }
+        | Request::UserPasswd { address, .. }
+        | Request::UserRemove { address }
+        | Request::UserQuota { address, .. } => of_address(address),
+        Request::UserList { domain: Some(d) } => Some(d.to_ascii_lowercase()),
+        _ => None,
+    }
+}
+
+/// A request on a replica of a cluster: run here, sent to the domain's home, or answered
+/// from the records.
+async fn clustered<R: AsyncRead + Send + Unpin + 'static>(
+    cluster: &Arc<Cluster>,
+    admin: &Arc<Admin>,
+    request: Request,
+    line: &[u8],
+    leftover: Vec<u8>,
+    read_half: R,
+    from: Local,
+) -> (Response, Option<R>) {
+    let forwarded = from == Local::Replica;
+    match &request {
+        Request::DomainAdd { name } => {
+            let target = if forwarded {
+                Ok(cluster.name().to_owned())
+            } else {
+                cluster.place(name).await
+            };
+            return match target {
+                Ok(t) if t == cluster.name() => {
+                    let r = match cluster.create_here(&admin.directory, name).await {
+                        Ok(()) => Response::ok(vec![format!(
+                            "domain {} added (home {t})",
+                            name.to_ascii_lowercase()
+                        )]),
+                        Err(crate::cluster::ClusterError::Exists { domain, home }) => {
+                            Response::fail(
+                                format!("domain {domain} already exists (home {home})"),
+                                exit::DATAERR,
+                            )
+                        }
+                        Err(crate::cluster::ClusterError::Store(e)) => store_failure(e),
+                        Err(e) => temporary(e),
+                    };
+                    (r, Some(read_half))
+                }
+                Ok(t) => forward(cluster, &t, line, leftover, read_half).await,
+                Err(crate::cluster::ClusterError::Exists { domain, home }) => (
+                    Response::fail(
+                        format!("domain {domain} already exists (home {home})"),
+                        exit::DATAERR,
+                    ),
+                    Some(read_half),
+                ),
+                Err(e) => (temporary(e), Some(read_half)),
+            };
+        }
+        Request::DomainList => {
+            let r = match cluster.homes().all().await {
+                Ok(records) => Response::ok(records.into_iter().map(|(d, _)| d).collect()),
+                Err(e) => temporary(e),
+            };
+            return (r, Some(read_half));
+        }
+        Request::UserList { domain: None } if !forwarded => {
+            return (list_all_users(cluster).await, Some(read_half));
+        }
+        Request::ClusterStatus { json } => return (status(cluster, *json).await, Some(read_half)),
+        Request::Ping => {
+            let homed = cluster.homed_count();
+            let r = Response::ok(vec![
+                env!("CARGO_PKG_VERSION").to_owned(),
+                homed.to_string(),
+            ]);
+            return (r, Some(read_half));
+        }
+        Request::Deliver { recipients, .. } => {
+            let mut homes = Vec::new();
+            for r in recipients {
+                let route = match r.rsplit_once('@') {
+                    Some((_, d)) => cluster.route(d, forwarded).await,
+                    None => Route::Local,
+                };
+                if !homes.contains(&route) {
+                    homes.push(route);
+                }
+            }
+            return match homes.as_slice() {
+                [Route::Forward(peer)] => forward(cluster, &peer.clone(), line, leftover, read_half).await,
+                [Route::Unavailable(why)] => (temporary(why.describe()), Some(read_half)),
+                [] | [Route::Local] => run_here(admin, request, leftover, read_half).await,
+                _ => (
+                    Response::fail(
+                        "the recipients' domains live on different replicas: deliver to each separately".into(),
+                        exit::TEMPFAIL,
+                    ),
+                    Some(read_half),
+                ),
+            };
+        }
+        _ => {}
+    }
+    let Some(domain) = domain_of(&request) else {
+        return run_here(admin, request, leftover, read_half).await;
+    };
+    match cluster.route(&domain, forwarded).await {
+        Route::Local => {
+            let removing = matches!(request, Request::DomainRemove { .. });
+            let (r, back) = run_here(admin, request, leftover, read_half).await;
+            if removing && r.ok {
+                if let Err(e) = cluster.removed_here(&domain).await {
+                    warn!(domain, error = %e, "domain removed; its home record stays until the next announcement");
+                }
+            }
+            (r, back)
+        }
+        Route::Forward(peer) => forward(cluster, &peer, line, leftover, read_half).await,
+        Route::Unavailable(why) => (temporary(why.describe()), Some(read_half)),
+    }
+}
+
+/// Every account of every domain, each domain's list from its home.
+async fn list_all_users(cluster: &Arc<Cluster>) -> Response {
+    let records = match cluster.homes().all().await {
+        Ok(r) => r,
+        Err(e) => return temporary(e),
+    };
+    let mut lines = Vec::new();
+    for (domain, record) in records {
+        let request = Request::UserList {
+            domain: Some(domain.clone()),
+        };
+        let r = ask(cluster, &record.home, &request).await;
+        if !r.ok {
+            return r;
+        }
+        lines.extend(r.lines);
+    }
+    Response::ok(lines)
+}
+
+/// Sends a request without a body to `peer` (this replica included) and returns its
+/// answer.
+async fn ask(cluster: &Arc<Cluster>, peer: &str, request: &Request) -> Response {
+    let mut line = serde_json::to_vec(request).unwrap_or_default();
+    line.push(b'\n');
+    forward(cluster, peer, &line, Vec::new(), tokio::io::empty())
+        .await
+        .0
+}
+
+/// Sends the request (`line`, its newline included, then the body) to `peer` over the
+/// replica link and returns the home's answer.
+async fn forward<R: AsyncRead + Send + Unpin + 'static>(
+    cluster: &Arc<Cluster>,
+    peer: &str,
+    line: &[u8],
+    leftover: Vec<u8>,
+    mut read_half: R,
+) -> (Response, Option<R>) {
+    use crate::metrics::{ForwardProtocol, ForwardResult};
+    let mut link = match cluster.connect(peer, Alpn::Admin).await {
+        Ok(l) => l,
+        Err(e) => {
+            return (
+                temporary(format!("home replica {peer} unreachable: {e}")),
+                Some(read_half),
+            )
+        }
+    };
+    let sent = async {
+        link.write_all(line).await?;
+        link.write_all(&leftover).await?;
+        tokio::io::copy(&mut read_half, &mut link).await?;
+        link.shutdown().await?;
+        let mut answer = Vec::new();
+        (&mut link)
+            .take(MAX_REQUEST_LINE as u64)
+            .read_to_end(&mut answer)
+            .await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let metrics = &cluster_metrics(cluster);
+    let answer = tokio::time::timeout(REQUEST_TIMEOUT * 4, sent).await;
+    let response = match answer {
+        Ok(Ok(bytes)) => match serde_json::from_slice::<Response>(bytes.trim_ascii_end()) {
+            Ok(r) => {
+                metrics.forward(peer, ForwardProtocol::Admin, ForwardResult::Ok);
+                r
+            }
+            Err(e) => {
+                metrics.forward(peer, ForwardProtocol::Admin, ForwardResult::Error);
+                temporary(format!("bad answer from {peer}: {e}"))
+            }
+        },
+        Ok(Err(e)) => {
+            metrics.forward(peer, ForwardProtocol::Admin, ForwardResult::Error);
+            temporary(format!("home replica {peer}: {e}"))
+        }
+        Err(_) => {
+            metrics.forward(peer, ForwardProtocol::Admin, ForwardResult::Error);
+            temporary(format!("home replica {peer} did not answer in time"))
+        }
+    };
+    (response, Some(read_half))
+}
+
+fn cluster_metrics(cluster: &Cluster) -> Arc<Metrics> {
+    cluster.metrics().clone()
+}
+
+/// Every replica and every domain, as lines or one JSON document.
+pub async fn status(cluster: &Arc<Cluster>, json: bool) -> Response {
+    let names: Vec<String> = cluster.link.peer_names().map(str::to_owned).collect();
+    let mut replicas = Vec::new();
+    for name in &names {
+        let answer = ask(cluster, name, &Request::Ping).await;
+        let (reachable, version, domains) = match answer.lines.as_slice() {
+            [version, domains] if answer.ok => {
+                (true, Some(version.clone()), domains.parse::<u64>().ok())
+            }
+            _ => (false, None, None),
+        };
+        replicas.push(serde_json::json!({
+            "name": name,
+            "reachable": reachable,
+            "version": version,
+            "domains": domains,
+        }));
+    }
+    let records = match cluster.homes().all().await {
+        Ok(r) => r,
+        Err(e) => return temporary(e),
+    };
+    let domains: Vec<serde_json::Value> = records
+        .iter()
+        .map(|(d, r)| {
+            serde_json::json!({
+                "name": d,
+                "home": r.home,
+                "state": r.state.name(),
+                "epoch": r.epoch,
+            })
+        })
+        .collect();
+    if json {
+        let doc = serde_json::json!({ "replicas": replicas, "domains": domains });
+        return Response::ok(vec![doc.to_string()]);
+    }
+    let mut lines = vec![format!(
+        "{:<24} {:<10} {:<10} {}",
+        "REPLICA", "REACHABLE", "VERSION", "DOMAINS"
+    )];
+    for r in &replicas {
+        lines.push(format!(
+            "{:<24} {:<10} {:<10} {}",
+            r["name"].as_str().unwrap_or("?"),
+            if r["reachable"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            r["version"].as_str().unwrap_or("-"),
+            r["domains"]
+                .as_u64()
+                .map_or("-".to_owned(), |n| n.to_string()),
+        ));
+    }
+    lines.push(String::new());
+    lines.push(format!(
+        "{:<40} {:<24} {:<8} {}",
+        "DOMAIN", "HOME", "STATE", "EPOCH"
+    ));
+    for (d, r) in &records {
+        lines.push(format!(
+            "{:<40} {:<24} {:<8} {}",
+            d,
+            r.home,
+            r.state.name(),
+            r.epoch
+        ));
+    }
+    Response::ok(lines)
+}
+async fn reply<S: AsyncWrite>(
+    write_half: &mut WriteHalf<S>,
+    response: &Response,
+) -> std::io::Result<()> {
     let mut out = serde_json::to_vec(response).unwrap_or_default();
     out.push(b'\n');
     write_half.write_all(&out).await?;
@@ -414,6 +772,8 @@ fn request_name(r: &Request) -> &'static str {
         Request::UserList { .. } => "user_list",
         Request::UserQuota { .. } => "user_quota",
         Request::Deliver { .. } => "deliver",
+        Request::ClusterStatus { .. } => "cluster_status",
+        Request::Ping => "ping",
     }
 }
 

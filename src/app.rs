@@ -8,6 +8,7 @@
 use crate::admin::{self, AdminError};
 use crate::auth::cache::VerifiedCache;
 use crate::auth::pool::HashPool;
+use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::{Config, Listener, LockBackendKind};
 use crate::delivery::Quotas;
 use crate::fsutil;
@@ -67,6 +68,8 @@ pub enum AppError {
     Hasher(std::io::Error),
     #[error("background task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
 }
 
 /// A started server.
@@ -152,15 +155,32 @@ pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
     }
     let tls = Arc::new(TlsManager::load(default, domain_cert_paths(&config))?);
     let directory = Arc::new(open_directory(&config)?);
-    provision(plan, directory.clone()).await?;
+    let metrics = Arc::new(Metrics::new(config.locks.backend.name())?);
+    let (locks, throttle, redis) = coordination(&config, &metrics.lock).await?;
+    // A replica of a cluster: the link's certificates and the shared secret must be
+    // good before anything is bound; then this replica's copies are announced, so
+    // routing works from the first connection.
+    let (cluster, secret) = match (config.cluster.enabled(), redis) {
+        (true, Some(redis)) => {
+            let secret = cluster::load_secret(&config.cluster.secret_file)?;
+            let cluster = Arc::new(Cluster::open(&config, redis, metrics.clone())?);
+            cluster.tick(&directory).await;
+            (Some(cluster), secret)
+        }
+        _ => (
+            None,
+            load_or_create_secret(&config.data_dir.join("secret"))?,
+        ),
+    };
+    match &cluster {
+        Some(cluster) => provision_clustered(plan, directory.clone(), cluster).await?,
+        None => provision(plan, directory.clone()).await?,
+    }
     let admin_listener = admin::bind(&config.admin_socket()).await?;
     let listeners = Listeners::bind(&config).await?;
     let metrics_listener = bind_metrics(&config.metrics.listen).await?;
-    let metrics = Arc::new(Metrics::new(config.locks.backend.name())?);
     metrics.touch_commands(metrics::PROTOCOL_POP3, pop3::codec::VERBS);
     metrics.set_certificate_expiry(&tls.expiry());
-    let (locks, throttle) = coordination(&config, &metrics.lock).await?;
-    let secret = load_or_create_secret(&config.data_dir.join("secret"))?;
 
     let net = Arc::new(net::Context::new(
         config.clone(),
@@ -184,15 +204,24 @@ pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
             net: net.clone(),
             logins: Arc::new(logins),
             locks: locks.clone(),
+            cluster: cluster.clone(),
         }),
         mail: Arc::new(smtp::Service {
             net: net.clone(),
             directory: directory.clone(),
+            cluster: cluster.clone(),
+        }),
+        admin: Arc::new(admin::Admin {
+            directory: directory.clone(),
+            quotas: Quotas::from_config(&config.delivery),
+            metrics: metrics.clone(),
+            cluster: cluster.clone(),
         }),
         net: net.clone(),
         directory: directory.clone(),
         locks,
         accepting: AtomicBool::new(false),
+        cluster,
     });
     let running = Running {
         listeners: listeners.local_addrs(),
@@ -223,11 +252,13 @@ async fn run(
     let directory = services.directory.clone();
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
-        directory.clone(),
-        Quotas::from_config(&config.delivery),
-        net.metrics.clone(),
+        services.admin.clone(),
         net.abort.clone(),
     ));
+    let cluster_task = services
+        .cluster
+        .clone()
+        .map(|c| tokio::spawn(cluster_duties(c, directory.clone(), net.abort.clone())));
     // Scrapes and probes keep working while sessions drain; the endpoint stops with them.
     let metrics_task = metrics_listener.map(|l| {
         tokio::spawn(metrics::http::serve(
@@ -237,12 +268,20 @@ async fn run(
             net.abort.clone(),
         ))
     });
-    let housekeeping = tokio::spawn(housekeeping(net.clone(), directory.clone(), tls));
+    let housekeeping = tokio::spawn(housekeeping(
+        net.clone(),
+        directory.clone(),
+        tls,
+        services.cluster.clone(),
+    ));
 
     server::run(listeners, services).await;
 
     net.abort.cancel();
     let _ = admin_task.await;
+    if let Some(task) = cluster_task {
+        let _ = task.await;
+    }
     let _ = housekeeping.await;
     if let Some(task) = metrics_task {
         let _ = task.await;
@@ -291,19 +330,73 @@ async fn provision(plan: Plan, directory: Arc<Directory>) -> Result<(), AppError
     Ok(())
 }
 
-/// The maildrop locks and the login-failure counters: in process, or both in Redis. A
-/// Redis that does not answer at start is logged, not fatal: logins fail with
-/// [SYS/TEMP] until it does, and then work without a restart.
+/// A replica's part in a cluster: announce its copies, heartbeat, re-read rotated link
+/// certificates and probe the other replicas, every third of the lock TTL (at least
+/// every second), until the end.
+async fn cluster_duties(
+    cluster: Arc<Cluster>,
+    directory: Arc<Directory>,
+    abort: CancellationToken,
+) {
+    let period = (cluster.ttl() / 3).max(Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = abort.cancelled() => return,
+            _ = tick.tick() => {
+                cluster.tick(&directory).await;
+                cluster.probe_peers().await;
+            }
+        }
+    }
+}
+
+/// `[provision]` on a replica of a cluster: a listed domain is created only by its home
+/// (its record, else its pin, else its rendezvous target), and its accounts only there.
+async fn provision_clustered(
+    plan: Plan,
+    directory: Arc<Directory>,
+    cluster: &Arc<Cluster>,
+) -> Result<(), AppError> {
+    if plan.domains.is_empty() {
+        return Ok(());
+    }
+    let mut mine = Vec::new();
+    for domain in &plan.domains {
+        let home = cluster.provision_home(domain).await?;
+        if home != cluster.name() {
+            info!(%domain, %home, "provisioning left to the domain's home");
+            continue;
+        }
+        if !directory.has_domain(domain) {
+            match cluster.create_here(&directory, domain).await {
+                Ok(()) => info!(%domain, "provisioned domain"),
+                // Another replica created it first: it is that replica's.
+                Err(ClusterError::Exists { home, .. }) if home != cluster.name() => continue,
+                Err(ClusterError::Exists { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        mine.push(domain.clone());
+    }
+    provision(plan.only(&mine), directory).await
+}
+
+/// The maildrop locks and the login-failure counters: in process, or both in Redis (and
+/// the Redis connection, which a cluster shares). A Redis that does not answer at start
+/// is logged, not fatal: logins fail with [SYS/TEMP] until it does, and then work
+/// without a restart.
 async fn coordination(
     config: &Config,
     lock_metrics: &LockMetrics,
-) -> Result<(Arc<dyn LockBackend>, Throttle), AppError> {
+) -> Result<(Arc<dyn LockBackend>, Throttle, Option<RedisConn>), AppError> {
     let limits = throttle::Limits::from_config(&config.limits);
     let locks = &config.locks;
     match locks.backend {
         LockBackendKind::Local => {
             let locks: Arc<dyn LockBackend> = Arc::new(LocalLocks::new());
-            Ok((locks, Throttle::local(limits)))
+            Ok((locks, Throttle::local(limits), None))
         }
         LockBackendKind::Redis => {
             let conn = RedisConn::open(
@@ -329,7 +422,11 @@ async fn coordination(
                 locks.ttl(),
                 lock_metrics.clone(),
             ));
-            Ok((redis_locks, Throttle::redis(conn, limits)))
+            Ok((
+                redis_locks,
+                Throttle::redis(conn.clone(), limits),
+                Some(conn),
+            ))
         }
     }
 }
@@ -389,9 +486,16 @@ struct StorageGauges {
 
 impl StorageGauges {
     /// Blocking (sled, files); call from `spawn_blocking`.
-    fn tick(&mut self, directory: &Directory, metrics: &Metrics) {
+    fn tick(&mut self, directory: &Directory, metrics: &Metrics, cluster: Option<&Cluster>) {
+        // In a cluster only a domain's home exports its series; a copy that is not (or
+        // no longer) the home's has its series removed.
+        let exported = |name: &str| cluster.is_none_or(|c| c.homed_here(name));
         let set = |name: &str, u: Usage| {
-            metrics.set_domain_storage(name, u.accounts, u.messages, u.octets)
+            if exported(name) {
+                metrics.set_domain_storage(name, u.accounts, u.messages, u.octets)
+            } else {
+                metrics.forget_domain(name)
+            }
         };
         let open = directory.open_domains();
         // `open` is sorted by name: continue after the cursor, wrapping around.
@@ -447,7 +551,12 @@ impl StorageGauges {
 
 /// Certificate reload, the certificate and storage gauges, and idle-store closing, until
 /// shutdown is complete.
-async fn housekeeping(net: Arc<net::Context>, directory: Arc<Directory>, tls: Arc<TlsManager>) {
+async fn housekeeping(
+    net: Arc<net::Context>,
+    directory: Arc<Directory>,
+    tls: Arc<TlsManager>,
+    cluster: Option<Arc<Cluster>>,
+) {
     let period = Duration::from_secs(net.config.tls.reload_interval_secs);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -461,14 +570,16 @@ async fn housekeeping(net: Arc<net::Context>, directory: Arc<Directory>, tls: Ar
         let directory = directory.clone();
         let metrics = net.metrics.clone();
         let gauges = gauges.clone();
+        let cluster = cluster.clone();
         let result = tokio::task::spawn_blocking(move || {
             let reloaded = tls.reload_changed();
             metrics.set_certificate_expiry(&tls.expiry());
             // Counted before closing, so a store is counted at least once while open.
-            gauges
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .tick(&directory, &metrics);
+            gauges.lock().unwrap_or_else(|p| p.into_inner()).tick(
+                &directory,
+                &metrics,
+                cluster.as_deref(),
+            );
             let closed = directory.close_idle();
             if closed > 0 {
                 release_freed_memory();
@@ -524,15 +635,15 @@ mod tests {
         }
         let m = Metrics::new("local").expect("metrics");
         let mut gauges = StorageGauges::default();
-        gauges.tick(&directory, &m);
+        gauges.tick(&directory, &m, None);
         let count = |m: &Metrics| m.render().matches(metrics::DOMAIN_ACCOUNTS).count();
         // HELP, TYPE and one line per counted domain.
         assert_eq!(count(&m), 2 + STORAGE_DOMAINS_PER_TICK);
-        gauges.tick(&directory, &m);
+        gauges.tick(&directory, &m, None);
         assert_eq!(count(&m), 2 + names.len(), "the second tick wraps around");
         directory.remove_domain(&names[0]).expect("remove");
         m.forget_domain(&names[0]);
-        gauges.tick(&directory, &m);
+        gauges.tick(&directory, &m, None);
         assert!(!m.render().contains(&format!("domain=\"{}\"", names[0])));
         assert_eq!(count(&m), 2 + names.len() - 1);
     }
@@ -568,7 +679,7 @@ mod tests {
 
         let m = Metrics::new("local").expect("metrics");
         let mut gauges = StorageGauges::default();
-        gauges.tick(&directory, &m);
+        gauges.tick(&directory, &m, None);
         let text = m.render();
         assert!(
             text.contains("mailgate_domain_accounts{domain=\"recorded.example\"} 1"),
@@ -587,7 +698,7 @@ mod tests {
         assert_eq!(open, vec!["unrecorded.example".to_owned()]);
         assert_eq!(directory.close_idle(), 1);
         assert!(directory.recorded_usage("unrecorded.example").is_some());
-        gauges.tick(&directory, &m);
+        gauges.tick(&directory, &m, None);
         assert!(directory.open_domains().is_empty());
     }
 }

@@ -56,11 +56,25 @@ enum Cmd {
     },
     /// Validate configuration and certificates, and reach Redis when locks live there.
     CheckConfig,
+    /// The replicas of a cluster and where each domain lives.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Print the argon2id PHC hash of a password, for `[provision] accounts_file`.
     HashPassword {
         /// Read the password from the first line of stdin.
         #[arg(long)]
         password_stdin: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Every replica (reachable, version, domains homed) and every domain (home, state,
+    /// epoch).
+    Status {
+        /// One JSON document instead of tables.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -254,6 +268,12 @@ fn run(cli: Cli) -> Result<u8> {
             };
             admin_command(&config, request, None)
         }
+        Cmd::Cluster(ClusterCmd::Status { json }) => {
+            if !config.cluster.enabled() {
+                bail!("not clustered: cluster.name is empty");
+            }
+            admin_command(&config, Request::ClusterStatus { json }, None)
+        }
         Cmd::Deliver { from, recipients } => admin_command(
             &config,
             Request::Deliver { from, recipients },
@@ -295,12 +315,19 @@ fn read_password(password_stdin: bool) -> Result<String> {
 /// Sends a request to the running server, or runs it on the data dir when none runs.
 fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Read>>) -> Result<u8> {
     let socket = config.admin_socket();
+    let status = match &request {
+        Request::ClusterStatus { json } => Some(*json),
+        _ => None,
+    };
     let response = match admin::call(
         &socket,
         &request,
         body.as_mut().map(|b| &mut **b as &mut dyn Read),
     )? {
         Some(r) => r,
+        // Without a local server the status is read here: Redis, and each peer over the
+        // link with this replica's certificate.
+        None if status.is_some() => cluster_status_here(config, status == Some(true))?,
         None => {
             let directory = app::open_directory(config)?;
             let body = body.unwrap_or_else(|| Box::new(std::io::empty()));
@@ -311,6 +338,24 @@ fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Rea
         }
     };
     Ok(print_response(&response))
+}
+
+fn cluster_status_here(config: &Config, json: bool) -> Result<Response> {
+    tls::install_crypto_provider();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let locks = &config.locks;
+        let redis = mailgate::redis_conn::RedisConn::open(
+            locks.redis_url.expose(),
+            locks.redis_ca_file.as_deref(),
+            locks.redis_timeout(),
+        )?;
+        let metrics = Arc::new(mailgate::metrics::Metrics::new(locks.backend.name())?);
+        let cluster = Arc::new(mailgate::cluster::Cluster::open(config, redis, metrics)?);
+        Ok(admin::status(&cluster, json).await)
+    })
 }
 
 fn print_response(r: &Response) -> u8 {
@@ -361,6 +406,7 @@ fn check_config(config: &Config) -> Result<u8> {
     check_data_dir(&config.data_dir)?;
     check_provision(config)?;
     check_locks(config)?;
+    check_cluster(config)?;
     if config.delivery.postmaster.is_empty() {
         println!(
             "delivery.postmaster: unset (mail to postmaster is refused for domains without a postmaster account; RFC 5321 asks for it)"
@@ -402,6 +448,23 @@ fn check_provision(config: &Config) -> Result<()> {
 }
 
 /// Reports where locks live; for Redis, that it answers (the URL shown redacted).
+/// In a cluster: the replica link's certificates and the cluster secret must load.
+fn check_cluster(config: &Config) -> Result<()> {
+    let c = &config.cluster;
+    if !c.enabled() {
+        return Ok(());
+    }
+    mailgate::cluster::Link::load(c).context("cluster")?;
+    mailgate::cluster::load_secret(&c.secret_file)?;
+    println!(
+        "cluster: replica {} of {} ({}); link certificates and secret OK",
+        c.name,
+        c.peers.len(),
+        c.peers.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
+    Ok(())
+}
+
 fn check_locks(config: &Config) -> Result<()> {
     let locks = &config.locks;
     match locks.backend {

@@ -93,6 +93,23 @@ impl Plan {
         Ok(Plan { domains, accounts })
     }
 
+    /// The part of the plan for `domains` only (a replica of a cluster provisions the
+    /// domains it is home to).
+    pub fn only(self, domains: &[String]) -> Plan {
+        Plan {
+            domains: self
+                .domains
+                .into_iter()
+                .filter(|d| domains.contains(d))
+                .collect(),
+            accounts: self
+                .accounts
+                .into_iter()
+                .filter(|a| domains.contains(&a.address.domain))
+                .collect(),
+        }
+    }
+
     /// Creates the domains and accounts that are absent (blocking: sled). Runs before
     /// the listeners exist, so nothing else writes the stores meanwhile; a domain or
     /// account that appears anyway counts as existing.

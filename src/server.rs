@@ -1,21 +1,26 @@
 //! Listeners and their accept loops: binds the configured addresses, admits each
 //! connection under the connection limits (`net`), runs the protocol its listener
-//! serves in a tracked task and drains sessions on shutdown. Speaks no protocol itself:
-//! sessions and their refusals are `pop3`'s and `smtp`'s.
+//! serves in a tracked task and drains sessions on shutdown. On a replica of a cluster
+//! also the replica listener: mutual TLS, the forwarding preamble, admission by the
+//! original client's address, then the protocol its ALPN names. Speaks no protocol
+//! itself: sessions and their refusals are `pop3`'s, `smtp`'s and `admin`'s.
 
+use crate::cluster::{preamble, Alpn, Cluster, Preamble};
 use crate::config::{Config, ListenAddr, Listener};
 use crate::locks::LockBackend;
 use crate::metrics::http::Readiness;
 use crate::net::{self, ConnLimits, Refusal};
 use crate::smtp::core::Protocol;
 use crate::store::Directory;
-use crate::{pop3, smtp};
+use crate::{admin, pop3, smtp};
+use bytes::BytesMut;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -47,6 +52,10 @@ pub struct Services {
     pub locks: Arc<dyn LockBackend>,
     /// True while the accept loops run (for `/readyz`).
     pub accepting: AtomicBool,
+    /// On a replica of a cluster: the link and the homes.
+    pub cluster: Option<Arc<Cluster>>,
+    /// What admin requests from other replicas run with.
+    pub admin: Arc<admin::Admin>,
 }
 
 /// Each step of the readiness check gets this long.
@@ -86,6 +95,8 @@ pub struct Listeners {
     /// LMTP on a unix socket (`lmtp.listen = "unix:/path"`), and its path.
     pub lmtp_unix: Option<(UnixListener, std::path::PathBuf)>,
     pub smtp: Option<TcpListener>,
+    /// The replica listener (`cluster.listen`), on a replica of a cluster.
+    pub cluster: Option<TcpListener>,
 }
 
 async fn bind_tcp(listener: Listener, addr: &str) -> Result<Option<TcpListener>, ServerError> {
@@ -176,6 +187,20 @@ impl Listeners {
             lmtp,
             lmtp_unix,
             smtp: bind_tcp(Listener::Smtp, &config.smtp.listen).await?,
+            cluster: if config.cluster.enabled() {
+                let addr = &config.cluster.listen;
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| ServerError::Bind {
+                            listener: "cluster",
+                            addr: addr.clone(),
+                            source,
+                        })?,
+                )
+            } else {
+                None
+            },
         })
     }
 
@@ -227,6 +252,18 @@ pub async fn run(listeners: Listeners, services: Arc<Services>) {
                 tracker.clone(),
             )));
         }
+    }
+    if let (Some(l), Some(cluster)) = (listeners.cluster, services.cluster.clone()) {
+        if let Ok(addr) = l.local_addr() {
+            info!(listener = "cluster", addr = %addr, "listening");
+        }
+        loops.push(tokio::spawn(cluster_accept_loop(
+            l,
+            cluster,
+            services.clone(),
+            limits.clone(),
+            tracker.clone(),
+        )));
     }
     let unix_path = listeners.lmtp_unix.as_ref().map(|(_, p)| p.clone());
     if let Some((l, _)) = listeners.lmtp_unix {
@@ -391,6 +428,130 @@ async fn unix_accept_loop(
             }
         });
     }
+}
+
+/// The replica listener's accept loop: every connection is a peer's forwarded session
+/// or admin request.
+async fn cluster_accept_loop(
+    tcp: TcpListener,
+    cluster: Arc<Cluster>,
+    services: Arc<Services>,
+    limits: Arc<ConnLimits>,
+    tracker: TaskTracker,
+) {
+    let mut backoff = Duration::from_millis(5);
+    // Connection errors are logged under the POP3 listener's name by `accept_next`;
+    // nothing else is counted there.
+    while let Some(accepted) =
+        accept_next(Listener::Pop3, &services, &mut backoff, tcp.accept()).await
+    {
+        let Some((stream, peer)) = accepted else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let reserved = limits.reserve();
+        let (cluster, services) = (cluster.clone(), services.clone());
+        tracker.spawn(async move {
+            let Ok(reserved) = reserved else {
+                // Over the global limit: closed; the front answers its client.
+                return;
+            };
+            inbound(stream, peer, reserved, &cluster, services).await
+        });
+    }
+}
+
+/// One connection on the replica listener: handshake and peer check, then the preamble,
+/// the per-IP admission by the original client's address, and the protocol.
+async fn inbound(
+    stream: TcpStream,
+    peer: SocketAddr,
+    reserved: net::Reserved,
+    cluster: &Cluster,
+    services: Arc<Services>,
+) {
+    let metrics = &services.net.metrics;
+    let timeout = services.net.config.limits.tls_handshake_timeout();
+    let (mut tls, alpn, replica) = match cluster.link.accept(stream, timeout).await {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            info!(peer = %peer, error = %e, "replica connection refused");
+            metrics.inbound(crate::metrics::ForwardProtocol::Admin, false);
+            return;
+        }
+    };
+    let protocol = crate::cluster::forward_protocol(alpn);
+    if alpn == Alpn::Admin {
+        metrics.inbound(protocol, true);
+        let _permit = reserved;
+        admin::handle(
+            tls,
+            BytesMut::new(),
+            admin::Local::Replica,
+            services.admin.clone(),
+        )
+        .await;
+        return;
+    }
+    let (preamble, rest) = match read_preamble(&mut tls, timeout).await {
+        Ok(p) => p,
+        Err(e) => {
+            info!(peer = %peer, replica, error = %e, "forwarded session refused");
+            metrics.inbound(protocol, false);
+            return;
+        }
+    };
+    let permit = match reserved.admit(preamble.client.ip()) {
+        Ok(p) => p,
+        Err(reason) => {
+            metrics.inbound(protocol, false);
+            refuse(preamble.listener, tls, preamble.client, reason, &services).await;
+            return;
+        }
+    };
+    metrics.inbound(protocol, true);
+    match alpn {
+        Alpn::Pop3 => pop3::run_forwarded(tls, preamble, rest, services.pop3.clone()).await,
+        Alpn::Lmtp => {
+            smtp::run_forwarded(tls, preamble, rest, Protocol::Lmtp, services.mail.clone()).await
+        }
+        Alpn::Smtp => {
+            smtp::run_forwarded(tls, preamble, rest, Protocol::Smtp, services.mail.clone()).await
+        }
+        // invariant: handled above.
+        Alpn::Admin => {}
+    }
+    drop(permit);
+}
+
+/// Reads the preamble line within `timeout`; returns it with the bytes that followed it.
+async fn read_preamble<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+) -> Result<(Preamble, BytesMut), String> {
+    let mut buf = BytesMut::with_capacity(preamble::MAX_PREAMBLE);
+    let read = async {
+        loop {
+            if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                return Ok(i);
+            }
+            if buf.len() >= preamble::MAX_PREAMBLE {
+                return Err("preamble too long".to_owned());
+            }
+            match stream.read_buf(&mut buf).await {
+                Ok(0) => return Err("closed before the preamble".to_owned()),
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let newline = tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| "no preamble in time".to_owned())??;
+    let line = buf.split_to(newline + 1);
+    let text = line.strip_suffix(b"\r\n").unwrap_or(&line[..newline]);
+    let preamble = Preamble::parse(text).map_err(|e| e.to_string())?;
+    Ok((preamble, buf))
 }
 
 /// Answers the connections already waiting in the listen backlog at shutdown with a

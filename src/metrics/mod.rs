@@ -126,6 +126,9 @@ pub enum Outcome {
     TooManyErrors,
     TlsFailed,
     Error,
+    /// Handed to the domain's home replica after the login name (POP3); the home counts
+    /// the rest of the session.
+    Forwarded,
 }
 
 impl Outcome {
@@ -139,6 +142,7 @@ impl Outcome {
             Outcome::TooManyErrors => "too_many_errors",
             Outcome::TlsFailed => "tls_failed",
             Outcome::Error => "error",
+            Outcome::Forwarded => "forwarded",
         }
     }
 }
@@ -152,6 +156,7 @@ pub const SESSION_OUTCOMES: &[Outcome] = &[
     Outcome::TooManyErrors,
     Outcome::TlsFailed,
     Outcome::Error,
+    Outcome::Forwarded,
 ];
 
 /// Counts a session in the active-connections gauge for as long as it lives, even if

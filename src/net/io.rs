@@ -55,6 +55,14 @@ impl<S> Io<S> {
         }
     }
 
+    /// Like `new`, with bytes already read from the stream (a forwarded session's first
+    /// command, read with the preamble).
+    pub fn with_input(stream: S, idle: Duration, read_chunk: usize, input: BytesMut) -> Self {
+        let mut io = Io::new(stream, idle, read_chunk);
+        io.rbuf = input;
+        io
+    }
+
     /// The write buffer: replies are encoded here and sent at the next flush.
     pub fn out(&mut self) -> &mut BytesMut {
         &mut self.wbuf
@@ -69,6 +77,12 @@ impl<S> Io<S> {
     /// pipelined before a TLS handshake, which must never be executed).
     pub fn into_stream(self) -> S {
         self.stream
+    }
+
+    /// Gives the stream back with the bytes read and not yet taken (a session handed to
+    /// another replica carries them along). Pending output is dropped: flush first.
+    pub fn into_parts(self) -> (S, BytesMut) {
+        (self.stream, self.rbuf)
     }
 
     /// The next whole line of at most `max` octets from what has been read, if any.

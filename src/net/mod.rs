@@ -57,9 +57,14 @@ static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// Runs one session of `listener` in its `session` span (id, peer, listener), counted as
 /// accepted and active while it runs and by its outcome and length when it ends. The
-/// session logs its own end line (its fields are the protocol's).
-pub async fn run_session<F>(ctx: &Context, listener: Listener, peer: impl Display, session: F)
-where
+/// session gets its id (a forward passes it to the home) and logs its own end line (its
+/// fields are the protocol's).
+pub async fn run_session<F>(
+    ctx: &Context,
+    listener: Listener,
+    peer: impl Display,
+    session: impl FnOnce(u64) -> F,
+) where
     F: Future<Output = Outcome>,
 {
     let sid = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
@@ -67,13 +72,29 @@ where
     async move {
         let started = Instant::now();
         let active = ctx.metrics.connection_accepted(listener);
-        let outcome = session.await;
+        let outcome = session(sid).await;
         drop(active);
         ctx.metrics
             .observe_session(listener, outcome, started.elapsed());
     }
     .instrument(span)
     .await
+}
+
+/// Runs a session forwarded by replica `via` in a span with the front's session id, so
+/// both replicas' logs name it alike. The front counted the connection; the home counts
+/// only what it does (commands, logins, deliveries).
+pub async fn run_forwarded<F>(
+    listener: Listener,
+    peer: impl Display,
+    sid: u64,
+    via: &str,
+    session: F,
+) where
+    F: Future<Output = Outcome>,
+{
+    let span = tracing::info_span!("session", sid, peer = %peer, listener = listener.name(), via);
+    session.instrument(span).await;
 }
 
 /// Refuses a connection before its session: counts and logs it, then writes `reply` (the

@@ -5,6 +5,7 @@
 
 use super::accounts::{Admit, Login};
 use super::codec::{MsgEntry, Reply, RespCode, MAX_SASL_LINE};
+use super::forward::{self, Elsewhere, Handoff};
 use super::maildrop::Listing;
 use super::session::{err, Conn, Ctx, Input, SessionError, Txn};
 use crate::auth::{self, scram};
@@ -49,6 +50,17 @@ enum LoginResult {
     Unavailable,
     /// The exchange was cancelled or malformed; already answered.
     Aborted,
+    /// The name's domain lives on another replica, now connected: the home answers.
+    Forward(Box<Handoff>),
+}
+
+/// How a login attempt ended for the session.
+pub(super) enum Attempt {
+    LoggedIn(Box<Txn>),
+    /// Answered (refused, failed or cancelled); still in AUTHORIZATION.
+    Answered,
+    /// Hand the session to the home replica, which answers the attempt.
+    Forward(Box<Handoff>),
 }
 
 impl LoginResult {
@@ -60,6 +72,8 @@ impl LoginResult {
             LoginResult::Throttled => metrics::AUTH_THROTTLED,
             LoginResult::Unavailable => metrics::AUTH_UNAVAILABLE,
             LoginResult::Aborted => metrics::AUTH_ABORTED,
+            // invariant: not counted here; the home counts the attempt it answers.
+            LoginResult::Forward(_) => metrics::AUTH_ABORTED,
         }
     }
 
@@ -77,7 +91,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     ctx: &mut Ctx,
     mechanism: Mechanism,
-) -> Result<Option<Box<Txn>>, SessionError> {
+) -> Result<Attempt, SessionError> {
     let (label, result) = match mechanism {
         Mechanism::User { name, password } => (
             metrics::MECH_USER,
@@ -93,8 +107,34 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
             (metrics::MECH_SCRAM, sasl_scram(conn, ctx, initial).await?)
         }
     };
+    if let LoginResult::Forward(handoff) = result {
+        return Ok(Attempt::Forward(handoff));
+    }
     ctx.net().metrics.auth_attempt(label, result.metric());
-    login_result(conn, ctx, result).await
+    Ok(match login_result(conn, ctx, result).await? {
+        Some(txn) => Attempt::LoggedIn(txn),
+        None => Attempt::Answered,
+    })
+}
+
+/// `Some` when `name`'s domain is not served here: forwarded to its home, or refused for
+/// now. `replay` is the command that carries the name, for the home.
+async fn routed(ctx: &Ctx, name: &str, replay: impl FnOnce() -> Vec<u8>) -> Option<LoginResult> {
+    match forward::elsewhere(ctx, name, replay).await {
+        Elsewhere::Here => None,
+        Elsewhere::Forward(handoff) => Some(LoginResult::Forward(handoff)),
+        Elsewhere::Unavailable => Some(LoginResult::Unavailable),
+    }
+}
+
+/// `AUTH <mechanism> <initial response>` carrying `message` (RFC 5034: `=` for empty).
+fn auth_command(mechanism: &str, message: &[u8]) -> Vec<u8> {
+    let encoded = if message.is_empty() {
+        "=".to_owned()
+    } else {
+        base64::engine::general_purpose::STANDARD.encode(message)
+    };
+    format!("AUTH {mechanism} {encoded}\r\n").into_bytes()
 }
 
 /// `Some` when the client IP or the login name may not try now (or the throttle cannot
@@ -199,6 +239,9 @@ async fn sasl_plain<S: AsyncRead + AsyncWrite + Unpin>(
     let Ok(msg) = auth::plain::parse(&decoded) else {
         return Ok(LoginResult::Failed(None));
     };
+    if let Some(elsewhere) = routed(ctx, msg.authcid, || auth_command("PLAIN", &decoded)).await {
+        return Ok(elsewhere);
+    }
     // We authorise no proxy logins: an authzid other than the authcid fails.
     if !msg.authzid.is_empty() && !msg.authzid.eq_ignore_ascii_case(msg.authcid) {
         return Ok(LoginResult::Failed(Some(msg.authcid.to_owned())));
@@ -219,6 +262,9 @@ async fn sasl_scram<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(LoginResult::Aborted);
     };
     let name = client_first.username.as_str();
+    if let Some(elsewhere) = routed(ctx, name, || auth_command("SCRAM-SHA-256", &first)).await {
+        return Ok(elsewhere);
+    }
     if let Some(refused) = throttled(ctx, name).await {
         return Ok(refused);
     }
@@ -254,7 +300,8 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Option<Box<Txn>>, SessionError> {
     let login = match result {
         LoginResult::Verified(login) => login,
-        LoginResult::Aborted => return Ok(None),
+        // invariant: `login` hands a forward to the session before answering.
+        LoginResult::Aborted | LoginResult::Forward(_) => return Ok(None),
         LoginResult::Throttled => {
             ctx.auth_failures += 1;
             conn.reply(&err(

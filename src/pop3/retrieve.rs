@@ -5,6 +5,7 @@
 
 use super::codec::{BodyEncoder, MsgEntry, Reply, RespCode};
 use super::session::{err, ok, Conn, Ctx, SessionError, Txn};
+use crate::cluster::Route;
 use crate::metrics;
 use crate::store::DomainStore;
 use std::borrow::Cow;
@@ -102,6 +103,17 @@ async fn apply_marks<S: AsyncRead + AsyncWrite + Unpin>(
             "Maildrop lock lost, no messages deleted",
         ));
         return Ok(());
+    }
+    // Fencing: only the domain's current home may change its maildrops.
+    if let Some(cluster) = &ctx.service.cluster {
+        if let Route::Unavailable(why) = cluster.route(&txn.address.domain, true).await {
+            warn!(user = %txn.address, reason = why.describe(), "no longer the domain's home before UPDATE; nothing deleted");
+            conn.reply(&err(
+                Some(RespCode::SysTemp),
+                "Maildrop moved or unavailable, no messages deleted",
+            ));
+            return Ok(());
+        }
     }
     let store = txn.store.clone();
     let local = txn.address.local.clone();

@@ -9,8 +9,10 @@ use super::accounts::{Authenticator, LoginError};
 use super::codec::{
     verb_of, BodyOptions, Capabilities, Command, ParseError, Reply, RespCode, MAX_COMMAND_LINE,
 };
+use super::forward::{self, Elsewhere, Handoff};
 use super::{login, maildrop, retrieve};
 use crate::auth;
+use crate::cluster::{Cluster, Preamble};
 use crate::config::Listener;
 use crate::locks::{LockBackend, MaildropLock};
 use crate::metrics::{self, Outcome};
@@ -26,12 +28,14 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// What POP3 sessions share: the connection layer, the authenticator and the maildrop
-/// locks. Built once at start.
+/// What POP3 sessions share: the connection layer, the authenticator, the maildrop
+/// locks and, on a replica of a cluster, the cluster (where each domain is served).
+/// Built once at start.
 pub struct Service {
     pub net: Arc<net::Context>,
     pub logins: Arc<dyn Authenticator>,
     pub locks: Arc<dyn LockBackend>,
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// SASL mechanisms offered wherever authentication is allowed.
@@ -148,6 +152,11 @@ pub(super) struct Ctx {
     pub listener: Listener,
     pub tls: bool,
     pub apop_timestamp: Option<String>,
+    /// The session id (the front's, for a forwarded session).
+    pub sid: u64,
+    /// Set on a home for a session another replica forwarded: it is served here or not
+    /// at all.
+    pub forwarded: Option<Box<Preamble>>,
     bad_commands: u32,
     pub auth_failures: u32,
     pub user: Option<String>,
@@ -188,6 +197,8 @@ pub(super) enum Step {
     Done(Outcome),
     /// STLS accepted: hand the raw stream to the TLS handshake.
     StartTls,
+    /// The login name belongs to another replica's domain: relay the session there.
+    Forward(Box<Handoff>),
 }
 
 pub(super) fn err(code: Option<RespCode>, text: &'static str) -> Reply<'static> {
@@ -217,7 +228,7 @@ pub fn refusal(listener: Listener, reason: Refusal) -> Option<BytesMut> {
 /// Runs one connection to its end.
 pub async fn run(stream: TcpStream, peer: SocketAddr, listener: Listener, service: Arc<Service>) {
     let net = service.net.clone();
-    net::run_session(&net, listener, peer, async move {
+    net::run_session(&net, listener, peer, |sid| async move {
         let started = Instant::now();
         let config = &service.net.config;
         let mut ctx = Ctx {
@@ -229,6 +240,8 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, listener: Listener, servic
             peer,
             listener,
             tls: false,
+            sid,
+            forwarded: None,
             bad_commands: 0,
             auth_failures: 0,
             user: None,
@@ -252,6 +265,65 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, listener: Listener, servic
     .await
 }
 
+/// Runs a session another replica forwarded after reading its login name: no greeting
+/// (the front sent it), the client's address, TLS state and APOP timestamp from the
+/// preamble, the login command first in `stream`.
+pub async fn run_forwarded<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    preamble: Preamble,
+    input: BytesMut,
+    service: Arc<Service>,
+) {
+    let (listener, client, sid) = (preamble.listener, preamble.client, preamble.sid);
+    let via = preamble.from.clone();
+    net::run_forwarded(listener, client, sid, &via, async move {
+        let started = Instant::now();
+        let mut ctx = Ctx {
+            apop_timestamp: preamble.apop.clone(),
+            service: service.clone(),
+            peer: client,
+            listener,
+            tls: preamble.tls,
+            sid,
+            forwarded: Some(Box::new(preamble)),
+            bad_commands: 0,
+            auth_failures: 0,
+            user: None,
+            retrieved: 0,
+            deleted: 0,
+            bytes_out: 0,
+        };
+        let idle = ctx.net().config.limits.idle_timeout();
+        let mut conn = Conn::new(Io::with_input(stream, idle, READ_CHUNK, input));
+        let outcome = match serve(&mut conn, &mut ctx).await {
+            Step::Done(o) => o,
+            // invariant: `gate` refuses STLS on a forwarded session, and a home never
+            // forwards.
+            Step::StartTls | Step::Forward(_) => Outcome::Error,
+        };
+        close_link(conn.io.into_stream()).await;
+        info!(
+            outcome = outcome.name(),
+            user = ctx.user.as_deref().unwrap_or("-"),
+            tls = ctx.tls,
+            retrieved = ctx.retrieved,
+            deleted = ctx.deleted,
+            bytes_out = ctx.bytes_out,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "forwarded session end"
+        );
+        outcome
+    })
+    .await
+}
+
+/// Ends a forwarded session's link with a TLS close_notify, so the front sees a clean end
+/// rather than a truncated stream.
+async fn close_link<S: AsyncWrite + Unpin>(mut stream: S) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.shutdown()).await;
+}
+
 async fn connection(stream: TcpStream, ctx: &mut Ctx) -> Outcome {
     let idle = ctx.net().config.limits.idle_timeout();
     match ctx.listener {
@@ -260,6 +332,7 @@ async fn connection(stream: TcpStream, ctx: &mut Ctx) -> Outcome {
             greet(&mut conn, ctx);
             match serve(&mut conn, ctx).await {
                 Step::Done(outcome) => outcome,
+                Step::Forward(handoff) => forward::relay(conn, ctx, *handoff).await,
                 Step::StartTls => {
                     // Anything the client pipelined after STLS is dropped with the
                     // buffers: it arrived before the handshake and must not be executed.
@@ -268,7 +341,8 @@ async fn connection(stream: TcpStream, ctx: &mut Ctx) -> Outcome {
                     };
                     ctx.net().metrics.tls_upgrade(metrics::PROTOCOL_POP3);
                     let mut conn = Conn::new(Io::new(tls, idle, READ_CHUNK));
-                    finish(serve(&mut conn, ctx).await)
+                    let step = serve(&mut conn, ctx).await;
+                    finish(step, conn, ctx).await
                 }
             }
         }
@@ -279,14 +353,21 @@ async fn connection(stream: TcpStream, ctx: &mut Ctx) -> Outcome {
             };
             let mut conn = Conn::new(Io::new(tls, idle, READ_CHUNK));
             greet(&mut conn, ctx);
-            finish(serve(&mut conn, ctx).await)
+            let step = serve(&mut conn, ctx).await;
+            finish(step, conn, ctx).await
         }
     }
 }
 
-fn finish(step: Step) -> Outcome {
+/// The end of a TLS connection's session: done, or relayed to the home.
+async fn finish<S: AsyncRead + AsyncWrite + Unpin>(
+    step: Step,
+    conn: Conn<S>,
+    ctx: &Ctx,
+) -> Outcome {
     match step {
         Step::Done(o) => o,
+        Step::Forward(handoff) => forward::relay(conn, ctx, *handoff).await,
         // invariant: `gate` refuses STLS once the connection is TLS.
         Step::StartTls => Outcome::Error,
     }
@@ -465,7 +546,8 @@ impl Gate {
         Gate {
             before_login: matches!(phase, Phase::Authorization { .. }),
             tls: ctx.tls,
-            cleartext_port: ctx.listener == Listener::Pop3,
+            // STLS is the front's: a forwarded session is past it.
+            cleartext_port: ctx.listener == Listener::Pop3 && ctx.forwarded.is_none(),
             plaintext_allowed: ctx.net().config.pop3.allow_plaintext_auth,
             apop: ctx.apop_timestamp.is_some(),
             last: ctx.net().config.pop3.last,
@@ -552,6 +634,18 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(Some(Step::StartTls));
                 }
                 C::User(name) => {
+                    let replay = || format!("USER {name}\r\n").into_bytes();
+                    match forward::elsewhere(ctx, &name, replay).await {
+                        Elsewhere::Here => {}
+                        Elsewhere::Forward(handoff) => return Ok(Some(Step::Forward(handoff))),
+                        Elsewhere::Unavailable => {
+                            conn.reply(&err(
+                                Some(RespCode::SysTemp),
+                                "Maildrop unavailable, try again later",
+                            ));
+                            return Ok(None);
+                        }
+                    }
                     *user = Some(name);
                     conn.reply(&ok("Send your password"));
                     return Ok(None);
@@ -565,6 +659,18 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 C::Apop { user: name, digest } => {
                     *user = None;
+                    let replay = || format!("APOP {name} {digest}\r\n").into_bytes();
+                    match forward::elsewhere(ctx, &name, replay).await {
+                        Elsewhere::Here => {}
+                        Elsewhere::Forward(handoff) => return Ok(Some(Step::Forward(handoff))),
+                        Elsewhere::Unavailable => {
+                            conn.reply(&err(
+                                Some(RespCode::SysTemp),
+                                "Maildrop unavailable, try again later",
+                            ));
+                            return Ok(None);
+                        }
+                    }
                     login::Mechanism::Apop { name, digest }
                 }
                 C::Auth { mechanism, initial } => {
@@ -584,8 +690,10 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(None);
                 }
             };
-            if let Some(txn) = login::login(conn, ctx, mechanism).await? {
-                *phase = Phase::Transaction(txn);
+            match login::login(conn, ctx, mechanism).await? {
+                login::Attempt::LoggedIn(txn) => *phase = Phase::Transaction(txn),
+                login::Attempt::Forward(handoff) => return Ok(Some(Step::Forward(handoff))),
+                login::Attempt::Answered => {}
             }
             // Closes the connection once it has used up its failed logins.
             if ctx.auth_failures >= ctx.net().config.limits.max_auth_failures {

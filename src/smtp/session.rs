@@ -7,6 +7,8 @@
 
 use super::codec::{self, Reply, MAX_COMMAND_LINE};
 use super::core::{verdict_reply, Core, CoreLimits, Protocol, Step};
+use super::forward::{self, Leg, Origin};
+use crate::cluster::{Alpn, Cluster, Preamble, Route};
 use crate::config::Listener;
 use crate::delivery::{self, Batch, Quotas, Verdict};
 use crate::metrics::{self, Outcome};
@@ -16,14 +18,16 @@ use crate::wire::{CrlfNormalizer, DotUnstuffer};
 use bytes::{Buf, BytesMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-/// What LMTP and SMTP sessions share: the connection layer and the stores.
+/// What LMTP and SMTP sessions share: the connection layer, the stores and, on a
+/// replica of a cluster, the cluster (where each recipient's domain is served).
 pub struct Service {
     pub net: Arc<net::Context>,
     pub directory: Arc<Directory>,
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// Message bytes gathered before one blocking write to the stores.
@@ -107,6 +111,16 @@ struct Ctx {
     accepted: u64,
     rejected: u64,
     bytes_in: u64,
+    /// The session id (the front's, for a forwarded session).
+    sid: u64,
+    /// Whether the client's connection is TLS.
+    tls: bool,
+    /// Set on a home for a session another replica forwarded: served here or not at all.
+    forwarded: Option<Box<Preamble>>,
+    /// The transaction's legs to other replicas' domains.
+    legs: Vec<Leg>,
+    /// For each accepted recipient, in RCPT order: `None` here, or the index of its leg.
+    homes: Vec<Option<usize>>,
 }
 
 impl Ctx {
@@ -209,7 +223,7 @@ enum Conn {
 async fn run(conn: Conn, peer: Peer, protocol: Protocol, service: Arc<Service>) {
     let net = service.net.clone();
     let listener = listener_of(protocol);
-    net::run_session(&net, listener, peer.clone(), async move {
+    net::run_session(&net, listener, peer.clone(), |sid| async move {
         let started = Instant::now();
         let mut ctx = Ctx {
             service,
@@ -220,6 +234,11 @@ async fn run(conn: Conn, peer: Peer, protocol: Protocol, service: Arc<Service>) 
             accepted: 0,
             rejected: 0,
             bytes_in: 0,
+            sid,
+            tls: false,
+            forwarded: None,
+            legs: Vec::new(),
+            homes: Vec::new(),
         };
         let (outcome, tls) = match conn {
             Conn::Tcp(stream) => connection_tcp(stream, &mut ctx).await,
@@ -239,6 +258,59 @@ async fn run(conn: Conn, peer: Peer, protocol: Protocol, service: Arc<Service>) 
             bytes_in = ctx.bytes_in,
             duration_ms = started.elapsed().as_millis() as u64,
             "session end"
+        );
+        outcome
+    })
+    .await
+}
+
+/// Runs a session another replica forwarded (ALPN `mailgate-lmtp/1` or
+/// `mailgate-smtp/1`): the front speaks for the client, whose address, TLS state and HELO
+/// name come in the preamble.
+pub async fn run_forwarded<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    preamble: Preamble,
+    input: BytesMut,
+    protocol: Protocol,
+    service: Arc<Service>,
+) {
+    let listener = listener_of(protocol);
+    let (client, sid) = (preamble.client, preamble.sid);
+    let via = preamble.from.clone();
+    net::run_forwarded(listener, client, sid, &via, async move {
+        let started = Instant::now();
+        let tls = preamble.tls;
+        let mut ctx = Ctx {
+            service,
+            peer: Peer::Tcp(client),
+            protocol,
+            bad_commands: 0,
+            transaction_started: None,
+            accepted: 0,
+            rejected: 0,
+            bytes_in: 0,
+            sid,
+            tls,
+            forwarded: Some(Box::new(preamble)),
+            legs: Vec::new(),
+            homes: Vec::new(),
+        };
+        let mut core = new_core(&ctx, tls);
+        let idle = ctx.net().config.delivery.idle_timeout();
+        let mut io = Io::with_input(stream, idle, READ_CHUNK, input);
+        reply(&mut io, &core.greeting());
+        let outcome = finish(serve(&mut io, &mut core, &mut ctx).await);
+        // A clean TLS end (close_notify), so the front sees the home finish.
+        let mut stream = io.into_stream();
+        let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+        info!(
+            outcome = outcome.name(),
+            tls,
+            accepted = ctx.accepted,
+            rejected = ctx.rejected,
+            bytes_in = ctx.bytes_in,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "forwarded session end"
         );
         outcome
     })
@@ -284,6 +356,7 @@ async fn connection_tcp(stream: TcpStream, ctx: &mut Ctx) -> (Outcome, bool) {
             };
             ctx.net().metrics.tls_upgrade(ctx.label());
             core.tls_started();
+            ctx.tls = true;
             let mut io = Io::new(tls, idle, READ_CHUNK);
             (finish(serve(&mut io, &mut core, ctx).await), true)
         }
@@ -299,7 +372,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let end = command_loop(io, core, ctx).await;
     // Best effort: the last replies (221, 421) go out before the connection closes.
     let _ = io.flush().await;
+    close_legs(ctx).await;
     end
+}
+
+/// Ends the transaction's legs to other replicas.
+async fn close_legs(ctx: &mut Ctx) {
+    ctx.homes.clear();
+    for leg in ctx.legs.drain(..) {
+        leg.close().await;
+    }
 }
 
 async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
@@ -361,24 +443,8 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Step::CheckRecipient(to) => {
-                let started = Instant::now();
-                let size = core.envelope().and_then(|e| e.mail.size).unwrap_or(0);
-                let directory = ctx.service.directory.clone();
-                let quotas = Quotas::from_config(&ctx.net().config.delivery);
-                let config = ctx.net().config.clone();
-                let rcpt = to.clone();
-                let (verdict, routed) = tokio::task::spawn_blocking(move || {
-                    let routed = delivery::route(&directory, &config.delivery.postmaster, &rcpt);
-                    let verdict = delivery::check_recipient(&directory, &routed, size, quotas);
-                    (verdict, routed)
-                })
-                .await
-                .unwrap_or((Verdict::TempFail, to.clone()));
-                if verdict != Verdict::Accepted {
-                    debug!(recipient = %to, ?verdict, "recipient refused");
-                    ctx.count(verdict, started.elapsed(), None);
-                }
-                reply(io, &core.recipient(verdict, routed));
+                let r = recipient(core, ctx, to).await;
+                reply(io, &r);
             }
             Step::Data => {
                 reply(
@@ -423,8 +489,131 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
             ctx.transaction_started.get_or_insert_with(Instant::now);
         } else {
             ctx.transaction_started = None;
+            if !ctx.homes.is_empty() || !ctx.legs.is_empty() {
+                close_legs(ctx).await;
+            }
         }
     }
+}
+
+/// Where one RCPT goes: `postmaster` is mapped first; then the recipient's domain is
+/// served here (checked against the store), on another replica (asked there, over the
+/// transaction's leg to that home) or nowhere for now (451).
+async fn recipient(core: &mut Core, ctx: &mut Ctx, to: String) -> Reply {
+    let started = Instant::now();
+    let directory = ctx.service.directory.clone();
+    let postmaster = ctx.net().config.delivery.postmaster.clone();
+    let rcpt = to.clone();
+    let routed =
+        tokio::task::spawn_blocking(move || delivery::route(&directory, &postmaster, &rcpt))
+            .await
+            .unwrap_or_else(|_| to.clone());
+    let route = match (&ctx.service.cluster, routed.rsplit_once('@')) {
+        (Some(cluster), Some((_, domain))) => cluster.route(domain, ctx.forwarded.is_some()).await,
+        _ => Route::Local,
+    };
+    let home = match &route {
+        Route::Forward(peer) => Some(peer.clone()),
+        _ => None,
+    };
+    // SMTP answers DATA once, so one transaction goes to one home (RFC 5321 §3.3: the
+    // client sends the others again).
+    if core.protocol() == Protocol::Smtp && !matches!(route, Route::Unavailable(_)) {
+        let first = ctx
+            .homes
+            .first()
+            .map(|h| h.map(|i| ctx.legs[i].peer.clone()));
+        if first.is_some_and(|first| first != home) {
+            core.recipient(Verdict::TempFail, routed);
+            return forward::other_home();
+        }
+    }
+    match route {
+        Route::Local => {
+            let size = core.envelope().and_then(|e| e.mail.size).unwrap_or(0);
+            let directory = ctx.service.directory.clone();
+            let quotas = Quotas::from_config(&ctx.net().config.delivery);
+            let rcpt = routed.clone();
+            let verdict = tokio::task::spawn_blocking(move || {
+                delivery::check_recipient(&directory, &rcpt, size, quotas)
+            })
+            .await
+            .unwrap_or(Verdict::TempFail);
+            if verdict == Verdict::Accepted {
+                ctx.homes.push(None);
+            } else {
+                debug!(recipient = %to, ?verdict, "recipient refused");
+                ctx.count(verdict, started.elapsed(), None);
+            }
+            core.recipient(verdict, routed)
+        }
+        Route::Unavailable(why) => {
+            debug!(recipient = %to, reason = why.describe(), "recipient's domain unavailable");
+            core.recipient(Verdict::TempFail, routed);
+            Reply::new(451, "4.3.0", why.describe())
+        }
+        Route::Forward(peer) => {
+            let index = match ctx.legs.iter().position(|l| l.peer == peer) {
+                Some(i) => i,
+                None => match open_leg(core, ctx, &peer).await {
+                    Ok(leg) => {
+                        ctx.legs.push(leg);
+                        ctx.legs.len() - 1
+                    }
+                    Err(refused) => {
+                        core.recipient(Verdict::TempFail, routed);
+                        return refused;
+                    }
+                },
+            };
+            let answer = ctx.legs[index].rcpt(&routed).await;
+            let verdict = if answer.code == 250 {
+                ctx.homes.push(Some(index));
+                Verdict::Accepted
+            } else {
+                Verdict::TempFail
+            };
+            core.recipient(verdict, routed);
+            answer
+        }
+    }
+}
+
+/// Opens the transaction at another replica for its first recipient there.
+async fn open_leg(core: &Core, ctx: &Ctx, peer: &str) -> Result<Leg, Reply> {
+    let Some(cluster) = &ctx.service.cluster else {
+        return Err(forward::unreachable());
+    };
+    let Some(envelope) = core.envelope() else {
+        return Err(Reply::new(503, "5.5.1", "Need MAIL before RCPT"));
+    };
+    let client = match &ctx.peer {
+        Peer::Tcp(a) => *a,
+        // LMTP on the unix socket: the MTA is on this host.
+        Peer::Unix => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let alpn = match ctx.protocol {
+        Protocol::Lmtp => Alpn::Lmtp,
+        Protocol::Smtp => Alpn::Smtp,
+    };
+    let origin = Origin {
+        client,
+        listener: listener_of(ctx.protocol),
+        tls: ctx.tls,
+        sid: ctx.sid,
+        helo: core.helo_name().unwrap_or("unknown"),
+    };
+    let timeout = ctx.net().config.delivery.idle_timeout();
+    Leg::open(
+        cluster,
+        peer,
+        alpn,
+        origin,
+        &envelope.mail,
+        timeout,
+        &ctx.net().metrics,
+    )
+    .await
 }
 
 /// Counts a bad command; true when the connection must close (after a 421 queued).
@@ -479,8 +668,20 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let max = ctx.net().config.delivery.max_message_bytes;
     let directory = ctx.service.directory.clone();
-    let recipients = envelope.recipients.clone();
+    // Recipients served here; the others go to their homes over the legs.
+    let local: Vec<String> = envelope
+        .recipients
+        .iter()
+        .zip(ctx.homes.iter().copied().chain(std::iter::repeat(None)))
+        .filter(|(_, home)| home.is_none())
+        .map(|(r, _)| r.clone())
+        .collect();
+    let recipients = local.clone();
     let mut batch = blocking(move || Batch::begin(&directory, &recipients)).await?;
+    let mut relaying = false;
+    for leg in &mut ctx.legs {
+        relaying |= leg.data().await;
+    }
     let mut staged = trace_headers(core, ctx, &envelope.mail.from, &envelope.recipients);
     let mut unstuffer = DotUnstuffer::new();
     let mut normalizer = CrlfNormalizer::new();
@@ -491,7 +692,15 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
         if !io.input().is_empty() {
             let before = decoded.len();
             let step = unstuffer.decode(io.input(), &mut decoded);
-            io.input().advance(step.consumed);
+            if relaying {
+                // The homes get the bytes as the client sent them, dot-stuffing and all.
+                let raw = io.input().split_to(step.consumed);
+                for leg in &mut ctx.legs {
+                    leg.write(&raw).await;
+                }
+            } else {
+                io.input().advance(step.consumed);
+            }
             ctx.bytes_in += step.consumed as u64;
             body_octets += (decoded.len() - before) as u64;
             if body_octets > max {
@@ -548,11 +757,16 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let verdicts = if too_big {
         discard(batch);
-        vec![Verdict::TooBig; envelope.recipients.len()]
+        vec![Verdict::TooBig; local.len()]
+    } else if !serves_here(ctx, &local).await {
+        // Fencing: this replica stopped being the home of a local recipient's domain
+        // while the message came in; the client sends it again to the new home.
+        discard(batch);
+        vec![Verdict::TempFail; local.len()]
     } else {
         normalizer.finish(&mut staged);
         let quotas = Quotas::from_config(&ctx.net().config.delivery);
-        let count = envelope.recipients.len();
+        let count = local.len();
         match core.protocol() {
             Protocol::Lmtp => {
                 blocking(move || {
@@ -583,10 +797,59 @@ async fn receive_data<S: AsyncRead + AsyncWrite + Unpin>(
         from = %envelope.mail.from,
         recipients = envelope.recipients.len(),
         accepted = verdicts.iter().filter(|v| **v == Verdict::Accepted).count(),
+        forwarded = envelope.recipients.len() - local.len(),
         octets = body_octets,
         "message received"
     );
-    Ok(data_replies(core.protocol(), &verdicts))
+    let here = data_replies(core.protocol(), &verdicts);
+    if ctx.legs.is_empty() {
+        return Ok(here);
+    }
+    let metrics = ctx.net().metrics.clone();
+    let mut there = Vec::with_capacity(ctx.legs.len());
+    for leg in &mut ctx.legs {
+        there.push(std::collections::VecDeque::from(leg.finish(&metrics).await));
+    }
+    Ok(match core.protocol() {
+        // In RCPT order, each recipient's answer from where it was delivered.
+        Protocol::Lmtp => {
+            let mut here = here.into_iter();
+            ctx.homes
+                .iter()
+                .map(|home| {
+                    let next = match home {
+                        None => here.next(),
+                        Some(i) => there.get_mut(*i).and_then(|q| q.pop_front()),
+                    };
+                    next.unwrap_or_else(forward::unreachable)
+                })
+                .collect()
+        }
+        // One transaction, one home: its answer is the answer.
+        Protocol::Smtp => vec![there
+            .first_mut()
+            .and_then(|q| q.pop_front())
+            .unwrap_or_else(forward::unreachable)],
+    })
+}
+
+/// Whether every domain of `local` is still served here (always, outside a cluster).
+async fn serves_here(ctx: &Ctx, local: &[String]) -> bool {
+    let Some(cluster) = &ctx.service.cluster else {
+        return true;
+    };
+    let mut domains: Vec<&str> = local
+        .iter()
+        .filter_map(|r| r.rsplit_once('@').map(|(_, d)| d))
+        .collect();
+    domains.sort_unstable();
+    domains.dedup();
+    for domain in domains {
+        if cluster.route(domain, true).await != Route::Local {
+            return false;
+        }
+    }
+    true
 }
 
 /// The replies to the end of DATA: LMTP answers once per recipient in RCPT order
