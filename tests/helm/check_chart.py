@@ -773,13 +773,14 @@ def check_readme(chart_dir, repo):
 
 def check_image(chart_dir, repo):
     """The image (deploy/Dockerfile) and the chart agree: the ports it exposes are the
-    chart's default container ports and its default config's, its user is the one the
+    chart's default container ports (the replica link's included) and its default
+    config's, its user is the one the
     chart runs as, and MAILGATE_CONFIG names the config it ships."""
     where = "deploy/Dockerfile"
     dockerfile = open(os.path.join(repo, "deploy/Dockerfile")).read()
     values = yaml.safe_load(open(os.path.join(chart_dir, "values.yaml")))
     exposed = {int(p) for line in re.findall(r"^EXPOSE (.+)$", dockerfile, re.M) for p in line.split()}
-    chart_ports = {l["containerPort"] for l in values["listeners"].values()} | {values["metrics"]["containerPort"]}
+    chart_ports = {l["containerPort"] for l in values["listeners"].values()} | {values["metrics"]["containerPort"], values["cluster"]["port"]}
     check(exposed == chart_ports, where, f"EXPOSE {sorted(exposed)} != the chart's container ports {sorted(chart_ports)}")
     image_config = tomllib.load(open(os.path.join(repo, "deploy/mailgate.toml"), "rb"))
     listens = [image_config["pop3"]["listen"], image_config["pop3"]["tls_listen"], image_config["lmtp"]["listen"], image_config["metrics"]["listen"]]
