@@ -234,14 +234,20 @@ impl Cluster {
         match self.homes.read(domain, self.link.peer_names()).await {
             Ok(read) => {
                 let out = (read.record.clone(), read.incomplete);
-                lock(&self.views).insert(
-                    domain.to_owned(),
-                    View {
-                        record: read.record,
-                        incomplete: read.incomplete,
-                        read: Instant::now(),
-                    },
-                );
+                // Only real domains are remembered: names a client makes up must not
+                // grow the map.
+                if read.record.is_some() {
+                    lock(&self.views).insert(
+                        domain.to_owned(),
+                        View {
+                            record: read.record,
+                            incomplete: read.incomplete,
+                            read: Instant::now(),
+                        },
+                    );
+                } else {
+                    lock(&self.views).remove(domain);
+                }
                 Some(out)
             }
             Err(e) => {
@@ -321,6 +327,8 @@ impl Cluster {
             }
         };
         *lock(&self.local) = copies.iter().cloned().collect();
+        // Views no longer usable are dropped, so removed domains do not stay behind.
+        lock(&self.views).retain(|_, v| v.read.elapsed() < self.ttl);
         const STATES: [HomeState; 5] = [
             HomeState::Active,
             HomeState::Moving,
