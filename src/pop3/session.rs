@@ -166,6 +166,45 @@ pub(super) struct Ctx {
 }
 
 impl Ctx {
+    fn new(
+        service: Arc<Service>,
+        peer: SocketAddr,
+        listener: Listener,
+        sid: u64,
+        apop_timestamp: Option<String>,
+    ) -> Ctx {
+        Ctx {
+            service,
+            peer,
+            listener,
+            tls: false,
+            apop_timestamp,
+            sid,
+            forwarded: None,
+            bad_commands: 0,
+            auth_failures: 0,
+            user: None,
+            retrieved: 0,
+            deleted: 0,
+            bytes_out: 0,
+        }
+    }
+
+    /// The session's last log line.
+    fn log_end(&self, outcome: Outcome, started: Instant) {
+        info!(
+            outcome = outcome.name(),
+            user = self.user.as_deref().unwrap_or("-"),
+            tls = self.tls,
+            retrieved = self.retrieved,
+            deleted = self.deleted,
+            bytes_out = self.bytes_out,
+            forwarded = self.forwarded.is_some(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "session end"
+        );
+    }
+
     pub fn net(&self) -> &net::Context {
         &self.service.net
     }
@@ -231,35 +270,13 @@ pub async fn run(stream: TcpStream, peer: SocketAddr, listener: Listener, servic
     net::run_session(&net, listener, peer, |sid| async move {
         let started = Instant::now();
         let config = &service.net.config;
-        let mut ctx = Ctx {
-            apop_timestamp: config
-                .pop3
-                .apop
-                .then(|| auth::apop::make_timestamp(&config.hostname)),
-            service: service.clone(),
-            peer,
-            listener,
-            tls: false,
-            sid,
-            forwarded: None,
-            bad_commands: 0,
-            auth_failures: 0,
-            user: None,
-            retrieved: 0,
-            deleted: 0,
-            bytes_out: 0,
-        };
+        let apop = config
+            .pop3
+            .apop
+            .then(|| auth::apop::make_timestamp(&config.hostname));
+        let mut ctx = Ctx::new(service.clone(), peer, listener, sid, apop);
         let outcome = connection(stream, &mut ctx).await;
-        info!(
-            outcome = outcome.name(),
-            user = ctx.user.as_deref().unwrap_or("-"),
-            tls = ctx.tls,
-            retrieved = ctx.retrieved,
-            deleted = ctx.deleted,
-            bytes_out = ctx.bytes_out,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "session end"
-        );
+        ctx.log_end(outcome, started);
         outcome
     })
     .await
@@ -278,21 +295,9 @@ pub async fn run_forwarded<S: AsyncRead + AsyncWrite + Unpin>(
     let via = preamble.from.clone();
     net::run_forwarded(listener, client, sid, &via, async move {
         let started = Instant::now();
-        let mut ctx = Ctx {
-            apop_timestamp: preamble.apop.clone(),
-            service: service.clone(),
-            peer: client,
-            listener,
-            tls: preamble.tls,
-            sid,
-            forwarded: Some(Box::new(preamble)),
-            bad_commands: 0,
-            auth_failures: 0,
-            user: None,
-            retrieved: 0,
-            deleted: 0,
-            bytes_out: 0,
-        };
+        let mut ctx = Ctx::new(service, client, listener, sid, preamble.apop.clone());
+        ctx.tls = preamble.tls;
+        ctx.forwarded = Some(Box::new(preamble));
         let idle = ctx.net().config.limits.idle_timeout();
         let mut conn = Conn::new(Io::with_input(stream, idle, READ_CHUNK, input));
         let outcome = match serve(&mut conn, &mut ctx).await {
@@ -302,16 +307,7 @@ pub async fn run_forwarded<S: AsyncRead + AsyncWrite + Unpin>(
             Step::StartTls | Step::Forward(_) => Outcome::Error,
         };
         close_link(conn.io.into_stream()).await;
-        info!(
-            outcome = outcome.name(),
-            user = ctx.user.as_deref().unwrap_or("-"),
-            tls = ctx.tls,
-            retrieved = ctx.retrieved,
-            deleted = ctx.deleted,
-            bytes_out = ctx.bytes_out,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "forwarded session end"
-        );
+        ctx.log_end(outcome, started);
         outcome
     })
     .await

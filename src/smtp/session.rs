@@ -124,6 +124,38 @@ struct Ctx {
 }
 
 impl Ctx {
+    fn new(service: Arc<Service>, peer: Peer, protocol: Protocol, sid: u64) -> Ctx {
+        Ctx {
+            service,
+            peer,
+            protocol,
+            bad_commands: 0,
+            transaction_started: None,
+            accepted: 0,
+            rejected: 0,
+            bytes_in: 0,
+            sid,
+            tls: false,
+            forwarded: None,
+            legs: Vec::new(),
+            homes: Vec::new(),
+        }
+    }
+
+    /// The session's last log line.
+    fn log_end(&self, outcome: Outcome, started: Instant) {
+        info!(
+            outcome = outcome.name(),
+            tls = self.tls,
+            accepted = self.accepted,
+            rejected = self.rejected,
+            bytes_in = self.bytes_in,
+            forwarded = self.forwarded.is_some(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "session end"
+        );
+    }
+
     fn net(&self) -> &net::Context {
         &self.service.net
     }
@@ -225,21 +257,7 @@ async fn run(conn: Conn, peer: Peer, protocol: Protocol, service: Arc<Service>) 
     let listener = listener_of(protocol);
     net::run_session(&net, listener, peer.clone(), |sid| async move {
         let started = Instant::now();
-        let mut ctx = Ctx {
-            service,
-            peer,
-            protocol,
-            bad_commands: 0,
-            transaction_started: None,
-            accepted: 0,
-            rejected: 0,
-            bytes_in: 0,
-            sid,
-            tls: false,
-            forwarded: None,
-            legs: Vec::new(),
-            homes: Vec::new(),
-        };
+        let mut ctx = Ctx::new(service, peer, protocol, sid);
         let (outcome, tls) = match conn {
             Conn::Tcp(stream) => connection_tcp(stream, &mut ctx).await,
             Conn::Unix(stream) => {
@@ -250,15 +268,8 @@ async fn run(conn: Conn, peer: Peer, protocol: Protocol, service: Arc<Service>) 
                 (finish(serve(&mut io, &mut core, &mut ctx).await), false)
             }
         };
-        info!(
-            outcome = outcome.name(),
-            tls,
-            accepted = ctx.accepted,
-            rejected = ctx.rejected,
-            bytes_in = ctx.bytes_in,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "session end"
-        );
+        ctx.tls = tls;
+        ctx.log_end(outcome, started);
         outcome
     })
     .await
@@ -280,21 +291,9 @@ pub async fn run_forwarded<S: AsyncRead + AsyncWrite + Unpin>(
     net::run_forwarded(listener, client, sid, &via, async move {
         let started = Instant::now();
         let tls = preamble.tls;
-        let mut ctx = Ctx {
-            service,
-            peer: Peer::Tcp(client),
-            protocol,
-            bad_commands: 0,
-            transaction_started: None,
-            accepted: 0,
-            rejected: 0,
-            bytes_in: 0,
-            sid,
-            tls,
-            forwarded: Some(Box::new(preamble)),
-            legs: Vec::new(),
-            homes: Vec::new(),
-        };
+        let mut ctx = Ctx::new(service, Peer::Tcp(client), protocol, sid);
+        ctx.tls = tls;
+        ctx.forwarded = Some(Box::new(preamble));
         let mut core = new_core(&ctx, tls);
         let idle = ctx.net().config.delivery.idle_timeout();
         let mut io = Io::with_input(stream, idle, READ_CHUNK, input);
@@ -303,15 +302,7 @@ pub async fn run_forwarded<S: AsyncRead + AsyncWrite + Unpin>(
         // A clean TLS end (close_notify), so the front sees the home finish.
         let mut stream = io.into_stream();
         let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
-        info!(
-            outcome = outcome.name(),
-            tls,
-            accepted = ctx.accepted,
-            rejected = ctx.rejected,
-            bytes_in = ctx.bytes_in,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "forwarded session end"
-        );
+        ctx.log_end(outcome, started);
         outcome
     })
     .await
