@@ -163,6 +163,8 @@ where
             let _ = client_out.shutdown().await;
             Ok((0, down?))
         }
+        // The client hung up, with or without a TLS close_notify: its own doing, not a
+        // broken link; only what the home sends afterwards can fail the relay.
         End::Client(up) => {
             let _ = link_out.shutdown().await;
             let idle = ctx.net().config.limits.idle_timeout();
@@ -170,7 +172,7 @@ where
                 .await
                 .unwrap_or(Ok(0));
             let _ = client_out.shutdown().await;
-            Ok((up?, down?))
+            Ok((up.unwrap_or(0), down.unwrap_or(0)))
         }
         End::Abort => Err(std::io::ErrorKind::Interrupted.into()),
     }

@@ -630,6 +630,8 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(Some(Step::StartTls));
                 }
                 C::User(name) => {
+                    // A name refused here must not leave the previous one for PASS.
+                    *user = None;
                     let replay = || format!("USER {name}\r\n").into_bytes();
                     match forward::elsewhere(ctx, &name, replay).await {
                         Elsewhere::Here => {}

@@ -11,6 +11,7 @@ mod common;
 mod cli;
 mod cli_errors;
 mod clients;
+mod cluster;
 mod config_example;
 mod helm;
 mod last;

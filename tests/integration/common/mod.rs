@@ -5,6 +5,7 @@
 //! for tests of signals, `kill -9` and the process's memory. Helpers for the CLI, a raw
 //! POP3 client (cleartext, STLS, implicit TLS) and external clients.
 
+pub mod cluster;
 pub mod postfix;
 pub mod redis_server;
 pub mod swaks;
