@@ -81,6 +81,9 @@ impl Preamble {
 
     /// Parses a line without its line ending.
     pub fn parse(line: &[u8]) -> Result<Preamble, PreambleError> {
+        if line.len() > MAX_PREAMBLE - 2 {
+            return Err(PreambleError::Field("length"));
+        }
         let text = std::str::from_utf8(line).map_err(|_| PreambleError::Magic)?;
         let mut words = text.split(' ');
         if words.next() != Some(MAGIC) {
@@ -217,6 +220,11 @@ mod tests {
             assert_eq!(Preamble::parse(line.as_bytes()), Err(expected), "{line}");
         }
         assert_eq!(Preamble::parse(&[0xff, 0xfe]), Err(PreambleError::Magic));
+        let long = format!("{good} future={}", "x".repeat(MAX_PREAMBLE));
+        assert_eq!(
+            Preamble::parse(long.as_bytes()),
+            Err(PreambleError::Field("length"))
+        );
         // Later versions may add keys.
         assert!(Preamble::parse(format!("{good} future=1").as_bytes()).is_ok());
     }
