@@ -48,7 +48,8 @@ fn lookup<'a>(tree: &'a Value, path: &str) -> Option<&'a Value> {
 }
 
 /// Whether the text shows `path` as a commented example: `# key = ...` inside the
-/// key's `[section]`, or a commented table header `# [path.NAME]` for a map.
+/// key's `[section]`, or a commented table header `# [path.NAME]` or `# [path]` for a
+/// map.
 fn shown_commented(text: &str, path: &str) -> bool {
     let (section, key) = path.rsplit_once('.').unwrap_or(("", path));
     let mut current = String::new();
@@ -61,7 +62,9 @@ fn shown_commented(text: &str, path: &str) -> bool {
         let Some(comment) = line.strip_prefix('#').map(str::trim_start) else {
             continue;
         };
-        if comment.starts_with(&format!("[{path}.")) {
+        // A map of tables (`# [tls.domains."example.org"]`) or of values
+        // (`# [cluster.peers]` with `# "name" = "value"` lines below).
+        if comment.starts_with(&format!("[{path}.")) || comment == format!("[{path}]") {
             return true;
         }
         if current == section
