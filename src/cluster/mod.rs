@@ -197,30 +197,14 @@ impl Cluster {
             return Route::Unavailable(Unavailable::NoView);
         };
         let local_epoch = lock(&self.local).get(&domain).copied();
-        let Some(record) = record else {
-            // A copy here without a record is announced at the next pass; a replica
-            // that has not announced since Redis lost its data may hold it.
-            if local_epoch.is_some() || incomplete {
-                return Route::Unavailable(Unavailable::NoView);
-            }
-            return Route::Local;
-        };
-        match record.state {
-            State::Held => return Route::Unavailable(Unavailable::Held),
-            State::Moving => return Route::Unavailable(Unavailable::Moving),
-            State::Active => {}
-        }
-        if record.home == self.name {
-            if local_epoch == Some(record.epoch) {
-                Route::Local
-            } else {
-                Route::Unavailable(Unavailable::NotHere)
-            }
-        } else if forwarded || self.link.peer_names().all(|p| p != record.home) {
-            Route::Unavailable(Unavailable::NotHere)
-        } else {
-            Route::Forward(record.home)
-        }
+        decide(&Seen {
+            record: record.as_ref(),
+            incomplete,
+            local_epoch,
+            me: &self.name,
+            forwarded,
+            known: |p| self.link.peer_names().any(|n| n == p),
+        })
     }
 
     /// The record as last read if that was recent, else read now; `None` when Redis
@@ -523,6 +507,52 @@ impl Cluster {
     }
 }
 
+/// What routing knows about a domain at one moment.
+struct Seen<'a, K: Fn(&str) -> bool> {
+    /// The home record, if the domain has one.
+    record: Option<&'a Record>,
+    /// Some replica has not announced since Redis last lost its data.
+    incomplete: bool,
+    /// The epoch of this replica's copy, if it holds one.
+    local_epoch: Option<u64>,
+    /// This replica's name.
+    me: &'a str,
+    /// The session already crossed the replica link.
+    forwarded: bool,
+    /// Whether a replica name is in `cluster.peers`.
+    known: K,
+}
+
+/// The routing rule, apart from how the record was read: fencing (home = this replica,
+/// active, epochs equal), one hop at most, and "try later" whenever a missing record may
+/// only be missing for now.
+fn decide<K: Fn(&str) -> bool>(seen: &Seen<'_, K>) -> Route {
+    let Some(record) = seen.record else {
+        // A copy here without a record is announced at the next pass; a replica that
+        // has not announced since Redis lost its data may hold the domain.
+        if seen.local_epoch.is_some() || seen.incomplete {
+            return Route::Unavailable(Unavailable::NoView);
+        }
+        return Route::Local;
+    };
+    match record.state {
+        State::Held => return Route::Unavailable(Unavailable::Held),
+        State::Moving => return Route::Unavailable(Unavailable::Moving),
+        State::Active => {}
+    }
+    if record.home == seen.me {
+        if seen.local_epoch == Some(record.epoch) {
+            Route::Local
+        } else {
+            Route::Unavailable(Unavailable::NotHere)
+        }
+    } else if seen.forwarded || !(seen.known)(&record.home) {
+        Route::Unavailable(Unavailable::NotHere)
+    } else {
+        Route::Forward(record.home.clone())
+    }
+}
+
 /// The metric label of what a link connection carries.
 pub fn forward_protocol(alpn: Alpn) -> ForwardProtocol {
     match alpn {
@@ -530,5 +560,116 @@ pub fn forward_protocol(alpn: Alpn) -> ForwardProtocol {
         Alpn::Lmtp => ForwardProtocol::Lmtp,
         Alpn::Smtp => ForwardProtocol::Smtp,
         Alpn::Admin => ForwardProtocol::Admin,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(home: &str, state: State, epoch: u64) -> Record {
+        Record {
+            home: home.into(),
+            state,
+            epoch,
+        }
+    }
+
+    fn route(
+        record: Option<&Record>,
+        incomplete: bool,
+        local_epoch: Option<u64>,
+        forwarded: bool,
+    ) -> Route {
+        decide(&Seen {
+            record,
+            incomplete,
+            local_epoch,
+            me: "mailgate-0",
+            forwarded,
+            known: |p: &str| ["mailgate-0", "mailgate-1"].contains(&p),
+        })
+    }
+
+    #[test]
+    fn a_domain_nobody_holds_is_answered_here_unless_the_records_may_be_incomplete() {
+        assert_eq!(route(None, false, None, false), Route::Local);
+        assert_eq!(route(None, false, None, true), Route::Local);
+        let later = Route::Unavailable(Unavailable::NoView);
+        assert_eq!(route(None, true, None, false), later);
+        // A copy here whose record is missing (Redis lost it): announced soon.
+        assert_eq!(route(None, false, Some(1), false), later);
+    }
+
+    #[test]
+    fn the_home_serves_only_while_its_epoch_matches() {
+        let mine = record("mailgate-0", State::Active, 3);
+        assert_eq!(route(Some(&mine), false, Some(3), false), Route::Local);
+        assert_eq!(route(Some(&mine), false, Some(3), true), Route::Local);
+        let fenced = Route::Unavailable(Unavailable::NotHere);
+        assert_eq!(route(Some(&mine), false, Some(2), false), fenced);
+        assert_eq!(route(Some(&mine), false, Some(4), false), fenced);
+        assert_eq!(route(Some(&mine), false, None, false), fenced);
+    }
+
+    #[test]
+    fn another_home_is_forwarded_to_once() {
+        let theirs = record("mailgate-1", State::Active, 1);
+        assert_eq!(
+            route(Some(&theirs), false, None, false),
+            Route::Forward("mailgate-1".into())
+        );
+        // A stale copy here changes nothing: the record decides.
+        assert_eq!(
+            route(Some(&theirs), false, Some(1), false),
+            Route::Forward("mailgate-1".into())
+        );
+        // A home never forwards.
+        assert_eq!(
+            route(Some(&theirs), false, None, true),
+            Route::Unavailable(Unavailable::NotHere)
+        );
+        // A record naming a replica this one does not know.
+        let stranger = record("mailgate-9", State::Active, 1);
+        assert_eq!(
+            route(Some(&stranger), false, None, false),
+            Route::Unavailable(Unavailable::NotHere)
+        );
+    }
+
+    #[test]
+    fn held_and_moving_domains_are_served_nowhere() {
+        for home in ["mailgate-0", "mailgate-1"] {
+            for forwarded in [false, true] {
+                let held = record(home, State::Held, 1);
+                assert_eq!(
+                    route(Some(&held), false, Some(1), forwarded),
+                    Route::Unavailable(Unavailable::Held)
+                );
+                let moving = record(home, State::Moving, 1);
+                assert_eq!(
+                    route(Some(&moving), false, Some(1), forwarded),
+                    Route::Unavailable(Unavailable::Moving)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_secret_needs_32_bytes_and_is_the_same_from_the_same_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        std::fs::write(&path, [7u8; 31]).expect("write");
+        let p = path.to_str().expect("utf8");
+        assert!(matches!(load_secret(p), Err(ClusterError::ShortSecret(_))));
+        std::fs::write(&path, [7u8; 32]).expect("write");
+        let a = load_secret(p).expect("secret");
+        assert_eq!(a, load_secret(p).expect("secret"));
+        std::fs::write(&path, [8u8; 32]).expect("write");
+        assert_ne!(a, load_secret(p).expect("secret"));
+        assert!(matches!(
+            load_secret(dir.path().join("none").to_str().expect("utf8")),
+            Err(ClusterError::Secret { .. })
+        ));
     }
 }
