@@ -328,6 +328,18 @@ fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Rea
         // Without a local server the status is read here: Redis, and each peer over the
         // link with this replica's certificate.
         None if status.is_some() => cluster_status_here(config, status == Some(true))?,
+        // On a replica of a cluster the stores here are only part of the data, and their
+        // homes are recorded in Redis: changing them behind the server's back would
+        // bypass both. Any running replica takes the command.
+        None if config.cluster.enabled() => Response {
+            ok: false,
+            lines: Vec::new(),
+            error: Some(format!(
+                "no server answers on {}: in a cluster, run admin commands on a replica where `mailgate serve` runs (any replica reaches every domain)",
+                socket.display()
+            )),
+            exit_code: exit::TEMPFAIL,
+        },
         None => {
             let directory = app::open_directory(config)?;
             let body = body.unwrap_or_else(|| Box::new(std::io::empty()));

@@ -617,6 +617,30 @@ async fn killed_home_fails_only_its_domains_fast_and_recovers_after_restart() {
     assert!(say(&mut l, "QUIT").await.starts_with("221"));
     assert_eq!(fetch_all(&c.replicas[1], &joe(1)).await.len(), 1);
 
+    // On the dead replica itself, the CLI reads the status without its server, and
+    // refuses to change stores behind the cluster's back.
+    let out = c.replicas[0].cli(&["cluster", "status", "--json"], b"");
+    assert!(out.status.success(), "{out:?}");
+    let offline: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(offline["replicas"][0]["reachable"], false, "{offline}");
+    assert_eq!(offline["replicas"][1]["reachable"], true, "{offline}");
+    assert_eq!(
+        offline["domains"].as_array().map(Vec::len),
+        Some(3),
+        "{offline}"
+    );
+    for args in [&["domain", "list"][..], &["user", "list", DOMAINS[0]][..]] {
+        let out = c.replicas[0].cli(args, b"");
+        assert_eq!(out.status.code(), Some(75), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(
+                "in a cluster, run admin commands on a replica where `mailgate serve` runs"
+            ),
+            "{err}"
+        );
+    }
+
     // The status says so; the fronts counted the failures.
     let out = c.replicas[1].cli(&["cluster", "status", "--json"], b"");
     assert!(out.status.success(), "{out:?}");
