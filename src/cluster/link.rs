@@ -282,9 +282,11 @@ impl Link {
             .connect(name, tcp)
             .await
             .map_err(LinkError::Handshake)?;
-        if tls.get_ref().1.alpn_protocol() != Some(alpn.id()) {
+        let conn = tls.get_ref().1;
+        if conn.alpn_protocol() != Some(alpn.id()) {
             return Err(LinkError::Alpn);
         }
+        tracing::debug!(peer, kind = ?conn.handshake_kind(), "replica link connected");
         Ok(tls)
     }
 
