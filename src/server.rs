@@ -5,7 +5,8 @@
 //! original client's address, then the protocol its ALPN names. Speaks no protocol
 //! itself: sessions and their refusals are `pop3`'s, `smtp`'s and `admin`'s.
 
-use crate::cluster::{preamble, Alpn, Cluster, Preamble};
+use crate::cluster::frame::{self, Framed};
+use crate::cluster::{preamble, Alpn, Cluster, Preamble, LINK_IDLE};
 use crate::config::{Config, ListenAddr, Listener};
 use crate::locks::LockBackend;
 use crate::metrics::http::Readiness;
@@ -20,7 +21,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -450,13 +451,13 @@ async fn cluster_accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let reserved = limits.reserve();
-        let (cluster, services) = (cluster.clone(), services.clone());
+        let (cluster, services, limits) = (cluster.clone(), services.clone(), limits.clone());
         tracker.spawn(async move {
             let Ok(reserved) = reserved else {
                 // Over the global limit: closed; the front answers its client.
                 return;
             };
-            inbound(stream, peer, reserved, &cluster, services).await
+            inbound(stream, peer, reserved, limits, &cluster, services).await
         });
     }
 }
@@ -467,6 +468,7 @@ async fn inbound(
     stream: TcpStream,
     peer: SocketAddr,
     reserved: net::Reserved,
+    limits: Arc<ConnLimits>,
     cluster: &Cluster,
     services: Arc<Services>,
 ) {
@@ -481,6 +483,10 @@ async fn inbound(
         }
     };
     let protocol = crate::cluster::forward_protocol(alpn);
+    if alpn == Alpn::Pop3 {
+        pop3_link(tls, peer, &replica, reserved, limits, services).await;
+        return;
+    }
     if alpn == Alpn::Admin {
         metrics.inbound(protocol, true);
         let _permit = reserved;
@@ -511,7 +517,6 @@ async fn inbound(
     };
     metrics.inbound(protocol, true);
     match alpn {
-        Alpn::Pop3 => pop3::run_forwarded(tls, preamble, rest, services.pop3.clone()).await,
         Alpn::Lmtp => {
             smtp::run_forwarded(tls, preamble, rest, Protocol::Lmtp, services.mail.clone()).await
         }
@@ -519,10 +524,93 @@ async fn inbound(
             smtp::run_forwarded(tls, preamble, rest, Protocol::Smtp, services.mail.clone()).await
         }
         // invariant: handled above.
-        Alpn::Admin => {}
+        Alpn::Pop3 | Alpn::Admin => {}
     }
     drop(permit);
 }
+
+/// A POP3 link: framed sessions one after another (`cluster::frame`), each with its own
+/// preamble and admission, until the front closes the link, leaves it idle for
+/// `LINK_IDLE`, or a session does not end cleanly.
+async fn pop3_link(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    replica: &str,
+    reserved: net::Reserved,
+    limits: Arc<ConnLimits>,
+    services: Arc<Services>,
+) {
+    let metrics = &services.net.metrics;
+    let protocol = crate::metrics::ForwardProtocol::Pop3;
+    let mut link = Framed::new(tls);
+    let mut reserved = Some(reserved);
+    let mut wait = services.net.config.limits.tls_handshake_timeout();
+    loop {
+        let read = tokio::select! {
+            r = read_preamble(&mut link, wait) => r,
+            _ = services.net.shutdown.cancelled() => break,
+        };
+        let (preamble, rest) = match read {
+            Ok(p) => p,
+            // The front closed the idle link, or let it sit: the usual end.
+            Err(_) if link.read_ended() || reserved.is_none() => break,
+            Err(e) => {
+                info!(peer = %peer, replica, error = %e, "forwarded session refused");
+                metrics.inbound(protocol, false);
+                break;
+            }
+        };
+        let again = reserved.is_none();
+        let slot = match reserved.take() {
+            Some(r) => Ok(r),
+            None => limits.reserve(),
+        };
+        let permit = match slot.and_then(|r| r.admit(preamble.client.ip())) {
+            Ok(p) => p,
+            Err(reason) => {
+                metrics.inbound(protocol, false);
+                refuse(
+                    preamble.listener,
+                    &mut link,
+                    preamble.client,
+                    reason,
+                    &services,
+                )
+                .await;
+                break;
+            }
+        };
+        metrics.inbound(protocol, true);
+        // On a reused link the front waits for this before it sends the session's first
+        // command, so a link that went stale or a home that hangs costs it no more than
+        // the connect timeout.
+        if again {
+            let acked = async {
+                link.write_all(&[frame::ACK]).await?;
+                link.flush().await
+            };
+            if acked.await.is_err() {
+                break;
+            }
+        }
+        pop3::run_forwarded(&mut link, preamble, rest, services.pop3.clone()).await;
+        drop(permit);
+        // What the client still sent before the front ended its side.
+        let (mut rest, mut sink) = ((&mut link).take(MAX_LINK_DRAIN), tokio::io::sink());
+        let idle = services.net.config.limits.idle_timeout();
+        let drained = tokio::time::timeout(idle, tokio::io::copy(&mut rest, &mut sink)).await;
+        if !matches!(drained, Ok(Ok(_))) || !link.reusable() {
+            break;
+        }
+        link.next_session();
+        wait = LINK_IDLE;
+    }
+    let mut tls = link.into_inner();
+    let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+}
+
+/// Most octets a front may still send after a session ended on its link.
+const MAX_LINK_DRAIN: u64 = 1024 * 1024;
 
 /// Reads the preamble line within `timeout`; returns it with the bytes that followed it.
 async fn read_preamble<S: tokio::io::AsyncRead + Unpin>(

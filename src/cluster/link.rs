@@ -114,12 +114,19 @@ fn load_configs(files: &[PathBuf; 3]) -> Result<Configs, LinkError> {
         })?;
     }
     let roots = Arc::new(roots);
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Both ends are ours: TLS 1.3 only, and the suite with the cheaper key schedule
+    // (SHA-256) and cipher, since every forwarded session pays for a (resumed)
+    // handshake and every relayed byte for the cipher.
+    let provider = Arc::new(rustls::crypto::CryptoProvider {
+        cipher_suites: vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256],
+        ..rustls::crypto::ring::default_provider()
+    });
+    let versions: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| LinkError::Config(e.to_string()))?;
     let mut server = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|e| LinkError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain.clone(), key_der.clone_key())
@@ -127,10 +134,12 @@ fn load_configs(files: &[PathBuf; 3]) -> Result<Configs, LinkError> {
     server.alpn_protocols = Alpn::ALL.iter().map(|a| a.id().to_vec()).collect();
     server.ticketer =
         rustls::crypto::ring::Ticketer::new().map_err(|e| LinkError::Config(e.to_string()))?;
+    // A client resumes with one ticket per connection and gets a fresh one with it.
+    server.send_tls13_tickets = 1;
     let cache = Arc::new(ClientSessionMemoryCache::new(256));
     let client = |alpn: Alpn| -> Result<Arc<ClientConfig>, LinkError> {
         let mut c = ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .map_err(|e| LinkError::Config(e.to_string()))?
             .with_root_certificates(roots.clone())
             .with_client_auth_cert(chain.clone(), key_der.clone_key())

@@ -6,6 +6,7 @@
 //! keeps this replica's claims on its copies current. It forwards nothing itself: the
 //! protocols relay their own bytes. Must not name the protocols, the server or start-up.
 
+pub mod frame;
 pub mod hash;
 pub mod homes;
 pub mod link;
@@ -28,6 +29,14 @@ use tracing::{info, warn};
 
 /// How long a read record is used before routing reads it again.
 const ROUTE_CACHE: Duration = Duration::from_secs(1);
+/// An idle POP3 link is reused within this long; a home closes one idle for
+/// [`LINK_IDLE`], so a front never picks one the home is about to drop (and retries on a
+/// fresh connection when it did anyway).
+const POOL_IDLE: Duration = Duration::from_secs(20);
+/// How long a home keeps an idle POP3 link open for the next session.
+pub const LINK_IDLE: Duration = Duration::from_secs(30);
+/// Most idle POP3 links kept per peer.
+const POOL_MAX: usize = 32;
 /// A claim outlives its last announcement this many lock TTLs: a replica that stopped
 /// announcing a copy (stopped, or its copy removed) gives up a held domain after that.
 const CLAIMS_PER_TTL: u32 = 10;
@@ -124,7 +133,12 @@ pub struct Cluster {
     /// announcement (or creation).
     local: Mutex<HashMap<String, u64>>,
     metrics: Arc<Metrics>,
+    /// Idle POP3 links to each peer, most recently used last.
+    pool: Mutex<HashMap<String, Vec<(Pooled, Instant)>>>,
 }
+
+/// A replica link whose last session ended cleanly.
+pub type Pooled = tokio_rustls::client::TlsStream<TcpStream>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -153,6 +167,7 @@ impl Cluster {
             views: Mutex::new(HashMap::new()),
             local: Mutex::new(HashMap::new()),
             metrics,
+            pool: Mutex::new(HashMap::new()),
         })
     }
 
@@ -272,6 +287,30 @@ impl Cluster {
                 warn!(peer, error = %e, "cannot reach the home replica");
                 Err(e)
             }
+        }
+    }
+
+    /// A POP3 link to `peer`: an idle one from an earlier session if there is one
+    /// (`true`), else a new connection.
+    pub async fn connect_pop3(&self, peer: &str) -> Result<(Pooled, bool), LinkError> {
+        let idle = {
+            let mut pool = lock(&self.pool);
+            let links = pool.entry(peer.to_owned()).or_default();
+            links.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+            links.pop()
+        };
+        if let Some((link, _)) = idle {
+            return Ok((link, true));
+        }
+        Ok((self.connect(peer, Alpn::Pop3).await?, false))
+    }
+
+    /// Keeps a POP3 link whose session ended cleanly for the next one.
+    pub fn reuse_pop3(&self, peer: &str, link: Pooled) {
+        let mut pool = lock(&self.pool);
+        let links = pool.entry(peer.to_owned()).or_default();
+        if links.len() < POOL_MAX {
+            links.push((link, Instant::now()));
         }
     }
 

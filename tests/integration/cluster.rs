@@ -774,10 +774,17 @@ async fn link_answer(
         "MAILGATE-FORWARD/1 hop=1 from=mailgate-1 client=127.0.0.9:40000 listener=pop3s tls=1 sid=77\r\nUSER {}\r\n",
         joe(0)
     );
-    raw.try_send(head.as_bytes())
+    // A POP3 link is framed: a 4-octet length, then the octets.
+    let mut frame = (head.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(head.as_bytes());
+    raw.try_send(&frame)
         .await
         .map_err(|e| format!("write: {e}"))?;
-    raw.try_line().await.ok_or_else(|| "closed".to_owned())
+    let line = raw.line_bytes().await.ok_or_else(|| "closed".to_owned())?;
+    let reply = line
+        .get(4..)
+        .ok_or_else(|| format!("short frame {line:?}"))?;
+    Ok(String::from_utf8_lossy(reply).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
