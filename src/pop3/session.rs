@@ -633,16 +633,8 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                     // A name refused here must not leave the previous one for PASS.
                     *user = None;
                     let replay = || format!("USER {name}\r\n").into_bytes();
-                    match forward::elsewhere(ctx, &name, replay).await {
-                        Elsewhere::Here => {}
-                        Elsewhere::Forward(handoff) => return Ok(Some(Step::Forward(handoff))),
-                        Elsewhere::Unavailable => {
-                            conn.reply(&err(
-                                Some(RespCode::SysTemp),
-                                "Maildrop unavailable, try again later",
-                            ));
-                            return Ok(None);
-                        }
+                    if let Some(step) = elsewhere(conn, ctx, &name, replay).await {
+                        return Ok(step);
                     }
                     *user = Some(name);
                     conn.reply(&ok("Send your password"));
@@ -658,16 +650,8 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                 C::Apop { user: name, digest } => {
                     *user = None;
                     let replay = || format!("APOP {name} {digest}\r\n").into_bytes();
-                    match forward::elsewhere(ctx, &name, replay).await {
-                        Elsewhere::Here => {}
-                        Elsewhere::Forward(handoff) => return Ok(Some(Step::Forward(handoff))),
-                        Elsewhere::Unavailable => {
-                            conn.reply(&err(
-                                Some(RespCode::SysTemp),
-                                "Maildrop unavailable, try again later",
-                            ));
-                            return Ok(None);
-                        }
+                    if let Some(step) = elsewhere(conn, ctx, &name, replay).await {
+                        return Ok(step);
                     }
                     login::Mechanism::Apop { name, digest }
                 }
@@ -724,6 +708,27 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     Ok(None)
+}
+
+/// `Some` when `name`'s domain is not served here: the step that hands the session to
+/// its home, or `None` after answering that it is unavailable for now.
+async fn elsewhere<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    ctx: &Ctx,
+    name: &str,
+    replay: impl FnOnce() -> Vec<u8>,
+) -> Option<Option<Step>> {
+    match forward::elsewhere(ctx, name, replay).await {
+        Elsewhere::Here => None,
+        Elsewhere::Forward(handoff) => Some(Some(Step::Forward(handoff))),
+        Elsewhere::Unavailable => {
+            conn.reply(&err(
+                Some(RespCode::SysTemp),
+                "Maildrop unavailable, try again later",
+            ));
+            Some(None)
+        }
+    }
 }
 
 /// CAPA for the connection's current state (RFC 2449 §5): only what it may use now.
