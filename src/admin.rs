@@ -333,7 +333,7 @@ pub async fn serve(listener: UnixListener, admin: Arc<Admin>, cancel: Cancellati
             },
         };
         let admin = admin.clone();
-        tokio::spawn(async move { handle(stream, BytesMut::new(), Local::Socket, admin).await });
+        tokio::spawn(async move { handle(stream, Local::Socket, admin).await });
     }
 }
 
@@ -346,31 +346,26 @@ pub enum Local {
     Replica,
 }
 
-use bytes::BytesMut;
-
-/// Answers one request on `stream` (`input`: bytes already read from it).
+/// Answers one request on `stream`.
 pub async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
-    input: BytesMut,
     from: Local,
     admin: Arc<Admin>,
 ) {
-    if let Err(e) = handle_inner(stream, input, from, admin).await {
+    if let Err(e) = handle_inner(stream, from, admin).await {
         warn!(error = %e, "admin request failed");
     }
 }
 
 async fn handle_inner<S: AsyncRead + AsyncWrite + Send + 'static>(
     stream: S,
-    input: BytesMut,
     from: Local,
     admin: Arc<Admin>,
 ) -> std::io::Result<()> {
     let (mut read_half, mut write_half) = tokio::io::split(stream);
     // Read the request line by hand so body bytes that arrive with it are kept; each
     // byte is looked at once, and a client that never finishes the line is cut off.
-    let mut buf = input.to_vec();
-    buf.reserve(1024);
+    let mut buf = Vec::with_capacity(1024);
     let read_line = async {
         let mut scanned = 0;
         loop {
@@ -649,7 +644,7 @@ async fn forward<R: AsyncRead + Send + Unpin + 'static>(
             .await?;
         Ok::<_, std::io::Error>(answer)
     };
-    let metrics = &cluster_metrics(cluster);
+    let metrics = cluster.metrics();
     let answer = tokio::time::timeout(REQUEST_TIMEOUT * 4, sent).await;
     let response = match answer {
         Ok(Ok(bytes)) => match serde_json::from_slice::<Response>(bytes.trim_ascii_end()) {
@@ -672,10 +667,6 @@ async fn forward<R: AsyncRead + Send + Unpin + 'static>(
         }
     };
     (response, Some(read_half))
-}
-
-fn cluster_metrics(cluster: &Cluster) -> Arc<Metrics> {
-    cluster.metrics().clone()
 }
 
 /// Every replica and every domain, as lines or one JSON document.

@@ -490,13 +490,7 @@ async fn inbound(
     if alpn == Alpn::Admin {
         metrics.inbound(protocol, true);
         let _permit = reserved;
-        admin::handle(
-            tls,
-            BytesMut::new(),
-            admin::Local::Replica,
-            services.admin.clone(),
-        )
-        .await;
+        admin::handle(tls, admin::Local::Replica, services.admin.clone()).await;
         return;
     }
     let (preamble, rest) = match read_preamble(&mut tls, timeout).await {
