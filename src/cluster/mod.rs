@@ -362,6 +362,13 @@ impl Cluster {
         let mut counts = [0i64; STATES.len()];
         let mut complete = true;
         for (domain, epoch) in &copies {
+            // After one failure the rest wait for the next pass: with Redis down, a pass
+            // over many domains must not take a Redis timeout each (start-up waits for
+            // the first pass).
+            if !complete {
+                counts[STATES.len() - 1] += 1; // HomeState::Unknown
+                continue;
+            }
             let state = match self.homes.announce(domain, *epoch).await {
                 Ok((what, record)) => {
                     match what {
@@ -388,7 +395,7 @@ impl Cluster {
                 }
                 Err(e) => {
                     complete = false;
-                    warn!(domain, error = %e, "cannot announce the domain");
+                    warn!(domain, error = %e, "cannot announce the domain; the others wait for the next pass");
                     HomeState::Unknown
                 }
             };
