@@ -758,6 +758,20 @@ fn freeze(server: &Server, frozen: bool) {
         .status()
         .expect("kill");
     assert!(ok.success());
+    // The signal takes effect asynchronously: wait until the kernel reports the process
+    // stopped (or running again), so the test does not race it.
+    let stat = format!("/proc/{}/stat", server.pid());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&stat).expect("proc stat");
+        // The state follows the parenthesised command name.
+        let state = text.rsplit(") ").next().and_then(|r| r.chars().next());
+        if (state == Some('T')) == frozen {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{sig} not in effect: {text}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// What a replica link answers a forwarded `USER` for `joe@a.example`: its first line,
