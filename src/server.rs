@@ -13,6 +13,7 @@ use crate::metrics::http::Readiness;
 use crate::net::{self, ConnLimits, Refusal};
 use crate::smtp::core::Protocol;
 use crate::store::Directory;
+use crate::wire::LineReader;
 use crate::{admin, pop3, smtp};
 use bytes::BytesMut;
 use std::future::Future;
@@ -612,13 +613,13 @@ async fn read_preamble<S: tokio::io::AsyncRead + Unpin>(
     timeout: Duration,
 ) -> Result<(Preamble, BytesMut), String> {
     let mut buf = BytesMut::with_capacity(preamble::MAX_PREAMBLE);
+    let mut lines = LineReader::new();
     let read = async {
         loop {
-            if let Some(i) = buf.iter().position(|&b| b == b'\n') {
-                return Ok(i);
-            }
-            if buf.len() >= preamble::MAX_PREAMBLE {
-                return Err("preamble too long".to_owned());
+            match lines.next_line(&mut buf, preamble::MAX_PREAMBLE) {
+                Some(Ok(line)) => return Ok(line),
+                Some(Err(_)) => return Err("preamble too long".to_owned()),
+                None => {}
             }
             match stream.read_buf(&mut buf).await {
                 Ok(0) => return Err("closed before the preamble".to_owned()),
@@ -627,12 +628,10 @@ async fn read_preamble<S: tokio::io::AsyncRead + Unpin>(
             }
         }
     };
-    let newline = tokio::time::timeout(timeout, read)
+    let line = tokio::time::timeout(timeout, read)
         .await
         .map_err(|_| "no preamble in time".to_owned())??;
-    let line = buf.split_to(newline + 1);
-    let text = line.strip_suffix(b"\r\n").unwrap_or(&line[..newline]);
-    let preamble = Preamble::parse(text).map_err(|e| e.to_string())?;
+    let preamble = Preamble::parse(&line).map_err(|e| e.to_string())?;
     Ok((preamble, buf))
 }
 

@@ -10,6 +10,7 @@ use super::codec::{MailFrom, Reply};
 use crate::cluster::{forward_protocol, Alpn, Cluster, Preamble};
 use crate::config::Listener;
 use crate::metrics::{ForwardResult, Metrics, RecipientResult};
+use crate::wire::LineReader;
 use bytes::BytesMut;
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -64,6 +65,7 @@ pub struct Leg {
     protocol: Alpn,
     stream: Option<TlsStream<TcpStream>>,
     rbuf: BytesMut,
+    lines: LineReader,
     timeout: Duration,
     /// Recipients the home accepted, in RCPT order: the LMTP replies after DATA.
     pub accepted: usize,
@@ -92,6 +94,7 @@ impl Leg {
             protocol,
             stream: Some(stream),
             rbuf: BytesMut::new(),
+            lines: LineReader::new(),
             timeout,
             accepted: 0,
             in_data: false,
@@ -296,13 +299,12 @@ impl Leg {
 
     async fn line(&mut self) -> Result<String, LegError> {
         loop {
-            if let Some(i) = self.rbuf.iter().position(|&b| b == b'\n') {
-                let raw = self.rbuf.split_to(i + 1);
-                let text = raw.strip_suffix(b"\r\n").unwrap_or(&raw[..i]);
-                return String::from_utf8(text.to_vec()).map_err(|_| LegError::Malformed);
-            }
-            if self.rbuf.len() > MAX_REPLY_LINE {
-                return Err(LegError::Malformed);
+            match self.lines.next_line(&mut self.rbuf, MAX_REPLY_LINE) {
+                Some(Ok(line)) => {
+                    return String::from_utf8(line.to_vec()).map_err(|_| LegError::Malformed)
+                }
+                Some(Err(_)) => return Err(LegError::Malformed),
+                None => {}
             }
             let stream = self.stream.as_mut().ok_or(LegError::Malformed)?;
             self.rbuf.reserve(1024);
