@@ -12,7 +12,7 @@ use crate::common::cluster::{
 };
 use crate::common::postfix::{Postfix, HOSTNAME};
 use crate::common::redis_server::Resp;
-use crate::common::{fetch_all, message, python, Options, Raw, Server, PASSWORD};
+use crate::common::{fetch_all, message, python, stat_count, Options, Raw, Server, PASSWORD};
 use crate::metrics::metric;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -108,11 +108,7 @@ struct Snapshot {
 async fn snapshot(cluster: &Cluster, server: &Server, user: &str) -> Snapshot {
     let mut c = login(server, user).await;
     let stat = c.cmd("STAT").await;
-    let count: usize = stat
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("STAT: {stat}"));
+    let count = stat_count(&stat);
     let multi = async |c: &mut Raw, cmd: &str| {
         let r = c.cmd(cmd).await;
         assert!(r.starts_with("+OK"), "{cmd}: {r}");

@@ -60,24 +60,14 @@ pub struct Cluster {
 impl TestCa {
     /// A leaf for the replica link: usable as a TLS server and as a TLS client.
     pub fn issue_replica(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let mut params = rcgen::CertificateParams::new(names.clone()).expect("leaf params");
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, names[0].clone());
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let key = rcgen::KeyPair::generate().expect("leaf key");
-        let cert = params
-            .signed_by(&key, &self.ca, &self.ca_key)
-            .expect("leaf cert");
-        let cert_path = self.dir.join(format!("{stem}.crt"));
-        let key_path = self.dir.join(format!("{stem}.key"));
-        std::fs::write(&cert_path, cert.pem()).expect("write cert");
-        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-        (cert_path, key_path)
+        self.issue_for(
+            stem,
+            names,
+            vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
     }
 }
 

@@ -51,11 +51,22 @@ impl TestCa {
 
     /// Issues a leaf for `names` (DNS names or IP literals); returns (cert, key) paths.
     pub fn issue(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        self.issue_for(stem, names, Vec::new())
+    }
+
+    /// `issue`, with the extended key usages `usages` (none: any use).
+    fn issue_for(
+        &self,
+        stem: &str,
+        names: &[&str],
+        usages: Vec<rcgen::ExtendedKeyUsagePurpose>,
+    ) -> (PathBuf, PathBuf) {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = rcgen::CertificateParams::new(names.clone()).expect("leaf params");
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, names[0].clone());
+        params.extended_key_usages = usages;
         let key = rcgen::KeyPair::generate().expect("leaf key");
         let cert = params
             .signed_by(&key, &self.ca, &self.ca_key)
@@ -824,17 +835,20 @@ impl Raw {
 }
 
 /// Every message in `user`'s maildrop (password [`PASSWORD`]), read over POP3S with RETR.
+/// The message count of a STAT reply.
+pub fn stat_count(stat: &str) -> usize {
+    stat.split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("STAT: {stat}"))
+}
+
 pub async fn fetch_all(server: &Server, user: &str) -> Vec<Vec<u8>> {
     let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
     c.line().await;
     let r = c.login(user, PASSWORD).await;
     assert!(r.starts_with("+OK"), "{r}");
-    let stat = c.cmd("STAT").await;
-    let count: usize = stat
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("STAT: {stat}"));
+    let count = stat_count(&c.cmd("STAT").await);
     let mut out = Vec::new();
     for i in 1..=count {
         let r = c.cmd(&format!("RETR {i}")).await;
