@@ -272,14 +272,21 @@ pub fn quota_verdict(
     Ok(Verdict::Accepted)
 }
 
+/// Whether `route` may lead `rcpt` elsewhere: only `postmaster`, and only with a
+/// configured `postmaster`. Pure, so callers skip the blocking `route` for the rest.
+pub fn may_reroute(postmaster: &str, rcpt: &str) -> bool {
+    let local = rcpt.rsplit_once('@').map_or(rcpt, |(local, _)| local);
+    !postmaster.is_empty() && local.eq_ignore_ascii_case(POSTMASTER)
+}
+
 /// Where a RCPT address leads: itself, or, for `postmaster` (bare, or at a hosted domain
 /// without a `postmaster` account), the configured `postmaster` address when there is
 /// one. Blocking (store lookups).
 pub fn route(directory: &Directory, postmaster: &str, rcpt: &str) -> String {
-    let (local, domain) = rcpt.rsplit_once('@').unwrap_or((rcpt, ""));
-    if postmaster.is_empty() || !local.eq_ignore_ascii_case(POSTMASTER) {
+    if !may_reroute(postmaster, rcpt) {
         return rcpt.to_owned();
     }
+    let (_, domain) = rcpt.rsplit_once('@').unwrap_or((rcpt, ""));
     if domain.is_empty() {
         return postmaster.to_owned();
     }
@@ -516,5 +523,22 @@ impl Batch {
                 Err(v) => *v,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_postmaster_with_one_configured_may_be_rerouted() {
+        let pm = "admin@example.com";
+        for rcpt in ["postmaster", "Postmaster@example.org", "POSTMASTER@x"] {
+            assert!(may_reroute(pm, rcpt), "{rcpt}");
+            assert!(!may_reroute("", rcpt), "{rcpt} without a configured postmaster");
+        }
+        for rcpt in ["joe@example.org", "postmasters@example.org", "post@master", ""] {
+            assert!(!may_reroute(pm, rcpt), "{rcpt}");
+        }
     }
 }

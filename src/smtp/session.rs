@@ -492,13 +492,17 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
 /// transaction's leg to that home) or nowhere for now (451).
 async fn recipient(core: &mut Core, ctx: &mut Ctx, to: String) -> Reply {
     let started = Instant::now();
-    let directory = ctx.service.directory.clone();
-    let postmaster = ctx.net().config.delivery.postmaster.clone();
-    let rcpt = to.clone();
-    let routed =
+    let postmaster = &ctx.net().config.delivery.postmaster;
+    // The store is asked (off the async threads) only for `postmaster`.
+    let routed = if delivery::may_reroute(postmaster, &to) {
+        let (directory, postmaster) = (ctx.service.directory.clone(), postmaster.clone());
+        let rcpt = to.clone();
         tokio::task::spawn_blocking(move || delivery::route(&directory, &postmaster, &rcpt))
             .await
-            .unwrap_or_else(|_| to.clone());
+            .unwrap_or_else(|_| to.clone())
+    } else {
+        to.clone()
+    };
     let route = match (&ctx.service.cluster, routed.rsplit_once('@')) {
         (Some(cluster), Some((_, domain))) => cluster.route(domain, ctx.forwarded.is_some()).await,
         _ => Route::Local,
