@@ -68,7 +68,7 @@ pub struct Leg {
     lines: LineReader,
     timeout: Duration,
     /// Recipients the home accepted, in RCPT order: the LMTP replies after DATA.
-    pub accepted: usize,
+    accepted: usize,
     /// Whether the home answered DATA with 354 and is taking the message.
     in_data: bool,
 }
