@@ -535,9 +535,17 @@ mod tests {
         let pm = "admin@example.com";
         for rcpt in ["postmaster", "Postmaster@example.org", "POSTMASTER@x"] {
             assert!(may_reroute(pm, rcpt), "{rcpt}");
-            assert!(!may_reroute("", rcpt), "{rcpt} without a configured postmaster");
+            assert!(
+                !may_reroute("", rcpt),
+                "{rcpt} without a configured postmaster"
+            );
         }
-        for rcpt in ["joe@example.org", "postmasters@example.org", "post@master", ""] {
+        for rcpt in [
+            "joe@example.org",
+            "postmasters@example.org",
+            "post@master",
+            "",
+        ] {
             assert!(!may_reroute(pm, rcpt), "{rcpt}");
         }
     }
