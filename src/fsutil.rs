@@ -1,5 +1,5 @@
 //! Atomic file replacement: after a crash a file holds either its old contents or its
-//! new ones, never a mix. Knows nothing of what the files hold and creates no directories.
+//! new ones, never a mix; and durable renames (`sync_dir`). Knows nothing of what the files hold and creates no directories.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -58,6 +58,11 @@ pub fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> io::Result<(
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
+    sync_dir(dir)
+}
+
+/// Syncs a directory, so that renames into or out of it survive a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 

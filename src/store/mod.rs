@@ -6,7 +6,7 @@
 mod sled_store;
 
 pub use sled_store::{
-    Directory, DomainStore, PendingMessage, DOMAINS_DIR, FORMAT_VERSION, USAGE_FILE,
+    Directory, DomainStore, PendingMessage, Retired, DOMAINS_DIR, FORMAT_VERSION, USAGE_FILE,
 };
 
 pub use crate::wire::address::{validate_domain, validate_local, Address, AddressError};
@@ -40,6 +40,9 @@ pub enum StoreError {
     MessageNotFound(u64),
     #[error("storage error in {path}: {source}")]
     Sled { path: String, source: sled::Error },
+    /// The domain is being moved to another replica: no change until the move ends.
+    #[error("domain {0} is being moved to another replica; try again shortly")]
+    Sealed(String),
     #[error("corrupt record: {0}")]
     Corrupt(String),
     #[error("{path} is in store format {found}; this mailgate reads formats up to {supported} (upgrade mailgate)")]
@@ -123,6 +126,14 @@ pub struct Usage {
     pub messages: u64,
     /// Total message octets.
     pub octets: u64,
+}
+
+/// A message's UIDL: the account's nonce as 8 and the store id as 16 lower-case hex
+/// digits. The nonce makes ids from a recreated maildrop differ from the old ones, so
+/// clients do not mistake new mail for mail they already have; the id is kept by a
+/// domain move, so a move changes no UIDL.
+pub fn uidl(nonce: u32, id: u64) -> String {
+    format!("{nonce:08x}{id:016x}")
 }
 
 /// One message in a maildrop, as a session snapshot lists it.

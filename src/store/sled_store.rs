@@ -13,6 +13,7 @@
 //! | `pending`  | id (u64 BE)                           | local part (being delivered)   |
 //! | `trash`    | id (u64 BE)                           | empty (body still to remove)   |
 //! | `meta`     | `format`                              | format version (u32 BE)        |
+//! | `meta`     | `id_base`                             | added to sled's ids (u64 BE)   |
 //!
 //! Flags of a maildrop entry: bit 0 (`FLAG_SEEN`) is set once a client retrieved the
 //! message in a session that ended in UPDATE. Format history, upgraded in place at open
@@ -20,6 +21,11 @@
 //!
 //! - 1 (no `meta` tree): maildrop values are the octets alone (8 bytes).
 //! - 2: maildrop values carry a flags byte; `meta` records the format.
+//! - 3: a message's id is `id_base` (absent: 0) plus an id from sled's generator. sled's
+//!   generator is not part of the trees, so a copy of the data (a domain move) carries
+//!   the allocator's position as `id_base` and new mail never reuses an id. Read as
+//!   format 2, a moved store would hand out ids again, overwriting bodies: hence a new
+//!   version, which older code refuses.
 //!
 //! Beside sled's files, `USAGE_FILE` in the domain's directory records the domain's
 //! accounts, messages and octets as of its last close (or housekeeping pass), so the
@@ -46,8 +52,14 @@ pub const DOMAINS_DIR: &str = "domains";
 
 /// The format this code writes; stores of an older one are upgraded at open, a newer
 /// one is refused.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const FORMAT_KEY: &[u8] = b"format";
+const ID_BASE_KEY: &[u8] = b"id_base";
+/// Directory-name prefix of a domain copy being received from another replica (never a
+/// valid domain name, so never listed as one); removed at open.
+const STAGING_PREFIX: &str = ".incoming-";
+/// Directory-name prefix of a copy left behind by a move: `.moved-<domain>-<unix secs>`.
+const RETIRED_PREFIX: &str = ".moved-";
 /// Maildrop entry flag: retrieved in a session that ended in UPDATE (for LAST).
 const FLAG_SEEN: u8 = 1;
 /// The domain's usage as last recorded, in its directory beside sled's files.
@@ -74,6 +86,26 @@ pub struct Directory {
     /// Open stores by normalised domain name. Opening, closing and removing all happen
     /// under this lock, so the same sled path is never open twice.
     open: Mutex<HashMap<String, OpenStore>>,
+    /// Each domain's write gate, shared by every store opened for it, so a seal outlives
+    /// an idle close and reopen.
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+/// Whether a domain's store may change. Writes hold the read side for their whole
+/// atomic step; `Directory::seal` takes the write side, so once it returns no write is
+/// in progress and none starts until `unseal`.
+#[derive(Default)]
+struct Gate {
+    sealed: std::sync::RwLock<bool>,
+}
+
+/// A copy of a domain left behind by a move, as `cluster cleanup` lists it.
+#[derive(Debug, Clone)]
+pub struct Retired {
+    pub path: PathBuf,
+    pub domain: String,
+    /// When it was retired.
+    pub at: std::time::SystemTime,
 }
 
 struct OpenStore {
@@ -94,6 +126,9 @@ pub struct DomainStore {
     pending: Tree,
     trash: Tree,
     meta: Tree,
+    /// Added to sled's generated ids (format 3).
+    id_base: std::sync::atomic::AtomicU64,
+    gate: Arc<Gate>,
     /// Serialises account creation and removal, which scan the maildrop before their
     /// atomic step; deliveries do not take it.
     account_admin: Mutex<()>,
@@ -124,6 +159,8 @@ pub struct PendingMessage {
     octets: u64,
     /// Set once the maildrop entry exists, after which the chunks must stay.
     committed: bool,
+    /// Committed already marked seen (a copied message).
+    seen: bool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -140,11 +177,168 @@ impl Directory {
             path: root.display().to_string(),
             source,
         })?;
+        // A copy being received when the process stopped is incomplete: a move starts
+        // its copy again from nothing.
+        for entry in std::fs::read_dir(&root).map_err(|source| StoreError::Io {
+            path: root.display().to_string(),
+            source,
+        })? {
+            let Ok(entry) = entry else { continue };
+            if entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
+                let path = entry.path();
+                tracing::info!(path = %path.display(), "removing an incomplete incoming copy");
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove an incomplete incoming copy");
+                }
+            }
+        }
         Ok(Directory {
             root,
             opts,
             open: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn gate(&self, name: &str) -> Arc<Gate> {
+        Arc::clone(lock(&self.gates).entry(name.to_owned()).or_default())
+    }
+
+    fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+        move |source| StoreError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Stops every change to `name`'s store (accounts, deliveries, UPDATE) until
+    /// `unseal`: waits for writes in progress, after which the store's content is final.
+    /// A write attempted meanwhile fails with `Sealed` (a temporary failure).
+    pub fn seal(&self, name: &str) -> Result<(), StoreError> {
+        let name = validate_domain(name)?;
+        let gate = self.gate(&name);
+        *gate.sealed.write().unwrap_or_else(PoisonError::into_inner) = true;
+        Ok(())
+    }
+
+    /// Lets `name`'s store change again.
+    pub fn unseal(&self, name: &str) -> Result<(), StoreError> {
+        let name = validate_domain(name)?;
+        let gate = self.gate(&name);
+        *gate.sealed.write().unwrap_or_else(PoisonError::into_inner) = false;
+        Ok(())
+    }
+
+    /// An empty store for a copy of `name` received from another replica, outside the
+    /// hosted domains (`.incoming-<name>`); whatever an earlier attempt left is removed.
+    pub fn open_staging(&self, name: &str) -> Result<Arc<DomainStore>, StoreError> {
+        let name = validate_domain(name)?;
+        let path = self.root.join(format!("{STAGING_PREFIX}{name}"));
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(Self::io_err(&path))?;
+        }
+        std::fs::create_dir(&path).map_err(Self::io_err(&path))?;
+        DomainStore::open(&name, &path, &self.opts, Arc::default())
+    }
+
+    /// Removes a received copy that will not be installed.
+    pub fn discard_staging(&self, name: &str) -> Result<(), StoreError> {
+        let name = validate_domain(name)?;
+        let path = self.root.join(format!("{STAGING_PREFIX}{name}"));
+        match std::fs::remove_dir_all(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Self::io_err(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes a received copy the hosted domain `name` at cluster `epoch`: the staging
+    /// store (`store`, its last reference) is flushed and closed, the epoch written into
+    /// its directory, and the directory renamed into place, durably. Refused when the
+    /// domain exists here.
+    pub fn install_staging(
+        &self,
+        name: &str,
+        store: Arc<DomainStore>,
+        epoch: u64,
+    ) -> Result<(), StoreError> {
+        let name = validate_domain(name)?;
+        let staging = self.root.join(format!("{STAGING_PREFIX}{name}"));
+        if Path::new(&store.path) != staging {
+            return Err(StoreError::Corrupt(format!(
+                "{} is not the incoming copy of {name}",
+                store.path
+            )));
+        }
+        store.flush()?;
+        store.record_usage()?;
+        drop(store);
+        crate::fsutil::write_atomically(
+            &staging.join(EPOCH_FILE),
+            epoch.to_string().as_bytes(),
+            0o600,
+        )
+        .map_err(Self::io_err(&staging))?;
+        let path = self.root.join(&name);
+        let _open = lock(&self.open);
+        if path.exists() {
+            return Err(StoreError::DomainExists(name));
+        }
+        std::fs::rename(&staging, &path).map_err(Self::io_err(&path))?;
+        crate::fsutil::sync_dir(&self.root).map_err(Self::io_err(&self.root))
+    }
+
+    /// Takes `name` out of the hosted domains after it moved away: the store is closed
+    /// and its directory renamed to `.moved-<name>-<unix secs>`, never deleted
+    /// (`remove_retired` does that later). Sessions still holding the store keep reading
+    /// the renamed files; the seal stays on them.
+    pub fn retire_domain(&self, name: &str) -> Result<PathBuf, StoreError> {
+        let name = validate_domain(name)?;
+        let path = self.root.join(&name);
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let retired = self.root.join(format!("{RETIRED_PREFIX}{name}-{secs}"));
+        let mut open = lock(&self.open);
+        if !path.is_dir() {
+            return Err(StoreError::UnknownDomain(name));
+        }
+        drop(open.remove(&name));
+        std::fs::rename(&path, &retired).map_err(Self::io_err(&path))?;
+        crate::fsutil::sync_dir(&self.root).map_err(Self::io_err(&self.root))?;
+        // A store opened for the name later (the domain moving back) starts unsealed.
+        lock(&self.gates).remove(&name);
+        Ok(retired)
+    }
+
+    /// The copies left behind by moves, oldest first.
+    pub fn retired(&self) -> Result<Vec<Retired>, StoreError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.root).map_err(Self::io_err(&self.root))? {
+            let entry = entry.map_err(Self::io_err(&self.root))?;
+            let file_name = entry.file_name();
+            let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(RETIRED_PREFIX))
+            else {
+                continue;
+            };
+            let Some((domain, secs)) = rest.rsplit_once('-') else {
+                continue;
+            };
+            let Ok(secs) = secs.parse::<u64>() else {
+                continue;
+            };
+            out.push(Retired {
+                path: entry.path(),
+                domain: domain.to_owned(),
+                at: std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+            });
+        }
+        out.sort_by_key(|r| r.at);
+        Ok(out)
+    }
+
+    /// Deletes a copy `retired` listed.
+    pub fn remove_retired(&self, retired: &Retired) -> Result<(), StoreError> {
+        std::fs::remove_dir_all(&retired.path).map_err(Self::io_err(&retired.path))
     }
 
     /// Creates a domain: its directory and an initialised (and now open) sled database.
@@ -164,7 +358,7 @@ impl Directory {
                 });
             }
         }
-        match DomainStore::open(&name, &path, &self.opts) {
+        match DomainStore::open(&name, &path, &self.opts, self.gate(&name)) {
             Ok(store) => {
                 open.insert(
                     name,
@@ -284,7 +478,7 @@ impl Directory {
         if !path.is_dir() {
             return Err(StoreError::UnknownDomain(name));
         }
-        let store = DomainStore::open(&name, &path, &self.opts)?;
+        let store = DomainStore::open(&name, &path, &self.opts, self.gate(&name))?;
         open.insert(
             name,
             OpenStore {
@@ -444,7 +638,12 @@ fn open_retrying_lock(config: &sled::Config) -> sled::Result<sled::Db> {
 
 impl DomainStore {
     /// Opens the sled database at `path` and sweeps what a crash may have left.
-    fn open(name: &str, path: &Path, opts: &StoreOptions) -> Result<Arc<DomainStore>, StoreError> {
+    fn open(
+        name: &str,
+        path: &Path,
+        opts: &StoreOptions,
+        gate: Arc<Gate>,
+    ) -> Result<Arc<DomainStore>, StoreError> {
         let path_str = path.display().to_string();
         let err = |source| StoreError::Sled {
             path: path_str.clone(),
@@ -471,6 +670,8 @@ impl DomainStore {
             pending,
             trash,
             meta,
+            id_base: std::sync::atomic::AtomicU64::new(0),
+            gate,
             account_admin: Mutex::new(()),
             usage: Mutex::new(None),
             recorded: Mutex::new(read_usage_file(path)),
@@ -478,6 +679,15 @@ impl DomainStore {
         });
         store.upgrade()?;
         store.sweep()?;
+        let base = match store.meta.get(ID_BASE_KEY).map_err(|e| store.sled_err(e))? {
+            None => 0,
+            Some(v) => be_u64(&v).ok_or_else(|| {
+                StoreError::Corrupt(format!("bad id_base record in {}", store.path))
+            })?,
+        };
+        store
+            .id_base
+            .store(base, std::sync::atomic::Ordering::Relaxed);
         Ok(store)
     }
 
@@ -550,6 +760,45 @@ impl DomainStore {
             tracing::info!(%domain, from = found, to = FORMAT_VERSION, messages = rewritten,
                 "store format upgraded");
         }
+        Ok(())
+    }
+
+    /// Holds off `Directory::seal` for one write; `Sealed` while the store is sealed.
+    fn writable(&self) -> Result<std::sync::RwLockReadGuard<'_, bool>, StoreError> {
+        let guard = self.gate.sealed.read().unwrap_or_else(PoisonError::into_inner);
+        if *guard {
+            return Err(StoreError::Sealed(self.name.clone()));
+        }
+        Ok(guard)
+    }
+
+    /// A fresh message id: `id_base` plus sled's next generated id.
+    fn next_id(&self) -> Result<u64, StoreError> {
+        let generated = self.db.generate_id().map_err(|e| self.sled_err(e))?;
+        self.id_base
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .checked_add(generated)
+            .ok_or_else(|| StoreError::Corrupt(format!("message ids exhausted in {}", self.path)))
+    }
+
+    /// The id allocator's position: every id handed out so far is below it, and every
+    /// later one at or above it. Carried by a domain move (`raise_id_floor`).
+    pub fn id_floor(&self) -> Result<u64, StoreError> {
+        self.next_id()
+    }
+
+    /// Makes every id handed out from now on at least `floor`, durably.
+    pub fn raise_id_floor(&self, floor: u64) -> Result<(), StoreError> {
+        let base = self.id_base.load(std::sync::atomic::Ordering::Relaxed);
+        if floor <= base {
+            return Ok(());
+        }
+        self.meta
+            .insert(ID_BASE_KEY, &floor.to_be_bytes())
+            .map_err(|e| self.sled_err(e))?;
+        self.flush()?;
+        self.id_base
+            .store(floor, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -700,6 +949,7 @@ impl DomainStore {
         check_local(local)?;
         let record = self.encode(local, account)?;
         let _admin = lock(&self.account_admin);
+        let _write = self.writable()?;
         if self
             .accounts
             .contains_key(local)
@@ -730,6 +980,7 @@ impl DomainStore {
     pub fn update_account(&self, local: &str, account: &Account) -> Result<(), StoreError> {
         check_local(local)?;
         let record = self.encode(local, account)?;
+        let _write = self.writable()?;
         self.accounts
             .transaction(|accounts| {
                 if accounts.get(local)?.is_none() {
@@ -752,6 +1003,7 @@ impl DomainStore {
     pub fn remove_account(&self, local: &str) -> Result<(), StoreError> {
         check_local(local)?;
         let _admin = lock(&self.account_admin);
+        let _write = self.writable()?;
         let ids = self.maildrop_ids(local)?;
         let mut removed = self.unlink_messages(local, &ids, &[], true)?;
         let late = self.maildrop_ids(local)?;
@@ -830,12 +1082,24 @@ impl DomainStore {
     /// removal fails cleanly instead of resurrecting the maildrop.
     pub fn begin_message(&self, local: &str) -> Result<PendingMessage, StoreError> {
         check_local(local)?;
+        let id = self.next_id()?;
+        self.begin_with_id(local, id)
+    }
+
+    /// Starts a copy of message `id` of another replica's store (a domain move): it
+    /// keeps its id, so its UIDL does not change. The caller makes sure the id is not in
+    /// use here.
+    pub fn begin_copy(&self, local: &str, id: u64) -> Result<PendingMessage, StoreError> {
+        check_local(local)?;
+        self.begin_with_id(local, id)
+    }
+
+    fn begin_with_id(&self, local: &str, id: u64) -> Result<PendingMessage, StoreError> {
         // Only fails while the store is being dropped, when no caller can hold `&self`.
         let store = self
             .me
             .upgrade()
             .ok_or_else(|| StoreError::UnknownDomain(self.name.clone()))?;
-        let id = self.db.generate_id().map_err(|e| self.sled_err(e))?;
         self.pending
             .insert(id_key(id), local.as_bytes())
             .map_err(|e| self.sled_err(e))?;
@@ -847,6 +1111,7 @@ impl DomainStore {
             next_chunk: 0,
             octets: 0,
             committed: false,
+            seen: false,
         })
     }
 
@@ -863,6 +1128,7 @@ impl DomainStore {
         seen: &[u64],
     ) -> Result<(), StoreError> {
         check_local(local)?;
+        let _write = self.writable()?;
         let removed = self.unlink_messages(local, delete, seen, false)?;
         self.flush()?;
         self.purge(&removed)
@@ -1022,6 +1288,8 @@ impl PendingMessage {
             self.store_chunk()?;
         }
         let (local, id, octets) = (self.local.as_str(), self.id, self.octets);
+        let flags = if self.seen { FLAG_SEEN } else { 0 };
+        let _write = store.writable()?;
         let mut total = lock(&store.usage);
         (&store.accounts, &store.maildrop, &store.pending)
             .transaction(|(accounts, maildrop, pending)| {
@@ -1030,7 +1298,7 @@ impl PendingMessage {
                         StoreError::UnknownAccount(store.address(local)),
                     ));
                 }
-                let entry = MaildropEntry { octets, flags: 0 };
+                let entry = MaildropEntry { octets, flags };
                 maildrop.insert(maildrop_key(local, id), &entry.encode())?;
                 pending.remove(&id_key(id))?;
                 Ok(())
@@ -1046,8 +1314,13 @@ impl PendingMessage {
         Ok(MessageMeta {
             id,
             octets,
-            seen: false,
+            seen: flags & FLAG_SEEN != 0,
         })
+    }
+
+    /// Commits the message already marked seen (a copy of a seen message).
+    pub fn mark_seen(&mut self) {
+        self.seen = true;
     }
 }
 
@@ -1813,7 +2086,7 @@ mod tests {
         let tmp = TempDir::new().unwrap();
         let path = tmp.path().join("a.org");
         write_format_1(&path, &[(7, b"first\r\n"), (9, b"second\r\n")]);
-        let store = DomainStore::open("a.org", &path, &StoreOptions::default()).unwrap();
+        let store = DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default()).unwrap();
         assert_eq!(store.format().unwrap(), FORMAT_VERSION);
         let listed = store.snapshot("u").unwrap();
         let expected = [(7, 7), (9, 8)].map(|(id, octets)| MessageMeta {
@@ -1827,7 +2100,7 @@ mod tests {
         // Written in the new format, recorded, and not upgraded again.
         store.update_maildrop("u", &[], &[7]).unwrap();
         drop(store);
-        let store = DomainStore::open("a.org", &path, &StoreOptions::default()).unwrap();
+        let store = DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default()).unwrap();
         assert!(store.snapshot("u").unwrap()[0].seen);
         assert_eq!(
             store.meta.get(FORMAT_KEY).unwrap().as_deref(),
@@ -1853,7 +2126,7 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        let store = DomainStore::open("a.org", &path, &StoreOptions::default()).unwrap();
+        let store = DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default()).unwrap();
         let sizes: Vec<u64> = store
             .snapshot("u")
             .unwrap()
@@ -1866,7 +2139,7 @@ mod tests {
             .insert(FORMAT_KEY, &(FORMAT_VERSION + 1).to_be_bytes())
             .unwrap();
         drop(store);
-        let refused = DomainStore::open("a.org", &path, &StoreOptions::default());
+        let refused = DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default());
         assert!(
             matches!(refused, Err(StoreError::Format { found, .. }) if found == FORMAT_VERSION + 1)
         );
@@ -1936,5 +2209,107 @@ mod tests {
         // A damaged record is no record.
         std::fs::write(tmp.path().join("domains/a.org").join(USAGE_FILE), "{").unwrap();
         assert_eq!(dir.recorded_usage("a.org"), None);
+    }
+
+    #[test]
+    fn a_sealed_store_refuses_every_change_until_unsealed() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("u", &account(1)).unwrap();
+        let kept = deliver(&store, "u", b"kept\r\n");
+        let mut in_data = store.begin_message("u").unwrap();
+        in_data.write(&store, b"late\r\n").unwrap();
+        dir.seal("a.org").unwrap();
+        let sealed = |r: Result<(), StoreError>| assert!(matches!(r, Err(StoreError::Sealed(_))));
+        sealed(in_data.commit(&store).map(drop));
+        sealed(store.create_account("v", &account(2)));
+        sealed(store.update_account("u", &account(3)));
+        sealed(store.remove_account("u"));
+        sealed(store.update_maildrop("u", &[kept.id], &[]));
+        // The seal survives an idle close and reopen of the store.
+        drop(store);
+        dir.close_idle();
+        let store = dir.domain("a.org").unwrap();
+        sealed(store.update_maildrop("u", &[kept.id], &[]));
+        assert_eq!(store.snapshot("u").unwrap(), vec![kept]);
+        assert_eq!(body_chunks(&store), 1, "the refused delivery left no body");
+        dir.unseal("a.org").unwrap();
+        store.update_maildrop("u", &[kept.id], &[]).unwrap();
+        assert!(store.snapshot("u").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_copy_keeps_ids_and_new_mail_starts_above_the_carried_floor() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let source = dir.domain("a.org").unwrap();
+        source.create_account("u", &account(1)).unwrap();
+        let metas: Vec<MessageMeta> = (0..3).map(|i| deliver(&source, "u", &pattern(10, i))).collect();
+        source.update_maildrop("u", &[], &[metas[1].id]).unwrap();
+        let floor = source.id_floor().unwrap();
+        assert!(metas.iter().all(|m| m.id < floor));
+
+        let staging = dir.open_staging("a.org").unwrap();
+        staging.create_account("u", &account(1)).unwrap();
+        for m in source.snapshot("u").unwrap() {
+            let mut copy = staging.begin_copy("u", m.id).unwrap();
+            copy.write(&staging, &read_all(&source, m.id)).unwrap();
+            if m.seen {
+                copy.mark_seen();
+            }
+            copy.commit(&staging).unwrap();
+        }
+        staging.raise_id_floor(floor).unwrap();
+        assert_eq!(staging.snapshot("u").unwrap(), source.snapshot("u").unwrap());
+        // Installing needs the name free here.
+        assert!(matches!(
+            dir.install_staging("a.org", staging, 5),
+            Err(StoreError::DomainExists(_))
+        ));
+        let retired = dir.retire_domain("a.org").unwrap();
+        assert!(!dir.has_domain("a.org"));
+        let listed = dir.retired().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!((listed[0].domain.as_str(), &listed[0].path), ("a.org", &retired));
+        // The staging copy was dropped by the failed install: receive it again.
+        let staging = dir.open_staging("a.org").unwrap();
+        staging.create_account("u", &account(1)).unwrap();
+        for m in source.snapshot("u").unwrap() {
+            let mut copy = staging.begin_copy("u", m.id).unwrap();
+            copy.write(&staging, &read_all(&source, m.id)).unwrap();
+            copy.commit(&staging).unwrap();
+        }
+        staging.raise_id_floor(floor).unwrap();
+        dir.install_staging("a.org", staging, 5).unwrap();
+        assert_eq!(dir.epoch("a.org").unwrap(), 5);
+        assert_eq!(dir.list_domains().unwrap(), vec!["a.org"], "retired copies are not domains");
+        let moved = dir.domain("a.org").unwrap();
+        for m in &metas {
+            assert_eq!(read_all(&moved, m.id), read_all(&source, m.id));
+        }
+        // New mail, also after a reopen, never reuses an id of the copied lineage.
+        let fresh = deliver(&moved, "u", b"new\r\n");
+        assert!(fresh.id >= floor, "{} < {floor}", fresh.id);
+        drop(moved);
+        dir.close_idle();
+        let moved = dir.domain("a.org").unwrap();
+        assert!(deliver(&moved, "u", b"newer\r\n").id >= floor);
+        dir.remove_retired(&listed[0]).unwrap();
+        assert!(dir.retired().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_incomplete_incoming_copy_is_removed_at_open() {
+        let tmp = TempDir::new().unwrap();
+        {
+            let dir = Directory::open(tmp.path(), StoreOptions::default()).unwrap();
+            let staging = dir.open_staging("a.org").unwrap();
+            staging.create_account("u", &account(1)).unwrap();
+            assert!(tmp.path().join("domains/.incoming-a.org").is_dir());
+        }
+        let dir = Directory::open(tmp.path(), StoreOptions::default()).unwrap();
+        assert!(!tmp.path().join("domains/.incoming-a.org").exists());
+        assert!(dir.list_domains().unwrap().is_empty());
     }
 }

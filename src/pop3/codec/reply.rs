@@ -99,9 +99,7 @@ pub fn write_uid(out: &mut BytesMut, nonce: u32, id: u64) {
 
 /// The UIDL of a message as a string, for callers outside reply encoding.
 pub fn format_uid(nonce: u32, id: u64) -> String {
-    let mut out = BytesMut::with_capacity(UID_LEN);
-    write_uid(&mut out, nonce, id);
-    out.iter().map(|&b| char::from(b)).collect()
+    crate::store::uidl(nonce, id)
 }
 
 impl Reply<'_> {
