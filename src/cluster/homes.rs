@@ -4,7 +4,11 @@
 //! each replica's claim on each domain it holds a copy of (`mailgate:claim:<domain>:<name>`,
 //! refreshed at every announcement), a marker that a replica has announced since Redis
 //! last lost its data (`mailgate:announced:<name>`), and each replica's heartbeat
-//! (`mailgate:replica:<name>`, expiring). No consensus of our own: Redis decides.
+//! (`mailgate:replica:<name>`, expiring). A domain being moved has state `moving` and a
+//! lease (`mailgate:move:<domain>`, naming the target) that the moving home renews; when
+//! the lease expires (the home stopped mid-move), the home's next announcement makes the
+//! domain active again. Replicas being drained are listed in `mailgate:draining`. No
+//! consensus of our own: Redis decides.
 
 use crate::redis_conn::{RedisConn, RedisConnError};
 use redis::Script;
@@ -15,6 +19,12 @@ const HOME_PREFIX: &str = "mailgate:home:";
 const CLAIM_PREFIX: &str = "mailgate:claim:";
 const ANNOUNCED_PREFIX: &str = "mailgate:announced:";
 const REPLICA_PREFIX: &str = "mailgate:replica:";
+const MOVE_PREFIX: &str = "mailgate:move:";
+const DRAINING_KEY: &str = "mailgate:draining";
+
+fn move_key(domain: &str) -> String {
+    format!("{MOVE_PREFIX}{domain}")
+}
 
 fn home_key(domain: &str) -> String {
     format!("{HOME_PREFIX}{domain}")
@@ -111,8 +121,9 @@ pub enum HomesError {
     Reply(String),
 }
 
-/// Announces a copy: KEYS[1] the record, KEYS[2] this replica's claim; ARGV: this
-/// replica, its store epoch, the claim's lifetime in ms, the domain's claim prefix.
+/// Announces a copy: KEYS[1] the record, KEYS[2] this replica's claim, KEYS[3] the move
+/// lease; ARGV: this replica, its store epoch, the claim's lifetime in ms, the domain's
+/// claim prefix.
 static ANNOUNCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -132,6 +143,11 @@ static ANNOUNCE: LazyLock<Script> = LazyLock::new(|| {
             if state == 'held' and (not rival or redis.call('EXISTS', ARGV[4] .. rival) == 0) then
                 redis.call('HSET', KEYS[1], 'state', 'active')
                 redis.call('HDEL', KEYS[1], 'rival')
+                state = 'active'
+            end
+            if state == 'moving' and redis.call('EXISTS', KEYS[3]) == 0 then
+                redis.call('HSET', KEYS[1], 'state', 'active')
+                redis.call('HDEL', KEYS[1], 'target')
                 state = 'active'
             end
             return {'confirmed', home, state, tostring(epoch)}
@@ -154,6 +170,64 @@ static ANNOUNCE: LazyLock<Script> = LazyLock::new(|| {
             return {'conflict', home, 'held', tostring(epoch)}
         end
         return {'held', home, 'held', tostring(epoch)}
+        ",
+    )
+});
+
+/// Starts a move: KEYS[1] the record, KEYS[2] the lease; ARGV this replica, the epoch it
+/// serves, the target, the lease in ms. Only the active home at that epoch may; the
+/// epoch goes up by one. `{'ok', epoch}` or `{'refused', home, state, epoch}`.
+static FREEZE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local r = redis.call('HMGET', KEYS[1], 'home', 'state', 'epoch')
+        if r[1] ~= ARGV[1] or r[2] ~= 'active' or r[3] ~= ARGV[2] then
+            return {'refused', r[1] or '', r[2] or '', r[3] or '0'}
+        end
+        local epoch = tonumber(ARGV[2]) + 1
+        redis.call('HSET', KEYS[1], 'state', 'moving', 'epoch', epoch, 'target', ARGV[3])
+        redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+        return {'ok', tostring(epoch)}
+        ",
+    )
+});
+
+/// Keeps a move's lease: KEYS[1] the record, KEYS[2] the lease; ARGV this replica, the
+/// frozen epoch, the lease in ms. 1 if the move is still this replica's.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local r = redis.call('HMGET', KEYS[1], 'home', 'state', 'epoch')
+        if r[1] ~= ARGV[1] or r[2] ~= 'moving' or r[3] ~= ARGV[2] then return 0 end
+        return redis.call('PEXPIRE', KEYS[2], ARGV[3])
+        ",
+    )
+});
+
+/// Ends a move: KEYS[1] the record, KEYS[2] the lease; ARGV this replica, the frozen
+/// epoch, and the new home (the target: switch, epoch + 1) or this replica (abort: active
+/// again at the frozen epoch). `{'ok'}` also when the target already took the domain
+/// over by announcing its installed copy; else `{'refused', home, state, epoch}`.
+static FINISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local r = redis.call('HMGET', KEYS[1], 'home', 'state', 'epoch')
+        local frozen = tonumber(ARGV[2])
+        if r[1] == ARGV[1] and r[2] == 'moving' and tonumber(r[3]) == frozen then
+            if ARGV[3] == ARGV[1] then
+                redis.call('HSET', KEYS[1], 'state', 'active')
+            else
+                redis.call('HSET', KEYS[1], 'home', ARGV[3], 'state', 'active', 'epoch', frozen + 1)
+            end
+            redis.call('HDEL', KEYS[1], 'target')
+            redis.call('DEL', KEYS[2])
+            return {'ok'}
+        end
+        if ARGV[3] ~= ARGV[1] and r[1] == ARGV[3] and tonumber(r[3] or '0') > frozen then
+            redis.call('DEL', KEYS[2])
+            return {'ok'}
+        end
+        return {'refused', r[1] or '', r[2] or '', r[3] or '0'}
         ",
     )
 });
@@ -246,7 +320,7 @@ impl Homes {
             .redis
             .eval(
                 &ANNOUNCE,
-                &[&home_key(domain), &claim],
+                &[&home_key(domain), &claim, &move_key(domain)],
                 &[
                     &self.name,
                     &epoch.to_string(),
@@ -364,6 +438,128 @@ impl Homes {
             }
         }
         Ok(out)
+    }
+
+    /// Marks `domain` moving to `target` (this replica being its active home at `epoch`),
+    /// with a lease of `lease`; the frozen epoch, or the record that refused it.
+    pub async fn freeze(
+        &self,
+        domain: &str,
+        epoch: u64,
+        target: &str,
+        lease: Duration,
+    ) -> Result<Result<u64, Option<Record>>, HomesError> {
+        let answer: Vec<String> = self
+            .redis
+            .eval(
+                &FREEZE,
+                &[&home_key(domain), &move_key(domain)],
+                &[
+                    &self.name,
+                    &epoch.to_string(),
+                    target,
+                    &lease.as_millis().to_string(),
+                ],
+            )
+            .await?;
+        let bad = || HomesError::Reply(format!("freeze {domain}"));
+        match answer.as_slice() {
+            [ok, epoch] if ok == "ok" => Ok(Ok(epoch.parse().map_err(|_| bad())?)),
+            [refused, home, state, epoch] if refused == "refused" => {
+                Ok(Err(record_of(home, state, epoch)))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// Renews the lease of this replica's move of `domain` frozen at `epoch`; `false`
+    /// when the move is no longer this replica's.
+    pub async fn renew_move(
+        &self,
+        domain: &str,
+        epoch: u64,
+        lease: Duration,
+    ) -> Result<bool, HomesError> {
+        let renewed: i64 = self
+            .redis
+            .eval(
+                &RENEW,
+                &[&home_key(domain), &move_key(domain)],
+                &[
+                    &self.name,
+                    &epoch.to_string(),
+                    &lease.as_millis().to_string(),
+                ],
+            )
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Ends this replica's move of `domain` frozen at `epoch`: the home becomes `home`
+    /// (the target, or this replica to abort). `Err` with the record that refused it.
+    pub async fn finish_move(
+        &self,
+        domain: &str,
+        epoch: u64,
+        home: &str,
+    ) -> Result<Result<(), Option<Record>>, HomesError> {
+        let answer: Vec<String> = self
+            .redis
+            .eval(
+                &FINISH,
+                &[&home_key(domain), &move_key(domain)],
+                &[&self.name, &epoch.to_string(), home],
+            )
+            .await?;
+        match answer.as_slice() {
+            [ok] if ok == "ok" => Ok(Ok(())),
+            [refused, home, state, epoch] if refused == "refused" => {
+                Ok(Err(record_of(home, state, epoch)))
+            }
+            _ => Err(HomesError::Reply(format!("finish move of {domain}"))),
+        }
+    }
+
+    /// Marks `replica` draining (`true`) or not.
+    pub async fn set_draining(&self, replica: &str, draining: bool) -> Result<(), HomesError> {
+        let cmd = if draining { "SADD" } else { "SREM" };
+        self.redis
+            .query::<i64>(redis::cmd(cmd).arg(DRAINING_KEY).arg(replica))
+            .await?;
+        Ok(())
+    }
+
+    /// The replicas marked draining, sorted.
+    pub async fn draining(&self) -> Result<Vec<String>, HomesError> {
+        let mut names: Vec<String> = self
+            .redis
+            .query(redis::cmd("SMEMBERS").arg(DRAINING_KEY))
+            .await?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// How many keys match `pattern` (a `SCAN` over the keyspace).
+    pub async fn count_keys(&self, pattern: &str) -> Result<usize, HomesError> {
+        let (mut cursor, mut count) = (0u64, 0usize);
+        loop {
+            let (next, batch): (u64, Vec<String>) = self
+                .redis
+                .query(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000),
+                )
+                .await?;
+            count += batch.len();
+            cursor = next;
+            if cursor == 0 {
+                return Ok(count);
+            }
+        }
     }
 
     /// Writes this replica's heartbeat, valid for `ttl`.

@@ -10,7 +10,9 @@ pub mod frame;
 pub mod hash;
 pub mod homes;
 pub mod link;
+pub mod moving;
 pub mod preamble;
+pub mod transfer;
 
 pub use homes::{Announced, Record, State};
 pub use link::{Alpn, Link, LinkError};
@@ -21,10 +23,11 @@ use crate::metrics::{ForwardProtocol, ForwardResult, HomeState, Metrics};
 use crate::redis_conn::RedisConn;
 use crate::store::{Directory, StoreError};
 use homes::{Homes, HomesError};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// How long a read record is used before routing reads it again.
@@ -135,6 +138,26 @@ pub struct Cluster {
     metrics: Arc<Metrics>,
     /// Idle POP3 links to each peer, most recently used last.
     pool: Mutex<HashMap<String, Vec<(Pooled, Instant)>>>,
+    /// Per domain, cancelled to end the domain's open POP3 sessions here (a move's
+    /// eviction); a child of the server's abort token.
+    evictions: Mutex<HashMap<String, CancellationToken>>,
+    /// Domains with a move running from here.
+    moves: Mutex<HashSet<String>>,
+    /// Domains whose move ended without knowing the record's last word: their copy
+    /// stays sealed until a pass of the duties reads the record.
+    unsettled: Mutex<HashSet<String>>,
+}
+
+/// A move of one domain running from this replica; ends on drop.
+pub struct MoveGuard<'a> {
+    cluster: &'a Cluster,
+    domain: String,
+}
+
+impl Drop for MoveGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.cluster.moves).remove(&self.domain);
+    }
 }
 
 /// A replica link whose last session ended cleanly.
@@ -168,7 +191,76 @@ impl Cluster {
             local: Mutex::new(HashMap::new()),
             metrics,
             pool: Mutex::new(HashMap::new()),
+            evictions: Mutex::new(HashMap::new()),
+            moves: Mutex::new(HashSet::new()),
+            unsettled: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// The epoch of this replica's copy of `domain`, as last read.
+    pub fn local_epoch(&self, domain: &str) -> Option<u64> {
+        lock(&self.local).get(domain).copied()
+    }
+
+    /// Records the epoch of this replica's copy just written (a freeze).
+    pub fn set_local_epoch(&self, domain: &str, epoch: u64) {
+        lock(&self.local).insert(domain.to_owned(), epoch);
+        lock(&self.views).remove(domain);
+    }
+
+    /// Marks a move of `domain` running; `None` if one already is.
+    pub fn start_move(&self, domain: &str) -> Option<MoveGuard<'_>> {
+        lock(&self.moves)
+            .insert(domain.to_owned())
+            .then(|| MoveGuard {
+                cluster: self,
+                domain: domain.to_owned(),
+            })
+    }
+
+    /// The token whose cancellation ends `domain`'s open POP3 sessions on this replica.
+    pub fn eviction(&self, domain: &str, parent: &CancellationToken) -> CancellationToken {
+        lock(&self.evictions)
+            .entry(domain.to_ascii_lowercase())
+            .or_insert_with(|| parent.child_token())
+            .clone()
+    }
+
+    /// Ends `domain`'s open POP3 sessions here (without UPDATE).
+    pub fn evict(&self, domain: &str) {
+        if let Some(token) = lock(&self.evictions).remove(domain) {
+            token.cancel();
+        }
+    }
+
+    /// A move of `domain` ended without a known outcome: settled by the next pass.
+    pub fn unsettled(&self, domain: &str) {
+        lock(&self.unsettled).insert(domain.to_owned());
+    }
+
+    /// `domain` moved to another replica: this replica's copy is gone.
+    pub fn moved_away(&self, domain: &str) {
+        lock(&self.local).remove(domain);
+        lock(&self.views).remove(domain);
+    }
+
+    /// Whether a commit to `domain`'s store may happen here now: this replica serves it,
+    /// or it is being moved from here and its store is not yet sealed (sessions and
+    /// deliveries already under way finish in the grace of a move; the seal stops them
+    /// after it).
+    pub async fn may_commit(&self, domain: &str) -> bool {
+        match self.route(domain, true).await {
+            Route::Local => true,
+            Route::Unavailable(Unavailable::Moving) => {
+                let domain = domain.to_ascii_lowercase();
+                let local = self.local_epoch(&domain);
+                lock(&self.views)
+                    .get(&domain)
+                    .and_then(|v| v.record.as_ref())
+                    .is_some_and(|r| r.home == self.name && Some(r.epoch) == local)
+            }
+            _ => false,
+        }
     }
 
     /// This replica's name.
@@ -369,8 +461,20 @@ impl Cluster {
                 counts[STATES.len() - 1] += 1; // HomeState::Unknown
                 continue;
             }
+            if *epoch == 0 {
+                // A moved-in copy whose mover did not say "serve": the record decides.
+                if let Err(e) = self.settle_installed(directory, domain).await {
+                    complete = false;
+                    warn!(domain, error = %e, "cannot read the record of a moved-in copy");
+                }
+                counts[STATES.len() - 1] += 1; // HomeState::Unknown
+                continue;
+            }
             let state = match self.homes.announce(domain, *epoch).await {
                 Ok((what, record)) => {
+                    if lock(&self.unsettled).contains(domain) {
+                        self.settle(directory, domain, &record).await;
+                    }
                     match what {
                         Announced::Conflict => {
                             self.metrics.home_conflict();
@@ -419,6 +523,63 @@ impl Cluster {
         }
         let counts: Vec<(HomeState, i64)> = STATES.into_iter().zip(counts).collect();
         self.metrics.set_cluster_domains(&counts);
+    }
+
+    /// A copy installed by a move (epoch 0) whose mover did not tell it to serve: adopted
+    /// at the record's epoch once the record names this replica (the switch happened),
+    /// retired once it names another as active home (the move failed).
+    async fn settle_installed(
+        &self,
+        directory: &Arc<Directory>,
+        domain: &str,
+    ) -> Result<(), ClusterError> {
+        let Some(record) = self.homes.read(domain, std::iter::empty()).await?.record else {
+            return Ok(());
+        };
+        let (dir, name) = (directory.clone(), domain.to_owned());
+        if record.home == self.name {
+            let epoch = record.epoch;
+            tokio::task::spawn_blocking(move || dir.set_epoch(&name, epoch))
+                .await
+                .map_err(|e| StoreError::Io {
+                    path: domain.to_owned(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
+            self.set_local_epoch(domain, epoch);
+            info!(domain, epoch, "moved-in copy adopted: the record names this replica");
+        } else if record.state == State::Active {
+            self.retire(directory, domain).await;
+        }
+        Ok(())
+    }
+
+    /// Settles a copy whose move ended without a known outcome, by its record.
+    async fn settle(&self, directory: &Arc<Directory>, domain: &str, record: &Record) {
+        if record.state == State::Moving {
+            return;
+        }
+        lock(&self.unsettled).remove(domain);
+        if record.home == self.name {
+            if let Err(e) = directory.unseal(domain) {
+                warn!(domain, error = %e, "cannot unseal the domain");
+            }
+            info!(domain, "the move did not happen; the domain is active here again");
+        } else {
+            self.retire(directory, domain).await;
+        }
+    }
+
+    /// Renames this replica's copy of `domain` out of the hosted domains.
+    async fn retire(&self, directory: &Arc<Directory>, domain: &str) {
+        let (dir, name) = (directory.clone(), domain.to_owned());
+        match tokio::task::spawn_blocking(move || dir.retire_domain(&name)).await {
+            Ok(Ok(path)) => {
+                self.moved_away(domain);
+                info!(domain, path = %path.display(), "copy not served here retired");
+            }
+            Ok(Err(e)) => warn!(domain, error = %e, "cannot retire the copy"),
+            Err(e) => warn!(domain, error = %e, "cannot retire the copy"),
+        }
     }
 
     /// Connects to every other replica (and hangs up), so `mailgate_cluster_peer_up`
@@ -596,6 +757,13 @@ fn decide<K: Fn(&str) -> bool>(seen: &Seen<'_, K>) -> Route {
         Route::Unavailable(Unavailable::NotHere)
     } else {
         Route::Forward(record.home.clone())
+    }
+}
+
+impl transfer::Installed for Cluster {
+    fn serving(&self, domain: &str, epoch: u64) {
+        self.set_local_epoch(domain, epoch);
+        info!(domain, epoch, "domain moved here");
     }
 }
 

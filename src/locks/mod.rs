@@ -4,7 +4,7 @@
 
 mod redis;
 
-pub use self::redis::RedisLocks;
+pub use self::redis::{domain_lock_pattern, RedisLocks};
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;

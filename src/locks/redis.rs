@@ -45,6 +45,12 @@ pub fn lock_key(maildrop: &str) -> String {
     format!("{KEY_PREFIX}{}", maildrop.to_ascii_lowercase())
 }
 
+/// A `SCAN MATCH` pattern for the lock keys of every maildrop of `domain` (a validated,
+/// lower-case name: no glob characters).
+pub fn domain_lock_pattern(domain: &str) -> String {
+    format!("{KEY_PREFIX}*@{}", domain.to_ascii_lowercase())
+}
+
 /// A fresh session token: 128 random bits from the thread's CSPRNG, as 32 hex digits,
 /// so no two sessions (on any replica) ever share one.
 pub fn new_token() -> String {

@@ -1148,6 +1148,11 @@ impl DomainStore {
         ))
     }
 
+    /// Deliveries begun and not yet committed or discarded.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Total message octets of the whole domain, counted once and then kept current.
     pub fn stored_octets(&self) -> Result<u64, StoreError> {
         Ok(self.usage()?.octets)
