@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -64,7 +64,63 @@ pub enum Request {
     },
     /// Between replicas: this replica's version and how many domains it homes.
     Ping,
+    /// Moves a domain to another replica (run by its home; progress streamed).
+    DomainMove {
+        name: String,
+        to: String,
+        /// How long open sessions and deliveries get once the domain is frozen.
+        #[serde(default)]
+        grace_secs: Option<u64>,
+    },
+    /// Moves, one at a time, every domain whose home differs from its target (pin, else
+    /// hash over the live replicas not draining).
+    ClusterRebalance {
+        #[serde(default)]
+        dry_run: bool,
+        #[serde(default)]
+        grace_secs: Option<u64>,
+        /// Pause between two moves.
+        #[serde(default)]
+        pause_ms: Option<u64>,
+    },
+    /// Marks a replica draining and moves all its domains away.
+    ClusterDrain {
+        replica: String,
+        #[serde(default)]
+        dry_run: bool,
+        #[serde(default)]
+        grace_secs: Option<u64>,
+        #[serde(default)]
+        pause_ms: Option<u64>,
+    },
+    /// Takes a replica's draining mark away.
+    ClusterUndrain {
+        replica: String,
+    },
+    /// Deletes the copies moves left behind that are older than this, on every replica.
+    ClusterCleanup {
+        older_than_secs: u64,
+    },
+    /// Between replicas: the rest of the connection is a domain transfer into this
+    /// replica (`cluster::transfer`).
+    MoveReceive {
+        domain: String,
+    },
 }
+
+/// Default grace of a move: open sessions and deliveries in DATA get this long.
+pub const MOVE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+/// Default pause between two moves of a rebalance or drain.
+pub const MOVE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A progress line streamed before the response (moves).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Progress {
+    pub progress: String,
+}
+
+/// Where a request's progress lines go.
+pub type Say<'a> = &'a (dyn Fn(String) + Send + Sync);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Response {
@@ -232,7 +288,14 @@ pub fn execute(
                 }
                 Ok(lines)
             }
-            Request::ClusterStatus { .. } | Request::Ping => Err(Response::fail(
+            Request::ClusterStatus { .. }
+            | Request::Ping
+            | Request::DomainMove { .. }
+            | Request::ClusterRebalance { .. }
+            | Request::ClusterDrain { .. }
+            | Request::ClusterUndrain { .. }
+            | Request::ClusterCleanup { .. }
+            | Request::MoveReceive { .. } => Err(Response::fail(
                 "not clustered: cluster.name is empty".into(),
                 exit::USAGE,
             )),
@@ -347,7 +410,7 @@ pub enum Local {
 }
 
 /// Answers one request on `stream`.
-pub async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
+pub async fn handle<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     stream: S,
     from: Local,
     admin: Arc<Admin>,
@@ -357,7 +420,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Send + 'static>(
     }
 }
 
-async fn handle_inner<S: AsyncRead + AsyncWrite + Send + 'static>(
+async fn handle_inner<S: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
     stream: S,
     from: Local,
     admin: Arc<Admin>,
@@ -391,16 +454,61 @@ async fn handle_inner<S: AsyncRead + AsyncWrite + Send + 'static>(
             exit::USAGE,
         ),
         Some((Err(e), _)) => Response::fail(format!("malformed request: {e}"), exit::USAGE),
+        Some((Ok(Request::MoveReceive { domain }), i))
+            if from == Local::Replica && admin.cluster.is_some() =>
+        {
+            // The sender waits for "ready" before sending more than the line.
+            if buf.len() > i + 1 {
+                return Ok(());
+            }
+            let stream = read_half.unsplit(write_half);
+            if let Some(cluster) = &admin.cluster {
+                match crate::cluster::transfer::receive(
+                    stream,
+                    admin.directory.clone(),
+                    &domain,
+                    cluster.as_ref(),
+                )
+                .await
+                {
+                    Ok(()) => info!(domain, "domain received"),
+                    Err(e) => warn!(domain, error = %e, "domain transfer ended without the domain"),
+                }
+            }
+            return Ok(());
+        }
         Some((Ok(request), i)) => {
             let op = request_name(&request);
             let leftover = buf.split_off(i + 1);
             let line = buf;
-            let (response, back) = match &admin.cluster {
-                Some(cluster) => {
-                    clustered(cluster, &admin, request, &line, leftover, read_half, from).await
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+            let work = async {
+                let say = move |line: String| {
+                    let _ = tx.send(line);
+                };
+                match &admin.cluster {
+                    Some(cluster) => {
+                        clustered(
+                            cluster, &admin, request, &line, leftover, read_half, from, &say,
+                        )
+                        .await
+                    }
+                    None => run_here(&admin, request, leftover, read_half).await,
                 }
-                None => run_here(&admin, request, leftover, read_half).await,
             };
+            let progress = async {
+                let mut open = true;
+                while let Some(text) = rx.recv().await {
+                    if open {
+                        let mut out =
+                            serde_json::to_vec(&Progress { progress: text }).unwrap_or_default();
+                        out.push(b'\n');
+                        open = write_half.write_all(&out).await.is_ok()
+                            && write_half.flush().await.is_ok();
+                    }
+                }
+            };
+            let ((response, back), ()) = tokio::join!(work, progress);
             info!(op, ok = response.ok, "admin request");
             match back {
                 Some(back) => read_half = back,
@@ -473,6 +581,7 @@ fn domain_of(request: &Request) -> Option<String> {
 
 /// A request on a replica of a cluster: run here, sent to the domain's home, or answered
 /// from the records.
+#[allow(clippy::too_many_arguments)]
 async fn clustered<R: AsyncRead + Send + Unpin + 'static>(
     cluster: &Arc<Cluster>,
     admin: &Arc<Admin>,
@@ -481,9 +590,131 @@ async fn clustered<R: AsyncRead + Send + Unpin + 'static>(
     leftover: Vec<u8>,
     read_half: R,
     from: Local,
+    say: Say<'_>,
 ) -> (Response, Option<R>) {
     let forwarded = from == Local::Replica;
     match &request {
+        Request::DomainMove {
+            name,
+            to,
+            grace_secs,
+        } => {
+            let grace = grace_secs.map_or(MOVE_GRACE, std::time::Duration::from_secs);
+            let r = match cluster.route(name, forwarded).await {
+                Route::Forward(home) => {
+                    return forward(cluster, &home, line, leftover, read_half, Some(say)).await
+                }
+                Route::Unavailable(why) => temporary(format!("{name}: {}", why.describe())),
+                Route::Local => {
+                    match crate::cluster::moving::move_domain(
+                        cluster,
+                        &admin.directory,
+                        name,
+                        to,
+                        grace,
+                        say,
+                    )
+                    .await
+                    {
+                        Ok(report) => Response::ok(vec![format!(
+                            "domain {} moved to {to} (epoch {}): {} accounts, {} messages, {} octets; unavailable for {} ms",
+                            name.to_ascii_lowercase(),
+                            report.epoch,
+                            report.accounts,
+                            report.messages,
+                            report.bytes,
+                            report.frozen.as_millis()
+                        )]),
+                        Err(e) => move_failure(e),
+                    }
+                }
+            };
+            return (r, Some(read_half));
+        }
+        Request::ClusterRebalance {
+            dry_run,
+            grace_secs,
+            pause_ms,
+        } => {
+            let r = rebalance(cluster, None, *dry_run, *grace_secs, *pause_ms, say).await;
+            return (r, Some(read_half));
+        }
+        Request::ClusterDrain {
+            replica,
+            dry_run,
+            grace_secs,
+            pause_ms,
+        } => {
+            if !cluster.link.peer_names().any(|p| p == replica) {
+                let r = Response::fail(
+                    format!("{replica} is not a replica of this cluster (see cluster.peers)"),
+                    exit::USAGE,
+                );
+                return (r, Some(read_half));
+            }
+            if !dry_run {
+                if let Err(e) = cluster.homes().set_draining(replica, true).await {
+                    return (temporary(e), Some(read_half));
+                }
+                say(format!(
+                    "{replica} marked draining: new domains never land there"
+                ));
+            }
+            let r = rebalance(
+                cluster,
+                Some(replica),
+                *dry_run,
+                *grace_secs,
+                *pause_ms,
+                say,
+            )
+            .await;
+            return (r, Some(read_half));
+        }
+        Request::ClusterUndrain { replica } => {
+            let r = if !cluster.link.peer_names().any(|p| p == replica) {
+                Response::fail(
+                    format!("{replica} is not a replica of this cluster (see cluster.peers)"),
+                    exit::USAGE,
+                )
+            } else {
+                match cluster.homes().set_draining(replica, false).await {
+                    Ok(()) => Response::ok(vec![format!(
+                        "{replica} no longer draining; `mailgate cluster rebalance` moves domains back to it"
+                    )]),
+                    Err(e) => temporary(e),
+                }
+            };
+            return (r, Some(read_half));
+        }
+        Request::ClusterCleanup { older_than_secs } => {
+            let r = if forwarded {
+                cleanup_here(&admin.directory, *older_than_secs).await
+            } else {
+                let mut lines = Vec::new();
+                let mut failed = None;
+                for peer in cluster.link.peer_names() {
+                    let r = ask(cluster, peer, &request).await;
+                    if r.ok {
+                        lines.extend(r.lines.into_iter().map(|l| format!("{peer}: {l}")));
+                    } else {
+                        let e = r.error.unwrap_or_default();
+                        lines.push(format!("{peer}: not cleaned: {e}"));
+                        failed.get_or_insert(r.exit_code);
+                    }
+                }
+                match failed {
+                    None => Response::ok(lines),
+                    Some(code) => Response {
+                        ok: false,
+                        lines,
+                        error: Some("some replicas were not cleaned".into()),
+                        exit_code: code,
+                    },
+                }
+            };
+            return (r, Some(read_half));
+        }
         Request::DomainAdd { name } => {
             let target = if forwarded {
                 Ok(cluster.name().to_owned())
@@ -508,7 +739,7 @@ async fn clustered<R: AsyncRead + Send + Unpin + 'static>(
                     };
                     (r, Some(read_half))
                 }
-                Ok(t) => forward(cluster, &t, line, leftover, read_half).await,
+                Ok(t) => forward(cluster, &t, line, leftover, read_half, None).await,
                 Err(crate::cluster::ClusterError::Exists { domain, home }) => (
                     Response::fail(
                         format!("domain {domain} already exists (home {home})"),
@@ -550,7 +781,7 @@ async fn clustered<R: AsyncRead + Send + Unpin + 'static>(
                 }
             }
             return match homes.as_slice() {
-                [Route::Forward(peer)] => forward(cluster, &peer.clone(), line, leftover, read_half).await,
+                [Route::Forward(peer)] => forward(cluster, &peer.clone(), line, leftover, read_half, None).await,
                 [Route::Unavailable(why)] => (temporary(why.describe()), Some(read_half)),
                 [] | [Route::Local] => run_here(admin, request, leftover, read_half).await,
                 _ => (
@@ -578,7 +809,7 @@ async fn clustered<R: AsyncRead + Send + Unpin + 'static>(
             }
             (r, back)
         }
-        Route::Forward(peer) => forward(cluster, &peer, line, leftover, read_half).await,
+        Route::Forward(peer) => forward(cluster, &peer, line, leftover, read_half, None).await,
         Route::Unavailable(why) => (temporary(why.describe()), Some(read_half)),
     }
 }
@@ -606,11 +837,147 @@ async fn list_all_users(cluster: &Arc<Cluster>) -> Response {
 /// Sends a request without a body to `peer` (this replica included) and returns its
 /// answer.
 async fn ask(cluster: &Arc<Cluster>, peer: &str, request: &Request) -> Response {
+    ask_saying(cluster, peer, request, None).await
+}
+
+/// `ask`, with the peer's progress lines passed to `say`.
+async fn ask_saying(
+    cluster: &Arc<Cluster>,
+    peer: &str,
+    request: &Request,
+    say: Option<Say<'_>>,
+) -> Response {
     let mut line = serde_json::to_vec(request).unwrap_or_default();
     line.push(b'\n');
-    forward(cluster, peer, &line, Vec::new(), tokio::io::empty())
+    forward(cluster, peer, &line, Vec::new(), tokio::io::empty(), say)
         .await
         .0
+}
+
+/// How the operator reads a failed move, with its exit code.
+fn move_failure(e: crate::cluster::moving::MoveError) -> Response {
+    use crate::cluster::moving::MoveError;
+    let code = match e {
+        MoveError::UnknownReplica(_) | MoveError::AlreadyThere { .. } => exit::USAGE,
+        MoveError::Store(e) => return store_failure(e),
+        _ => exit::TEMPFAIL,
+    };
+    Response::fail(e.to_string(), code)
+}
+
+/// Moves each planned domain in turn (or lists the plan), pausing between moves.
+async fn rebalance(
+    cluster: &Arc<Cluster>,
+    only_from: Option<&str>,
+    dry_run: bool,
+    grace_secs: Option<u64>,
+    pause_ms: Option<u64>,
+    say: Say<'_>,
+) -> Response {
+    let plan = match cluster.plan(only_from).await {
+        Ok(p) => p,
+        Err(e) => return temporary(e),
+    };
+    let mut lines: Vec<String> = plan
+        .stuck
+        .iter()
+        .map(|(d, why)| format!("cannot move {d}: {why}"))
+        .collect();
+    if plan.moves.is_empty() {
+        lines.push("nothing to move: every domain is on its target".into());
+        let ok = plan.stuck.is_empty();
+        return Response {
+            ok,
+            lines,
+            error: (!ok).then(|| "some domains cannot move now".to_owned()),
+            exit_code: if ok { 0 } else { exit::TEMPFAIL },
+        };
+    }
+    if dry_run {
+        for m in &plan.moves {
+            lines.push(format!(
+                "would move {} from {} to {}",
+                m.domain, m.from, m.to
+            ));
+        }
+        return Response::ok(lines);
+    }
+    let pause = pause_ms.map_or(MOVE_PAUSE, std::time::Duration::from_millis);
+    let total = plan.moves.len();
+    let mut failed = 0;
+    for (i, m) in plan.moves.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        say(format!(
+            "[{}/{total}] moving {} from {} to {}",
+            i + 1,
+            m.domain,
+            m.from,
+            m.to
+        ));
+        let request = Request::DomainMove {
+            name: m.domain.clone(),
+            to: m.to.clone(),
+            grace_secs,
+        };
+        let r = ask_saying(cluster, &m.from, &request, Some(say)).await;
+        if r.ok {
+            lines.extend(r.lines);
+        } else {
+            failed += 1;
+            lines.push(format!(
+                "{} not moved: {}",
+                m.domain,
+                r.error.unwrap_or_default()
+            ));
+        }
+    }
+    if failed == 0 && plan.stuck.is_empty() {
+        Response::ok(lines)
+    } else {
+        Response {
+            ok: false,
+            lines,
+            error: Some(format!(
+                "{failed} of {total} moves failed, {} domains could not move",
+                plan.stuck.len()
+            )),
+            exit_code: exit::TEMPFAIL,
+        }
+    }
+}
+
+/// Deletes this replica's copies left by moves that are older than `older_than_secs`.
+async fn cleanup_here(directory: &Arc<Directory>, older_than_secs: u64) -> Response {
+    let dir = directory.clone();
+    let done = tokio::task::spawn_blocking(move || -> Result<Vec<String>, StoreError> {
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(std::time::Duration::from_secs(older_than_secs))
+            .unwrap_or(std::time::UNIX_EPOCH);
+        let mut lines = Vec::new();
+        let mut kept = 0;
+        for r in dir.retired()? {
+            if r.at <= cutoff {
+                dir.remove_retired(&r)?;
+                lines.push(format!(
+                    "removed old copy of {} ({})",
+                    r.domain,
+                    r.path.display()
+                ));
+            } else {
+                kept += 1;
+            }
+        }
+        lines.push(format!("{kept} newer copies kept"));
+        Ok(lines)
+    })
+    .await;
+    match done {
+        Ok(Ok(lines)) => Response::ok(lines),
+        Ok(Err(e)) => store_failure(e),
+        Err(e) => Response::fail(format!("internal error: {e}"), exit::SOFTWARE),
+    }
 }
 
 /// Sends the request (`line`, its newline included, then the body) to `peer` over the
@@ -621,6 +988,7 @@ async fn forward<R: AsyncRead + Send + Unpin + 'static>(
     line: &[u8],
     leftover: Vec<u8>,
     mut read_half: R,
+    say: Option<Say<'_>>,
 ) -> (Response, Option<R>) {
     use crate::metrics::{ForwardProtocol, ForwardResult};
     let mut link = match cluster.connect(peer, Alpn::Admin).await {
@@ -637,15 +1005,40 @@ async fn forward<R: AsyncRead + Send + Unpin + 'static>(
         link.write_all(&leftover).await?;
         tokio::io::copy(&mut read_half, &mut link).await?;
         link.shutdown().await?;
-        let mut answer = Vec::new();
-        (&mut link)
-            .take(MAX_REQUEST_LINE as u64)
-            .read_to_end(&mut answer)
-            .await?;
-        Ok::<_, std::io::Error>(answer)
+        // Progress lines (a move) until the response line; each must come within the
+        // transfer's idle bound, the whole answer of any other request within the
+        // request bound.
+        let mut reader = tokio::io::BufReader::new(link);
+        loop {
+            let mut answer = Vec::new();
+            let mut limited = (&mut reader).take(MAX_REQUEST_LINE as u64);
+            let read = limited.read_until(b'\n', &mut answer);
+            let wait = match say {
+                Some(_) => crate::cluster::transfer::IDLE,
+                None => REQUEST_TIMEOUT * 4,
+            };
+            tokio::time::timeout(wait, read)
+                .await
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+            match (
+                say,
+                serde_json::from_slice::<Progress>(answer.trim_ascii_end()),
+            ) {
+                (Some(say), Ok(p)) => say(p.progress),
+                (None, Ok(_)) => {}
+                _ => return Ok::<_, std::io::Error>(answer),
+            }
+        }
     };
     let metrics = cluster.metrics();
-    let answer = tokio::time::timeout(REQUEST_TIMEOUT * 4, sent).await;
+    let answer = tokio::time::timeout(
+        match say {
+            Some(_) => std::time::Duration::MAX,
+            None => REQUEST_TIMEOUT * 4,
+        },
+        sent,
+    )
+    .await;
     let response = match answer {
         Ok(Ok(bytes)) => match serde_json::from_slice::<Response>(bytes.trim_ascii_end()) {
             Ok(r) => {
@@ -657,6 +1050,10 @@ async fn forward<R: AsyncRead + Send + Unpin + 'static>(
                 temporary(format!("bad answer from {peer}: {e}"))
             }
         },
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+            metrics.forward(peer, ForwardProtocol::Admin, ForwardResult::Error);
+            temporary(format!("home replica {peer} did not answer in time"))
+        }
         Ok(Err(e)) => {
             metrics.forward(peer, ForwardProtocol::Admin, ForwardResult::Error);
             temporary(format!("home replica {peer}: {e}"))
@@ -765,6 +1162,12 @@ fn request_name(r: &Request) -> &'static str {
         Request::Deliver { .. } => "deliver",
         Request::ClusterStatus { .. } => "cluster_status",
         Request::Ping => "ping",
+        Request::DomainMove { .. } => "domain_move",
+        Request::ClusterRebalance { .. } => "cluster_rebalance",
+        Request::ClusterDrain { .. } => "cluster_drain",
+        Request::ClusterUndrain { .. } => "cluster_undrain",
+        Request::ClusterCleanup { .. } => "cluster_cleanup",
+        Request::MoveReceive { .. } => "move_receive",
     }
 }
 
@@ -811,12 +1214,20 @@ pub fn call(
         }
     }
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut reply = Vec::new();
-    std::io::BufReader::new(stream)
-        .take(MAX_REQUEST_LINE as u64)
-        .read_until(b'\n', &mut reply)
-        .map_err(io)?;
-    serde_json::from_slice(&reply)
-        .map(Some)
-        .map_err(|e| AdminError::Protocol(e.to_string()))
+    let mut reader = std::io::BufReader::new(stream);
+    loop {
+        let mut reply = Vec::new();
+        (&mut reader)
+            .take(MAX_REQUEST_LINE as u64)
+            .read_until(b'\n', &mut reply)
+            .map_err(io)?;
+        // Progress of a long request (a move), printed as it comes.
+        if let Ok(p) = serde_json::from_slice::<Progress>(&reply) {
+            eprintln!("{}", p.progress);
+            continue;
+        }
+        return serde_json::from_slice(&reply)
+            .map(Some)
+            .map_err(|e| AdminError::Protocol(e.to_string()));
+    }
 }

@@ -76,13 +76,66 @@ enum ClusterCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move, one at a time, every domain whose home differs from its target (its pin,
+    /// else the hash over the live replicas that are not draining).
+    Rebalance {
+        /// Only list the moves.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        pace: MovePace,
+    },
+    /// Mark a replica draining (no new domains land there) and move all its domains
+    /// away. Scale-down: drain the highest-numbered replica, then lower replicaCount.
+    Drain {
+        replica: String,
+        /// Only list the moves (the replica is not marked).
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        pace: MovePace,
+    },
+    /// Take a replica's draining mark away.
+    Undrain { replica: String },
+    /// Delete, on every replica, the copies that moves left behind (renamed
+    /// `.moved-<domain>-<time>` under data_dir/domains) older than the given age.
+    Cleanup {
+        /// Age such as 7d, 12h, 30m or 0s.
+        #[arg(long, default_value = "7d")]
+        older_than: String,
+    },
+}
+
+#[derive(Args)]
+struct MovePace {
+    /// Seconds open sessions and deliveries get to finish once a domain is frozen.
+    #[arg(long, value_name = "SECS")]
+    grace: Option<u64>,
+    /// Milliseconds to wait between two moves.
+    #[arg(long, value_name = "MS")]
+    pause_ms: Option<u64>,
 }
 
 #[derive(Subcommand)]
 enum DomainCmd {
-    Add { name: String },
+    Add {
+        name: String,
+    },
     List,
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
+    /// Move a domain to another replica of the cluster: copied while it is served, then
+    /// frozen for the final delta only; UIDLs do not change.
+    Move {
+        name: String,
+        /// The replica to move it to.
+        #[arg(long)]
+        to: String,
+        /// Seconds open sessions and deliveries get to finish once it is frozen.
+        #[arg(long, value_name = "SECS")]
+        grace: Option<u64>,
+    },
 }
 
 #[derive(Args)]
@@ -137,6 +190,8 @@ enum Mistake {
     NoPasswordStdin,
     #[error("empty password on stdin: expected the password on its first line")]
     EmptyPassword,
+    #[error("age {0:?}: expected a number with a unit s, m, h or d (e.g. 7d)")]
+    AgeSyntax(String),
 }
 
 impl Mistake {
@@ -161,6 +216,28 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     } else {
         1
     }
+}
+
+/// Parses `cluster cleanup --older-than`: a number and a unit (s, m, h, d).
+fn parse_age(age: &str) -> Result<u64, Mistake> {
+    let syntax = || Mistake::AgeSyntax(age.to_owned());
+    let unit = age.chars().last().ok_or_else(syntax)?;
+    let per = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(syntax()),
+    };
+    let digits = &age[..age.len() - 1];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(syntax());
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(per))
+        .ok_or_else(syntax)
 }
 
 /// Parses `mailgate user quota`'s limit: `None` for `default`, `Some(0)` for `unlimited`.
@@ -246,6 +323,16 @@ fn run(cli: Cli) -> Result<u8> {
                 DomainCmd::Add { name } => Request::DomainAdd { name },
                 DomainCmd::List => Request::DomainList,
                 DomainCmd::Remove { name } => Request::DomainRemove { name },
+                DomainCmd::Move { name, to, grace } => {
+                    if !config.cluster.enabled() {
+                        bail!("not clustered: cluster.name is empty; a move needs a cluster");
+                    }
+                    Request::DomainMove {
+                        name,
+                        to,
+                        grace_secs: grace,
+                    }
+                }
             };
             admin_command(&config, request, None)
         }
@@ -268,11 +355,33 @@ fn run(cli: Cli) -> Result<u8> {
             };
             admin_command(&config, request, None)
         }
-        Cmd::Cluster(ClusterCmd::Status { json }) => {
+        Cmd::Cluster(cmd) => {
             if !config.cluster.enabled() {
                 bail!("not clustered: cluster.name is empty");
             }
-            admin_command(&config, Request::ClusterStatus { json }, None)
+            let request = match cmd {
+                ClusterCmd::Status { json } => Request::ClusterStatus { json },
+                ClusterCmd::Rebalance { dry_run, pace } => Request::ClusterRebalance {
+                    dry_run,
+                    grace_secs: pace.grace,
+                    pause_ms: pace.pause_ms,
+                },
+                ClusterCmd::Drain {
+                    replica,
+                    dry_run,
+                    pace,
+                } => Request::ClusterDrain {
+                    replica,
+                    dry_run,
+                    grace_secs: pace.grace,
+                    pause_ms: pace.pause_ms,
+                },
+                ClusterCmd::Undrain { replica } => Request::ClusterUndrain { replica },
+                ClusterCmd::Cleanup { older_than } => Request::ClusterCleanup {
+                    older_than_secs: parse_age(&older_than)?,
+                },
+            };
+            admin_command(&config, request, None)
         }
         Cmd::Deliver { from, recipients } => admin_command(
             &config,

@@ -160,6 +160,22 @@ impl Drop for MoveGuard<'_> {
     }
 }
 
+/// What a rebalance or drain would do.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub moves: Vec<Planned>,
+    /// Domains off their target that cannot move now, and why.
+    pub stuck: Vec<(String, String)>,
+}
+
+/// One planned move.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    pub domain: String,
+    pub from: String,
+    pub to: String,
+}
+
 /// A replica link whose last session ended cleanly.
 pub type Pooled = tokio_rustls::client::TlsStream<TcpStream>;
 
@@ -546,7 +562,10 @@ impl Cluster {
                     source: std::io::Error::other(e.to_string()),
                 })??;
             self.set_local_epoch(domain, epoch);
-            info!(domain, epoch, "moved-in copy adopted: the record names this replica");
+            info!(
+                domain,
+                epoch, "moved-in copy adopted: the record names this replica"
+            );
         } else if record.state == State::Active {
             self.retire(directory, domain).await;
         }
@@ -563,7 +582,10 @@ impl Cluster {
             if let Err(e) = directory.unseal(domain) {
                 warn!(domain, error = %e, "cannot unseal the domain");
             }
-            info!(domain, "the move did not happen; the domain is active here again");
+            info!(
+                domain,
+                "the move did not happen; the domain is active here again"
+            );
         } else {
             self.retire(directory, domain).await;
         }
@@ -626,20 +648,78 @@ impl Cluster {
                 home: record.home,
             });
         }
-        if let Some(pinned) = self.pins.get(&domain) {
-            return Ok(pinned.clone());
-        }
+        let eligible = self.eligible().await?;
+        self.target(&domain, &eligible)
+            .ok_or(ClusterError::NoReplica(domain))
+    }
+
+    /// The replicas a domain may go to now: live (heartbeat) and not draining.
+    async fn eligible(&self) -> Result<Vec<String>, ClusterError> {
         let names: Vec<&str> = self.link.peer_names().collect();
         let beats = self.homes.heartbeats(&names).await?;
-        let up: Vec<&str> = names
+        let draining = self.homes.draining().await?;
+        Ok(names
             .iter()
             .zip(&beats)
-            .filter(|(_, b)| b.is_some())
-            .map(|(n, _)| *n)
-            .collect();
-        hash::target(&domain, names.iter().copied(), |n| up.contains(&n))
-            .map(str::to_owned)
-            .ok_or(ClusterError::NoReplica(domain))
+            .filter(|(n, b)| b.is_some() && !draining.iter().any(|d| d == *n))
+            .map(|(n, _)| (*n).to_owned())
+            .collect())
+    }
+
+    /// Where `domain` belongs among `eligible` replicas: its pin if that one is
+    /// eligible, else the first eligible replica of its rendezvous order.
+    fn target(&self, domain: &str, eligible: &[String]) -> Option<String> {
+        if let Some(pinned) = self.pins.get(domain) {
+            if eligible.contains(pinned) {
+                return Some(pinned.clone());
+            }
+        }
+        hash::target(domain, self.link.peer_names(), |n| {
+            eligible.iter().any(|e| e == n)
+        })
+        .map(str::to_owned)
+    }
+
+    /// The moves that would put every active domain (or only those homed on
+    /// `only_from`) on its target, and the domains that cannot move now.
+    pub async fn plan(&self, only_from: Option<&str>) -> Result<Plan, ClusterError> {
+        let eligible = self.eligible().await?;
+        let names: Vec<&str> = self.link.peer_names().collect();
+        let beats = self.homes.heartbeats(&names).await?;
+        let live = |n: &str| {
+            names
+                .iter()
+                .zip(&beats)
+                .any(|(m, b)| *m == n && b.is_some())
+        };
+        let mut plan = Plan::default();
+        for (domain, record) in self.homes.all().await? {
+            if only_from.is_some_and(|f| f != record.home) {
+                continue;
+            }
+            let Some(to) = self.target(&domain, &eligible) else {
+                plan.stuck
+                    .push((domain, "no live replica that is not draining".into()));
+                continue;
+            };
+            if to == record.home {
+                continue;
+            }
+            if record.state != State::Active {
+                plan.stuck
+                    .push((domain, format!("it is {}", record.state.name())));
+            } else if !live(&record.home) {
+                plan.stuck
+                    .push((domain, format!("its home {} is down", record.home)));
+            } else {
+                plan.moves.push(Planned {
+                    domain,
+                    from: record.home,
+                    to,
+                });
+            }
+        }
+        Ok(plan)
     }
 
     /// Where `[provision]` would create `domain`: its recorded home if it has one, else

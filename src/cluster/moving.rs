@@ -117,12 +117,6 @@ pub async fn move_domain(
     if !cluster.link.peer_names().any(|p| p == to) {
         return Err(MoveError::UnknownReplica(to.to_owned()));
     }
-    if to == cluster.name() {
-        return Err(MoveError::AlreadyThere {
-            domain,
-            to: to.to_owned(),
-        });
-    }
     let not_home = |why: &str| MoveError::NotHome {
         domain: domain.clone(),
         why: why.to_owned(),
@@ -135,6 +129,12 @@ pub async fn move_domain(
     let Some(epoch) = cluster.local_epoch(&domain) else {
         return Err(StoreError::UnknownDomain(domain).into());
     };
+    if to == cluster.name() {
+        return Err(MoveError::AlreadyThere {
+            domain,
+            to: to.to_owned(),
+        });
+    }
     let Some(_moving) = cluster.start_move(&domain) else {
         return Err(not_home("another move of it is running"));
     };
@@ -155,14 +155,22 @@ pub async fn move_domain(
         .write_all(&transfer::request_line(&domain))
         .await
         .map_err(|e| failed(TransferError::Io(e)))?;
-    let mut sender = Sender::new(stream);
+    let mut sender = Sender::start(stream).await.map_err(failed)?;
 
     // 1. Pre-copy, the domain still served.
-    say(format!("moving {domain} from {} to {to}: copying while it is served", cluster.name()));
+    say(format!(
+        "moving {domain} from {} to {to}: copying while it is served",
+        cluster.name()
+    ));
     let progress = Progress::default();
-    reporting(sender.pass(&store, None, &progress), &progress, "pre-copy", say)
-        .await
-        .map_err(failed)?;
+    reporting(
+        sender.pass(&store, None, &progress),
+        &progress,
+        "pre-copy",
+        say,
+    )
+    .await
+    .map_err(failed)?;
     say(progress_line("pre-copy done", &progress, started.elapsed()));
 
     // 2. Freeze: the store's epoch goes up first, so a crash from here on leaves a copy
@@ -221,8 +229,17 @@ pub async fn move_domain(
         e
     };
 
+    let delta_progress = Progress::default();
     let delta = final_delta(
-        cluster, directory, &store, &domain, grace, &mut sender, say, to,
+        cluster,
+        directory,
+        &store,
+        &domain,
+        grace,
+        &mut sender,
+        say,
+        to,
+        &delta_progress,
     )
     .await;
     if let Err(e) = delta {
@@ -234,10 +251,13 @@ pub async fn move_domain(
             Err(t) => MoveError::Unsettled(format!("{e}; and {t}")),
         }));
     }
+    let sum = |f: fn(&Progress) -> &std::sync::atomic::AtomicU64| {
+        f(&progress).load(Ordering::Relaxed) + f(&delta_progress).load(Ordering::Relaxed)
+    };
     let (accounts, messages, bytes) = (
-        progress.accounts.load(Ordering::Relaxed),
-        progress.messages.load(Ordering::Relaxed),
-        progress.bytes.load(Ordering::Relaxed),
+        delta_progress.accounts.load(Ordering::Relaxed),
+        sum(|p| &p.messages),
+        sum(|p| &p.bytes),
     );
 
     // 4. Switch. Retried while Redis does not answer: until it does, the domain is
@@ -284,7 +304,13 @@ pub async fn move_domain(
     let took_frozen = frozen_at.elapsed();
     renewing.cancel();
     renewer.abort();
-    info!(domain, to, epoch = frozen + 1, frozen_ms = took_frozen.as_millis() as u64, "domain moved");
+    info!(
+        domain,
+        to,
+        epoch = frozen + 1,
+        frozen_ms = took_frozen.as_millis() as u64,
+        "domain moved"
+    );
     // 5. The target serves; if it does not hear it, its duties adopt the record's epoch.
     if let Err(e) = sender.go(frozen + 1).await {
         warn!(domain, to, error = %e, "the new home did not confirm; it serves after its next announcement");
@@ -325,6 +351,7 @@ async fn final_delta<S>(
     sender: &mut Sender<S>,
     say: &(dyn Fn(String) + Send + Sync),
     to: &str,
+    progress: &Progress,
 ) -> Result<(), MoveError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -359,19 +386,26 @@ where
     blocking(move || dir.seal(&name)).await?;
     let (locks, _) = quiet(Instant::now() + EVICT_WAIT).await;
     if locks > 0 {
-        warn!(domain, locks, "maildrop locks still held after eviction; the store is sealed");
+        warn!(
+            domain,
+            locks, "maildrop locks still held after eviction; the store is sealed"
+        );
     }
     // 3. Final delta on the sealed store, then the check.
     let s = store.clone();
     let floor = blocking(move || s.id_floor()).await?;
-    let progress = Progress::default();
     let failed = |source| MoveError::Transfer {
         to: to.to_owned(),
         source,
     };
-    let copy = reporting(sender.pass(store, Some(floor), &progress), &progress, "final delta", say)
-        .await
-        .map_err(failed)?;
+    let copy = reporting(
+        sender.pass(store, Some(floor), progress),
+        progress,
+        "final delta",
+        say,
+    )
+    .await
+    .map_err(failed)?;
     let s = store.clone();
     let mine = blocking(move || transfer::summarize(&s)).await?;
     if let Some(diff) = transfer::compare(&mine, &copy) {
@@ -393,11 +427,19 @@ async fn thaw(
     domain: &str,
     frozen: u64,
 ) -> Result<(), MoveError> {
-    match cluster.homes().finish_move(domain, frozen, cluster.name()).await {
+    match cluster
+        .homes()
+        .finish_move(domain, frozen, cluster.name())
+        .await
+    {
         Ok(Ok(())) => {
             let (dir, name) = (directory.clone(), domain.to_owned());
             blocking(move || dir.unseal(&name)).await?;
-            info!(domain, epoch = frozen, "move abandoned; the domain is active here again");
+            info!(
+                domain,
+                epoch = frozen,
+                "move abandoned; the domain is active here again"
+            );
             Ok(())
         }
         Ok(Err(record)) => {

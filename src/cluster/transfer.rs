@@ -12,6 +12,7 @@
 //!
 //! | kind | direction | payload |
 //! |------|-----------|---------|
+//! | `K`  | ← | ready (the staging store is open); nothing is sent before it |
 //! | `P`  | → | pass start: JSON `{"final": bool}` |
 //! | `A`  | → | an account: JSON `{"local", "account"}` |
 //! | `I`  | ← | ids the receiver holds for it (u64 BE each); `i` ends them |
@@ -141,13 +142,8 @@ pub fn compare(home: &[AccountSum], copy: &[AccountSum]) -> Option<String> {
             ));
         }
     }
-    (home.len() != copy.len()).then(|| {
-        format!(
-            "home has {} accounts, copy {}",
-            home.len(),
-            copy.len()
-        )
-    })
+    (home.len() != copy.len())
+        .then(|| format!("home has {} accounts, copy {}", home.len(), copy.len()))
 }
 
 /// Counters a pass updates as it goes, for progress output.
@@ -283,11 +279,12 @@ pub struct Sender<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Sender<S> {
-    /// Starts on a link whose request line was already sent.
-    pub fn new(stream: S) -> Sender<S> {
-        Sender {
-            wire: Wire::new(stream),
-        }
+    /// Starts on a link whose request line was already sent: waits for the receiver to
+    /// be ready.
+    pub async fn start(stream: S) -> Result<Sender<S>, TransferError> {
+        let mut wire = Wire::new(stream);
+        wire.expect(b'K').await?;
+        Ok(Sender { wire })
     }
 
     /// Brings the receiver's copy up to date with `store` and returns the receiver's
@@ -329,7 +326,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sender<S> {
             let mut held = HashSet::new();
             loop {
                 match wire.recv().await? {
-                    b'I' if wire.payload.len() % 8 == 0 => {
+                    b'I' if wire.payload.len().is_multiple_of(8) => {
                         for id in wire.payload.chunks_exact(8) {
                             held.insert(u64::from_be_bytes(id.try_into().unwrap_or_default()));
                         }
@@ -366,7 +363,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sender<S> {
                         break;
                     }
                     offset += buf.len() as u64;
-                    progress.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    progress
+                        .bytes
+                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
                     wire.send(b'B', &buf).await?;
                 }
                 wire.send(b'm', &[]).await?;
@@ -429,7 +428,11 @@ pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     })
     .await
     {
-        Ok(s) => Some(s),
+        Ok(s) => {
+            wire.send(b'K', &[]).await?;
+            wire.flush().await?;
+            Some(s)
+        }
         Err(e) => {
             wire.send(b'X', format!("target cannot take {domain}: {e}").as_bytes())
                 .await?;
@@ -546,7 +549,10 @@ async fn receive_account<S: AsyncRead + AsyncWrite + Unpin>(
             Some(_) => s.update_account(&l, &account)?,
             None => s.create_account(&l, &account)?,
         }
-        Ok(s.snapshot(&l)?.into_iter().map(|m| m.id).collect::<Vec<u64>>())
+        Ok(s.snapshot(&l)?
+            .into_iter()
+            .map(|m| m.id)
+            .collect::<Vec<u64>>())
     })
     .await?;
     let mut ids = Vec::with_capacity(PER_MESSAGE * 8);
@@ -562,7 +568,7 @@ async fn receive_account<S: AsyncRead + AsyncWrite + Unpin>(
     let (mut keep, mut seen) = (HashSet::new(), Vec::new());
     loop {
         match wire.recv().await? {
-            b'E' if wire.payload.len() % ENTRY_LEN == 0 => {
+            b'E' if wire.payload.len().is_multiple_of(ENTRY_LEN) => {
                 for e in wire.payload.chunks_exact(ENTRY_LEN) {
                     let (id, _, is_seen) = parse_entry(e);
                     keep.insert(id);
@@ -572,10 +578,19 @@ async fn receive_account<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             b'e' => break,
-            k => return Err(protocol(format!("expected entries, got {:?}", char::from(k)))),
+            k => {
+                return Err(protocol(format!(
+                    "expected entries, got {:?}",
+                    char::from(k)
+                )))
+            }
         }
     }
-    let gone: Vec<u64> = held.iter().copied().filter(|id| !keep.contains(id)).collect();
+    let gone: Vec<u64> = held
+        .iter()
+        .copied()
+        .filter(|id| !keep.contains(id))
+        .collect();
     let held: HashSet<u64> = held.into_iter().collect();
     let (s, l) = (store.clone(), local.clone());
     blocking(move || s.update_maildrop(&l, &gone, &seen)).await?;
@@ -628,7 +643,12 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
                 .await?;
             }
             b'm' => break,
-            k => return Err(protocol(format!("expected a body, got {:?}", char::from(k)))),
+            k => {
+                return Err(protocol(format!(
+                    "expected a body, got {:?}",
+                    char::from(k)
+                )))
+            }
         }
     }
     if msg.octets() != octets {
@@ -700,8 +720,7 @@ mod tests {
         let home_dir = tempfile::tempdir().unwrap();
         let target_dir = tempfile::tempdir().unwrap();
         let home = Arc::new(Directory::open(home_dir.path(), StoreOptions::default()).unwrap());
-        let target =
-            Arc::new(Directory::open(target_dir.path(), StoreOptions::default()).unwrap());
+        let target = Arc::new(Directory::open(target_dir.path(), StoreOptions::default()).unwrap());
         home.add_domain("a.org").unwrap();
         let store = home.domain("a.org").unwrap();
         store.create_account("u", &account(1)).unwrap();
@@ -714,9 +733,8 @@ mod tests {
         let (near, far) = tokio::io::duplex(64 * 1024);
         let served = Arc::new(Served(Mutex::new(Vec::new())));
         let (t, s2) = (target.clone(), served.clone());
-        let receiver =
-            tokio::spawn(async move { receive(far, t, "a.org", s2.as_ref()).await });
-        let mut sender = Sender::new(near);
+        let receiver = tokio::spawn(async move { receive(far, t, "a.org", s2.as_ref()).await });
+        let mut sender = Sender::start(near).await.unwrap();
         let progress = Progress::default();
         sender.pass(&store, None, &progress).await.unwrap();
         assert_eq!(progress.messages.load(Ordering::Relaxed), 3);
@@ -730,14 +748,24 @@ mod tests {
         store.update_account("u", &account(4)).unwrap();
         home.seal("a.org").unwrap();
         let floor = store.id_floor().unwrap();
-        let copy = sender.pass(&store, Some(floor), &Progress::default()).await.unwrap();
+        let copy = sender
+            .pass(&store, Some(floor), &Progress::default())
+            .await
+            .unwrap();
         let mine = summarize(&store).unwrap();
         assert_eq!(compare(&mine, &copy), None, "{mine:?} {copy:?}");
         sender.install().await.unwrap();
-        assert_eq!(target.epoch("a.org").unwrap(), 0, "installed, not yet served");
+        assert_eq!(
+            target.epoch("a.org").unwrap(),
+            0,
+            "installed, not yet served"
+        );
         sender.go(7).await.unwrap();
         receiver.await.unwrap().unwrap();
-        assert_eq!(served.0.lock().unwrap().as_slice(), [("a.org".to_owned(), 7)]);
+        assert_eq!(
+            served.0.lock().unwrap().as_slice(),
+            [("a.org".to_owned(), 7)]
+        );
         assert_eq!(target.epoch("a.org").unwrap(), 7);
 
         let moved = target.domain("a.org").unwrap();
@@ -745,7 +773,10 @@ mod tests {
         assert_eq!(body(&moved, second), b"second\r\n");
         assert_eq!(body(&moved, third), b"third\r\n");
         assert!(moved.account("gone").unwrap().is_none());
-        assert_eq!(moved.account("u").unwrap().unwrap().credentials.phc, "phc-4");
+        assert_eq!(
+            moved.account("u").unwrap().unwrap().credentials.phc,
+            "phc-4"
+        );
         let fresh = deliver(&moved, "u", b"after\r\n");
         assert!(fresh >= floor && fresh > third);
     }
@@ -757,8 +788,7 @@ mod tests {
         let home_dir = tempfile::tempdir().unwrap();
         let target_dir = tempfile::tempdir().unwrap();
         let home = Arc::new(Directory::open(home_dir.path(), StoreOptions::default()).unwrap());
-        let target =
-            Arc::new(Directory::open(target_dir.path(), StoreOptions::default()).unwrap());
+        let target = Arc::new(Directory::open(target_dir.path(), StoreOptions::default()).unwrap());
         home.add_domain("a.org").unwrap();
         let store = home.domain("a.org").unwrap();
         store.create_account("u", &account(1)).unwrap();
@@ -766,10 +796,12 @@ mod tests {
         let (near, far) = tokio::io::duplex(64 * 1024);
         let served = Arc::new(Served(Mutex::new(Vec::new())));
         let (t, s2) = (target.clone(), served.clone());
-        let receiver =
-            tokio::spawn(async move { receive(far, t, "a.org", s2.as_ref()).await });
-        let mut sender = Sender::new(near);
-        let copy = sender.pass(&store, None, &Progress::default()).await.unwrap();
+        let receiver = tokio::spawn(async move { receive(far, t, "a.org", s2.as_ref()).await });
+        let mut sender = Sender::start(near).await.unwrap();
+        let copy = sender
+            .pass(&store, None, &Progress::default())
+            .await
+            .unwrap();
         deliver(&store, "u", b"two\r\n");
         let mine = summarize(&store).unwrap();
         assert!(compare(&mine, &copy).is_some());
@@ -788,14 +820,18 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn hostile_senders_are_refused() {
         let target_dir = tempfile::tempdir().unwrap();
-        let target =
-            Arc::new(Directory::open(target_dir.path(), StoreOptions::default()).unwrap());
+        let target = Arc::new(Directory::open(target_dir.path(), StoreOptions::default()).unwrap());
         let served = Served(Mutex::new(Vec::new()));
         let cases: Vec<Vec<u8>> = vec![
             b"Z\0\0\0\0".to_vec(),
             vec![b'P', 0xff, 0xff, 0xff, 0xff],
             b"P\0\0\0\x02{}".to_vec(),
-            [&b"P\0\0\0\x0f{\"final\":false}"[..], b"M\0\0\0\x11", &[0u8; 17]].concat(),
+            [
+                &b"P\0\0\0\x0f{\"final\":false}"[..],
+                b"M\0\0\0\x11",
+                &[0u8; 17],
+            ]
+            .concat(),
             [&b"P\0\0\0\x0f{\"final\":false}"[..], b"A\0\0\0\x02[]"].concat(),
             b"G\0\0\0\x0b{\"epoch\":9}".to_vec(),
             b"C\0\0\0\0C\0\0\0\0".to_vec(),

@@ -387,11 +387,19 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
     };
     ctx.user = Some(key);
     let lost = lock.lost();
+    // A move of the domain ends its open sessions through this token (a child of the
+    // server's abort, so shutdown still ends them too).
+    let abort = &ctx.net().abort;
+    let cancel = match &ctx.service.cluster {
+        Some(cluster) => cluster.eviction(&address.domain, abort),
+        None => abort.clone(),
+    };
     let txn = Box::new(Txn {
         address,
         store,
         lock: Some(lock),
         lost,
+        cancel,
         listing: Listing::new(msgs, account.uid_nonce),
     });
     let (count, octets) = txn.listing.totals();

@@ -5,7 +5,6 @@
 
 use super::codec::{BodyEncoder, MsgEntry, Reply, RespCode};
 use super::session::{err, ok, Conn, Ctx, SessionError, Txn};
-use crate::cluster::Route;
 use crate::metrics;
 use crate::store::DomainStore;
 use std::borrow::Cow;
@@ -105,9 +104,10 @@ async fn apply_marks<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(());
     }
     // Fencing: only the domain's current home may change its maildrops.
+    // During a move's grace the old home still commits; its seal stops that after.
     if let Some(cluster) = &ctx.service.cluster {
-        if let Route::Unavailable(why) = cluster.route(&txn.address.domain, true).await {
-            warn!(user = %txn.address, reason = why.describe(), "no longer the domain's home before UPDATE; nothing deleted");
+        if !cluster.may_commit(&txn.address.domain).await {
+            warn!(user = %txn.address, "no longer the domain's home before UPDATE; nothing deleted");
             conn.reply(&err(
                 Some(RespCode::SysTemp),
                 "Maildrop moved or unavailable, no messages deleted",

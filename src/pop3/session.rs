@@ -223,6 +223,8 @@ pub(super) struct Txn {
     /// Taken out and released at UPDATE, before the final answer is sent.
     pub lock: Option<MaildropLock>,
     pub lost: CancellationToken,
+    /// Ends the session without UPDATE: server shutdown, or the domain moving away.
+    pub cancel: CancellationToken,
     pub listing: maildrop::Listing,
 }
 
@@ -429,7 +431,7 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         let (cancel, lost) = match phase {
             Phase::Authorization { .. } => (ctx.net().shutdown.clone(), None),
-            Phase::Transaction(txn) => (ctx.net().abort.clone(), Some(txn.lost.clone())),
+            Phase::Transaction(txn) => (txn.cancel.clone(), Some(txn.lost.clone())),
         };
         let input = conn.next(MAX_COMMAND_LINE, &cancel, lost.as_ref()).await?;
         let line = match input {
@@ -453,6 +455,16 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 conn.reply(&err(None, "Disconnected for inactivity"));
                 let _ = conn.flush().await;
                 return Ok(Step::Done(Outcome::Timeout));
+            }
+            Input::Cancelled
+                if !ctx.net().abort.is_cancelled() && !ctx.net().shutdown.is_cancelled() =>
+            {
+                conn.reply(&err(
+                    Some(RespCode::SysTemp),
+                    "Domain moving to another server, no changes were made",
+                ));
+                let _ = conn.flush().await;
+                return Ok(Step::Done(Outcome::Shutdown));
             }
             Input::Cancelled => {
                 conn.reply(&err(Some(RespCode::SysTemp), "Server shutting down"));

@@ -840,7 +840,7 @@ async fn serves_here(ctx: &Ctx, local: &[String]) -> bool {
     domains.sort_unstable();
     domains.dedup();
     for domain in domains {
-        if cluster.route(domain, true).await != Route::Local {
+        if !cluster.may_commit(domain).await {
             return false;
         }
     }

@@ -184,7 +184,11 @@ impl Directory {
             source,
         })? {
             let Ok(entry) = entry else { continue };
-            if entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(STAGING_PREFIX)
+            {
                 let path = entry.path();
                 tracing::info!(path = %path.display(), "removing an incomplete incoming copy");
                 if let Err(e) = std::fs::remove_dir_all(&path) {
@@ -316,7 +320,9 @@ impl Directory {
         for entry in std::fs::read_dir(&self.root).map_err(Self::io_err(&self.root))? {
             let entry = entry.map_err(Self::io_err(&self.root))?;
             let file_name = entry.file_name();
-            let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(RETIRED_PREFIX))
+            let Some(rest) = file_name
+                .to_str()
+                .and_then(|n| n.strip_prefix(RETIRED_PREFIX))
             else {
                 continue;
             };
@@ -765,7 +771,11 @@ impl DomainStore {
 
     /// Holds off `Directory::seal` for one write; `Sealed` while the store is sealed.
     fn writable(&self) -> Result<std::sync::RwLockReadGuard<'_, bool>, StoreError> {
-        let guard = self.gate.sealed.read().unwrap_or_else(PoisonError::into_inner);
+        let guard = self
+            .gate
+            .sealed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         if *guard {
             return Err(StoreError::Sealed(self.name.clone()));
         }
@@ -2091,7 +2101,8 @@ mod tests {
         let tmp = TempDir::new().unwrap();
         let path = tmp.path().join("a.org");
         write_format_1(&path, &[(7, b"first\r\n"), (9, b"second\r\n")]);
-        let store = DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default()).unwrap();
+        let store =
+            DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default()).unwrap();
         assert_eq!(store.format().unwrap(), FORMAT_VERSION);
         let listed = store.snapshot("u").unwrap();
         let expected = [(7, 7), (9, 8)].map(|(id, octets)| MessageMeta {
@@ -2105,7 +2116,8 @@ mod tests {
         // Written in the new format, recorded, and not upgraded again.
         store.update_maildrop("u", &[], &[7]).unwrap();
         drop(store);
-        let store = DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default()).unwrap();
+        let store =
+            DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default()).unwrap();
         assert!(store.snapshot("u").unwrap()[0].seen);
         assert_eq!(
             store.meta.get(FORMAT_KEY).unwrap().as_deref(),
@@ -2131,7 +2143,8 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        let store = DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default()).unwrap();
+        let store =
+            DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default()).unwrap();
         let sizes: Vec<u64> = store
             .snapshot("u")
             .unwrap()
@@ -2250,7 +2263,9 @@ mod tests {
         dir.add_domain("a.org").unwrap();
         let source = dir.domain("a.org").unwrap();
         source.create_account("u", &account(1)).unwrap();
-        let metas: Vec<MessageMeta> = (0..3).map(|i| deliver(&source, "u", &pattern(10, i))).collect();
+        let metas: Vec<MessageMeta> = (0..3)
+            .map(|i| deliver(&source, "u", &pattern(10, i)))
+            .collect();
         source.update_maildrop("u", &[], &[metas[1].id]).unwrap();
         let floor = source.id_floor().unwrap();
         assert!(metas.iter().all(|m| m.id < floor));
@@ -2266,7 +2281,10 @@ mod tests {
             copy.commit(&staging).unwrap();
         }
         staging.raise_id_floor(floor).unwrap();
-        assert_eq!(staging.snapshot("u").unwrap(), source.snapshot("u").unwrap());
+        assert_eq!(
+            staging.snapshot("u").unwrap(),
+            source.snapshot("u").unwrap()
+        );
         // Installing needs the name free here.
         assert!(matches!(
             dir.install_staging("a.org", staging, 5),
@@ -2276,7 +2294,10 @@ mod tests {
         assert!(!dir.has_domain("a.org"));
         let listed = dir.retired().unwrap();
         assert_eq!(listed.len(), 1);
-        assert_eq!((listed[0].domain.as_str(), &listed[0].path), ("a.org", &retired));
+        assert_eq!(
+            (listed[0].domain.as_str(), &listed[0].path),
+            ("a.org", &retired)
+        );
         // The staging copy was dropped by the failed install: receive it again.
         let staging = dir.open_staging("a.org").unwrap();
         staging.create_account("u", &account(1)).unwrap();
@@ -2288,7 +2309,11 @@ mod tests {
         staging.raise_id_floor(floor).unwrap();
         dir.install_staging("a.org", staging, 5).unwrap();
         assert_eq!(dir.epoch("a.org").unwrap(), 5);
-        assert_eq!(dir.list_domains().unwrap(), vec!["a.org"], "retired copies are not domains");
+        assert_eq!(
+            dir.list_domains().unwrap(),
+            vec!["a.org"],
+            "retired copies are not domains"
+        );
         let moved = dir.domain("a.org").unwrap();
         for m in &metas {
             assert_eq!(read_all(&moved, m.id), read_all(&source, m.id));

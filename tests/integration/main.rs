@@ -17,6 +17,7 @@ mod helm;
 mod last;
 mod layers;
 mod metrics;
+mod moves;
 mod pop3;
 mod postfix;
 mod provision;

@@ -3,7 +3,9 @@
 //! a bounded stress test that audits every lock holder from both replicas' logs.
 
 use crate::common::redis_server::{RedisOptions, RedisServer, Resp};
-use crate::common::{cli, message, Options, Raw, Server, TestCa, PASSWORD};
+use crate::common::{
+    assert_one_holder_at_a_time, cli, message, Options, Raw, Server, TestCa, PASSWORD,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -526,31 +528,6 @@ async fn uidls(server: &Server, user: &str) -> BTreeSet<String> {
     }
 }
 
-/// `(maildrop, at_us, locked)` for every lock event in a replica's log.
-fn lock_events(log: &str) -> Vec<(String, u64, bool)> {
-    let mut out = Vec::new();
-    for line in log.lines() {
-        let locked = if line.contains("maildrop locked ") {
-            true
-        } else if line.contains("maildrop unlocked ") {
-            false
-        } else {
-            continue;
-        };
-        let field = |name: &str| {
-            line.split(name)
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .unwrap_or_else(|| panic!("no {name} in {line}"))
-                .trim_matches('"')
-                .to_owned()
-        };
-        let at: u64 = field(" at_us=").parse().expect("at_us");
-        out.push((field(" maildrop="), at, locked));
-    }
-    out
-}
-
 /// 2 replicas × 50 clients on 5 maildrops for a few seconds: the lock log of both
 /// replicas never shows two holders of one maildrop, and every message that disappeared
 /// was confirmed deleted exactly once.
@@ -654,34 +631,9 @@ async fn two_replicas_never_hold_one_maildrop_at_once() {
     assert!(all.sessions >= 20 && all.busy > 0, "no contention");
 
     // Every holder, from both replicas' logs: per maildrop, never two at once.
-    let events = || {
-        let mut e = lock_events(&a.log_text());
-        e.extend(lock_events(&b.log_text()));
-        e
-    };
-    let settle = Instant::now() + Duration::from_secs(5);
-    let mut all_events = events();
-    while all_events.iter().filter(|e| e.2).count() != all_events.iter().filter(|e| !e.2).count() {
-        assert!(Instant::now() < settle, "a lock was never released");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        all_events = events();
-    }
-    assert!(all_events.iter().filter(|e| e.2).count() >= all.sessions);
-    let mut per_key: BTreeMap<String, Vec<(u64, bool)>> = BTreeMap::new();
-    for (key, at, locked) in all_events {
-        per_key.entry(key).or_default().push((at, locked));
-    }
-    assert_eq!(per_key.len(), users.len());
-    for (key, mut evs) in per_key {
-        // At one microsecond, an unlock sorts before a lock (false < true).
-        evs.sort();
-        let mut held = 0;
-        for (at, locked) in evs {
-            held += if locked { 1 } else { -1 };
-            assert!((0..=1).contains(&held), "{key}: {held} holders at {at} µs");
-        }
-        assert_eq!(held, 0, "{key}");
-    }
+    let holders = assert_one_holder_at_a_time(|| vec![a.log_text(), b.log_text()]).await;
+    assert!(holders.sessions >= all.sessions);
+    assert_eq!(holders.maildrops, users.len());
 
     // No message lost, none deleted twice.
     let deleted: BTreeSet<_> = all.deleted.iter().cloned().collect();

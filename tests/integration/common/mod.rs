@@ -920,3 +920,74 @@ pub fn python(script: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// `(maildrop, at_us, locked)` for every lock event in a replica's log.
+fn lock_events(log: &str) -> Vec<(String, u64, bool)> {
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let locked = if line.contains("maildrop locked ") {
+            true
+        } else if line.contains("maildrop unlocked ") {
+            false
+        } else {
+            continue;
+        };
+        let field = |name: &str| {
+            line.split(name)
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap_or_else(|| panic!("no {name} in {line}"))
+                .trim_matches('"')
+                .to_owned()
+        };
+        let at: u64 = field(" at_us=").parse().expect("at_us");
+        out.push((field(" maildrop="), at, locked));
+    }
+    out
+}
+
+/// What [`assert_one_holder_at_a_time`] saw.
+pub struct Holders {
+    /// Lock events (sessions that held a maildrop).
+    pub sessions: usize,
+    /// Distinct maildrops locked.
+    pub maildrops: usize,
+}
+
+/// Reads the lock log lines of every replica (`logs` gives each one's log), waiting up
+/// to 5 s until every lock taken was released, and checks that no maildrop ever had two
+/// holders at once.
+pub async fn assert_one_holder_at_a_time(logs: impl Fn() -> Vec<String>) -> Holders {
+    let events =
+        || -> Vec<(String, u64, bool)> { logs().iter().flat_map(|l| lock_events(l)).collect() };
+    let settle = std::time::Instant::now() + Duration::from_secs(5);
+    let mut all_events = events();
+    while all_events.iter().filter(|e| e.2).count() != all_events.iter().filter(|e| !e.2).count() {
+        assert!(
+            std::time::Instant::now() < settle,
+            "a lock was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        all_events = events();
+    }
+    let sessions = all_events.iter().filter(|e| e.2).count();
+    let mut per_key: std::collections::BTreeMap<String, Vec<(u64, bool)>> = Default::default();
+    for (key, at, locked) in all_events {
+        per_key.entry(key).or_default().push((at, locked));
+    }
+    let maildrops = per_key.len();
+    for (key, mut evs) in per_key {
+        // At one microsecond, an unlock sorts before a lock (false < true).
+        evs.sort();
+        let mut held = 0;
+        for (at, locked) in evs {
+            held += if locked { 1 } else { -1 };
+            assert!((0..=1).contains(&held), "{key}: {held} holders at {at} µs");
+        }
+        assert_eq!(held, 0, "{key}");
+    }
+    Holders {
+        sessions,
+        maildrops,
+    }
+}
