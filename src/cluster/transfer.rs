@@ -100,7 +100,7 @@ pub fn summarize(store: &DomainStore) -> Result<Vec<AccountSum>, StoreError> {
         let mut uidls = Sha256::new();
         let (mut messages, mut octets, mut seen) = (0, 0, 0);
         for m in store.snapshot(&local)? {
-            uidls.update(crate::store::uidl(account.uid_nonce, m.id).as_bytes());
+            uidls.update(crate::wire::uidl(account.uid_nonce, m.id).as_bytes());
             uidls.update(b"\n");
             messages += 1;
             octets += m.octets;

@@ -128,14 +128,6 @@ pub struct Usage {
     pub octets: u64,
 }
 
-/// A message's UIDL: the account's nonce as 8 and the store id as 16 lower-case hex
-/// digits. The nonce makes ids from a recreated maildrop differ from the old ones, so
-/// clients do not mistake new mail for mail they already have; the id is kept by a
-/// domain move, so a move changes no UIDL.
-pub fn uidl(nonce: u32, id: u64) -> String {
-    format!("{nonce:08x}{id:016x}")
-}
-
 /// One message in a maildrop, as a session snapshot lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MessageMeta {

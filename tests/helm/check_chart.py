@@ -566,6 +566,9 @@ def check_values_file(chart_dir, repo, path, out):
     if warned:
         for words in ("for trying the chart", "tls.secretName=", "tls.certManager.enabled=true"):
             check(words in notes, where, f"NOTES.txt's self-signed warning lacks {words!r}")
+    if int(values.get("replicaCount", 1)) > 1:
+        for words in ("mailgate cluster rebalance", "mailgate cluster drain ", "cluster cleanup"):
+            check(words in notes, where, f"NOTES.txt's scaling steps lack {words!r}")
     check([h["kind"] for h in hooks] == ["Pod"], where, "one test hook, a Pod")
     for _, o in objects:
         check(o["metadata"].get("namespace") in (NAMESPACE, values.get("metrics", {}).get("dashboard", {}).get("namespace")), where, f"{key(o)} namespace")

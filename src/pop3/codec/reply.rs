@@ -99,7 +99,7 @@ pub fn write_uid(out: &mut BytesMut, nonce: u32, id: u64) {
 
 /// The UIDL of a message as a string, for callers outside reply encoding.
 pub fn format_uid(nonce: u32, id: u64) -> String {
-    crate::store::uidl(nonce, id)
+    crate::wire::uidl(nonce, id)
 }
 
 impl Reply<'_> {
