@@ -105,7 +105,31 @@ fn progress_line(label: &str, p: &Progress, took: Duration) -> String {
 
 /// Moves `domain`, homed here, to replica `to`. `grace` bounds how long open sessions
 /// and deliveries get to finish once the domain is frozen. Progress goes to `say`.
+/// Counted in `mailgate_cluster_moves_total` (and the freeze in
+/// `mailgate_cluster_move_frozen_seconds`) once it got past the checks of its request.
 pub async fn move_domain(
+    cluster: &Cluster,
+    directory: &Arc<Directory>,
+    domain: &str,
+    to: &str,
+    grace: Duration,
+    say: &(dyn Fn(String) + Send + Sync),
+) -> Result<MoveReport, MoveError> {
+    let result = run(cluster, directory, domain, to, grace, say).await;
+    match &result {
+        Ok(report) => cluster.metrics().domain_move(Some(report.frozen)),
+        Err(
+            MoveError::UnknownReplica(_)
+            | MoveError::AlreadyThere { .. }
+            | MoveError::NotHome { .. }
+            | MoveError::Store(StoreError::UnknownDomain(_) | StoreError::InvalidDomain(_)),
+        ) => {}
+        Err(_) => cluster.metrics().domain_move(None),
+    }
+    result
+}
+
+async fn run(
     cluster: &Cluster,
     directory: &Arc<Directory>,
     domain: &str,

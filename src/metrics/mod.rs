@@ -49,6 +49,8 @@ pub const CLUSTER_PEER_UP: &str = "mailgate_cluster_peer_up";
 pub const CLUSTER_DOMAINS: &str = "mailgate_cluster_domains";
 pub const CLUSTER_HOME_CONFLICTS: &str = "mailgate_cluster_home_conflicts_total";
 pub const CLUSTER_INBOUND: &str = "mailgate_cluster_inbound_total";
+pub const CLUSTER_MOVES: &str = "mailgate_cluster_moves_total";
+pub const CLUSTER_MOVE_FROZEN: &str = "mailgate_cluster_move_frozen_seconds";
 /// The process collector's namespace: its metrics become `mailgate_process_*`.
 pub const PROCESS_NAMESPACE: &str = "mailgate";
 
@@ -386,6 +388,11 @@ pub const INBOUND_OK: &str = "ok";
 /// Refused before it started: bad certificate, ALPN or preamble, or hop limit reached.
 pub const INBOUND_REJECTED: &str = "rejected";
 
+/// Result label of a domain move run by this replica: the domain now lives elsewhere.
+pub const MOVE_MOVED: &str = "moved";
+/// The move failed; the domain stayed (or went back) here.
+pub const MOVE_FAILED: &str = "failed";
+
 /// Git commit baked in at build time (`MAILGATE_GIT_COMMIT=$(git rev-parse --short HEAD)
 /// cargo build`); builds without it say "unknown" rather than needing git to build.
 pub const GIT_COMMIT: &str = match option_env!("MAILGATE_GIT_COMMIT") {
@@ -400,6 +407,11 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Session lengths from 100 ms to 1 h.
 const SESSION_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// How long a moved domain was frozen: from 10 ms to 5 min (a long grace).
+const FROZEN_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
 /// Connect plus TLS handshake to a peer replica, from 0.5 ms (same host) to 2 s (the
@@ -477,6 +489,8 @@ struct ClusterMetrics {
     domains: IntGaugeVec,
     home_conflicts: IntCounter,
     inbound: IntCounterVec,
+    moves: IntCounterVec,
+    move_frozen: prometheus::Histogram,
 }
 
 fn counter(
@@ -725,6 +739,22 @@ impl Metrics {
                     "Forwarded sessions offered on the replica listener, by protocol and result (rejected: certificate, ALPN, preamble or hop limit).",
                     &["protocol", "result"],
                 )?,
+                moves: counter(
+                    &r,
+                    CLUSTER_MOVES,
+                    "Domain moves run by this replica (the domain's old home), by result.",
+                    &["result"],
+                )?,
+                move_frozen: register(
+                    &r,
+                    prometheus::Histogram::with_opts(
+                        HistogramOpts::new(
+                            CLUSTER_MOVE_FROZEN,
+                            "How long each domain moved away from this replica was frozen (not served): the grace and the final delta.",
+                        )
+                        .buckets(FROZEN_BUCKETS.to_vec()),
+                    )?,
+                )?,
             },
             registry: r,
         };
@@ -797,6 +827,9 @@ impl Metrics {
             for result in [INBOUND_OK, INBOUND_REJECTED] {
                 self.cluster.inbound.with_label_values(&[p.name(), result]);
             }
+        }
+        for result in [MOVE_MOVED, MOVE_FAILED] {
+            self.cluster.moves.with_label_values(&[result]);
         }
     }
 
@@ -985,6 +1018,20 @@ impl Metrics {
     /// epoch.
     pub fn home_conflict(&self) {
         self.cluster.home_conflicts.inc();
+    }
+
+    /// Counts a domain move run by this replica; a successful one with how long the
+    /// domain was frozen.
+    pub fn domain_move(&self, frozen: Option<std::time::Duration>) {
+        let result = if frozen.is_some() {
+            MOVE_MOVED
+        } else {
+            MOVE_FAILED
+        };
+        self.cluster.moves.with_label_values(&[result]).inc();
+        if let Some(f) = frozen {
+            self.cluster.move_frozen.observe(f.as_secs_f64());
+        }
     }
 
     /// Counts a forwarded session offered on the replica listener: accepted, or rejected
@@ -1182,6 +1229,13 @@ mod tests {
 
         m.home_conflict();
         assert_eq!(c.home_conflicts.get(), 1);
+
+        m.domain_move(Some(std::time::Duration::from_millis(300)));
+        m.domain_move(None);
+        let moves = |r| c.moves.with_label_values(&[r]).get();
+        assert_eq!((moves(MOVE_MOVED), moves(MOVE_FAILED)), (1, 1));
+        assert_eq!(c.move_frozen.get_sample_count(), 1);
+        assert!((c.move_frozen.get_sample_sum() - 0.3).abs() < 1e-9);
 
         m.inbound(ForwardProtocol::Smtp, true);
         m.inbound(ForwardProtocol::Smtp, false);
