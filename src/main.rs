@@ -362,6 +362,7 @@ fn cluster_status_here(config: &Config, json: bool) -> Result<Response> {
         let redis = mailgate::redis_conn::RedisConn::open(
             locks.redis_url.expose(),
             locks.redis_ca_file.as_deref(),
+            locks.redis_sentinels().as_ref(),
             locks.redis_timeout(),
         )?;
         let metrics = Arc::new(mailgate::metrics::Metrics::new(locks.backend.name())?);
@@ -493,6 +494,7 @@ fn check_locks(config: &Config) -> Result<()> {
                 let conn = RedisConn::open(
                     locks.redis_url.expose(),
                     locks.redis_ca_file.as_deref(),
+                    locks.redis_sentinels().as_ref(),
                     locks.redis_timeout(),
                 )?;
                 conn.ping().await
