@@ -85,6 +85,7 @@ fn redis_for(env: &[Value], ca: &TestCa, ca_file: Option<&str>) -> LocalRedis {
         requirepass: user.is_empty().then(|| password.to_string()),
         acl_user: (!user.is_empty()).then(|| (user.to_string(), password.to_string())),
         tls,
+        replicaof: None,
     };
     let server = RedisServer::start_with(opts);
     let url = format!("{scheme}://{userinfo}@127.0.0.1:{}/{db}", server.port);
