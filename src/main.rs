@@ -489,7 +489,15 @@ fn check_locks(config: &Config) -> Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let url = locks.redis_url.to_string();
+            let url = match locks.redis_sentinels() {
+                None => locks.redis_url.to_string(),
+                Some(s) => format!(
+                    "{} (master {:?} named by sentinels {})",
+                    locks.redis_url,
+                    s.master,
+                    s.addrs.join(", ")
+                ),
+            };
             let rtt = runtime.block_on(async {
                 let conn = RedisConn::open(
                     locks.redis_url.expose(),

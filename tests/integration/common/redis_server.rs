@@ -17,7 +17,8 @@ pub struct RedisOptions {
     pub acl_user: Option<(String, String)>,
     /// TLS only (no plaintext port): certificate, key and the CA that issued them.
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
-    /// `replicaof 127.0.0.1 PORT`: a replica of the redis-server on that port.
+    /// `replicaof 127.0.0.1 PORT`: a replica of the redis-server on that port (with
+    /// `requirepass` as `masterauth`).
     pub replicaof: Option<u16>,
 }
 
@@ -103,6 +104,9 @@ impl RedisServer {
         }
         if let Some(master) = self.opts.replicaof {
             cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+            if let Some(pw) = &self.opts.requirepass {
+                cmd.args(["--masterauth", pw]);
+            }
         }
         if let Some((user, pw)) = &self.opts.acl_user {
             cmd.args(["--user", "default", "off"]);

@@ -24,15 +24,15 @@ pub struct Sentinel {
 }
 
 impl Sentinel {
-    /// A sentinel watching the master on `master_port` (quorum 2).
-    fn start(master_port: u16) -> Sentinel {
+    /// A sentinel watching the master on `master_port` (quorum 2), with its password.
+    fn start(master_port: u16, password: Option<&str>) -> Sentinel {
         for _ in 0..5 {
             let mut s = Sentinel {
                 port: free_port(),
                 dir: tempfile::tempdir().expect("sentinel dir"),
                 child: None,
             };
-            if s.spawn(master_port) {
+            if s.spawn(master_port, password) {
                 return s;
             }
         }
@@ -43,7 +43,7 @@ impl Sentinel {
         self.dir.path().join("sentinel.log")
     }
 
-    fn spawn(&mut self, master_port: u16) -> bool {
+    fn spawn(&mut self, master_port: u16, password: Option<&str>) -> bool {
         let conf = self.dir.path().join("sentinel.conf");
         let text = format!(
             "port {port}\nbind 127.0.0.1\ndaemonize no\ndir \"{dir}\"\nlogfile \"{log}\"\n\
@@ -55,7 +55,10 @@ impl Sentinel {
             dir = self.dir.path().display(),
             log = self.log_path().display(),
         );
-        std::fs::write(&conf, text).expect("sentinel.conf");
+        let auth = password
+            .map(|pw| format!("sentinel auth-pass {MASTER_NAME} {pw}\n"))
+            .unwrap_or_default();
+        std::fs::write(&conf, text + &auth).expect("sentinel.conf");
         let mut child = Command::new("redis-server")
             .arg(&conf)
             .arg("--sentinel")
@@ -116,13 +119,25 @@ impl SentinelSet {
     /// Master, replica and three sentinels, returned once every sentinel knows the
     /// replica and the two other sentinels (only then can they agree on a failover).
     pub fn start() -> SentinelSet {
+        Self::start_with(None)
+    }
+
+    /// The same, with `password` as `requirepass` on master and replica (the sentinels
+    /// themselves ask for none).
+    pub fn start_with(password: Option<&str>) -> SentinelSet {
         require_tool("redis-server");
-        let master = RedisServer::start();
+        let opts = RedisOptions {
+            requirepass: password.map(str::to_owned),
+            ..RedisOptions::default()
+        };
+        let master = RedisServer::start_with(opts.clone());
         let replica = RedisServer::start_with(RedisOptions {
             replicaof: Some(master.port),
-            ..RedisOptions::default()
+            ..opts
         });
-        let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
+        let sentinels: Vec<Sentinel> = (0..3)
+            .map(|_| Sentinel::start(master.port, password))
+            .collect();
         let set = SentinelSet {
             master,
             replica,
