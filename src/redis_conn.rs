@@ -410,7 +410,9 @@ impl RedisConn {
                 if let Some(manager) = self.cached() {
                     return Ok(manager);
                 }
-                let found = sentinel.async_get_client().await?;
+                // Boxed: the crate's lookup is a deep future, and every caller's future
+                // would otherwise contain it (past rustc's layout depth limit in POP3 login).
+                let found = Box::pin(sentinel.async_get_client()).await?;
                 let address = found.get_connection_info().addr().to_string();
                 let manager =
                     ConnectionManager::new_lazy_with_config(found, self.inner.config.clone())?;
