@@ -402,6 +402,7 @@ async fn coordination(
             let conn = RedisConn::open(
                 locks.redis_url.expose(),
                 locks.redis_ca_file.as_deref(),
+                locks.redis_sentinels().as_ref(),
                 locks.redis_timeout(),
             )?;
             match conn.ping().await {

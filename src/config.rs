@@ -402,6 +402,12 @@ pub struct LocksConfig {
     pub redis_url: RedisUrl,
     /// PEM CA certificates trusted for `rediss://` instead of the system roots.
     pub redis_ca_file: Option<PathBuf>,
+    /// Redis Sentinel addresses (`host:port`): when set, the master is the one these name
+    /// as `redis_sentinel_master` and the connection follows a failover; `redis_url` then
+    /// gives only the database, the credentials and TLS. Empty: `redis_url`'s host.
+    pub redis_sentinels: Vec<String>,
+    /// The name the sentinels monitor the master under; required with `redis_sentinels`.
+    pub redis_sentinel_master: String,
     /// Lifetime of a Redis lock without renewal: how long a crashed replica's maildrops
     /// stay locked. Sessions renew every third of it.
     pub ttl_secs: u64,
@@ -416,6 +422,8 @@ impl Default for LocksConfig {
             backend: LockBackendKind::Local,
             redis_url: RedisUrl::new("redis://127.0.0.1:6379/0"),
             redis_ca_file: None,
+            redis_sentinels: Vec::new(),
+            redis_sentinel_master: String::new(),
             ttl_secs: 30,
             redis_timeout_ms: 1000,
         }
@@ -428,6 +436,13 @@ impl LocksConfig {
     }
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
+    }
+    /// The Sentinel set to ask for the master, or `None` for `redis_url`'s host.
+    pub fn redis_sentinels(&self) -> Option<crate::redis_conn::Sentinels> {
+        (!self.redis_sentinels.is_empty()).then(|| crate::redis_conn::Sentinels {
+            addrs: self.redis_sentinels.clone(),
+            master: self.redis_sentinel_master.clone(),
+        })
     }
 }
 
@@ -953,6 +968,21 @@ impl Config {
         if l.redis_timeout_ms == 0 {
             return invalid("locks.redis_timeout_ms", "must be greater than 0".into());
         }
+        if l.redis_sentinels.is_empty() && !l.redis_sentinel_master.is_empty() {
+            return invalid(
+                "locks.redis_sentinel_master",
+                "is only used with locks.redis_sentinels; name the sentinels too".into(),
+            );
+        }
+        if let Some(sentinels) = l.redis_sentinels() {
+            match crate::redis_conn::check_sentinels(&sentinels) {
+                Err(crate::redis_conn::RedisConnError::InvalidSentinel { key, message }) => {
+                    return invalid(key, message)
+                }
+                Err(e) => return invalid("locks.redis_sentinels", e.to_string()),
+                Ok(()) => {}
+            }
+        }
         // A renewal, started a third of the TTL before the session would give the lock
         // up, must end (at worst by timing out) before the lock can expire.
         if l.ttl_secs.saturating_mul(1000) < l.redis_timeout_ms.saturating_mul(3) {
@@ -1321,6 +1351,110 @@ mod tests {
             assert!(!err.contains("hunter2"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn redis_sentinels_from_file_and_env() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "m.toml",
+                r#"
+                [locks]
+                backend = "redis"
+                redis_url = "redis://:hunter2hunter2@ignored-host:6379/3"
+                redis_sentinels = ["10.0.0.5:26379", "sentinel-1.redis:26379", "[::1]:26380"]
+                redis_sentinel_master = "mymaster"
+                "#,
+            )?;
+            let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
+            let s = c.locks.redis_sentinels().expect("sentinels set");
+            assert_eq!(
+                s.addrs,
+                ["10.0.0.5:26379", "sentinel-1.redis:26379", "[::1]:26380"]
+            );
+            assert_eq!(s.master, "mymaster");
+            let shown = format!("{c:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+
+            jail.set_env(
+                "MAILGATE_LOCKS__REDIS_SENTINELS",
+                "[\"127.0.0.1:26379\",\"127.0.0.1:26380\"]",
+            );
+            jail.set_env("MAILGATE_LOCKS__REDIS_SENTINEL_MASTER", "other");
+            let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
+            let s = c.locks.redis_sentinels().expect("sentinels set");
+            assert_eq!(s.addrs, ["127.0.0.1:26379", "127.0.0.1:26380"]);
+            assert_eq!(s.master, "other");
+            Ok(())
+        });
+        // Empty (the default): redis_url's host, as before.
+        Jail::expect_with(|_| {
+            let c = load_in_jail(None).map_err(|e| e.to_string())?;
+            assert!(c.locks.redis_sentinels.is_empty());
+            assert_eq!(c.locks.redis_sentinels(), None);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redis_sentinel_errors_name_the_key() {
+        let base =
+            "[locks]\nbackend = \"redis\"\nredis_url = \"redis://:hunter2hunter2@h:6379/0\"\n";
+        let cases: &[(&str, &str)] = &[
+            // The master name is required with sentinels.
+            (
+                "redis_sentinels = [\"127.0.0.1:26379\"]\n",
+                "locks.redis_sentinel_master",
+            ),
+            (
+                "redis_sentinels = [\"127.0.0.1:26379\"]\nredis_sentinel_master = \"my master\"\n",
+                "locks.redis_sentinel_master",
+            ),
+            // A master name without sentinels does nothing: say so.
+            (
+                "redis_sentinel_master = \"mymaster\"\n",
+                "locks.redis_sentinel_master",
+            ),
+            (
+                "redis_sentinels = [\"127.0.0.1\"]\nredis_sentinel_master = \"m\"\n",
+                "locks.redis_sentinels",
+            ),
+            (
+                "redis_sentinels = [\"127.0.0.1:0\"]\nredis_sentinel_master = \"m\"\n",
+                "locks.redis_sentinels",
+            ),
+            (
+                "redis_sentinels = [\"h:99999\"]\nredis_sentinel_master = \"m\"\n",
+                "locks.redis_sentinels",
+            ),
+            (
+                "redis_sentinels = [\":26379\"]\nredis_sentinel_master = \"m\"\n",
+                "locks.redis_sentinels",
+            ),
+            (
+                "redis_sentinels = [\"::1:26379\"]\nredis_sentinel_master = \"m\"\n",
+                "locks.redis_sentinels",
+            ),
+            (
+                "redis_sentinels = [\"redis://h:26379\"]\nredis_sentinel_master = \"m\"\n",
+                "locks.redis_sentinels",
+            ),
+            (
+                "redis_sentinels = [\"127.0.0.1:26379\", \"\"]\nredis_sentinel_master = \"m\"\n",
+                "locks.redis_sentinels",
+            ),
+            ("redis_sentinels = \"127.0.0.1:26379\"\n", "redis_sentinels"),
+        ];
+        for (extra, key) in cases {
+            let text = format!("{base}{extra}");
+            Jail::expect_with(|jail| {
+                jail.create_file("c.toml", &text)?;
+                let err = load_in_jail(Some("c.toml")).expect_err(&text).to_string();
+                assert!(err.contains(key), "{text}: {err}");
+                assert!(!err.contains("hunter2"), "{text}: {err}");
+                Ok(())
+            });
+        }
     }
 
     #[test]

@@ -471,6 +471,7 @@ fn cluster_status_here(config: &Config, json: bool) -> Result<Response> {
         let redis = mailgate::redis_conn::RedisConn::open(
             locks.redis_url.expose(),
             locks.redis_ca_file.as_deref(),
+            locks.redis_sentinels().as_ref(),
             locks.redis_timeout(),
         )?;
         let metrics = Arc::new(mailgate::metrics::Metrics::new(locks.backend.name())?);
@@ -597,11 +598,20 @@ fn check_locks(config: &Config) -> Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let url = locks.redis_url.to_string();
+            let url = match locks.redis_sentinels() {
+                None => locks.redis_url.to_string(),
+                Some(s) => format!(
+                    "{} (master {:?} named by sentinels {})",
+                    locks.redis_url,
+                    s.master,
+                    s.addrs.join(", ")
+                ),
+            };
             let rtt = runtime.block_on(async {
                 let conn = RedisConn::open(
                     locks.redis_url.expose(),
                     locks.redis_ca_file.as_deref(),
+                    locks.redis_sentinels().as_ref(),
                     locks.redis_timeout(),
                 )?;
                 conn.ping().await

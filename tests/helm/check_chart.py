@@ -475,6 +475,12 @@ def check_release(objects, values, where, repo, out):
                 if "PASSWORD" in e["name"]:
                     check("secretKeyRef" in e.get("valueFrom", {}), where, f"{e['name']} must come from a Secret")
             redis = {"env": env_list}
+        ext = values.get("redis", {}).get("external", {})
+        sentinels = ext.get("sentinels") or []
+        check(locks.get("redis_sentinels", []) == sentinels, where, "redis_sentinels from redis.external.sentinels")
+        check(locks.get("redis_sentinel_master", "") == (ext.get("sentinelMaster", "") if sentinels else ""), where, "redis_sentinel_master from redis.external.sentinelMaster")
+        if redis is not None and sentinels:
+            redis["sentinel_master"] = locks["redis_sentinel_master"]
         ca = locks.get("redis_ca_file")
         if ca:
             volume, key = volume_file(ca)
@@ -624,6 +630,10 @@ REFUSED = [
     ("a domain without its certificate Secret", {"domains": [{"name": "example.org", "tls": {"dnsNames": ["mail.example.org"]}}]}, ["domains[0] (example.org): tls.secretName"]),
     ("cert-manager without an issuer", {"tls": {"secretName": "", "certManager": {"enabled": True, "dnsNames": ["mail.example.com"]}}}, ["tls.certManager.issuerRef.name"]),
     ("Redis locks without a Redis", {"config": {"locks": {"backend": "redis"}}}, ["config.locks.backend=redis: set redis.external.host"]),
+    ("sentinels without a master name", {"config": {"locks": {"backend": "redis"}}, "redis": {"external": {"sentinels": ["s-0:26379"]}}}, ["redis.external.sentinels: set redis.external.sentinelMaster"]),
+    ("a master name without sentinels", {"config": {"locks": {"backend": "redis"}}, "redis": {"external": {"host": "redis", "sentinelMaster": "mymaster"}}}, ["redis.external.sentinelMaster is only used with redis.external.sentinels"]),
+    ("sentinels beside the in-chart Redis", merged(REDIS, {"redis": {"external": {"sentinels": ["s-0:26379"], "sentinelMaster": "mymaster"}}}), ["redis: use either redis.internal.enabled or an external Redis"]),
+    ("a sentinel address without a port", {"redis": {"external": {"sentinels": ["s-0"]}}}, ["/redis/external/sentinels/0"]),
     ("PROXY without trusted networks", {"listeners": {"pop3s": {"proxyProtocol": True}}}, ["proxyProtocolSettings.trustedNetworks"]),
     ("a grace period shorter than the drain", {"config": {"limits": {"shutdown_grace_secs": 60}}}, ["terminationGracePeriodSeconds=30 must be at least"]),
     ("accounts without domains", {"provisioning": {"accountsSecret": "accounts"}}, ["provisioning.accountsSecret"]),

@@ -11,6 +11,7 @@
 //! self-signed one in the data dir.
 
 use crate::common::redis_server::{RedisOptions, RedisServer};
+use crate::common::sentinel::{SentinelSet, MASTER_NAME};
 use crate::common::{TestCa, BIN};
 use mailgate::auth::{make_credentials, HashParams};
 use serde_json::Value;
@@ -39,14 +40,22 @@ fn put(path: &str, contents: &[u8]) {
 /// The Redis the rendered URL would reach, here: the same scheme, user and password, on
 /// 127.0.0.1 (with a certificate for it when the URL says rediss://).
 struct LocalRedis {
-    /// Runs until the check is done (stopped on drop).
-    _server: RedisServer,
+    /// Runs until the check is done (stopped on drop); none behind sentinels.
+    _server: Option<RedisServer>,
     url: String,
+    /// With `redis.external.sentinels`: a Sentinel set whose master has the same
+    /// password, standing in for the rendered sentinels.
+    sentinels: Option<SentinelSet>,
 }
 
 /// Expands the container's env as the kubelet would, with `password` for the Redis
 /// password Secret, and starts a redis-server matching the resulting URL.
-fn redis_for(env: &[Value], ca: &TestCa, ca_file: Option<&str>) -> LocalRedis {
+fn redis_for(
+    env: &[Value],
+    ca: &TestCa,
+    ca_file: Option<&str>,
+    sentinel_master: Option<&str>,
+) -> LocalRedis {
     const PASSWORD: &str = "k8s-secret-0123456789";
     let mut vars: BTreeMap<String, String> = BTreeMap::new();
     for e in env {
@@ -75,6 +84,19 @@ fn redis_for(env: &[Value], ca: &TestCa, ca_file: Option<&str>) -> LocalRedis {
     let (_, db) = hostpart.split_once('/').expect("db");
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
     assert_eq!(password, PASSWORD, "the Secret's password is in the URL");
+    if let Some(master) = sentinel_master {
+        assert_eq!(master, MASTER_NAME, "the ci values name the test's master");
+        assert!(
+            user.is_empty() && scheme == "redis",
+            "sentinel ci values: requirepass only"
+        );
+        // Nothing listens on port 1: check-config passes only through the sentinels.
+        return LocalRedis {
+            _server: None,
+            url: format!("redis://:{PASSWORD}@127.0.0.1:1/{db}"),
+            sentinels: Some(SentinelSet::start_with(Some(PASSWORD))),
+        };
+    }
     let tls = (scheme == "rediss").then(|| {
         let (cert, key) = ca.issue("redis", &["127.0.0.1", "localhost"]);
         let ca_file = ca_file.expect("rediss:// with a private CA needs redis_ca_file");
@@ -85,12 +107,14 @@ fn redis_for(env: &[Value], ca: &TestCa, ca_file: Option<&str>) -> LocalRedis {
         requirepass: user.is_empty().then(|| password.to_string()),
         acl_user: (!user.is_empty()).then(|| (user.to_string(), password.to_string())),
         tls,
+        replicaof: None,
     };
     let server = RedisServer::start_with(opts);
     let url = format!("{scheme}://{userinfo}@127.0.0.1:{}/{db}", server.port);
     LocalRedis {
-        _server: server,
+        _server: Some(server),
         url,
+        sentinels: None,
     }
 }
 
@@ -198,6 +222,7 @@ fn chart_renders_validates_and_its_config_passes_check_config() {
                 r["env"].as_array().expect("env"),
                 &ca,
                 ca_file.as_deref(),
+                r["sentinel_master"].as_str(),
             )),
         };
         assert_eq!(redis.is_some(), needs["backend"] == "redis", "{name}");
@@ -207,6 +232,14 @@ fn chart_renders_validates_and_its_config_passes_check_config() {
             .env("MAILGATE_LOG", "warn");
         if let Some(r) = &redis {
             cmd.env("MAILGATE_LOCKS__REDIS_URL", &r.url);
+            // The rendered sentinels are cluster names: point at the local ones.
+            if let Some(set) = &r.sentinels {
+                let list: Vec<String> = set.addrs().iter().map(|a| format!("\"{a}\"")).collect();
+                cmd.env(
+                    "MAILGATE_LOCKS__REDIS_SENTINELS",
+                    format!("[{}]", list.join(",")),
+                );
+            }
         }
         for (k, v) in needs["env"].as_object().expect("env") {
             cmd.env(k, v.as_str().expect("env value"));

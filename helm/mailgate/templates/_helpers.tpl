@@ -242,6 +242,10 @@ cluster-secret
 {{- if and (eq (toString $locks.backend) "redis") .Values.redis.external.caSecret -}}
 {{- $_ := set $locks "redis_ca_file" (include "mailgate.redisCaPath" .) -}}
 {{- end -}}
+{{- if and (eq (toString $locks.backend) "redis") .Values.redis.external.sentinels -}}
+{{- $_ := set $locks "redis_sentinels" .Values.redis.external.sentinels -}}
+{{- $_ := set $locks "redis_sentinel_master" .Values.redis.external.sentinelMaster -}}
+{{- end -}}
 {{- $_ := set $c "locks" $locks -}}
 {{- $_ := unset $c "cluster" -}}
 {{- if include "mailgate.clustered" . -}}
@@ -379,8 +383,9 @@ cluster-secret
 {{- else if $ext.username }}
 {{- $auth = printf "%s@" $ext.username }}
 {{- end }}
+{{- /* With sentinels the URL's host is never used: they name the master. */}}
 - name: MAILGATE_LOCKS__REDIS_URL
-  value: {{ printf "%s://%s%s:%d/%d" (ternary "rediss" "redis" $ext.tls) $auth $ext.host (int $ext.port) (int $ext.db) | quote }}
+  value: {{ printf "%s://%s%s:%d/%d" (ternary "rediss" "redis" $ext.tls) $auth ($ext.host | default "sentinel-master") (int $ext.port) (int $ext.db) | quote }}
 {{- end }}
 {{- end -}}
 
@@ -500,10 +505,15 @@ cluster-secret
 {{- end -}}
 {{- $ext := $v.redis.external -}}
 {{- if eq $backend "redis" -}}
-{{- if and $v.redis.internal.enabled (or $ext.host $ext.urlSecret) -}}
-{{- $errors = append $errors "redis: use either redis.internal.enabled or an external Redis (redis.external.host / urlSecret), not both" -}}
-{{- else if not (or $v.redis.internal.enabled $ext.host $ext.urlSecret) -}}
-{{- $errors = append $errors "config.locks.backend=redis: set redis.external.host (or redis.external.urlSecret) for an external Redis, or redis.internal.enabled=true" -}}
+{{- if and $v.redis.internal.enabled (or $ext.host $ext.urlSecret $ext.sentinels) -}}
+{{- $errors = append $errors "redis: use either redis.internal.enabled or an external Redis (redis.external.host / urlSecret / sentinels), not both" -}}
+{{- else if not (or $v.redis.internal.enabled $ext.host $ext.urlSecret $ext.sentinels) -}}
+{{- $errors = append $errors "config.locks.backend=redis: set redis.external.host (or redis.external.urlSecret, or redis.external.sentinels) for an external Redis, or redis.internal.enabled=true" -}}
+{{- end -}}
+{{- if and $ext.sentinels (not $ext.sentinelMaster) -}}
+{{- $errors = append $errors "redis.external.sentinels: set redis.external.sentinelMaster, the name the sentinels monitor the master under" -}}
+{{- else if and $ext.sentinelMaster (not $ext.sentinels) -}}
+{{- $errors = append $errors "redis.external.sentinelMaster is only used with redis.external.sentinels" -}}
 {{- end -}}
 {{- if and $ext.caSecret (not (or $ext.tls $ext.urlSecret)) -}}
 {{- $errors = append $errors "redis.external.caSecret is only used with redis.external.tls=true (rediss://)" -}}

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod postfix;
 pub mod redis_server;
+pub mod sentinel;
 pub mod swaks;
 
 use std::io::{BufRead, BufReader, Write};

@@ -17,6 +17,9 @@ pub struct RedisOptions {
     pub acl_user: Option<(String, String)>,
     /// TLS only (no plaintext port): certificate, key and the CA that issued them.
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// `replicaof 127.0.0.1 PORT`: a replica of the redis-server on that port (with
+    /// `requirepass` as `masterauth`).
+    pub replicaof: Option<u16>,
 }
 
 pub struct RedisServer {
@@ -98,6 +101,12 @@ impl RedisServer {
         }
         if let Some(pw) = &self.opts.requirepass {
             cmd.args(["--requirepass", pw]);
+        }
+        if let Some(master) = self.opts.replicaof {
+            cmd.args(["--replicaof", "127.0.0.1", &master.to_string()]);
+            if let Some(pw) = &self.opts.requirepass {
+                cmd.args(["--masterauth", pw]);
+            }
         }
         if let Some((user, pw)) = &self.opts.acl_user {
             cmd.args(["--user", "default", "off"]);
@@ -229,6 +238,17 @@ impl Drop for RedisServer {
             let _ = child.wait();
         }
     }
+}
+
+/// One command to any Redis (or Sentinel) on a 127.0.0.1 port, without AUTH; `None`
+/// when nothing answers.
+pub fn command_at(port: u16, args: &[&str]) -> Option<Resp> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut writer = stream;
+    send(&mut writer, args);
+    Some(read(&mut reader))
 }
 
 fn send(w: &mut TcpStream, args: &[&str]) {
