@@ -457,7 +457,17 @@ impl Cluster {
                 return;
             }
         };
-        *lock(&self.local) = copies.iter().cloned().collect();
+        {
+            let mut local = lock(&self.local);
+            let mut read: HashMap<String, u64> = copies.iter().cloned().collect();
+            // A moved-in copy told to serve while this pass listed it still read 0 here.
+            for (domain, epoch) in read.iter_mut() {
+                if *epoch == 0 {
+                    *epoch = local.get(domain).copied().unwrap_or(0);
+                }
+            }
+            *local = read;
+        }
         // Views no longer usable are dropped, so removed domains do not stay behind.
         lock(&self.views).retain(|_, v| v.read.elapsed() < self.ttl);
         const STATES: [HomeState; 5] = [

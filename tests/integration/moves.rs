@@ -668,3 +668,71 @@ async fn a_new_replica_fills_by_rebalance_and_empties_by_drain() {
         "{plan}"
     );
 }
+
+/// The home is killed during its move's grace: the domain stays frozen everywhere until
+/// the move's lease expires, the target drops its partial copy, and the restarted home
+/// serves the domain again (one epoch up) with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_killed_mid_move_gets_its_domain_back() {
+    let mut c = cluster();
+    let joe = user("joe");
+    for n in 0..5 {
+        c.replicas[1].deliver(&joe, &message(&format!("m{n}"), 50));
+    }
+    let before = listing(&c.replicas[1], &joe).await;
+    let _held = login(&c.replicas[0], &joe).await.expect("joe");
+    let config = c.replicas[2].config.clone();
+    let mover = std::thread::spawn(move || {
+        crate::common::cli(
+            &config,
+            &[
+                "domain",
+                "move",
+                DOMAIN,
+                "--to",
+                "mailgate-1",
+                "--grace",
+                "30",
+            ],
+            b"",
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.home_record(DOMAIN).get("state").map(String::as_str) != Some("moving") {
+        assert!(!mover.is_finished(), "the move ended before the freeze");
+        assert!(Instant::now() < deadline, "never frozen:\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    c.replicas[0].kill9();
+    let out = mover.join().expect("mover");
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    // Frozen while the home is away: every replica answers "try later".
+    let refused = login(&c.replicas[2], &joe).await.err().expect("refused");
+    assert!(refused.starts_with("-ERR [SYS/TEMP]"), "{refused}");
+    let staging = c.replicas[1]
+        .dir
+        .path()
+        .join("data/domains/.incoming-move.example");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while staging.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the target kept its partial copy"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.replicas[0].spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.home_record(DOMAIN).get("state").map(String::as_str) != Some("active") {
+        assert!(Instant::now() < deadline, "still frozen:\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let record = c.home_record(DOMAIN);
+    assert_eq!(
+        (record["home"].as_str(), record["epoch"].as_str()),
+        ("mailgate-0", "2")
+    );
+    assert_eq!(listing(&c.replicas[2], &joe).await, before);
+    c.replicas[1].deliver(&joe, &message("after", 2));
+    assert_eq!(listing(&c.replicas[0], &joe).await.len(), before.len() + 1);
+}
