@@ -396,26 +396,7 @@ impl Homes {
 
     /// Every record, sorted by domain.
     pub async fn all(&self) -> Result<Vec<(String, Record)>, HomesError> {
-        let mut cursor: u64 = 0;
-        let mut names = Vec::new();
-        loop {
-            let (next, batch): (u64, Vec<String>) = self
-                .redis
-                .query(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(format!("{HOME_PREFIX}*"))
-                        .arg("COUNT")
-                        .arg(1000),
-                )
-                .await?;
-            names.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
-        }
+        let mut names = self.scan(&format!("{HOME_PREFIX}*")).await?;
         names.sort();
         names.dedup();
         let mut out = Vec::with_capacity(names.len());
@@ -539,9 +520,17 @@ impl Homes {
         Ok(names)
     }
 
-    /// How many keys match `pattern` (a `SCAN` over the keyspace).
+    /// How many keys match `pattern`.
     pub async fn count_keys(&self, pattern: &str) -> Result<usize, HomesError> {
-        let (mut cursor, mut count) = (0u64, 0usize);
+        let mut keys = self.scan(pattern).await?;
+        keys.sort_unstable();
+        keys.dedup();
+        Ok(keys.len())
+    }
+
+    /// The keys matching `pattern` (a `SCAN` over the keyspace; a key may repeat).
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>, HomesError> {
+        let (mut cursor, mut keys) = (0u64, Vec::new());
         loop {
             let (next, batch): (u64, Vec<String>) = self
                 .redis
@@ -554,10 +543,10 @@ impl Homes {
                         .arg(1000),
                 )
                 .await?;
-            count += batch.len();
+            keys.extend(batch);
             cursor = next;
             if cursor == 0 {
-                return Ok(count);
+                return Ok(keys);
             }
         }
     }

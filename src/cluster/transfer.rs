@@ -701,6 +701,44 @@ mod tests {
         msg.commit(store).unwrap().id
     }
 
+    /// A home directory with domain a.org and account u, and an empty target.
+    struct Two {
+        dirs: [tempfile::TempDir; 2],
+        home: Arc<Directory>,
+        target: Arc<Directory>,
+        store: Arc<DomainStore>,
+    }
+
+    type Receiving = tokio::task::JoinHandle<Result<(), TransferError>>;
+
+    impl Two {
+        fn new() -> Two {
+            let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+            let open = |d: &tempfile::TempDir| {
+                Arc::new(Directory::open(d.path(), StoreOptions::default()).unwrap())
+            };
+            let (home, target) = (open(&dirs[0]), open(&dirs[1]));
+            home.add_domain("a.org").unwrap();
+            let store = home.domain("a.org").unwrap();
+            store.create_account("u", &account(1)).unwrap();
+            Two {
+                dirs,
+                home,
+                target,
+                store,
+            }
+        }
+
+        /// A receiver into the target over an in-memory pipe, and its sender.
+        async fn link(&self) -> (Arc<Served>, Receiving, Sender<tokio::io::DuplexStream>) {
+            let (near, far) = tokio::io::duplex(64 * 1024);
+            let served = Arc::new(Served(Mutex::new(Vec::new())));
+            let (t, s2) = (self.target.clone(), served.clone());
+            let receiver = tokio::spawn(async move { receive(far, t, "a.org", s2.as_ref()).await });
+            (served, receiver, Sender::start(near).await.unwrap())
+        }
+    }
+
     fn body(store: &DomainStore, id: u64) -> Vec<u8> {
         let (mut out, mut offset) = (Vec::new(), 0u64);
         loop {
@@ -717,42 +755,33 @@ mod tests {
     /// mail on it gets ids above the home's.
     #[tokio::test(flavor = "multi_thread")]
     async fn two_passes_make_an_equal_copy_that_never_reuses_ids() {
-        let home_dir = tempfile::tempdir().unwrap();
-        let target_dir = tempfile::tempdir().unwrap();
-        let home = Arc::new(Directory::open(home_dir.path(), StoreOptions::default()).unwrap());
-        let target = Arc::new(Directory::open(target_dir.path(), StoreOptions::default()).unwrap());
-        home.add_domain("a.org").unwrap();
-        let store = home.domain("a.org").unwrap();
-        store.create_account("u", &account(1)).unwrap();
+        let t = Two::new();
+        let (home, target, store) = (&t.home, &t.target, &t.store);
         store.create_account("gone", &account(2)).unwrap();
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-        let first = deliver(&store, "u", &big);
-        let second = deliver(&store, "u", b"second\r\n");
-        deliver(&store, "gone", b"x\r\n");
+        let first = deliver(store, "u", &big);
+        let second = deliver(store, "u", b"second\r\n");
+        deliver(store, "gone", b"x\r\n");
 
-        let (near, far) = tokio::io::duplex(64 * 1024);
-        let served = Arc::new(Served(Mutex::new(Vec::new())));
-        let (t, s2) = (target.clone(), served.clone());
-        let receiver = tokio::spawn(async move { receive(far, t, "a.org", s2.as_ref()).await });
-        let mut sender = Sender::start(near).await.unwrap();
+        let (served, receiver, mut sender) = t.link().await;
         let progress = Progress::default();
-        sender.pass(&store, None, &progress).await.unwrap();
+        sender.pass(store, None, &progress).await.unwrap();
         assert_eq!(progress.messages.load(Ordering::Relaxed), 3);
 
         // Meanwhile: a deletion, a seen mark, a new message, an account gone and one
         // new, a password change.
         store.update_maildrop("u", &[first], &[second]).unwrap();
-        let third = deliver(&store, "u", b"third\r\n");
+        let third = deliver(store, "u", b"third\r\n");
         store.remove_account("gone").unwrap();
         store.create_account("new", &account(3)).unwrap();
         store.update_account("u", &account(4)).unwrap();
         home.seal("a.org").unwrap();
         let floor = store.id_floor().unwrap();
         let copy = sender
-            .pass(&store, Some(floor), &Progress::default())
+            .pass(store, Some(floor), &Progress::default())
             .await
             .unwrap();
-        let mine = summarize(&store).unwrap();
+        let mine = summarize(store).unwrap();
         assert_eq!(compare(&mine, &copy), None, "{mine:?} {copy:?}");
         sender.install().await.unwrap();
         assert_eq!(
@@ -785,30 +814,21 @@ mod tests {
     /// sees the link end before install leaves nothing behind.
     #[tokio::test(flavor = "multi_thread")]
     async fn an_interrupted_receive_discards_the_copy() {
-        let home_dir = tempfile::tempdir().unwrap();
-        let target_dir = tempfile::tempdir().unwrap();
-        let home = Arc::new(Directory::open(home_dir.path(), StoreOptions::default()).unwrap());
-        let target = Arc::new(Directory::open(target_dir.path(), StoreOptions::default()).unwrap());
-        home.add_domain("a.org").unwrap();
-        let store = home.domain("a.org").unwrap();
-        store.create_account("u", &account(1)).unwrap();
-        deliver(&store, "u", b"one\r\n");
-        let (near, far) = tokio::io::duplex(64 * 1024);
-        let served = Arc::new(Served(Mutex::new(Vec::new())));
-        let (t, s2) = (target.clone(), served.clone());
-        let receiver = tokio::spawn(async move { receive(far, t, "a.org", s2.as_ref()).await });
-        let mut sender = Sender::start(near).await.unwrap();
+        let t = Two::new();
+        let (target, store) = (&t.target, &t.store);
+        deliver(store, "u", b"one\r\n");
+        let (served, receiver, mut sender) = t.link().await;
         let copy = sender
-            .pass(&store, None, &Progress::default())
+            .pass(store, None, &Progress::default())
             .await
             .unwrap();
-        deliver(&store, "u", b"two\r\n");
-        let mine = summarize(&store).unwrap();
+        deliver(store, "u", b"two\r\n");
+        let mine = summarize(store).unwrap();
         assert!(compare(&mine, &copy).is_some());
         drop(sender);
         assert!(receiver.await.unwrap().is_err());
         assert!(!target.has_domain("a.org"));
-        let left: Vec<_> = std::fs::read_dir(target_dir.path().join("domains"))
+        let left: Vec<_> = std::fs::read_dir(t.dirs[1].path().join("domains"))
             .unwrap()
             .collect();
         assert!(left.is_empty(), "{left:?}");

@@ -12,7 +12,9 @@ use crate::common::cluster::{
 };
 use crate::common::postfix::{Postfix, HOSTNAME};
 use crate::common::redis_server::Resp;
-use crate::common::{fetch_all, message, python, stat_count, Options, Raw, Server, PASSWORD};
+use crate::common::{
+    fetch_all, logged_in, message, pop3s, python, stat_count, Options, Raw, Server, PASSWORD,
+};
 use crate::metrics::metric;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -63,20 +65,6 @@ fn three(replica: Options) -> Cluster {
     cluster
 }
 
-async fn connect(server: &Server) -> Raw {
-    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, SNI).await;
-    let greeting = c.line().await;
-    assert!(greeting.starts_with("+OK"), "{greeting}");
-    c
-}
-
-async fn login(server: &Server, user: &str) -> Raw {
-    let mut c = connect(server).await;
-    let r = c.login(user, PASSWORD).await;
-    assert!(r.starts_with("+OK"), "login {user}: {r}");
-    c
-}
-
 /// Waits until no session holds `user`'s maildrop lock (a session that just ended may
 /// release it a moment after its connection closed).
 async fn unlocked(cluster: &Cluster, user: &str) {
@@ -106,7 +94,7 @@ struct Snapshot {
 }
 
 async fn snapshot(cluster: &Cluster, server: &Server, user: &str) -> Snapshot {
-    let mut c = login(server, user).await;
+    let mut c = logged_in(server, user).await;
     let stat = c.cmd("STAT").await;
     let count = stat_count(&stat);
     let multi = async |c: &mut Raw, cmd: &str| {
@@ -192,23 +180,6 @@ fn logged(server: &Server, n: usize, pred: impl Fn(&str) -> bool) -> usize {
     }
 }
 
-/// One SMTP/LMTP reply, all its lines.
-async fn reply(c: &mut Raw) -> String {
-    let mut text = String::new();
-    loop {
-        let line = c.line().await;
-        text.push_str(&line);
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return text;
-        }
-    }
-}
-
-async fn say(c: &mut Raw, line: &str) -> String {
-    c.send(&format!("{line}\r\n")).await;
-    reply(c).await
-}
-
 /// `message` dot-stuffed and terminated, as DATA sends it.
 fn data(message: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -248,7 +219,7 @@ async fn every_domain_answers_through_every_replica_with_the_homes_bytes() {
         let reference = snapshot(&c, home, &user).await;
         assert_eq!(reference.messages.len(), 3, "{reference:?}");
         let wrong_at_home = {
-            let mut p = connect(home).await;
+            let mut p = pop3s(home).await;
             p.login(&user, "wrong").await
         };
         assert!(wrong_at_home.starts_with("-ERR [AUTH]"), "{wrong_at_home}");
@@ -315,7 +286,7 @@ async fn every_domain_answers_through_every_replica_with_the_homes_bytes() {
             quit(&c, p, &apop).await;
 
             // A wrong password reads as at the home.
-            let mut p = connect(front).await;
+            let mut p = pop3s(front).await;
             assert_eq!(p.login(&user, "wrong").await, wrong_at_home, "{through}");
             quit(&c, p, &user).await;
         }
@@ -354,13 +325,13 @@ async fn a_client_hanging_up_is_not_a_broken_link() {
     let front = &c.replicas[1];
     let user = joe(0);
     // Hangs up after QUIT, politely without, and abruptly without.
-    let p = login(front, &user).await;
+    let p = logged_in(front, &user).await;
     quit(&c, p, &user).await;
-    let mut p = login(front, &user).await;
+    let mut p = logged_in(front, &user).await;
     p.shutdown().await;
     assert!(p.closed().await);
     unlocked(&c, &user).await;
-    let p = login(front, &user).await;
+    let p = logged_in(front, &user).await;
     drop(p);
     unlocked(&c, &user).await;
     let count = |result: &str| {
@@ -398,9 +369,10 @@ async fn lmtp_message_to_three_homes_lands_once_in_each_with_replies_in_rcpt_ord
 
     let front = &c.replicas[1];
     let mut l = Raw::plain_from(other_ip(), front.lmtp.expect("lmtp")).await;
-    assert!(reply(&mut l).await.starts_with("220 "));
-    assert!(say(&mut l, "LHLO mx.test").await.starts_with("250"));
-    assert!(say(&mut l, "MAIL FROM:<sender@example.net>")
+    assert!(l.reply().await.starts_with("220 "));
+    assert!(l.say("LHLO mx.test").await.starts_with("250"));
+    assert!(l
+        .say("MAIL FROM:<sender@example.net>")
         .await
         .starts_with("250"));
     let rcpts = [
@@ -412,10 +384,10 @@ async fn lmtp_message_to_three_homes_lands_once_in_each_with_replies_in_rcpt_ord
         (joe(2), "250 "),
     ];
     for (rcpt, want) in &rcpts {
-        let r = say(&mut l, &format!("RCPT TO:<{rcpt}>")).await;
+        let r = l.say(&format!("RCPT TO:<{rcpt}>")).await;
         assert!(r.starts_with(want), "RCPT {rcpt}: {r}");
     }
-    assert!(say(&mut l, "DATA").await.starts_with("354"));
+    assert!(l.say("DATA").await.starts_with("354"));
     let mut body =
         b"From: sender@example.net\r\nSubject: three homes\r\n\r\n.leading dot\r\n".to_vec();
     for n in 0..200 {
@@ -425,7 +397,7 @@ async fn lmtp_message_to_three_homes_lands_once_in_each_with_replies_in_rcpt_ord
     // One reply per accepted recipient, in RCPT order: joe@a, small@c, joe@b, joe@c.
     let mut replies = Vec::new();
     for _ in 0..4 {
-        replies.push(reply(&mut l).await);
+        replies.push(l.reply().await);
     }
     assert!(replies[0].starts_with("250 2.0.0"), "{replies:?}");
     assert!(
@@ -436,20 +408,21 @@ async fn lmtp_message_to_three_homes_lands_once_in_each_with_replies_in_rcpt_ord
     assert!(replies[3].starts_with("250 2.0.0"), "{replies:?}");
 
     // A second transaction on the same connection, to two remote homes.
-    assert!(say(&mut l, "MAIL FROM:<sender@example.net>")
+    assert!(l
+        .say("MAIL FROM:<sender@example.net>")
         .await
         .starts_with("250"));
     for i in [0, 2] {
-        let r = say(&mut l, &format!("RCPT TO:<{}>", joe(i))).await;
+        let r = l.say(&format!("RCPT TO:<{}>", joe(i))).await;
         assert!(r.starts_with("250"), "{r}");
     }
-    assert!(say(&mut l, "DATA").await.starts_with("354"));
+    assert!(l.say("DATA").await.starts_with("354"));
     l.send_bytes(&data(&message("second", 2))).await;
     for _ in 0..2 {
-        let r = reply(&mut l).await;
+        let r = l.reply().await;
         assert!(r.starts_with("250 2.0.0"), "{r}");
     }
-    assert!(say(&mut l, "QUIT").await.starts_with("221"));
+    assert!(l.say("QUIT").await.starts_with("221"));
 
     for i in 0..3 {
         let stored = fetch_all(&c.replicas[i], &joe(i)).await;
@@ -520,10 +493,10 @@ async fn postfix_delivers_to_every_home_through_one_replica() {
 async fn one_maildrop_is_in_use_through_every_replica() {
     let c = three(Options::default());
     let user = joe(0);
-    let first = login(&c.replicas[1], &user).await;
+    let first = logged_in(&c.replicas[1], &user).await;
     assert!(c.redis.get(&lock_key(&user)).is_some());
     for (r, s) in c.replicas.iter().enumerate() {
-        let mut p = connect(s).await;
+        let mut p = pop3s(s).await;
         let got = p.login(&user, PASSWORD).await;
         assert!(
             got.starts_with("-ERR [IN-USE]"),
@@ -531,11 +504,11 @@ async fn one_maildrop_is_in_use_through_every_replica() {
             replica_name(r)
         );
         // Other maildrops meanwhile, through the same replica.
-        let other = login(s, &joe(2)).await;
+        let other = logged_in(s, &joe(2)).await;
         quit(&c, other, &joe(2)).await;
     }
     quit(&c, first, &user).await;
-    let second = login(&c.replicas[2], &user).await;
+    let second = logged_in(&c.replicas[2], &user).await;
     quit(&c, second, &user).await;
 }
 
@@ -544,7 +517,7 @@ async fn killed_home_fails_only_its_domains_fast_and_recovers_after_restart() {
     let mut c = three(Options::default());
     c.replicas[2].deliver(&joe(0), &message("kept", 2));
     // A session through replica 1 holds a.example's maildrop at its home, mailgate-0.
-    let mut held = login(&c.replicas[1], &joe(0)).await;
+    let mut held = logged_in(&c.replicas[1], &joe(0)).await;
     assert!(held.cmd("DELE 1").await.starts_with("+OK"));
 
     c.replicas[0].kill9();
@@ -555,7 +528,7 @@ async fn killed_home_fails_only_its_domains_fast_and_recovers_after_restart() {
     let limit = CONNECT_TIMEOUT + Duration::from_millis(500);
     for front in [1, 2] {
         let s = &c.replicas[front];
-        let mut p = connect(s).await;
+        let mut p = pop3s(s).await;
         let t = Instant::now();
         let r = p.cmd(&format!("USER {}", joe(0))).await;
         let took = t.elapsed();
@@ -585,32 +558,33 @@ async fn killed_home_fails_only_its_domains_fast_and_recovers_after_restart() {
         );
         // The others answer as before, through either replica.
         for i in [1, 2] {
-            let p = login(s, &joe(i)).await;
+            let p = logged_in(s, &joe(i)).await;
             quit(&c, p, &joe(i)).await;
         }
     }
     // LMTP: 451 4.4.0 at RCPT for the dead home, delivery for the others.
     let mut l = Raw::plain(c.replicas[2].lmtp.expect("lmtp")).await;
-    assert!(reply(&mut l).await.starts_with("220 "));
-    assert!(say(&mut l, "LHLO mx.test").await.starts_with("250"));
-    assert!(say(&mut l, "MAIL FROM:<sender@example.net>")
+    assert!(l.reply().await.starts_with("220 "));
+    assert!(l.say("LHLO mx.test").await.starts_with("250"));
+    assert!(l
+        .say("MAIL FROM:<sender@example.net>")
         .await
         .starts_with("250"));
     let t = Instant::now();
-    let r = say(&mut l, &format!("RCPT TO:<{}>", joe(0))).await;
+    let r = l.say(&format!("RCPT TO:<{}>", joe(0))).await;
     assert!(r.starts_with("451 4.4.0"), "{r}");
     assert!(t.elapsed() < limit, "RCPT answered after {:?}", t.elapsed());
     for i in [1, 2] {
-        let r = say(&mut l, &format!("RCPT TO:<{}>", joe(i))).await;
+        let r = l.say(&format!("RCPT TO:<{}>", joe(i))).await;
         assert!(r.starts_with("250"), "{r}");
     }
-    assert!(say(&mut l, "DATA").await.starts_with("354"));
+    assert!(l.say("DATA").await.starts_with("354"));
     l.send_bytes(&data(&message("while 0 is down", 1))).await;
     for _ in 0..2 {
-        let r = reply(&mut l).await;
+        let r = l.reply().await;
         assert!(r.starts_with("250 2.0.0"), "{r}");
     }
-    assert!(say(&mut l, "QUIT").await.starts_with("221"));
+    assert!(l.say("QUIT").await.starts_with("221"));
     assert_eq!(fetch_all(&c.replicas[1], &joe(1)).await.len(), 1);
 
     // On the dead replica itself, the CLI reads the status without its server, and
@@ -684,7 +658,7 @@ async fn killed_home_fails_only_its_domains_fast_and_recovers_after_restart() {
     c.replicas[0].spawn();
     let restarted = Instant::now();
     loop {
-        let mut p = connect(&c.replicas[1]).await;
+        let mut p = pop3s(&c.replicas[1]).await;
         let r = p.login(&joe(0), PASSWORD).await;
         if r.starts_with("+OK") {
             assert!(
@@ -711,28 +685,28 @@ async fn killed_home_fails_only_its_domains_fast_and_recovers_after_restart() {
         killed.elapsed().as_millis()
     );
     let mut l = Raw::plain(c.replicas[2].lmtp.expect("lmtp")).await;
-    reply(&mut l).await;
-    assert!(say(&mut l, "LHLO mx.test").await.starts_with("250"));
-    assert!(say(&mut l, "MAIL FROM:<>").await.starts_with("250"));
-    let r = say(&mut l, &format!("RCPT TO:<{}>", joe(0))).await;
+    l.reply().await;
+    assert!(l.say("LHLO mx.test").await.starts_with("250"));
+    assert!(l.say("MAIL FROM:<>").await.starts_with("250"));
+    let r = l.say(&format!("RCPT TO:<{}>", joe(0))).await;
     assert!(r.starts_with("250"), "{r}");
-    assert!(say(&mut l, "QUIT").await.starts_with("221"));
+    assert!(l.say("QUIT").await.starts_with("221"));
 
     // A home that accepts connections but never answers (SIGSTOP): the same answers,
     // bounded by cluster.connect_timeout_ms.
     freeze(&c.replicas[0], true);
-    let mut p = connect(&c.replicas[1]).await;
+    let mut p = pop3s(&c.replicas[1]).await;
     let t = Instant::now();
     let r = p.cmd(&format!("USER {}", joe(0))).await;
     let took = t.elapsed();
     assert!(r.starts_with("-ERR [SYS/TEMP]"), "USER, home frozen: {r}");
     assert!(took < limit, "USER answered after {took:?}");
     let mut l = Raw::plain(c.replicas[2].lmtp.expect("lmtp")).await;
-    reply(&mut l).await;
-    assert!(say(&mut l, "LHLO mx.test").await.starts_with("250"));
-    assert!(say(&mut l, "MAIL FROM:<>").await.starts_with("250"));
+    l.reply().await;
+    assert!(l.say("LHLO mx.test").await.starts_with("250"));
+    assert!(l.say("MAIL FROM:<>").await.starts_with("250"));
     let t = Instant::now();
-    let r = say(&mut l, &format!("RCPT TO:<{}>", joe(0))).await;
+    let r = l.say(&format!("RCPT TO:<{}>", joe(0))).await;
     let rcpt_took = t.elapsed();
     freeze(&c.replicas[0], false);
     assert!(r.starts_with("451 4.4.0"), "RCPT, home frozen: {r}");
@@ -934,7 +908,7 @@ async fn throttling_counts_the_original_client_address_at_the_home() {
     }
     // 127.0.0.1 is not.
     for s in [front, home] {
-        let p = login(s, &user).await;
+        let p = logged_in(s, &user).await;
         quit(&c, p, &user).await;
     }
     // The home's log names the client's address for the relayed sessions.
@@ -973,7 +947,7 @@ async fn logins_work_through(c: &Cluster, shift: usize, deadline: Instant) {
     for i in 0..3 {
         let front = &c.replicas[(i + shift) % 3];
         loop {
-            let mut p = connect(front).await;
+            let mut p = pop3s(front).await;
             let r = p.login(&joe(i), PASSWORD).await;
             if r.starts_with("+OK") {
                 quit(c, p, &joe(i)).await;
@@ -1051,7 +1025,7 @@ async fn two_copies_at_one_epoch_hold_the_domain_and_nothing_is_deleted() {
     for (r, s) in c.replicas.iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            let mut p = connect(s).await;
+            let mut p = pop3s(s).await;
             let got = p.cmd(&format!("USER {}", joe(0))).await;
             if got.starts_with("-ERR [SYS/TEMP]") {
                 break;
@@ -1065,14 +1039,14 @@ async fn two_copies_at_one_epoch_hold_the_domain_and_nothing_is_deleted() {
         }
     }
     let mut l = Raw::plain(c.replicas[2].lmtp.expect("lmtp")).await;
-    reply(&mut l).await;
-    assert!(say(&mut l, "LHLO mx.test").await.starts_with("250"));
-    assert!(say(&mut l, "MAIL FROM:<>").await.starts_with("250"));
-    let r = say(&mut l, &format!("RCPT TO:<{}>", joe(0))).await;
+    l.reply().await;
+    assert!(l.say("LHLO mx.test").await.starts_with("250"));
+    assert!(l.say("MAIL FROM:<>").await.starts_with("250"));
+    let r = l.say(&format!("RCPT TO:<{}>", joe(0))).await;
     assert!(r.starts_with("451 "), "{r}");
     // The other domains are unaffected, the replica with the copy's own included.
     for i in [1, 2] {
-        let p = login(&c.replicas[0], &joe(i)).await;
+        let p = logged_in(&c.replicas[0], &joe(i)).await;
         quit(&c, p, &joe(i)).await;
     }
     // Nothing deleted; both replicas count the held domain.
@@ -1118,7 +1092,7 @@ async fn cluster_status_and_domain_commands_from_any_replica() {
     }
     c.replicas[0].add_user("joe@d.example", PASSWORD);
     for s in &c.replicas {
-        let p = login(s, "joe@d.example").await;
+        let p = logged_in(s, "joe@d.example").await;
         quit(&c, p, "joe@d.example").await;
     }
     // Every account of the cluster, whichever replica is asked.
@@ -1219,55 +1193,59 @@ async fn smtp_transaction_stays_on_one_home() {
     let c = three(Options::default());
     let front = &c.replicas[1];
     let mut s = Raw::plain(front.smtp.expect("smtp")).await;
-    assert!(reply(&mut s).await.starts_with("220 "));
-    let ehlo = say(&mut s, "EHLO mx.test").await;
+    assert!(s.reply().await.starts_with("220 "));
+    let ehlo = s.say("EHLO mx.test").await;
     assert!(ehlo.contains("STARTTLS"), "{ehlo}");
-    assert!(say(&mut s, "STARTTLS").await.starts_with("220"));
+    assert!(s.say("STARTTLS").await.starts_with("220"));
     let mut s = s.starttls(&front.ca.ca_pem, SNI).await;
-    assert!(say(&mut s, "EHLO mx.test").await.starts_with("250"));
+    assert!(s.say("EHLO mx.test").await.starts_with("250"));
 
     // First recipient on mailgate-0: a second one there is fine, one elsewhere is not.
     let second_a = format!("ann@{}", DOMAINS[0]);
     c.replicas[2].add_user(&second_a, PASSWORD);
-    assert!(say(&mut s, "MAIL FROM:<sender@example.net>")
+    assert!(s
+        .say("MAIL FROM:<sender@example.net>")
         .await
         .starts_with("250"));
-    let r = say(&mut s, &format!("RCPT TO:<{}>", joe(0))).await;
+    let r = s.say(&format!("RCPT TO:<{}>", joe(0))).await;
     assert!(r.starts_with("250"), "{r}");
     for other in [joe(1), joe(2)] {
-        let r = say(&mut s, &format!("RCPT TO:<{other}>")).await;
+        let r = s.say(&format!("RCPT TO:<{other}>")).await;
         assert!(r.starts_with("452 4.5.3"), "{other}: {r}");
     }
-    let r = say(&mut s, &format!("RCPT TO:<{second_a}>")).await;
+    let r = s.say(&format!("RCPT TO:<{second_a}>")).await;
     assert!(r.starts_with("250"), "{r}");
-    assert!(say(&mut s, "DATA").await.starts_with("354"));
+    assert!(s.say("DATA").await.starts_with("354"));
     s.send_bytes(&data(&message("to a", 2))).await;
-    let r = reply(&mut s).await;
+    let r = s.reply().await;
     assert!(r.starts_with("250 2.0.0"), "{r}");
 
     // The refused ones in their own transactions: the front's own domain, then mailgate-2.
     for i in [1, 2] {
-        assert!(say(&mut s, "MAIL FROM:<sender@example.net>")
+        assert!(s
+            .say("MAIL FROM:<sender@example.net>")
             .await
             .starts_with("250"));
-        let r = say(&mut s, &format!("RCPT TO:<{}>", joe(i))).await;
+        let r = s.say(&format!("RCPT TO:<{}>", joe(i))).await;
         assert!(r.starts_with("250"), "{r}");
-        assert!(say(&mut s, "DATA").await.starts_with("354"));
+        assert!(s.say("DATA").await.starts_with("354"));
         s.send_bytes(&data(&message(&format!("to {i}"), 2))).await;
-        let r = reply(&mut s).await;
+        let r = s.reply().await;
         assert!(r.starts_with("250 2.0.0"), "{r}");
     }
     // A local first recipient: a remote one is refused the same way.
-    assert!(say(&mut s, "MAIL FROM:<sender@example.net>")
+    assert!(s
+        .say("MAIL FROM:<sender@example.net>")
         .await
         .starts_with("250"));
-    assert!(say(&mut s, &format!("RCPT TO:<{}>", joe(1)))
+    assert!(s
+        .say(&format!("RCPT TO:<{}>", joe(1)))
         .await
         .starts_with("250"));
-    let r = say(&mut s, &format!("RCPT TO:<{}>", joe(0))).await;
+    let r = s.say(&format!("RCPT TO:<{}>", joe(0))).await;
     assert!(r.starts_with("452 4.5.3"), "{r}");
-    assert!(say(&mut s, "RSET").await.starts_with("250"));
-    assert!(say(&mut s, "QUIT").await.starts_with("221"));
+    assert!(s.say("RSET").await.starts_with("250"));
+    assert!(s.say("QUIT").await.starts_with("221"));
 
     for (user, home, n) in [
         (joe(0), 0, 1),
@@ -1290,7 +1268,7 @@ async fn smtp_transaction_stays_on_one_home() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_user_name_does_not_leave_the_previous_one_for_pass() {
     let c = three(Options::default());
-    let mut p = connect(&c.replicas[1]).await;
+    let mut p = pop3s(&c.replicas[1]).await;
     // Relayed to mailgate-0 at USER; there b.example is another replica's.
     let r = p.cmd(&format!("USER {}", joe(0))).await;
     assert!(r.starts_with("+OK"), "{r}");

@@ -7,7 +7,7 @@
 
 use crate::common::cluster::{replica_name, Cluster, ClusterOptions};
 use crate::common::{
-    assert_one_holder_at_a_time, message, stat_count, Options, Raw, Server, PASSWORD,
+    assert_one_holder_at_a_time, message, pop3s, stat_count, Options, Raw, Server, PASSWORD,
 };
 use crate::metrics::metric;
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const SNI: &str = "localhost";
 const DOMAIN: &str = "move.example";
 
 fn user(local: &str) -> String {
@@ -34,9 +33,7 @@ fn cli_ok(server: &Server, args: &[&str]) -> String {
 }
 
 async fn login(server: &Server, user: &str) -> Result<Raw, String> {
-    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, SNI).await;
-    let greeting = c.line().await;
-    assert!(greeting.starts_with("+OK"), "{greeting}");
+    let mut c = pop3s(server).await;
     let r = c.cmd(&format!("USER {user}")).await;
     if !r.starts_with("+OK") {
         return Err(r);
@@ -85,41 +82,23 @@ async fn listing(server: &Server, user: &str) -> Vec<(String, String)> {
     out
 }
 
-async fn reply(c: &mut Raw) -> String {
-    let mut text = String::new();
-    loop {
-        let line = c.line().await;
-        text.push_str(&line);
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return text;
-        }
-    }
-}
-
-async fn say(c: &mut Raw, line: &str) -> String {
-    c.send(&format!("{line}\r\n")).await;
-    reply(c).await
-}
-
 /// One LMTP delivery of a message with `subject` to `rcpt` through `server`: the final
 /// reply (RCPT's when it was refused).
 async fn lmtp(server: &Server, rcpt: &str, subject: &str) -> String {
     let mut l = Raw::plain(server.lmtp.expect("lmtp")).await;
-    assert!(reply(&mut l).await.starts_with("220 "));
-    assert!(say(&mut l, "LHLO mx.test").await.starts_with("250"));
-    assert!(say(&mut l, "MAIL FROM:<s@example.net>")
-        .await
-        .starts_with("250"));
-    let r = say(&mut l, &format!("RCPT TO:<{rcpt}>")).await;
+    assert!(l.reply().await.starts_with("220 "));
+    assert!(l.say("LHLO mx.test").await.starts_with("250"));
+    assert!(l.say("MAIL FROM:<s@example.net>").await.starts_with("250"));
+    let r = l.say(&format!("RCPT TO:<{rcpt}>")).await;
     if !r.starts_with("250") {
         return r;
     }
-    assert!(say(&mut l, "DATA").await.starts_with("354"));
+    assert!(l.say("DATA").await.starts_with("354"));
     let mut body = message(subject, 20);
     body.extend_from_slice(b".\r\n");
     l.send_bytes(&body).await;
-    let r = reply(&mut l).await;
-    let _ = say(&mut l, "QUIT").await;
+    let r = l.reply().await;
+    let _ = l.say("QUIT").await;
     r
 }
 
@@ -138,6 +117,35 @@ fn cluster() -> Cluster {
         c.replicas[2].add_user(&user(u), PASSWORD);
     }
     c
+}
+
+/// Starts moving `DOMAIN` to mailgate-1 through replica 2 with a grace of `grace` s and
+/// returns once the record says `moving`; the thread gives the CLI's output.
+async fn frozen_move(c: &Cluster, grace: u64) -> std::thread::JoinHandle<std::process::Output> {
+    let config = c.replicas[2].config.clone();
+    let mover = std::thread::spawn(move || {
+        let grace = grace.to_string();
+        let args = [
+            "domain",
+            "move",
+            DOMAIN,
+            "--to",
+            "mailgate-1",
+            "--grace",
+            &grace,
+        ];
+        crate::common::cli(&config, &args, b"")
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.home_record(DOMAIN).get("state").map(String::as_str) != Some("moving") {
+        if mover.is_finished() {
+            let out = mover.join().expect("mover");
+            panic!("the move ended before the freeze: {out:?}\n{}", c.logs());
+        }
+        assert!(Instant::now() < deadline, "never frozen:\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    mover
 }
 
 #[derive(Default)]
@@ -438,31 +446,7 @@ async fn a_move_whose_target_dies_leaves_the_domain_at_home() {
 
     // Killed after the freeze: a session holds the domain in the grace.
     let mut held = login(&c.replicas[0], &joe).await.expect("joe");
-    let config = c.replicas[2].config.clone();
-    let mover = std::thread::spawn(move || {
-        crate::common::cli(
-            &config,
-            &[
-                "domain",
-                "move",
-                DOMAIN,
-                "--to",
-                "mailgate-1",
-                "--grace",
-                "3",
-            ],
-            b"",
-        )
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.home_record(DOMAIN).get("state").map(String::as_str) != Some("moving") {
-        if mover.is_finished() {
-            let out = mover.join().expect("mover");
-            panic!("the move ended before the freeze: {out:?}\n{}", c.logs());
-        }
-        assert!(Instant::now() < deadline, "never frozen:\n{}", c.logs());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mover = frozen_move(&c, 3).await;
     // Frozen: new logins wait.
     let refused = login(&c.replicas[1], &joe).await.err().expect("refused");
     assert!(refused.starts_with("-ERR [SYS/TEMP]"), "{refused}");
@@ -681,28 +665,7 @@ async fn a_home_killed_mid_move_gets_its_domain_back() {
     }
     let before = listing(&c.replicas[1], &joe).await;
     let _held = login(&c.replicas[0], &joe).await.expect("joe");
-    let config = c.replicas[2].config.clone();
-    let mover = std::thread::spawn(move || {
-        crate::common::cli(
-            &config,
-            &[
-                "domain",
-                "move",
-                DOMAIN,
-                "--to",
-                "mailgate-1",
-                "--grace",
-                "30",
-            ],
-            b"",
-        )
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.home_record(DOMAIN).get("state").map(String::as_str) != Some("moving") {
-        assert!(!mover.is_finished(), "the move ended before the freeze");
-        assert!(Instant::now() < deadline, "never frozen:\n{}", c.logs());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let mover = frozen_move(&c, 30).await;
     c.replicas[0].kill9();
     let out = mover.join().expect("mover");
     assert_eq!(out.status.code(), Some(75), "{out:?}");

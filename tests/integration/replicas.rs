@@ -4,12 +4,12 @@
 
 use crate::common::redis_server::{RedisOptions, RedisServer, Resp};
 use crate::common::{
-    assert_one_holder_at_a_time, cli, message, Options, Raw, Server, TestCa, PASSWORD,
+    assert_one_holder_at_a_time, cli, logged_in, message, pop3s, Options, Raw, Server, TestCa,
+    PASSWORD,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-const SNI: &str = "localhost";
 /// A short lock TTL so crash recovery is quick to test; renewals run every second.
 const TTL: Duration = Duration::from_secs(3);
 const JOE: &str = "joe@example.org";
@@ -41,25 +41,12 @@ fn replicas(redis: &RedisServer, opts: Options, users: &[&str]) -> (Server, Serv
     (a, b)
 }
 
-async fn connect(server: &Server) -> Raw {
-    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, SNI).await;
-    assert!(c.line().await.starts_with("+OK"));
-    c
-}
-
-async fn login(server: &Server, user: &str) -> Raw {
-    let mut c = connect(server).await;
-    let r = c.login(user, PASSWORD).await;
-    assert!(r.starts_with("+OK"), "login {user}: {r}");
-    c
-}
-
 /// The number of messages in a maildrop, read in a session of its own (retrying while a
 /// session that just ended still holds the lock).
 async fn count(server: &Server, user: &str) -> usize {
     let deadline = Instant::now() + TTL * 2;
     loop {
-        let mut c = connect(server).await;
+        let mut c = pop3s(server).await;
         let r = c.login(user, PASSWORD).await;
         if r.starts_with("-ERR [IN-USE]") && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -80,7 +67,7 @@ async fn count(server: &Server, user: &str) -> usize {
 async fn replicas_share_maildrop_locks() {
     let redis = RedisServer::start();
     let (a, b) = replicas(&redis, Options::default(), &[JOE, ANN]);
-    let mut on_a = login(&a, JOE).await;
+    let mut on_a = logged_in(&a, JOE).await;
     let token = redis.get(JOE_KEY).expect("the lock is a key in redis");
     assert_eq!(token.len(), 32, "{token}");
     let Resp::Int(pttl) = redis.cmd(&["PTTL", JOE_KEY]) else {
@@ -88,14 +75,14 @@ async fn replicas_share_maildrop_locks() {
     };
     assert!(pttl > 0 && pttl <= TTL.as_millis() as i64, "{pttl}");
 
-    let mut on_b = connect(&b).await;
+    let mut on_b = pop3s(&b).await;
     for name in [JOE, "JOE@Example.ORG"] {
         let r = on_b.login(name, PASSWORD).await;
         assert!(r.starts_with("-ERR [IN-USE]"), "{name} on B: {r}");
     }
     // Other maildrops are unaffected, on either replica.
     for s in [&a, &b] {
-        let mut ann = login(s, ANN).await;
+        let mut ann = logged_in(s, ANN).await;
         assert!(ann.cmd("QUIT").await.starts_with("+OK"));
     }
     assert!(on_a.cmd("QUIT").await.starts_with("+OK"));
@@ -126,13 +113,13 @@ async fn killed_replica_lock_expires_and_its_deletions_are_not_applied() {
     let (mut a, b) = replicas(&redis, process, &[JOE]);
     a.deliver(JOE, &message("one", 1));
     a.deliver(JOE, &message("two", 1));
-    let mut on_a = login(&a, JOE).await;
+    let mut on_a = logged_in(&a, JOE).await;
     assert!(on_a.cmd("DELE 1").await.starts_with("+OK"));
     assert!(on_a.cmd("DELE 2").await.starts_with("+OK"));
     a.kill9();
     let killed = Instant::now();
 
-    let mut on_b = connect(&b).await;
+    let mut on_b = pop3s(&b).await;
     let r = on_b.login(JOE, PASSWORD).await;
     assert!(r.starts_with("-ERR [IN-USE]"), "A's lock outlives A: {r}");
     let margin = Duration::from_millis(1500);
@@ -167,7 +154,7 @@ async fn killed_replica_lock_expires_and_its_deletions_are_not_applied() {
 async fn recovered(server: &Server) -> Duration {
     let start = Instant::now();
     loop {
-        let mut c = connect(server).await;
+        let mut c = pop3s(server).await;
         let r = c.login(JOE, PASSWORD).await;
         if r.starts_with("+OK") {
             assert!(c.cmd("QUIT").await.starts_with("+OK"));
@@ -200,7 +187,7 @@ async fn redis_outage_ends_sessions_and_fails_logins_fast_then_recovers() {
     a.deliver(JOE, &message("one", 1));
     a.deliver(JOE, &message("two", 1));
     let pid = a.pid();
-    let mut s = login(&a, JOE).await;
+    let mut s = logged_in(&a, JOE).await;
     assert!(s.cmd("DELE 1").await.starts_with("+OK"));
 
     redis.stop();
@@ -289,7 +276,7 @@ async fn stolen_lock_ends_the_owning_session_without_update() {
     a.deliver(JOE, &message("two", 1));
 
     // Deleted behind the session's back: the next renewal finds it gone.
-    let mut s = login(&a, JOE).await;
+    let mut s = logged_in(&a, JOE).await;
     assert!(s.cmd("DELE 1").await.starts_with("+OK"));
     assert_eq!(redis.cmd(&["DEL", JOE_KEY]), Resp::Int(1));
     let line = s.try_line().await.unwrap_or_default();
@@ -300,7 +287,7 @@ async fn stolen_lock_ends_the_owning_session_without_update() {
     assert!(s.closed().await);
 
     // Taken by another owner just before QUIT: UPDATE checks the token and deletes nothing.
-    let mut s = login(&a, JOE).await;
+    let mut s = logged_in(&a, JOE).await;
     assert!(s.cmd("DELE 1").await.starts_with("+OK"));
     assert_eq!(
         redis.cmd(&["SET", JOE_KEY, "someone-else", "PX", "60000"]),
@@ -331,7 +318,7 @@ async fn login_failures_on_one_replica_throttle_the_other() {
     };
     let (a, b) = replicas(&redis, opts, &[JOE, ANN]);
     async fn fail(server: &Server, user: &str, times: usize) {
-        let mut c = connect(server).await;
+        let mut c = pop3s(server).await;
         for _ in 0..times {
             let r = c.login(user, "wrong").await;
             assert!(r.starts_with("-ERR [AUTH]"), "{r}");
@@ -339,7 +326,7 @@ async fn login_failures_on_one_replica_throttle_the_other() {
     }
     // Two failures for joe on A: joe is refused on B, even with the right password.
     fail(&a, JOE, 2).await;
-    let mut c = connect(&b).await;
+    let mut c = pop3s(&b).await;
     let joe_refused = c.login(JOE, PASSWORD).await;
     assert!(
         joe_refused.starts_with("-ERR [LOGIN-DELAY]"),
@@ -347,7 +334,7 @@ async fn login_failures_on_one_replica_throttle_the_other() {
     );
     // A name without an account is counted and refused the same way.
     fail(&b, "nobody@example.org", 2).await;
-    let mut c = connect(&a).await;
+    let mut c = pop3s(&a).await;
     let nobody_refused = c.login("nobody@example.org", PASSWORD).await;
     assert_eq!(
         nobody_refused, joe_refused,
@@ -355,13 +342,13 @@ async fn login_failures_on_one_replica_throttle_the_other() {
     );
     // The IP has four failures of five: ann still gets in, on either replica.
     for s in [&a, &b] {
-        let mut ann = login(s, ANN).await;
+        let mut ann = logged_in(s, ANN).await;
         assert!(ann.cmd("QUIT").await.starts_with("+OK"));
     }
     // A fifth failure from this IP: every login from it is refused on both replicas.
     fail(&b, ANN, 1).await;
     for s in [&a, &b] {
-        let mut c = connect(s).await;
+        let mut c = pop3s(s).await;
         let r = c.login(ANN, PASSWORD).await;
         assert!(r.starts_with("-ERR [LOGIN-DELAY]"), "{r}");
     }
@@ -389,10 +376,10 @@ async fn redis_acl_user_auth_and_the_password_is_never_printed() {
     let a = replica(&redis, Options::default());
     a.with_user(JOE);
     // The ACL user may only touch mailgate:* keys; locks and counters stay inside.
-    let mut s = login(&a, JOE).await;
+    let mut s = logged_in(&a, JOE).await;
     assert!(redis.get(JOE_KEY).is_some());
     assert!(s.cmd("QUIT").await.starts_with("+OK"));
-    let mut c = connect(&a).await;
+    let mut c = pop3s(&a).await;
     assert!(c.login(JOE, "wrong").await.starts_with("-ERR [AUTH]"));
     assert_eq!(
         redis
@@ -435,7 +422,7 @@ async fn redis_acl_user_auth_and_the_password_is_never_printed() {
         ..Options::default()
     });
     b.with_user(JOE);
-    let mut c = connect(&b).await;
+    let mut c = pop3s(&b).await;
     let r = c.login(JOE, PASSWORD).await;
     assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
 
@@ -485,8 +472,8 @@ async fn rediss_with_a_private_ca_and_requirepass() {
         ..Options::default()
     });
     a.with_user(JOE);
-    let mut s = login(&a, JOE).await;
-    let mut other = connect(&a).await;
+    let mut s = logged_in(&a, JOE).await;
+    let mut other = pop3s(&a).await;
     let r = other.login(JOE, PASSWORD).await;
     assert!(r.starts_with("-ERR [IN-USE]"), "{r}");
     assert!(s.cmd("QUIT").await.starts_with("+OK"));
@@ -659,7 +646,7 @@ async fn two_replicas_never_hold_one_maildrop_at_once() {
 async fn slowest_refused_login(server: &Server, n: usize, limit: Duration) -> Duration {
     let mut worst = Duration::ZERO;
     for _ in 0..n {
-        let mut c = connect(server).await;
+        let mut c = pop3s(server).await;
         assert!(c.cmd(&format!("USER {JOE}")).await.starts_with("+OK"));
         let t = Instant::now();
         let r = c.cmd(&format!("PASS {PASSWORD}")).await;

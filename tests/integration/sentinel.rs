@@ -6,12 +6,11 @@
 //! exclusive (`-ERR [IN-USE]`) before and after the failover.
 
 use crate::common::sentinel::{SentinelSet, MASTER_NAME};
-use crate::common::{fetch_all, message, Options, Raw, Server, PASSWORD};
+use crate::common::{fetch_all, logged_in, message, pop3s, Options, Raw, Server, PASSWORD};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const SNI: &str = "localhost";
 /// Long enough that a held lock outlives the failover: the holder retries its renewal
 /// until two thirds of it have passed without a confirmation.
 const TTL: Duration = Duration::from_secs(15);
@@ -38,26 +37,12 @@ fn locks_toml(set: &SentinelSet) -> String {
     )
 }
 
-async fn connect(server: &Server) -> Raw {
-    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, SNI).await;
-    assert!(c.line().await.starts_with("+OK"));
-    c
-}
-
-/// A session that holds `user`'s maildrop.
-async fn login(server: &Server, user: &str) -> Raw {
-    let mut c = connect(server).await;
-    let r = c.login(user, PASSWORD).await;
-    assert!(r.starts_with("+OK"), "login {user}: {r}");
-    c
-}
-
 /// A second login to a held maildrop is refused as in use (retrying while Redis itself
 /// is unavailable, which is a different answer).
 async fn assert_in_use(server: &Server, user: &str) {
     let deadline = Instant::now() + MAX_PAUSE;
     loop {
-        let mut c = connect(server).await;
+        let mut c = pop3s(server).await;
         let r = c.login(user, PASSWORD).await;
         if r.starts_with("-ERR [SYS/TEMP]") && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -71,41 +56,25 @@ async fn assert_in_use(server: &Server, user: &str) {
     }
 }
 
-async fn reply(c: &mut Raw) -> String {
-    let mut text = String::new();
-    loop {
-        let line = c.line().await;
-        text.push_str(&line);
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return text;
-        }
-    }
-}
-
-async fn say(c: &mut Raw, line: &str) -> String {
-    c.send(&format!("{line}\r\n")).await;
-    reply(c).await
-}
-
 /// One LMTP delivery to `rcpt` of a message with `subject`; the reply to the data.
 async fn lmtp_deliver(server: &Server, rcpt: &str, subject: &str) -> String {
     let mut l = Raw::plain(server.lmtp.expect("lmtp")).await;
-    assert!(reply(&mut l).await.starts_with("220 "));
-    assert!(say(&mut l, "LHLO mx.test").await.starts_with("250"));
-    let r = say(&mut l, "MAIL FROM:<sender@example.net>").await;
+    assert!(l.reply().await.starts_with("220 "));
+    assert!(l.say("LHLO mx.test").await.starts_with("250"));
+    let r = l.say("MAIL FROM:<sender@example.net>").await;
     if !r.starts_with("250") {
         return r;
     }
-    let r = say(&mut l, &format!("RCPT TO:<{rcpt}>")).await;
+    let r = l.say(&format!("RCPT TO:<{rcpt}>")).await;
     if !r.starts_with("250") {
         return r;
     }
-    assert!(say(&mut l, "DATA").await.starts_with("354"));
+    assert!(l.say("DATA").await.starts_with("354"));
     let mut data = message(subject, 3);
     data.extend_from_slice(b".\r\n");
     l.send_bytes(&data).await;
-    let r = reply(&mut l).await;
-    let _ = say(&mut l, "QUIT").await;
+    let r = l.reply().await;
+    let _ = l.say("QUIT").await;
     r
 }
 
@@ -127,7 +96,7 @@ async fn service_follows_a_master_failover() {
     assert_eq!(set.master_port(), Some(first_master));
 
     // Before: one session holds joe's maildrop, a second is refused.
-    let mut holder = login(&server, JOE).await;
+    let mut holder = logged_in(&server, JOE).await;
     assert_in_use(&server, JOE).await;
     // The lock has reached the replica, so the failover keeps it.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -170,7 +139,7 @@ async fn service_follows_a_master_failover() {
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) && Instant::now() < bound {
                 let started = Instant::now();
-                let mut c = connect(&server).await;
+                let mut c = pop3s(&server).await;
                 let r = c.login(BOB, PASSWORD).await;
                 let ok = r.starts_with("+OK");
                 if ok {
@@ -229,7 +198,7 @@ async fn service_follows_a_master_failover() {
     assert_in_use(&server, JOE).await;
     assert!(holder.cmd("NOOP").await.starts_with("+OK"));
     assert!(holder.cmd("QUIT").await.starts_with("+OK"));
-    let again = login(&server, JOE).await;
+    let again = logged_in(&server, JOE).await;
     drop(again);
 
     // Deliveries keep going on the new master for a moment, then the load stops.

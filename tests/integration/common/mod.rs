@@ -828,6 +828,24 @@ impl Raw {
         self.line_bytes().await.is_none()
     }
 
+    /// An SMTP/LMTP reply, its continuation lines included.
+    pub async fn reply(&mut self) -> String {
+        let mut text = String::new();
+        loop {
+            let line = self.line().await;
+            text.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return text;
+            }
+        }
+    }
+
+    /// Sends an SMTP/LMTP command line and returns its reply.
+    pub async fn say(&mut self, line: &str) -> String {
+        self.send(&format!("{line}\r\n")).await;
+        self.reply().await
+    }
+
     pub async fn login(&mut self, user: &str, password: &str) -> String {
         let r = self.cmd(&format!("USER {user}")).await;
         assert!(r.starts_with("+OK"), "USER: {r}");
@@ -991,4 +1009,20 @@ pub async fn assert_one_holder_at_a_time(logs: impl Fn() -> Vec<String>) -> Hold
         sessions,
         maildrops,
     }
+}
+
+/// A POP3S connection to `server` (SNI `localhost`), past its greeting.
+pub async fn pop3s(server: &Server) -> Raw {
+    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
+    let greeting = c.line().await;
+    assert!(greeting.starts_with("+OK"), "{greeting}");
+    c
+}
+
+/// A POP3S session of `user` (password [`PASSWORD`]) in the TRANSACTION state.
+pub async fn logged_in(server: &Server, user: &str) -> Raw {
+    let mut c = pop3s(server).await;
+    let r = c.login(user, PASSWORD).await;
+    assert!(r.starts_with("+OK"), "login {user}: {r}");
+    c
 }
