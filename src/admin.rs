@@ -1069,6 +1069,10 @@ async fn forward<R: AsyncRead + Send + Unpin + 'static>(
 /// Every replica and every domain, as lines or one JSON document.
 pub async fn status(cluster: &Arc<Cluster>, json: bool) -> Response {
     let names: Vec<String> = cluster.link.peer_names().map(str::to_owned).collect();
+    let draining = match cluster.homes().draining().await {
+        Ok(d) => d,
+        Err(e) => return temporary(e),
+    };
     let mut replicas = Vec::new();
     for name in &names {
         let answer = ask(cluster, name, &Request::Ping).await;
@@ -1083,6 +1087,7 @@ pub async fn status(cluster: &Arc<Cluster>, json: bool) -> Response {
             "reachable": reachable,
             "version": version,
             "domains": domains,
+            "draining": draining.contains(name),
         }));
     }
     let records = match cluster.homes().all().await {
@@ -1105,22 +1110,26 @@ pub async fn status(cluster: &Arc<Cluster>, json: bool) -> Response {
         return Response::ok(vec![doc.to_string()]);
     }
     let mut lines = vec![format!(
-        "{:<24} {:<10} {:<10} {}",
-        "REPLICA", "REACHABLE", "VERSION", "DOMAINS"
+        "{:<24} {:<10} {:<10} {:<8} {}",
+        "REPLICA", "REACHABLE", "VERSION", "DOMAINS", "DRAINING"
     )];
+    let yes_no = |v: &serde_json::Value| {
+        if v.as_bool() == Some(true) {
+            "yes"
+        } else {
+            "no"
+        }
+    };
     for r in &replicas {
         lines.push(format!(
-            "{:<24} {:<10} {:<10} {}",
+            "{:<24} {:<10} {:<10} {:<8} {}",
             r["name"].as_str().unwrap_or("?"),
-            if r["reachable"].as_bool() == Some(true) {
-                "yes"
-            } else {
-                "no"
-            },
+            yes_no(&r["reachable"]),
             r["version"].as_str().unwrap_or("-"),
             r["domains"]
                 .as_u64()
                 .map_or("-".to_owned(), |n| n.to_string()),
+            yes_no(&r["draining"]),
         ));
     }
     lines.push(String::new());

@@ -734,19 +734,27 @@ impl Cluster {
 
     /// Where `[provision]` would create `domain`: its recorded home if it has one, else
     /// its pin, else the first replica of its rendezvous order over every configured
-    /// replica (not only live ones, so every replica agrees at start).
+    /// replica that is not draining (not only live ones, so every replica agrees at
+    /// start).
     pub async fn provision_home(&self, domain: &str) -> Result<String, ClusterError> {
         let domain = domain.to_ascii_lowercase();
         let read = self.homes.read(&domain, std::iter::empty()).await?;
         if let Some(record) = read.record {
             return Ok(record.home);
         }
+        // Every replica computes the same answer at start: the configured replicas, less
+        // those being drained (a set in Redis), not only the live ones.
+        let draining = self.homes.draining().await?;
         if let Some(pinned) = self.pins.get(&domain) {
-            return Ok(pinned.clone());
+            if !draining.contains(pinned) {
+                return Ok(pinned.clone());
+            }
         }
-        hash::target(&domain, self.link.peer_names(), |_| true)
-            .map(str::to_owned)
-            .ok_or(ClusterError::NoReplica(domain))
+        hash::target(&domain, self.link.peer_names(), |n| {
+            !draining.iter().any(|d| d == n)
+        })
+        .map(str::to_owned)
+        .ok_or(ClusterError::NoReplica(domain))
     }
 
     /// Creates `domain` here as its home: the record first (so no two replicas create

@@ -1165,7 +1165,13 @@ async fn cluster_status_and_domain_commands_from_any_replica() {
         .map(|l| l.split_whitespace().collect())
         .collect();
     assert!(
-        rows.contains(&vec!["REPLICA", "REACHABLE", "VERSION", "DOMAINS"]),
+        rows.contains(&vec![
+            "REPLICA",
+            "REACHABLE",
+            "VERSION",
+            "DOMAINS",
+            "DRAINING"
+        ]),
         "{text}"
     );
     for i in 0..3 {
@@ -1176,7 +1182,8 @@ async fn cluster_status_and_domain_commands_from_any_replica() {
                 name.as_str(),
                 "yes",
                 env!("CARGO_PKG_VERSION"),
-                count.as_str()
+                count.as_str(),
+                "no"
             ]),
             "{text}"
         );

@@ -626,6 +626,17 @@ async fn a_new_replica_fills_by_rebalance_and_empties_by_drain() {
         &["cluster", "drain", "mailgate-3", "--pause-ms", "0"],
     );
     assert!(out.contains("moved to"), "{out}");
+    let status = cli_ok(&c.replicas[2], &["cluster", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
+    let draining: Vec<bool> = (0..4)
+        .map(|i| {
+            status["replicas"][i]["draining"]
+                .as_bool()
+                .expect("draining")
+        })
+        .collect();
+    assert_eq!(draining, [false, false, false, true], "{status}");
+    assert_eq!(status["replicas"][3]["domains"], 0, "{status}");
     let drained = homes(&c);
     assert!(drained.values().all(|h| h != "mailgate-3"), "{drained:?}");
     assert_eq!(
