@@ -449,15 +449,21 @@ async fn bind_metrics(addr: &str) -> Result<Option<tokio::net::TcpListener>, App
     Ok(Some(listener))
 }
 
-/// The server's 32-byte secret, made on first start (mode 0600).
+/// The server's 32-byte secret, made on first start (mode 0600). Made only when the file
+/// does not exist: any other error reading it stops the start, since a new secret would
+/// silently change what it keys.
 fn load_or_create_secret(path: &Path) -> Result<[u8; 32], AppError> {
     let failed = |message: String| AppError::Secret {
         path: path.to_path_buf(),
         message,
     };
-    if let Ok(bytes) = std::fs::read(path) {
-        return <[u8; 32]>::try_from(bytes.as_slice())
-            .map_err(|_| failed("not a 32-byte secret; remove it to make a new one".into()));
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            return <[u8; 32]>::try_from(bytes.as_slice())
+                .map_err(|_| failed("not a 32-byte secret; remove it to make a new one".into()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(failed(format!("cannot read: {e}"))),
     }
     let secret: [u8; 32] = rand::random();
     fsutil::write_atomically(path, &secret, 0o600)
@@ -622,6 +628,30 @@ fn release_freed_memory() {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_secret_is_made_only_when_absent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        let made = load_or_create_secret(&path).expect("made");
+        assert_eq!(load_or_create_secret(&path).expect("read"), made);
+
+        // A file that exists but cannot be read (here ELOOP: a link to itself; EACCES
+        // and EIO go the same way) stops the start and is left as it was.
+        let looped = dir.path().join("looped");
+        std::os::unix::fs::symlink(&looped, &looped).expect("symlink");
+        let err = load_or_create_secret(&looped).expect_err("unreadable");
+        assert!(err.to_string().contains("cannot read"), "{err}");
+        assert!(std::fs::symlink_metadata(&looped)
+            .expect("still there")
+            .file_type()
+            .is_symlink());
+
+        std::fs::write(&path, b"short").expect("write");
+        let err = load_or_create_secret(&path).expect_err("wrong size");
+        assert!(err.to_string().contains("not a 32-byte secret"), "{err}");
+        assert_eq!(std::fs::read(&path).expect("kept"), b"short");
+    }
 
     #[test]
     fn storage_gauges_follow_open_domains_round_robin() {
