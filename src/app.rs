@@ -7,7 +7,7 @@
 
 use crate::admin::{self, AdminError};
 use crate::auth::cache::VerifiedCache;
-use crate::auth::pool::HashPool;
+use crate::auth::pool::{self as hash_pool, HashPool};
 use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::{Config, Listener, LockBackendKind};
 use crate::delivery::Quotas;
@@ -147,7 +147,7 @@ pub fn open_directory(config: &Config) -> Result<Directory, AppError> {
 /// certificate or address stops it before anything is created or bound.
 pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
     tls::install_crypto_provider();
-    let plan = Plan::load(&config.provision)?;
+    let plan = Plan::load(&config.provision, &config.auth.argon2)?;
     create_data_dir(&config.data_dir)?;
     let (default, self_signed) = default_cert_paths(&config);
     if self_signed && tls::ensure_self_signed(&default, &config.hostname)? {
@@ -187,11 +187,10 @@ pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
         metrics.clone(),
         TlsAcceptor::from(tls.server_config()),
     ));
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let logins = Accounts {
         directory: directory.clone(),
         throttle,
-        hasher: HashPool::new(threads).map_err(AppError::Hasher)?,
+        hasher: hash_pool(&config)?,
         verified: VerifiedCache::new(
             Duration::from_secs(config.auth.cache_ttl_secs),
             config.auth.cache_entries,
@@ -447,6 +446,30 @@ async fn bind_metrics(addr: &str) -> Result<Option<tokio::net::TcpListener>, App
     let local = listener.local_addr().map_err(bind_error)?;
     info!(listener = "metrics", addr = %local, "listening");
     Ok(Some(listener))
+}
+
+/// The password hashing threads: one per CPU (or `auth.hash_threads`), no more than fit
+/// in the hashing memory budget, so a pod's memory limit holds on a node with many CPUs.
+fn hash_pool(config: &Config) -> Result<HashPool, AppError> {
+    let auth = &config.auth;
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let budget = hash_pool::memory_budget(auth.hash_memory_mib, hash_pool::cgroup_memory_limit());
+    let per_thread = auth.argon2.max_memory_bytes();
+    let threads = hash_pool::thread_count(auth.hash_threads, cpus, budget, per_thread);
+    if auth.hash_threads > threads {
+        warn!(
+            requested = auth.hash_threads,
+            threads, "auth.hash_threads cut to what the hashing memory budget holds"
+        );
+    }
+    info!(
+        threads,
+        queue = auth.hash_queue,
+        budget_mib = budget.map(|b| b / (1024 * 1024)),
+        per_thread_mib = per_thread / (1024 * 1024),
+        "password hashing pool"
+    );
+    HashPool::new(threads, auth.hash_queue, auth.argon2).map_err(AppError::Hasher)
 }
 
 /// The server's 32-byte secret, made on first start (mode 0600). Made only when the file
