@@ -7,7 +7,7 @@
 
 use crate::admin::{self, AdminError};
 use crate::auth::cache::VerifiedCache;
-use crate::auth::pool::HashPool;
+use crate::auth::pool::{self as hash_pool, HashPool};
 use crate::cluster::{self, Cluster, ClusterError};
 use crate::config::{Config, Listener, LockBackendKind};
 use crate::delivery::Quotas;
@@ -147,7 +147,7 @@ pub fn open_directory(config: &Config) -> Result<Directory, AppError> {
 /// certificate or address stops it before anything is created or bound.
 pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
     tls::install_crypto_provider();
-    let plan = Plan::load(&config.provision)?;
+    let plan = Plan::load(&config.provision, &config.auth.argon2)?;
     create_data_dir(&config.data_dir)?;
     let (default, self_signed) = default_cert_paths(&config);
     if self_signed && tls::ensure_self_signed(&default, &config.hostname)? {
@@ -187,11 +187,10 @@ pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
         metrics.clone(),
         TlsAcceptor::from(tls.server_config()),
     ));
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let logins = Accounts {
         directory: directory.clone(),
         throttle,
-        hasher: HashPool::new(threads).map_err(AppError::Hasher)?,
+        hasher: hash_pool(&config)?,
         verified: VerifiedCache::new(
             Duration::from_secs(config.auth.cache_ttl_secs),
             config.auth.cache_entries,
@@ -449,15 +448,45 @@ async fn bind_metrics(addr: &str) -> Result<Option<tokio::net::TcpListener>, App
     Ok(Some(listener))
 }
 
-/// The server's 32-byte secret, made on first start (mode 0600).
+/// The password hashing threads: one per CPU (or `auth.hash_threads`), no more than fit
+/// in the hashing memory budget, so a pod's memory limit holds on a node with many CPUs.
+fn hash_pool(config: &Config) -> Result<HashPool, AppError> {
+    let auth = &config.auth;
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let budget = hash_pool::memory_budget(auth.hash_memory_mib, hash_pool::cgroup_memory_limit());
+    let per_thread = auth.argon2.max_memory_bytes();
+    let threads = hash_pool::thread_count(auth.hash_threads, cpus, budget, per_thread);
+    if auth.hash_threads > threads {
+        warn!(
+            requested = auth.hash_threads,
+            threads, "auth.hash_threads cut to what the hashing memory budget holds"
+        );
+    }
+    info!(
+        threads,
+        queue = auth.hash_queue,
+        budget_mib = budget.map(|b| b / (1024 * 1024)),
+        per_thread_mib = per_thread / (1024 * 1024),
+        "password hashing pool"
+    );
+    HashPool::new(threads, auth.hash_queue, auth.argon2).map_err(AppError::Hasher)
+}
+
+/// The server's 32-byte secret, made on first start (mode 0600). Made only when the file
+/// does not exist: any other error reading it stops the start, since a new secret would
+/// silently change what it keys.
 fn load_or_create_secret(path: &Path) -> Result<[u8; 32], AppError> {
     let failed = |message: String| AppError::Secret {
         path: path.to_path_buf(),
         message,
     };
-    if let Ok(bytes) = std::fs::read(path) {
-        return <[u8; 32]>::try_from(bytes.as_slice())
-            .map_err(|_| failed("not a 32-byte secret; remove it to make a new one".into()));
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            return <[u8; 32]>::try_from(bytes.as_slice())
+                .map_err(|_| failed("not a 32-byte secret; remove it to make a new one".into()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(failed(format!("cannot read: {e}"))),
     }
     let secret: [u8; 32] = rand::random();
     fsutil::write_atomically(path, &secret, 0o600)
@@ -622,6 +651,30 @@ fn release_freed_memory() {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_secret_is_made_only_when_absent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        let made = load_or_create_secret(&path).expect("made");
+        assert_eq!(load_or_create_secret(&path).expect("read"), made);
+
+        // A file that exists but cannot be read (here ELOOP: a link to itself; EACCES
+        // and EIO go the same way) stops the start and is left as it was.
+        let looped = dir.path().join("looped");
+        std::os::unix::fs::symlink(&looped, &looped).expect("symlink");
+        let err = load_or_create_secret(&looped).expect_err("unreadable");
+        assert!(err.to_string().contains("cannot read"), "{err}");
+        assert!(std::fs::symlink_metadata(&looped)
+            .expect("still there")
+            .file_type()
+            .is_symlink());
+
+        std::fs::write(&path, b"short").expect("write");
+        let err = load_or_create_secret(&path).expect_err("wrong size");
+        assert!(err.to_string().contains("not a 32-byte secret"), "{err}");
+        assert_eq!(std::fs::read(&path).expect("kept"), b"short");
+    }
 
     #[test]
     fn storage_gauges_follow_open_domains_round_robin() {

@@ -565,6 +565,15 @@ pub struct AuthConfig {
     pub cache_ttl_secs: u64,
     /// Most remembered logins.
     pub cache_entries: usize,
+    /// Password hashing threads; 0 = one per CPU. Either way no more than fit in the
+    /// hashing memory budget (`hash_memory_mib`).
+    pub hash_threads: usize,
+    /// Logins that may wait for a hashing thread; more are answered [SYS/TEMP] at once.
+    pub hash_queue: usize,
+    /// Memory the hashing threads may use, in MiB, each counted at the largest hash it
+    /// may verify (`auth::HashParams::max_memory_bytes`); 0 = half the cgroup's memory
+    /// limit, or no bound without one.
+    pub hash_memory_mib: u64,
 }
 
 impl Default for AuthConfig {
@@ -573,6 +582,9 @@ impl Default for AuthConfig {
             argon2: HashParams::default(),
             cache_ttl_secs: 300,
             cache_entries: 100_000,
+            hash_threads: 0,
+            hash_queue: 64,
+            hash_memory_mib: 0,
         }
     }
 }
@@ -820,6 +832,7 @@ impl Config {
                 self.delivery.transaction_timeout_secs,
             ),
             ("tls.reload_interval_secs", self.tls.reload_interval_secs),
+            ("auth.hash_queue", self.auth.hash_queue as u64),
             (
                 "proxy_protocol.header_timeout_secs",
                 self.proxy_protocol.header_timeout_secs,

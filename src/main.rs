@@ -558,7 +558,7 @@ fn check_config(config: &Config) -> Result<u8> {
 
 /// Reads the provisioning plan as `serve` would, so a bad accounts file fails here.
 fn check_provision(config: &Config) -> Result<()> {
-    let plan = Plan::load(&config.provision)?;
+    let plan = Plan::load(&config.provision, &config.auth.argon2)?;
     if !plan.domains.is_empty() || config.provision.accounts_file.is_some() {
         println!(
             "provision: {} domain(s), {} account(s) created at start when absent",

@@ -4,7 +4,7 @@
 //! password and mail, and nothing is removed when a line goes away.
 //! Must not log, print or return a password hash, not even in an error.
 
-use crate::auth::{self, Credentials};
+use crate::auth::{self, Credentials, HashParams};
 use crate::config::ProvisionConfig;
 use crate::store::{self, Account, Address, Directory, StoreError};
 use std::collections::{BTreeSet, HashMap};
@@ -72,7 +72,7 @@ pub struct Report {
 impl Plan {
     /// Reads and checks the configuration: domain names, and every line of the accounts
     /// file (address, argon2id PHC hash, domain listed, no address twice).
-    pub fn load(config: &ProvisionConfig) -> Result<Plan, ProvisionError> {
+    pub fn load(config: &ProvisionConfig, hashes: &HashParams) -> Result<Plan, ProvisionError> {
         let mut domains = Vec::new();
         for name in &config.domains {
             let name = store::validate_domain(name).map_err(|source| ProvisionError::Store {
@@ -86,7 +86,7 @@ impl Plan {
         let accounts = match &config.accounts_file {
             Some(path) => {
                 let listed: BTreeSet<&str> = domains.iter().map(String::as_str).collect();
-                parse_accounts(path, &read_bounded(path)?, &listed)?
+                parse_accounts(path, &read_bounded(path)?, &listed, hashes)?
             }
             None => Vec::new(),
         };
@@ -181,6 +181,7 @@ pub fn parse_accounts(
     path: &Path,
     text: &str,
     domains: &BTreeSet<&str>,
+    hashes: &HashParams,
 ) -> Result<Vec<PlannedAccount>, ProvisionError> {
     let mut accounts = Vec::new();
     let mut seen: HashMap<Address, usize> = HashMap::new();
@@ -209,7 +210,7 @@ pub fn parse_accounts(
                 "domain of {address} is not in provision.domains"
             )));
         }
-        let credentials = auth::credentials_from_phc(phc)
+        let credentials = auth::credentials_from_phc(phc, hashes)
             .map_err(|e| bad(format!("password hash of {address}: {e}")))?;
         if let Some(first) = seen.insert(address.clone(), line) {
             return Err(bad(format!("{address} is already on line {first}")));
@@ -226,7 +227,7 @@ pub fn parse_accounts(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{make_credentials, verify_password, HashParams};
+    use crate::auth::{make_credentials, verify_password};
     use crate::store::StoreOptions;
 
     fn phc(password: &str) -> String {
@@ -254,7 +255,8 @@ mod tests {
             "# accounts\n\n  joe@Example.ORG {a}\r\nann@example.net\t\t{b}  \n   # indented comment\n"
         );
         let domains = BTreeSet::from(["example.org", "example.net"]);
-        let accounts = parse_accounts(Path::new("f"), &text, &domains).unwrap();
+        let accounts =
+            parse_accounts(Path::new("f"), &text, &domains, &HashParams::cheap()).unwrap();
         let found: Vec<(String, usize)> = accounts
             .iter()
             .map(|p| (p.address.to_string(), p.line))
@@ -266,7 +268,11 @@ mod tests {
                 ("ann@example.net".to_string(), 4)
             ]
         );
-        assert!(verify_password(&accounts[0].credentials, b"a"));
+        assert!(verify_password(
+            &accounts[0].credentials,
+            b"a",
+            &HashParams::cheap()
+        ));
         assert!(accounts[0].credentials.scram.is_none());
         let shown = format!("{accounts:?}");
         assert!(!shown.contains(&a) && !shown.contains("argon2"), "{shown}");
@@ -295,6 +301,18 @@ mod tests {
                 "only argon2id",
             ),
             (
+                format!("joe@example.org {}", good.replace("m=1024,", "m=1048576,")),
+                "costs above the accepted maximum (m=1048576, t=1, p=1)",
+            ),
+            (
+                format!("joe@example.org {}", good.replace("t=1,", "t=1000,")),
+                "costs above the accepted maximum",
+            ),
+            (
+                format!("joe@example.org {}", good.replace("p=1$", "p=64$")),
+                "costs above the accepted maximum",
+            ),
+            (
                 format!("joe@example.org {}", &good[..good.len() - 44]),
                 "password hash of joe@example.org",
             ),
@@ -310,9 +328,14 @@ mod tests {
         ];
         for (text, expected) in cases {
             let text = format!("# header\n{text}\n");
-            let err = parse_accounts(Path::new("/etc/mailgate/accounts"), &text, &domains)
-                .expect_err(&text)
-                .to_string();
+            let err = parse_accounts(
+                Path::new("/etc/mailgate/accounts"),
+                &text,
+                &domains,
+                &HashParams::cheap(),
+            )
+            .expect_err(&text)
+            .to_string();
             assert!(
                 err.starts_with("accounts file /etc/mailgate/accounts, line "),
                 "{err}"
@@ -325,6 +348,7 @@ mod tests {
             Path::new("f"),
             &format!("# a\n\njoe@example.org {good}\nx\n"),
             &domains,
+            &HashParams::cheap(),
         )
         .expect_err("line 4")
         .to_string();
@@ -334,23 +358,32 @@ mod tests {
     #[test]
     fn load_checks_domains_and_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let plan = Plan::load(&config(
-            dir.path(),
-            &["Example.org", "example.org", "example.net"],
-            None,
-        ))
+        let plan = Plan::load(
+            &config(
+                dir.path(),
+                &["Example.org", "example.org", "example.net"],
+                None,
+            ),
+            &HashParams::cheap(),
+        )
         .unwrap();
         assert_eq!(plan.domains, vec!["example.org", "example.net"]);
         assert!(plan.accounts.is_empty());
 
-        let err = Plan::load(&config(dir.path(), &["bad domain"], None)).unwrap_err();
+        let err = Plan::load(
+            &config(dir.path(), &["bad domain"], None),
+            &HashParams::cheap(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("bad domain"), "{err}");
 
         let missing = ProvisionConfig {
             domains: vec![],
             accounts_file: Some(dir.path().join("absent")),
         };
-        let err = Plan::load(&missing).unwrap_err().to_string();
+        let err = Plan::load(&missing, &HashParams::cheap())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("absent") && err.contains("No such file"),
             "{err}"
@@ -359,19 +392,25 @@ mod tests {
         let huge = dir.path().join("huge");
         let file = std::fs::File::create(&huge).unwrap();
         file.set_len(MAX_ACCOUNTS_FILE_BYTES + 1).unwrap();
-        let err = Plan::load(&ProvisionConfig {
-            domains: vec![],
-            accounts_file: Some(huge),
-        })
+        let err = Plan::load(
+            &ProvisionConfig {
+                domains: vec![],
+                accounts_file: Some(huge),
+            },
+            &HashParams::cheap(),
+        )
         .unwrap_err();
         assert!(matches!(err, ProvisionError::TooLarge { .. }), "{err}");
 
         let binary = dir.path().join("binary");
         std::fs::write(&binary, [0xff, 0xfe, b'\n']).unwrap();
-        let err = Plan::load(&ProvisionConfig {
-            domains: vec![],
-            accounts_file: Some(binary),
-        })
+        let err = Plan::load(
+            &ProvisionConfig {
+                domains: vec![],
+                accounts_file: Some(binary),
+            },
+            &HashParams::cheap(),
+        )
         .unwrap_err()
         .to_string();
         assert!(err.contains("not UTF-8"), "{err}");
@@ -394,7 +433,10 @@ mod tests {
             phc("replaced?")
         );
         let cfg = config(dir.path(), &["example.org", "example.net"], Some(&text));
-        let report = Plan::load(&cfg).unwrap().apply(&directory).unwrap();
+        let report = Plan::load(&cfg, &HashParams::cheap())
+            .unwrap()
+            .apply(&directory)
+            .unwrap();
         assert_eq!(
             report,
             Report {
@@ -414,10 +456,17 @@ mod tests {
             .account("joe")
             .unwrap()
             .unwrap();
-        assert!(verify_password(&joe.credentials, b"joe's"));
+        assert!(verify_password(
+            &joe.credentials,
+            b"joe's",
+            &HashParams::cheap()
+        ));
 
         // A second start changes nothing.
-        let again = Plan::load(&cfg).unwrap().apply(&directory).unwrap();
+        let again = Plan::load(&cfg, &HashParams::cheap())
+            .unwrap()
+            .apply(&directory)
+            .unwrap();
         assert_eq!(
             again,
             Report {

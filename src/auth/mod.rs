@@ -23,6 +23,22 @@ const SALT_LEN: usize = 16;
 /// The lowest SCRAM iteration count RFC 7677 §4 lets a server announce.
 pub const MIN_SCRAM_ITERATIONS: u32 = 4096;
 
+/// Default PBKDF2 rounds of new SCRAM-SHA-256 keys. The keys sit beside the argon2id hash,
+/// so a leaked store is as weak as its weaker half: 4096 rounds (RFC 7677's floor) cost an
+/// attacker about 1/25 of this. Every SCRAM login costs the client these rounds (about
+/// 75 ms of one core); the server pays them only when it makes keys (`user passwd`, or
+/// the re-key at a login). OWASP's 600 000 would cost clients ~0.7 s per login.
+pub const DEFAULT_SCRAM_ITERATIONS: u32 = 100_000;
+
+/// The largest argon2id memory cost (KiB) of a hash this server imports or verifies,
+/// unless the configured cost is larger: RFC 9106's second recommendation (64 MiB). An
+/// imported hash asking for more would make every login to it cost that much memory.
+pub const MAX_HASH_MEMORY_KIB: u32 = 64 * 1024;
+/// The largest argon2id time cost of an imported or verified hash, unless configured higher.
+pub const MAX_HASH_ITERATIONS: u32 = 10;
+/// The most argon2id lanes of an imported or verified hash, unless configured higher.
+pub const MAX_HASH_PARALLELISM: u32 = 8;
+
 /// The salt `dummy_verify` hashes with; any fixed value works because the output is thrown away.
 const DUMMY_SALT: [u8; SALT_LEN] = *b"mailgate-dummy!!";
 
@@ -69,6 +85,29 @@ impl HashParams {
         Ok(())
     }
 
+    /// The costliest hash this server accepts with these as its configured costs: the
+    /// `MAX_HASH_*` ceiling, raised to the configured costs where those are higher.
+    pub fn ceiling(&self) -> HashParams {
+        HashParams {
+            memory_kib: self.memory_kib.max(MAX_HASH_MEMORY_KIB),
+            iterations: self.iterations.max(MAX_HASH_ITERATIONS),
+            parallelism: self.parallelism.max(MAX_HASH_PARALLELISM),
+            scram_iterations: self.scram_iterations,
+        }
+    }
+
+    /// Bytes of argon2 working memory one verification may need at most (see `ceiling`).
+    pub fn max_memory_bytes(&self) -> u64 {
+        u64::from(self.ceiling().memory_kib) * 1024
+    }
+
+    /// argon2 blocks (1 KiB each) a hash made with these costs works in.
+    pub fn block_count(&self) -> usize {
+        Params::new(self.memory_kib, self.iterations, self.parallelism, None)
+            .unwrap_or_default()
+            .block_count()
+    }
+
     /// The argon2id hasher these costs describe.
     fn argon2(&self) -> Result<Argon2<'static>, AuthError> {
         let params = Params::new(self.memory_kib, self.iterations, self.parallelism, None)
@@ -83,7 +122,7 @@ impl Default for HashParams {
             memory_kib: 19 * 1024,
             iterations: 2,
             parallelism: 1,
-            scram_iterations: 4096,
+            scram_iterations: DEFAULT_SCRAM_ITERATIONS,
         }
     }
 }
@@ -161,21 +200,62 @@ impl std::fmt::Debug for Credentials {
 /// The two use independent random salts, so the stored SCRAM salt says nothing about the
 /// argon2id one.
 pub fn make_credentials(password: &str, params: &HashParams) -> Result<Credentials, AuthError> {
+    hash_credentials(password.as_bytes(), params, true)
+}
+
+/// The argon2id hash of `password`, and its SCRAM keys when `with_scram`.
+fn hash_credentials(
+    password: &[u8],
+    params: &HashParams,
+    with_scram: bool,
+) -> Result<Credentials, AuthError> {
     params.validate()?;
     let salt = SaltString::generate(&mut OsRng);
     let phc = params
         .argon2()?
-        .hash_password(password.as_bytes(), &salt)
+        .hash_password(password, &salt)
         .map_err(|e| AuthError::Hash(e.to_string()))?
         .to_string();
-    let mut scram_salt = [0u8; SALT_LEN];
-    OsRng.fill_bytes(&mut scram_salt);
-    let scram = ScramKeys::derive(password.as_bytes(), &scram_salt, params.scram_iterations);
+    let scram = with_scram.then(|| {
+        let mut scram_salt = [0u8; SALT_LEN];
+        OsRng.fill_bytes(&mut scram_salt);
+        ScramKeys::derive(password, &scram_salt, params.scram_iterations)
+    });
     Ok(Credentials {
         phc,
-        scram: Some(scram),
+        scram,
         apop_secret: None,
     })
+}
+
+/// Whether credentials were made with less than the configured costs: an argon2id cost
+/// below the configured one, or SCRAM keys with fewer rounds (whose `i=` would also tell
+/// an old account from a new one). Unparsable hashes never verify, so never need it.
+pub fn needs_upgrade(creds: &Credentials, params: &HashParams) -> bool {
+    let Ok(parsed) = ParsedHash::parse(&creds.phc) else {
+        return false;
+    };
+    let p = &parsed.params;
+    p.m_cost() < params.memory_kib
+        || p.t_cost() < params.iterations
+        || p.p_cost() < params.parallelism
+        || creds
+            .scram
+            .as_ref()
+            .is_some_and(|keys| keys.iterations < params.scram_iterations)
+}
+
+/// New credentials at the configured costs for a password just verified against
+/// `creds` (blocking, costly): fresh salts, SCRAM keys only if `creds` had them, the same
+/// APOP secret.
+pub fn upgraded(
+    creds: &Credentials,
+    password: &[u8],
+    params: &HashParams,
+) -> Result<Credentials, AuthError> {
+    let mut new = hash_credentials(password, params, creds.scram.is_some())?;
+    new.apop_secret.clone_from(&creds.apop_secret);
+    Ok(new)
 }
 
 /// Why a PHC string cannot serve as an account's password hash. The messages never
@@ -194,13 +274,17 @@ pub enum PhcError {
     Salt,
     #[error("hash output is missing or of an unusable length")]
     Output,
+    #[error("argon2 costs above the accepted maximum (m={m}, t={t}, p={p})")]
+    TooCostly { m: u32, t: u32, p: u32 },
 }
 
 /// Credentials from an argon2id PHC string alone (no SCRAM keys, no APOP secret), for
 /// accounts whose password the server never sees. The string must be one that
-/// `verify_password` can check, so an account created from it can log in.
-pub fn credentials_from_phc(phc: &str) -> Result<Credentials, PhcError> {
+/// `verify_password` can check, so an account created from it can log in, and its costs
+/// may not exceed `params.ceiling()` (the configured costs being `params`).
+pub fn credentials_from_phc(phc: &str, params: &HashParams) -> Result<Credentials, PhcError> {
     let parsed = ParsedHash::parse(phc)?;
+    parsed.within(&params.ceiling())?;
     if parsed.algorithm != Algorithm::Argon2id {
         return Err(PhcError::Algorithm(parsed.algorithm.as_str().to_string()));
     }
@@ -225,6 +309,16 @@ struct ParsedHash {
 }
 
 impl ParsedHash {
+    /// `TooCostly` when any cost is above `ceiling`'s.
+    fn within(&self, ceiling: &HashParams) -> Result<(), PhcError> {
+        let p = &self.params;
+        let (m, t, lanes) = (p.m_cost(), p.t_cost(), p.p_cost());
+        if m > ceiling.memory_kib || t > ceiling.iterations || lanes > ceiling.parallelism {
+            return Err(PhcError::TooCostly { m, t, p: lanes });
+        }
+        Ok(())
+    }
+
     fn parse(phc: &str) -> Result<ParsedHash, PhcError> {
         let hash = PasswordHash::new(phc).map_err(|_| PhcError::Syntax)?;
         let algorithm = Algorithm::try_from(hash.algorithm)
@@ -264,18 +358,27 @@ impl ParsedHash {
 /// Checks a cleartext password against the argon2id hash (blocking, costly).
 ///
 /// The costs come from the PHC string, so hashes made under older parameters still verify.
-/// An unparsable hash never matches. The comparison is constant-time.
-pub fn verify_password(creds: &Credentials, password: &[u8]) -> bool {
-    verify_password_in(creds, password, &mut Vec::new())
+/// An unparsable hash, or one costlier than `params.ceiling()`, never matches. The
+/// comparison is constant-time.
+pub fn verify_password(creds: &Credentials, password: &[u8], params: &HashParams) -> bool {
+    verify_password_in(creds, password, params, &mut Vec::new())
 }
 
 /// `verify_password` with caller-owned argon2 working memory, grown as needed and kept,
 /// so a long-lived hashing thread allocates its blocks once instead of per login (the
 /// allocator would otherwise keep tens of MiB per thread arena).
-pub fn verify_password_in(creds: &Credentials, password: &[u8], memory: &mut Vec<Block>) -> bool {
+pub fn verify_password_in(
+    creds: &Credentials,
+    password: &[u8],
+    params: &HashParams,
+    memory: &mut Vec<Block>,
+) -> bool {
     let Ok(parsed) = ParsedHash::parse(&creds.phc) else {
         return false;
     };
+    if parsed.within(&params.ceiling()).is_err() {
+        return false;
+    }
     let blocks = parsed.params.block_count();
     if memory.len() < blocks {
         memory.resize(blocks, Block::default());
@@ -341,7 +444,11 @@ mod tests {
             creds.phc
         );
         assert!(creds.apop_secret.is_none());
-        assert!(verify_password(&creds, b"correct horse"));
+        assert!(verify_password(
+            &creds,
+            b"correct horse",
+            &HashParams::cheap()
+        ));
         for wrong in [
             &b""[..],
             b"correct hors",
@@ -349,7 +456,10 @@ mod tests {
             b"Correct horse",
             b"\0",
         ] {
-            assert!(!verify_password(&creds, wrong), "{wrong:?}");
+            assert!(
+                !verify_password(&creds, wrong, &HashParams::cheap()),
+                "{wrong:?}"
+            );
         }
     }
 
@@ -379,8 +489,12 @@ mod tests {
     #[test]
     fn non_ascii_password_round_trips() {
         let creds = make_credentials("pässwörd ☃", &HashParams::cheap()).unwrap();
-        assert!(verify_password(&creds, "pässwörd ☃".as_bytes()));
-        assert!(!verify_password(&creds, b"passwort"));
+        assert!(verify_password(
+            &creds,
+            "pässwörd ☃".as_bytes(),
+            &HashParams::cheap()
+        ));
+        assert!(!verify_password(&creds, b"passwort", &HashParams::cheap()));
     }
 
     #[test]
@@ -392,7 +506,7 @@ mod tests {
         };
         let creds = make_credentials("pw", &params).unwrap();
         assert!(creds.phc.contains("m=2048,t=2,p=1"), "{}", creds.phc);
-        assert!(verify_password(&creds, b"pw"));
+        assert!(verify_password(&creds, b"pw", &HashParams::cheap()));
     }
 
     #[test]
@@ -418,27 +532,38 @@ mod tests {
                 phc: phc.clone(),
                 ..good.clone()
             };
-            assert!(!verify_password(&creds, b"pw"), "{phc:?}");
+            assert!(
+                !verify_password(&creds, b"pw", &HashParams::cheap()),
+                "{phc:?}"
+            );
         }
     }
 
     #[test]
     fn credentials_from_a_phc_string_verify_without_scram_keys() {
         let made = make_credentials("from elsewhere", &HashParams::cheap()).unwrap();
-        let creds = credentials_from_phc(&made.phc).unwrap();
+        let creds = credentials_from_phc(&made.phc, &HashParams::cheap()).unwrap();
         assert!(creds.scram.is_none());
         assert!(creds.apop_secret.is_none());
-        assert!(verify_password(&creds, b"from elsewhere"));
-        assert!(!verify_password(&creds, b"from elsewhere!"));
+        assert!(verify_password(
+            &creds,
+            b"from elsewhere",
+            &HashParams::cheap()
+        ));
+        assert!(!verify_password(
+            &creds,
+            b"from elsewhere!",
+            &HashParams::cheap()
+        ));
         // Hashes written by the reference implementation's CLI (`echo -n password |
         // argon2 somesalt -id -t 2 -m 16 -p 4 -e`, and `-m 10 -p 1 -l 16`).
         for reference in [
             "$argon2id$v=19$m=65536,t=2,p=4$c29tZXNhbHQ$GpZ3sK/oH9p7VIiV56G/64Zo/8GaUw434IimaPqxwCo",
             "$argon2id$v=19$m=1024,t=2,p=1$c29tZXNhbHQ$gTO0gvHf4lDpocsoM1S0Wg",
         ] {
-            let creds = credentials_from_phc(reference).unwrap();
-            assert!(verify_password(&creds, b"password"), "{reference}");
-            assert!(!verify_password(&creds, b"Password"), "{reference}");
+            let creds = credentials_from_phc(reference, &HashParams::cheap()).unwrap();
+            assert!(verify_password(&creds, b"password", &HashParams::cheap()), "{reference}");
+            assert!(!verify_password(&creds, b"Password", &HashParams::cheap()), "{reference}");
         }
     }
 
@@ -484,13 +609,95 @@ mod tests {
             ),
         ];
         for (phc, expected) in cases {
-            let error = credentials_from_phc(&phc).expect_err(&phc);
+            let error = credentials_from_phc(&phc, &HashParams::cheap()).expect_err(&phc);
             assert_eq!(error, expected, "{phc:?}");
             let shown = error.to_string();
             if phc.len() > 12 {
                 assert!(!shown.contains(&phc[phc.len() - 12..]), "{shown}");
             }
         }
+    }
+
+    #[test]
+    fn hashes_costlier_than_the_ceiling_are_refused_and_never_verify() {
+        let cheap = HashParams::cheap();
+        let good = make_credentials("pw", &cheap).unwrap().phc;
+        // A GiB per login, a thousand passes, 64 lanes: one of each is enough.
+        for (from, to) in [
+            ("m=1024,", "m=1048576,"),
+            ("t=1,", "t=1000,"),
+            ("p=1$", "p=64$"),
+        ] {
+            let costly = good.replace(from, to);
+            let error = credentials_from_phc(&costly, &cheap).expect_err(&costly);
+            assert!(matches!(error, PhcError::TooCostly { .. }), "{costly}");
+            let creds = Credentials {
+                phc: costly.clone(),
+                scram: None,
+                apop_secret: None,
+            };
+            assert!(!verify_password(&creds, b"pw", &cheap), "{costly}");
+        }
+        // The ceiling rises to the configured costs: hashes made here always verify.
+        let big = HashParams {
+            memory_kib: MAX_HASH_MEMORY_KIB + 1024,
+            iterations: MAX_HASH_ITERATIONS + 1,
+            parallelism: 1,
+            ..cheap
+        };
+        assert_eq!(big.ceiling().memory_kib, big.memory_kib);
+        assert_eq!(big.ceiling().iterations, big.iterations);
+        assert_eq!(cheap.ceiling().memory_kib, MAX_HASH_MEMORY_KIB);
+        assert_eq!(big.max_memory_bytes(), u64::from(big.memory_kib) * 1024);
+        let at_ceiling = good.replace("m=1024,t=1,p=1", "m=65536,t=10,p=8");
+        assert!(credentials_from_phc(&at_ceiling, &cheap).is_ok());
+    }
+
+    #[test]
+    fn weaker_credentials_need_an_upgrade_and_get_one() {
+        let old = HashParams::cheap();
+        let current = HashParams {
+            memory_kib: 2048,
+            iterations: 2,
+            parallelism: 1,
+            scram_iterations: 5000,
+        };
+        let mut creds = make_credentials("pw", &old).unwrap();
+        creds.apop_secret = Some("apop".into());
+        assert!(!needs_upgrade(&creds, &old));
+        assert!(needs_upgrade(&creds, &current));
+        // Only the SCRAM rounds below the configured ones.
+        let scram_only = HashParams {
+            scram_iterations: 5000,
+            ..old
+        };
+        assert!(needs_upgrade(&creds, &scram_only));
+        // A hash costlier than configured is kept.
+        let lower = HashParams {
+            memory_kib: 512,
+            ..old
+        };
+        assert!(!needs_upgrade(&creds, &lower));
+
+        let new = upgraded(&creds, b"pw", &current).unwrap();
+        assert!(new.phc.contains("m=2048,t=2,p=1"), "{}", new.phc);
+        assert_eq!(new.scram.as_ref().map(|k| k.iterations), Some(5000));
+        assert_eq!(new.apop_secret.as_deref(), Some("apop"));
+        assert!(verify_password(&new, b"pw", &current));
+        assert!(!needs_upgrade(&new, &current));
+
+        // An account made from a PHC hash alone stays without SCRAM keys.
+        let phc_only = credentials_from_phc(&creds.phc, &old).unwrap();
+        assert!(!needs_upgrade(&phc_only, &scram_only));
+        let new = upgraded(&phc_only, b"pw", &current).unwrap();
+        assert!(new.scram.is_none());
+        assert!(!needs_upgrade(
+            &Credentials {
+                phc: "junk".into(),
+                ..new
+            },
+            &current
+        ));
     }
 
     #[test]
@@ -572,7 +779,7 @@ mod tests {
         let json = serde_json::to_string(&creds).unwrap();
         let back: Credentials = serde_json::from_str(&json).unwrap();
         assert!(back == creds);
-        assert!(verify_password(&back, b"pw"));
+        assert!(verify_password(&back, b"pw", &HashParams::cheap()));
         // Records stored before SCRAM keys became optional have the keys inline, the same
         // JSON as `Some`; records made from a PHC hash alone have none.
         let value: serde_json::Value = serde_json::from_str(&json).unwrap();

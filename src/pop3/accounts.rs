@@ -5,16 +5,16 @@
 //! nothing to a client; the protocol exchange is `login`'s.
 
 use crate::auth::cache::VerifiedCache;
-use crate::auth::pool::{HashPool, PoolStopped};
+use crate::auth::pool::{HashPool, PoolError};
 use crate::auth::scram;
 use crate::auth::ScramKeys;
-use crate::auth::{self, HashParams};
+use crate::auth::{self, Credentials, HashParams};
 use crate::locks::BoxFuture;
 use crate::store::{Account, Address, Directory, DomainStore, StoreError};
 use crate::throttle::Throttle;
 use std::net::IpAddr;
 use std::sync::Arc;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// A verified account and its domain's store.
 pub struct Login {
@@ -41,7 +41,7 @@ pub enum LoginError {
     #[error("background task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
-    Hasher(#[from] PoolStopped),
+    Hasher(#[from] PoolError),
 }
 
 /// The checks behind a POP3 login. A name that is malformed, unknown or has the wrong
@@ -81,10 +81,11 @@ pub struct Accounts {
     /// Failed logins per client IP and per name: in process, or in Redis with the locks.
     pub throttle: Throttle,
     /// Dedicated argon2id threads: bounds concurrent hashing and keeps one working
-    /// buffer per thread.
+    /// buffer per thread; also upgrades weaker stored hashes at a right password.
     pub hasher: HashPool,
     pub verified: VerifiedCache,
-    /// Costs of the stand-in verification for unknown users and of stand-in SCRAM keys.
+    /// Rounds of the stand-in SCRAM keys of unknown users (the pool has the argon2id
+    /// costs of their stand-in verification).
     pub hash_params: HashParams,
     /// Key for stand-in SCRAM salts of unknown users; kept in the data dir so an unknown
     /// name gets the same salt across restarts, like a real account.
@@ -120,8 +121,8 @@ impl Accounts {
         password: &[u8],
     ) -> Result<Option<Login>, LoginError> {
         let password = password.to_vec();
-        let Some(login) = self.find(name).await? else {
-            self.hasher.dummy(password, self.hash_params).await?;
+        let Some(mut login) = self.find(name).await? else {
+            self.hasher.dummy(password).await?;
             return Ok(None);
         };
         let key = login.address.to_string();
@@ -129,16 +130,49 @@ impl Accounts {
         if self.verified.check(&key, &password, phc) {
             return Ok(Some(login));
         }
-        let (ok, password) = self
+        let verified = self
             .hasher
             .verify(login.account.credentials.clone(), password)
             .await?;
-        if !ok {
+        if !verified.ok {
             return Ok(None);
         }
+        if let Some(new) = verified.upgraded {
+            if self.store_upgrade(&login, &new).await {
+                login.account.credentials = new;
+            }
+        }
         self.verified
-            .insert(&key, &password, &login.account.credentials.phc);
+            .insert(&key, &verified.password, &login.account.credentials.phc);
         Ok(Some(login))
+    }
+
+    /// Stores credentials rehashed at the configured costs in place of the ones just
+    /// verified; true when they were stored. A failure only leaves the old hash in place.
+    async fn store_upgrade(&self, login: &Login, new: &Credentials) -> bool {
+        let store = login.store.clone();
+        let local = login.address.local.clone();
+        let verified_phc = login.account.credentials.phc.clone();
+        let new = new.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            store.upgrade_credentials(&local, &verified_phc, &new)
+        })
+        .await;
+        match stored {
+            Ok(Ok(true)) => {
+                info!(address = %login.address, "password hash upgraded to the configured cost");
+                true
+            }
+            Ok(Ok(false)) => false,
+            Ok(Err(e)) => {
+                warn!(address = %login.address, error = %e, "cannot store an upgraded password hash");
+                false
+            }
+            Err(e) => {
+                warn!(address = %login.address, error = %e, "cannot store an upgraded password hash");
+                false
+            }
+        }
     }
 }
 

@@ -3,11 +3,12 @@
 //! lock, then a snapshot of its messages). Which names and secrets are good is the
 //! `Authenticator`'s to say; this file only talks to the client and counts.
 
-use super::accounts::{Admit, Login};
+use super::accounts::{Admit, Login, LoginError};
 use super::codec::{MsgEntry, Reply, RespCode, MAX_SASL_LINE};
 use super::forward::{self, Elsewhere, Handoff};
 use super::maildrop::Listing;
 use super::session::{err, Conn, Ctx, Input, SessionError, Txn};
+use crate::auth::pool::PoolError;
 use crate::auth::{self, scram};
 use crate::locks::LockError;
 use crate::metrics;
@@ -48,6 +49,8 @@ enum LoginResult {
     Throttled,
     /// The failure counters (in Redis) could not be read: try again later.
     Unavailable,
+    /// The password hashing queue is full: try again later.
+    Busy,
     /// The exchange was cancelled or malformed; already answered.
     Aborted,
     /// The name's domain lives on another replica, now connected: the home answers.
@@ -70,7 +73,7 @@ impl LoginResult {
             LoginResult::Verified(_) => metrics::AUTH_SUCCESS,
             LoginResult::Failed(_) => metrics::AUTH_FAILURE,
             LoginResult::Throttled => metrics::AUTH_THROTTLED,
-            LoginResult::Unavailable => metrics::AUTH_UNAVAILABLE,
+            LoginResult::Unavailable | LoginResult::Busy => metrics::AUTH_UNAVAILABLE,
             LoginResult::Aborted => metrics::AUTH_ABORTED,
             // invariant: not counted here; the home counts the attempt it answers.
             LoginResult::Forward(_) => metrics::AUTH_ABORTED,
@@ -92,6 +95,8 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
     ctx: &mut Ctx,
     mechanism: Mechanism,
 ) -> Result<Attempt, SessionError> {
+    // A failure is answered at a fixed deadline from here, whatever the work took.
+    let started = tokio::time::Instant::now();
     let (label, result) = match mechanism {
         Mechanism::User { name, password } => (
             metrics::MECH_USER,
@@ -111,7 +116,7 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(Attempt::Forward(handoff));
     }
     ctx.net().metrics.auth_attempt(label, result.metric());
-    Ok(match login_result(conn, ctx, result).await? {
+    Ok(match login_result(conn, ctx, result, started).await? {
         Some(txn) => Attempt::LoggedIn(txn),
         None => Attempt::Answered,
     })
@@ -155,8 +160,11 @@ async fn password_login(
     if let Some(refused) = throttled(ctx, name).await {
         return Ok(refused);
     }
-    let found = ctx.service.logins.password(name, password).await?;
-    Ok(LoginResult::of(found, name))
+    match ctx.service.logins.password(name, password).await {
+        Ok(found) => Ok(LoginResult::of(found, name)),
+        Err(LoginError::Hasher(PoolError::Busy)) => Ok(LoginResult::Busy),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn apop_login(ctx: &Ctx, name: &str, digest: &str) -> Result<LoginResult, SessionError> {
@@ -292,11 +300,17 @@ async fn sasl_scram<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Answers a login attempt; on success opens the maildrop (lock, then snapshot).
+/// Answers a login attempt that began at `started`; on success opens the maildrop (lock,
+/// then snapshot).
+///
+/// A failure is answered `limits.auth_failure_delay` after `started` (or when the work is
+/// done, if it took longer): a known name with a costlier stored hash, an unknown one or
+/// a malformed one all answer at the same moment, and the delay is not added to the work.
 async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     ctx: &mut Ctx,
     result: LoginResult,
+    started: tokio::time::Instant,
 ) -> Result<Option<Box<Txn>>, SessionError> {
     let login = match result {
         LoginResult::Verified(login) => login,
@@ -317,6 +331,13 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
             ));
             return Ok(None);
         }
+        LoginResult::Busy => {
+            conn.reply(&err(
+                Some(RespCode::SysTemp),
+                "Too many logins in progress, try again later",
+            ));
+            return Ok(None);
+        }
         LoginResult::Failed(name) => {
             ctx.auth_failures += 1;
             ctx.service
@@ -324,7 +345,7 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
                 .failed(ctx.peer.ip(), name.as_deref())
                 .await;
             conn.flush().await?;
-            tokio::time::sleep(ctx.net().config.limits.auth_failure_delay()).await;
+            tokio::time::sleep_until(started + ctx.net().config.limits.auth_failure_delay()).await;
             conn.reply(&err(Some(RespCode::Auth), "Authentication failed"));
             return Ok(None);
         }

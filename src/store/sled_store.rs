@@ -40,6 +40,7 @@ use super::{
     validate_domain, validate_local, Account, MessageMeta, StoreError, StoreOptions, Usage,
     CHUNK_SIZE,
 };
+use crate::auth::Credentials;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use sled::{Batch, Db, Tree};
 use std::collections::HashMap;
@@ -1005,6 +1006,47 @@ impl DomainStore {
         self.flush()
     }
 
+    /// Replaces an account's credentials with `new` (a rehash at a login) if its stored
+    /// hash is still `verified_phc`; false when the account is gone or its password was
+    /// changed meanwhile (that change wins). The rest of the record is kept.
+    pub fn upgrade_credentials(
+        &self,
+        local: &str,
+        verified_phc: &str,
+        new: &Credentials,
+    ) -> Result<bool, StoreError> {
+        check_local(local)?;
+        let _write = self.writable()?;
+        let replaced = self
+            .accounts
+            .transaction(|accounts| {
+                let Some(bytes) = accounts.get(local)? else {
+                    return Ok(false);
+                };
+                let mut account: Account = serde_json::from_slice(&bytes).map_err(|e| {
+                    ConflictableTransactionError::Abort(StoreError::Corrupt(format!(
+                        "account {} in {}: {e}",
+                        self.address(local),
+                        self.path
+                    )))
+                })?;
+                if account.credentials.phc != verified_phc {
+                    return Ok(false);
+                }
+                account.credentials = new.clone();
+                let record = self
+                    .encode(local, &account)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                accounts.insert(local, record.as_slice())?;
+                Ok(true)
+            })
+            .map_err(|e| self.txn_err(e))?;
+        if replaced {
+            self.flush()?;
+        }
+        Ok(replaced)
+    }
+
     /// Removes an account and its whole maildrop.
     ///
     /// The account record and the maildrop entries go in one transaction; deliveries
@@ -1431,6 +1473,30 @@ mod tests {
 
     fn body_chunks(store: &DomainStore) -> usize {
         store.bodies.len()
+    }
+
+    #[test]
+    fn credentials_upgrade_only_over_the_verified_hash() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("example.org").unwrap();
+        let store = dir.domain("example.org").unwrap();
+        let mut joe = account(7);
+        joe.quota_bytes = Some(99);
+        store.create_account("joe", &joe).unwrap();
+        let new = Credentials {
+            phc: "y".into(),
+            scram: None,
+            apop_secret: Some("kept by caller".into()),
+        };
+        // Changed meanwhile (stored "x"), or no such account: nothing is written.
+        assert!(!store.upgrade_credentials("joe", "w", &new).unwrap());
+        assert!(!store.upgrade_credentials("ann", "x", &new).unwrap());
+        assert_eq!(store.account("joe").unwrap().unwrap().credentials.phc, "x");
+        assert!(store.upgrade_credentials("joe", "x", &new).unwrap());
+        let stored = store.account("joe").unwrap().unwrap();
+        assert!(stored.credentials == new);
+        assert_eq!((stored.uid_nonce, stored.quota_bytes), (7, Some(99)));
+        assert!(store.account("ann").unwrap().is_none());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 mod common;
 
+mod auth_limits;
 mod cli;
 mod cli_errors;
 mod clients;

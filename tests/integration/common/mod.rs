@@ -94,6 +94,10 @@ pub struct Options {
     pub shutdown_grace_secs: u64,
     pub max_auth_failures_per_ip: u32,
     pub max_auth_failures_per_account: u32,
+    /// `limits.auth_failure_delay_ms`.
+    pub auth_failure_delay_ms: u64,
+    /// `auth.argon2.memory_kib` (the other costs stay at their cheapest).
+    pub argon2_memory_kib: u32,
     /// Host part of both listen addresses (`[::1]` for IPv6).
     pub listen_host: String,
     /// `lmtp.listen`: empty is off; `None` means `{listen_host}:0`.
@@ -123,6 +127,8 @@ impl Default for Options {
             listen_host: "127.0.0.1".into(),
             max_auth_failures_per_ip: 1000,
             max_auth_failures_per_account: 1000,
+            auth_failure_delay_ms: 50,
+            argon2_memory_kib: 1024,
             lmtp_listen: None,
             smtp_listen: None,
             lmtp_socket_group: String::new(),
@@ -301,7 +307,7 @@ key = "{org_key}"
 
 [limits]
 idle_timeout_secs = {idle}
-auth_failure_delay_ms = 50
+auth_failure_delay_ms = {failure_delay}
 max_auth_failures = 3
 max_auth_failures_per_ip = {per_ip_failures}
 max_auth_failures_per_account = {per_account_failures}
@@ -311,7 +317,7 @@ shutdown_grace_secs = {grace}
 tls_handshake_timeout_secs = 5
 
 [auth.argon2]
-memory_kib = 1024
+memory_kib = {argon2_memory}
 iterations = 1
 parallelism = 1
 scram_iterations = 4096
@@ -324,6 +330,8 @@ scram_iterations = 4096
             smtp = smtp_listen,
             per_ip_failures = opts.max_auth_failures_per_ip,
             per_account_failures = opts.max_auth_failures_per_account,
+            failure_delay = opts.auth_failure_delay_ms,
+            argon2_memory = opts.argon2_memory_kib,
             plain = opts.allow_plaintext_auth,
             apop = opts.apop,
             nul = opts.replace_nul,
