@@ -544,6 +544,12 @@ pub struct StoreConfig {
     pub cache_capacity_mib: u64,
     /// A domain store unused this long is closed (each open store costs a thread and a cache).
     pub idle_close_secs: u64,
+    /// Free space to keep on the data dir's file system: below it deliveries and new
+    /// accounts are refused (`452 4.3.1`) while deletions still run, so users can make
+    /// room. 0 disables the check.
+    pub min_free_bytes: u64,
+    /// Most domain stores open at once; past it the least recently used idle one closes.
+    pub max_open_stores: usize,
 }
 
 impl Default for StoreConfig {
@@ -551,6 +557,8 @@ impl Default for StoreConfig {
         StoreConfig {
             cache_capacity_mib: 8,
             idle_close_secs: 300,
+            min_free_bytes: 64 * 1024 * 1024,
+            max_open_stores: 1000,
         }
     }
 }
@@ -815,6 +823,7 @@ impl Config {
             ),
             ("limits.max_bad_commands", u64::from(l.max_bad_commands)),
             ("store.cache_capacity_mib", self.store.cache_capacity_mib),
+            ("store.max_open_stores", self.store.max_open_stores as u64),
             (
                 "delivery.max_message_bytes",
                 self.delivery.max_message_bytes,

@@ -31,6 +31,20 @@ pub enum Verdict {
     TooBig,
     /// A store error: try again later.
     TempFail,
+    /// The file system is below `store.min_free_bytes`: try again after users (or the
+    /// operator) made room.
+    StorageFull,
+}
+
+impl Verdict {
+    /// The verdict for a store error: `StorageFull` below the free-space reserve, else
+    /// `TempFail`.
+    pub fn of_store_error(e: &StoreError) -> Verdict {
+        match e {
+            StoreError::Full { .. } => Verdict::StorageFull,
+            _ => Verdict::TempFail,
+        }
+    }
 }
 
 /// Why a recipient was refused before anything was stored.
@@ -191,6 +205,7 @@ pub fn deliver(
     Err(match verdict {
         Verdict::UnknownUser | Verdict::RelayDenied => RecipientError::UnknownUser(r).into(),
         Verdict::QuotaFull | Verdict::QuotaTooSmall => DeliveryError::OverQuota(r),
+        Verdict::StorageFull => RecipientError::Temporary(r, "mail system full".into()).into(),
         Verdict::Accepted | Verdict::TooBig | Verdict::TempFail => {
             RecipientError::Temporary(r, "storing the message failed".into()).into()
         }
@@ -329,10 +344,15 @@ pub fn check_recipient(directory: &Directory, rcpt: &str, size: u64, quotas: Quo
         .and_then(|account| match account {
             None => Ok(Verdict::UnknownUser),
             Some(account) => quota_verdict(&store, &address.local, &account, size, quotas),
+        })
+        .and_then(|verdict| match verdict {
+            // Refused at once below the free-space reserve, before the client sends DATA.
+            Verdict::Accepted => store.ensure_room().map(|()| verdict),
+            _ => Ok(verdict),
         });
     result.unwrap_or_else(|e| {
         tracing::warn!(recipient = rcpt, error = %e, "recipient check failed");
-        Verdict::TempFail
+        Verdict::of_store_error(&e)
     })
 }
 
@@ -386,7 +406,7 @@ impl Batch {
                 Ok(p) => (Some(p), None),
                 Err(e) => {
                     tracing::warn!(recipient = %r, error = %e, "starting the message failed");
-                    (None, Some(Verdict::TempFail))
+                    (None, Some(Verdict::of_store_error(&e)))
                 }
             };
             slots.push(Ok(targets.len()));
@@ -418,7 +438,7 @@ impl Batch {
             if let Err(e) = p.write(&t.store, data) {
                 tracing::warn!(recipient = %t.address, error = %e, "storing the message failed");
                 t.pending = None;
-                t.verdict = Some(Verdict::TempFail);
+                t.verdict = Some(Verdict::of_store_error(&e));
             }
         }
     }
@@ -464,7 +484,7 @@ impl Batch {
                 Err(StoreError::UnknownAccount(_)) => Verdict::UnknownUser,
                 Err(e) => {
                     tracing::warn!(recipient = %t.address, error = %e, "committing the message failed");
-                    Verdict::TempFail
+                    Verdict::of_store_error(&e)
                 }
             });
         }

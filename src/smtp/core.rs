@@ -40,6 +40,8 @@ pub fn verdict_reply(verdict: Verdict) -> Reply {
         Verdict::QuotaTooSmall => Reply::new(552, "5.2.2", "Message exceeds the mailbox quota"),
         Verdict::TooBig => Reply::new(552, "5.3.4", "Message too big"),
         Verdict::TempFail => Reply::new(451, "4.3.0", "Temporary failure, try again later"),
+        // RFC 3463 X.3.1: mail system full.
+        Verdict::StorageFull => Reply::new(452, "4.3.1", "Mail system full, try again later"),
     }
 }
 
@@ -480,6 +482,7 @@ mod tests {
             (Verdict::QuotaTooSmall, 552, "5.2.2"),
             (Verdict::TooBig, 552, "5.3.4"),
             (Verdict::TempFail, 451, "4.3.0"),
+            (Verdict::StorageFull, 452, "4.3.1"),
         ];
         for (v, code, status) in cases {
             let r = verdict_reply(v);

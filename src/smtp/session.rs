@@ -204,7 +204,7 @@ fn verdict_label(v: Verdict) -> &'static str {
         Verdict::RelayDenied => metrics::DELIVERY_RELAY_DENIED,
         Verdict::QuotaFull | Verdict::QuotaTooSmall => metrics::DELIVERY_OVER_QUOTA,
         Verdict::TooBig => metrics::DELIVERY_TOO_BIG,
-        Verdict::TempFail => metrics::DELIVERY_TEMP_FAILURE,
+        Verdict::TempFail | Verdict::StorageFull => metrics::DELIVERY_TEMP_FAILURE,
     }
 }
 

@@ -40,6 +40,16 @@ pub enum StoreError {
     MessageNotFound(u64),
     #[error("storage error in {path}: {source}")]
     Sled { path: String, source: sled::Error },
+    /// The file system holding the store has less free space than `store.min_free_bytes`:
+    /// new mail and accounts wait (a temporary failure), deletions still run.
+    #[error(
+        "{path}: {available} bytes free, below the reserve of {reserve} (store.min_free_bytes)"
+    )]
+    Full {
+        path: String,
+        available: u64,
+        reserve: u64,
+    },
     /// The domain is being moved to another replica: no change until the move ends.
     #[error("domain {0} is being moved to another replica; try again shortly")]
     Sealed(String),
@@ -74,6 +84,12 @@ pub struct StoreOptions {
     pub cache_capacity: u64,
     /// Close a domain store unused for this long.
     pub idle_close: std::time::Duration,
+    /// Free space the file system must keep: below it new mail and accounts are refused
+    /// while deletions run. 0 checks nothing.
+    pub min_free_bytes: u64,
+    /// Most domain stores open at once; the least recently used one not in use is closed
+    /// when another opens past it.
+    pub max_open: usize,
 }
 
 impl StoreOptions {
@@ -82,6 +98,8 @@ impl StoreOptions {
         StoreOptions {
             cache_capacity: store.cache_capacity_mib * 1024 * 1024,
             idle_close: std::time::Duration::from_secs(store.idle_close_secs),
+            min_free_bytes: store.min_free_bytes,
+            max_open: store.max_open_stores,
         }
     }
 }
@@ -91,6 +109,8 @@ impl Default for StoreOptions {
         Self {
             cache_capacity: 8 * 1024 * 1024,
             idle_close: std::time::Duration::from_secs(300),
+            min_free_bytes: 0,
+            max_open: 1000,
         }
     }
 }

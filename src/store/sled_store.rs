@@ -1,7 +1,9 @@
 //! The sled implementation of the store: one sled database per domain, opened lazily under
-//! the `Directory`'s lock (sled refuses a second open of the same path) and closed when idle.
-//! It must not hold a message in memory beyond one chunk, nor acknowledge a write before
-//! flushing it.
+//! that domain's own lock in the `Directory` (sled refuses a second open of the same path;
+//! other domains never wait for it) and closed when idle, past `max_open`, or after a
+//! storage error (sled keeps failing until reopened). It must not hold a message in memory
+//! beyond one chunk, nor acknowledge a write before flushing it, nor let a delivery it
+//! refused stay visible.
 //!
 //! Trees of each domain database:
 //!
@@ -45,7 +47,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Batch, Db, Tree};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError, Weak};
 use std::time::Instant;
 
 /// Name of the directory under `data_dir` that holds one sub-directory per domain.
@@ -84,20 +87,44 @@ pub struct Directory {
     /// `data_dir/domains`.
     root: PathBuf,
     opts: StoreOptions,
-    /// Open stores by normalised domain name. Opening, closing and removing all happen
-    /// under this lock, so the same sled path is never open twice.
-    open: Mutex<HashMap<String, OpenStore>>,
+    /// A slot per domain used since start, by normalised name. This lock is held only to
+    /// find or add a slot, never while a store opens or closes: that happens under the
+    /// slot's own lock, so the same sled path is never open twice and a slow open (a
+    /// crash sweep, a lock still held) stalls only its own domain.
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Stores open now (`max_open` bounds it, except for stores in use).
+    open_count: AtomicUsize,
     /// Each domain's write gate, shared by every store opened for it, so a seal outlives
     /// an idle close and reopen.
     gates: Mutex<HashMap<String, Arc<Gate>>>,
 }
 
-/// Whether a domain's store may change. Writes hold the read side for their whole
-/// atomic step; `Directory::seal` takes the write side, so once it returns no write is
-/// in progress and none starts until `unseal`.
+/// Per-domain state that outlives an open store. Whether the store may change: writes
+/// hold the read side of `sealed` for their whole atomic step; `Directory::seal` takes
+/// the write side, so once it returns no write is in progress and none starts until
+/// `unseal`. And the deliveries whose commit could not be made durable nor undone
+/// (`failed_commits`), which the next open removes before anyone sees the store.
 #[derive(Default)]
 struct Gate {
     sealed: std::sync::RwLock<bool>,
+    /// `(local part, id)` of messages committed in memory whose flush failed, answered
+    /// as a temporary failure: they must not survive the store's reopening.
+    failed_commits: Mutex<Vec<(String, u64)>>,
+}
+
+/// One domain's place in the `Directory`.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+enum SlotState {
+    #[default]
+    Closed,
+    Open(OpenStore),
+    /// The domain was removed or retired while this slot was found: look again.
+    Gone,
 }
 
 /// A copy of a domain left behind by a move, as `cluster cleanup` lists it.
@@ -111,7 +138,8 @@ pub struct Retired {
 
 struct OpenStore {
     store: Arc<DomainStore>,
-    /// Last time `Directory::domain` handed the store out; `close_idle` compares with it.
+    /// Last time `Directory::domain` handed the store out; `close_idle` and the
+    /// `max_open` cap compare with it.
     last_used: Instant,
 }
 
@@ -130,6 +158,11 @@ pub struct DomainStore {
     /// Added to sled's generated ids (format 3).
     id_base: std::sync::atomic::AtomicU64,
     gate: Arc<Gate>,
+    /// Free space to keep (`StoreOptions::min_free_bytes`).
+    min_free_bytes: u64,
+    /// Set by the first storage (I/O) error: sled then fails every write until the
+    /// database is reopened, so the `Directory` stops handing this store out.
+    broken: AtomicBool,
     /// Serialises account creation and removal, which scan the maildrop before their
     /// atomic step; deliveries do not take it.
     account_admin: Mutex<()>,
@@ -170,6 +203,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// `lock` without waiting: `None` while another thread holds it.
+fn try_lock<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(guard) => Some(guard),
+        Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
 impl Directory {
     /// Opens (creating) `data_dir/domains/`.
     pub fn open(data_dir: &Path, opts: StoreOptions) -> Result<Directory, StoreError> {
@@ -200,13 +242,111 @@ impl Directory {
         Ok(Directory {
             root,
             opts,
-            open: Mutex::new(HashMap::new()),
+            slots: Mutex::new(HashMap::new()),
+            open_count: AtomicUsize::new(0),
             gates: Mutex::new(HashMap::new()),
         })
     }
 
     fn gate(&self, name: &str) -> Arc<Gate> {
         Arc::clone(lock(&self.gates).entry(name.to_owned()).or_default())
+    }
+
+    /// Runs `f` on `name`'s slot state under the slot's lock (not the directory's).
+    fn with_slot<R>(&self, name: &str, f: impl FnOnce(&mut SlotState) -> R) -> R {
+        loop {
+            let slot = Arc::clone(lock(&self.slots).entry(name.to_owned()).or_default());
+            let mut state = lock(&slot.state);
+            if matches!(*state, SlotState::Gone) {
+                continue;
+            }
+            return f(&mut state);
+        }
+    }
+
+    /// Takes `name` out of the directory (removed or retired): its open store is closed
+    /// and `f` runs under the slot's lock, so no open of the path can run meanwhile.
+    fn take_domain<R>(&self, name: &str, f: impl FnOnce() -> R) -> R {
+        self.with_slot(name, |state| {
+            if let SlotState::Open(open) = std::mem::take(state) {
+                self.open_count.fetch_sub(1, Ordering::Relaxed);
+                // Dropped under the slot's lock: if this was the last reference, sled
+                // shuts down before anyone can open the path again.
+                drop(open);
+            }
+            let result = f();
+            lock(&self.slots).remove(name);
+            *state = SlotState::Gone;
+            result
+        })
+    }
+
+    /// Opens `name`'s store into its slot (whose lock the caller holds).
+    fn open_into(&self, name: &str, state: &mut SlotState) -> Result<Arc<DomainStore>, StoreError> {
+        let path = self.root.join(name);
+        if !path.is_dir() {
+            return Err(StoreError::UnknownDomain(name.to_owned()));
+        }
+        let store = DomainStore::open(name, &path, &self.opts, self.gate(name))?;
+        *state = SlotState::Open(OpenStore {
+            store: Arc::clone(&store),
+            last_used: Instant::now(),
+        });
+        self.open_count.fetch_add(1, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// Closes open stores that no one uses and for which `close` says so, least recently
+    /// used first, until `enough` says so; returns how many closed. Each is closed under
+    /// its own slot's lock, and a slot busy opening or handing out its store is skipped.
+    fn close_where(
+        &self,
+        close: impl Fn(&OpenStore) -> bool,
+        enough: impl Fn(usize) -> bool,
+    ) -> usize {
+        let slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();
+        let mut candidates: Vec<(Instant, Arc<Slot>)> = slots
+            .into_iter()
+            .filter_map(|slot| {
+                let last_used = match &*try_lock(&slot.state)? {
+                    SlotState::Open(o) if Arc::strong_count(&o.store) == 1 && close(o) => {
+                        o.last_used
+                    }
+                    _ => return None,
+                };
+                Some((last_used, slot))
+            })
+            .collect();
+        candidates.sort_by_key(|(last_used, _)| *last_used);
+        let mut closed = 0;
+        for (_, slot) in candidates {
+            if enough(self.open_count.load(Ordering::Relaxed)) {
+                break;
+            }
+            let Some(mut state) = try_lock(&slot.state) else {
+                continue;
+            };
+            // Checked again: a user may have taken the store since.
+            if let SlotState::Open(o) = &*state {
+                if Arc::strong_count(&o.store) == 1 && close(o) {
+                    // Dropping the last reference flushes (see `Drop for DomainStore`) and
+                    // shuts sled down, under the slot's lock so the path is not reopened
+                    // before sled has released it.
+                    *state = SlotState::Closed;
+                    self.open_count.fetch_sub(1, Ordering::Relaxed);
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+
+    /// Closes least recently used stores not in use while more than `max_open` are open.
+    fn enforce_max_open(&self) {
+        let max = self.opts.max_open;
+        if self.open_count.load(Ordering::Relaxed) > max {
+            self.close_where(|_| true, |open| open <= max);
+        }
     }
 
     fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -284,12 +424,13 @@ impl Directory {
         )
         .map_err(Self::io_err(&staging))?;
         let path = self.root.join(&name);
-        let _open = lock(&self.open);
-        if path.exists() {
-            return Err(StoreError::DomainExists(name));
-        }
-        std::fs::rename(&staging, &path).map_err(Self::io_err(&path))?;
-        crate::fsutil::sync_dir(&self.root).map_err(Self::io_err(&self.root))
+        self.with_slot(&name, |_| {
+            if path.exists() {
+                return Err(StoreError::DomainExists(name.clone()));
+            }
+            std::fs::rename(&staging, &path).map_err(Self::io_err(&path))?;
+            crate::fsutil::sync_dir(&self.root).map_err(Self::io_err(&self.root))
+        })
     }
 
     /// Takes `name` out of the hosted domains after it moved away: the store is closed
@@ -303,16 +444,16 @@ impl Directory {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let retired = self.root.join(format!("{RETIRED_PREFIX}{name}-{secs}"));
-        let mut open = lock(&self.open);
-        if !path.is_dir() {
-            return Err(StoreError::UnknownDomain(name));
-        }
-        drop(open.remove(&name));
-        std::fs::rename(&path, &retired).map_err(Self::io_err(&path))?;
-        crate::fsutil::sync_dir(&self.root).map_err(Self::io_err(&self.root))?;
-        // A store opened for the name later (the domain moving back) starts unsealed.
-        lock(&self.gates).remove(&name);
-        Ok(retired)
+        self.take_domain(&name, || {
+            if !path.is_dir() {
+                return Err(StoreError::UnknownDomain(name.clone()));
+            }
+            std::fs::rename(&path, &retired).map_err(Self::io_err(&path))?;
+            crate::fsutil::sync_dir(&self.root).map_err(Self::io_err(&self.root))?;
+            // A store opened for the name later (the domain moving back) starts unsealed.
+            lock(&self.gates).remove(&name);
+            Ok(retired)
+        })
     }
 
     /// The copies left behind by moves, oldest first.
@@ -352,39 +493,31 @@ impl Directory {
     pub fn add_domain(&self, name: &str) -> Result<(), StoreError> {
         let name = validate_domain(name)?;
         let path = self.root.join(&name);
-        let mut open = lock(&self.open);
-        match std::fs::create_dir(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(StoreError::DomainExists(name));
+        self.with_slot(&name, |state| {
+            match std::fs::create_dir(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(StoreError::DomainExists(name.clone()));
+                }
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
             }
-            Err(source) => {
-                return Err(StoreError::Io {
-                    path: path.display().to_string(),
-                    source,
-                });
-            }
-        }
-        match DomainStore::open(&name, &path, &self.opts, self.gate(&name)) {
-            Ok(store) => {
-                open.insert(
-                    name,
-                    OpenStore {
-                        store,
-                        last_used: Instant::now(),
-                    },
-                );
-                Ok(())
-            }
-            Err(e) => {
+            if let Err(e) = self.open_into(&name, state) {
                 // A domain whose database cannot be initialised must not appear to exist.
                 if let Err(rm) = std::fs::remove_dir_all(&path) {
                     let path = path.display();
                     tracing::warn!(%path, error = %rm, "cannot clean up failed domain");
                 }
-                Err(e)
+                return Err(e);
             }
-        }
+            Ok(())
+        })?;
+        self.enforce_max_open();
+        Ok(())
     }
 
     /// Removes a domain with all its accounts and mail.
@@ -396,16 +529,14 @@ impl Directory {
     pub fn remove_domain(&self, name: &str) -> Result<(), StoreError> {
         let name = validate_domain(name)?;
         let path = self.root.join(&name);
-        let mut open = lock(&self.open);
-        if !path.is_dir() {
-            return Err(StoreError::UnknownDomain(name));
-        }
-        // Dropped under the lock: if this was the last reference, sled shuts down and
-        // releases its files before anyone can add the domain again.
-        drop(open.remove(&name));
-        std::fs::remove_dir_all(&path).map_err(|source| StoreError::Io {
-            path: path.display().to_string(),
-            source,
+        self.take_domain(&name, || {
+            if !path.is_dir() {
+                return Err(StoreError::UnknownDomain(name.clone()));
+            }
+            std::fs::remove_dir_all(&path).map_err(|source| StoreError::Io {
+                path: path.display().to_string(),
+                source,
+            })
         })
     }
 
@@ -474,48 +605,45 @@ impl Directory {
     }
 
     /// The (lazily opened) store of a hosted domain.
+    ///
+    /// Opening waits only for this domain's slot. A store that hit a storage error is
+    /// not handed out again: it is closed and opened afresh (sled fails every write until
+    /// then), which succeeds once its last user has let go of it.
     pub fn domain(&self, name: &str) -> Result<Arc<DomainStore>, StoreError> {
         let name = validate_domain(name)?;
-        let mut open = lock(&self.open);
-        if let Some(entry) = open.get_mut(&name) {
-            entry.last_used = Instant::now();
-            return Ok(Arc::clone(&entry.store));
+        let store = self.with_slot(&name, |state| {
+            if let SlotState::Open(open) = state {
+                if !open.store.is_broken() {
+                    open.last_used = Instant::now();
+                    return Ok((Arc::clone(&open.store), false));
+                }
+                let domain = &name;
+                tracing::warn!(%domain, "reopening the store after a storage error");
+                *state = SlotState::Closed;
+                self.open_count.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.open_into(&name, state).map(|store| (store, true))
+        });
+        let (store, opened) = store?;
+        if opened {
+            self.enforce_max_open();
         }
-        let path = self.root.join(&name);
-        if !path.is_dir() {
-            return Err(StoreError::UnknownDomain(name));
-        }
-        let store = DomainStore::open(&name, &path, &self.opts, self.gate(&name))?;
-        open.insert(
-            name,
-            OpenStore {
-                store: Arc::clone(&store),
-                last_used: Instant::now(),
-            },
-        );
         Ok(store)
     }
 
-    /// Closes domain stores unused for longer than `idle_close`; returns how many.
+    /// Closes domain stores unused for longer than `idle_close`, and those left broken by
+    /// a storage error, so the next use opens them afresh; returns how many.
     ///
     /// A store still referenced elsewhere (a session, a delivery in progress) stays open
     /// however old its last use. Closed stores are flushed on the way out.
     pub fn close_idle(&self) -> usize {
-        let mut open = lock(&self.open);
-        let idle: Vec<String> = open
-            .iter()
-            .filter(|(_, e)| {
-                e.last_used.elapsed() >= self.opts.idle_close && Arc::strong_count(&e.store) == 1
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in &idle {
-            // Dropping the last reference flushes (see `Drop for DomainStore`) and shuts
-            // sled down; done under the lock so a concurrent `domain()` cannot reopen the
-            // path before sled has released it.
-            drop(open.remove(name));
-        }
-        idle.len()
+        let idle = self.opts.idle_close;
+        let closed = self.close_where(
+            |o| o.last_used.elapsed() >= idle || o.store.is_broken(),
+            |_| false,
+        );
+        self.enforce_max_open();
+        closed
     }
 
     /// The usage a domain's store recorded when it was last closed (or recorded by
@@ -527,9 +655,17 @@ impl Directory {
 
     /// The open domain stores, sorted by name (for metrics that must not open stores).
     pub fn open_domains(&self) -> Vec<(String, Arc<DomainStore>)> {
-        let mut out: Vec<_> = lock(&self.open)
+        let slots: Vec<(String, Arc<Slot>)> = lock(&self.slots)
             .iter()
-            .map(|(name, e)| (name.clone(), Arc::clone(&e.store)))
+            .map(|(name, slot)| (name.clone(), Arc::clone(slot)))
+            .collect();
+        // A slot busy opening its store is left out rather than waited for.
+        let mut out: Vec<_> = slots
+            .into_iter()
+            .filter_map(|(name, slot)| match &*try_lock(&slot.state)? {
+                SlotState::Open(o) => Some((name, Arc::clone(&o.store))),
+                _ => None,
+            })
             .collect();
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out
@@ -537,14 +673,18 @@ impl Directory {
 
     /// Number of domain stores open now.
     pub fn open_count(&self) -> usize {
-        lock(&self.open).len()
+        self.open_count.load(Ordering::Relaxed)
     }
 
     /// Flushes every open store (shutdown). Tries all of them and returns the first error.
     pub fn flush_all(&self) -> Result<(), StoreError> {
-        let stores: Vec<Arc<DomainStore>> = lock(&self.open)
-            .values()
-            .map(|e| Arc::clone(&e.store))
+        let slots: Vec<Arc<Slot>> = lock(&self.slots).values().cloned().collect();
+        let stores: Vec<Arc<DomainStore>> = slots
+            .iter()
+            .filter_map(|slot| match &*lock(&slot.state) {
+                SlotState::Open(o) => Some(Arc::clone(&o.store)),
+                _ => None,
+            })
             .collect();
         let mut first_err = None;
         for store in stores {
@@ -679,12 +819,15 @@ impl DomainStore {
             meta,
             id_base: std::sync::atomic::AtomicU64::new(0),
             gate,
+            min_free_bytes: opts.min_free_bytes,
+            broken: AtomicBool::new(false),
             account_admin: Mutex::new(()),
             usage: Mutex::new(None),
             recorded: Mutex::new(read_usage_file(path)),
             me: me.clone(),
         });
         store.upgrade()?;
+        store.undo_failed_commits()?;
         store.sweep()?;
         let base = match store.meta.get(ID_BASE_KEY).map_err(|e| store.sled_err(e))? {
             None => 0,
@@ -814,10 +957,65 @@ impl DomainStore {
     }
 
     fn sled_err(&self, source: sled::Error) -> StoreError {
+        if matches!(source, sled::Error::Io(_)) && !self.broken.swap(true, Ordering::Relaxed) {
+            let domain = &self.name;
+            tracing::warn!(%domain, error = %source,
+                "storage error: the store is reopened once its users let go");
+        }
         StoreError::Sled {
             path: self.path.clone(),
             source,
         }
+    }
+
+    /// Whether a storage error left sled failing every write until the store reopens.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    /// `Full` when the file system holding the store has less free space than the
+    /// reserve: checked before anything that adds data (a delivery, each of its chunks,
+    /// its commit, a new account), never before deletions, which need the reserve.
+    pub fn ensure_room(&self) -> Result<(), StoreError> {
+        if self.min_free_bytes == 0 {
+            return Ok(());
+        }
+        let stat =
+            nix::sys::statvfs::statvfs(Path::new(&self.path)).map_err(|e| StoreError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::from(e),
+            })?;
+        // The space an unprivileged writer may use: the root reserve is not ours.
+        let available =
+            (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64);
+        if available < self.min_free_bytes {
+            return Err(StoreError::Full {
+                path: self.path.clone(),
+                available,
+                reserve: self.min_free_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Removes the messages whose commit was answered as failed but could not be undone
+    /// in the store that failed (see `PendingMessage::commit`); runs at open, before the
+    /// store is handed out, and forgets them once the removal is durable.
+    fn undo_failed_commits(&self) -> Result<(), StoreError> {
+        let mut failed = lock(&self.gate.failed_commits);
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let mut removed = Vec::new();
+        for (local, id) in failed.iter() {
+            removed.extend(self.unlink_messages(local, &[*id], &[], false)?);
+        }
+        self.flush()?;
+        let domain = &self.name;
+        tracing::info!(%domain, messages = removed.len(),
+            "removed deliveries whose commit failed before the store was reopened");
+        failed.clear();
+        Ok(())
     }
 
     fn txn_err(&self, e: TransactionError<StoreError>) -> StoreError {
@@ -961,6 +1159,7 @@ impl DomainStore {
         let record = self.encode(local, account)?;
         let _admin = lock(&self.account_admin);
         let _write = self.writable()?;
+        self.ensure_room()?;
         if self
             .accounts
             .contains_key(local)
@@ -1152,6 +1351,7 @@ impl DomainStore {
             .me
             .upgrade()
             .ok_or_else(|| StoreError::UnknownDomain(self.name.clone()))?;
+        self.ensure_room()?;
         self.pending
             .insert(id_key(id), local.as_bytes())
             .map_err(|e| self.sled_err(e))?;
@@ -1171,8 +1371,10 @@ impl DomainStore {
     /// flushes.
     ///
     /// The maildrop entries disappear together (the POP3 UPDATE commit point); ids not in
-    /// the maildrop are ignored. Bodies are removed after the flush; a crash before that
-    /// leaves them listed in `trash` for the next open to sweep.
+    /// the maildrop are ignored. `Ok` once that is durable: bodies are removed after it,
+    /// and a failure there (or a crash) leaves them listed in `trash` for the next open's
+    /// sweep, so it is logged, never reported as deletions that did not happen. Not
+    /// checked against the free-space reserve: deleting is how users make room.
     pub fn update_maildrop(
         &self,
         local: &str,
@@ -1183,7 +1385,12 @@ impl DomainStore {
         let _write = self.writable()?;
         let removed = self.unlink_messages(local, delete, seen, false)?;
         self.flush()?;
-        self.purge(&removed)
+        if let Err(e) = self.purge(&removed).and_then(|()| self.flush()) {
+            let domain = &self.name;
+            tracing::warn!(%domain, error = %e,
+                "deleted messages' bodies left for the sweep at the store's next open");
+        }
+        Ok(())
     }
 
     /// Durably flushes everything written so far.
@@ -1308,6 +1515,7 @@ impl PendingMessage {
 
     fn store_chunk(&mut self) -> Result<(), StoreError> {
         let store = &self.store;
+        store.ensure_room()?;
         store
             .bodies
             .insert(chunk_key(self.id, self.next_chunk), self.buf.as_slice())
@@ -1336,14 +1544,18 @@ impl PendingMessage {
 
     /// Makes the message visible in the maildrop and flushes; returns its metadata.
     ///
-    /// `UnknownAccount` if the account was removed meanwhile (the body is discarded).
-    /// An error from the final flush means the message is in the maildrop but may not
-    /// be durable: the caller must report a temporary failure.
+    /// `UnknownAccount` if the account was removed meanwhile (the body is discarded),
+    /// `Full` below the free-space reserve. Any error leaves no trace a client could see:
+    /// when the final flush fails, the maildrop entry is taken back out in memory, and,
+    /// since the failed flush may still have written the commit, the message is listed in
+    /// the domain's `Gate` and the store marked broken, so it is reopened and the message
+    /// removed before the store is handed out again.
     pub fn commit(mut self, store: &DomainStore) -> Result<MessageMeta, StoreError> {
         self.check_store(store)?;
         if !self.buf.is_empty() {
             self.store_chunk()?;
         }
+        store.ensure_room()?;
         let (local, id, octets) = (self.local.as_str(), self.id, self.octets);
         let flags = if self.seen { FLAG_SEEN } else { 0 };
         let _write = store.writable()?;
@@ -1366,13 +1578,39 @@ impl PendingMessage {
             t.octets += octets;
         }
         drop(total);
+        if let Err(e) = store.flush() {
+            self.take_back(store);
+            return Err(e);
+        }
         self.committed = true;
-        store.flush()?;
         Ok(MessageMeta {
             id,
             octets,
             seen: flags & FLAG_SEEN != 0,
         })
+    }
+
+    /// Undoes a commit whose flush failed: the maildrop entry goes and the id is listed
+    /// in `pending` again, so `Drop` (or the next open's sweep) removes the body; sled may
+    /// refuse that write after an I/O error. Either way the message is removed again at
+    /// the store's reopening, which marking it broken brings about.
+    fn take_back(&self, store: &DomainStore) {
+        let (local, id) = (self.local.as_str(), self.id);
+        lock(&store.gate.failed_commits).push((local.to_owned(), id));
+        store.broken.store(true, Ordering::Relaxed);
+        *lock(&store.usage) = None;
+        let undone = (&store.maildrop, &store.pending)
+            .transaction(|(maildrop, pending)| {
+                maildrop.remove(maildrop_key(local, id))?;
+                pending.insert(&id_key(id), local.as_bytes())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(|e| store.txn_err(e));
+        if let Err(e) = undone {
+            let domain = &store.name;
+            tracing::warn!(%domain, id, error = %e,
+                "cannot take back a commit that failed; removed when the store reopens");
+        }
     }
 
     /// Commits the message already marked seen (a copy of a seen message).
@@ -1430,6 +1668,7 @@ mod tests {
         StoreOptions {
             cache_capacity: 1024 * 1024,
             idle_close,
+            ..StoreOptions::default()
         }
     }
 
@@ -1674,6 +1913,120 @@ mod tests {
         });
         assert!(stores.windows(2).all(|w| Arc::ptr_eq(&w[0], &w[1])));
         assert_eq!(dir.open_count(), 1);
+    }
+
+    #[test]
+    fn open_stores_are_capped_least_recently_used_first_never_one_in_use() {
+        let tmp = TempDir::new().unwrap();
+        let dir = Directory::open(
+            tmp.path(),
+            StoreOptions {
+                max_open: 3,
+                ..opts(Duration::from_secs(3600))
+            },
+        )
+        .unwrap();
+        for i in 0..10 {
+            dir.add_domain(&format!("d{i}.org")).unwrap();
+            assert!(dir.open_count() <= 3, "{} open", dir.open_count());
+        }
+        // Stores in use stay open past the cap; the idle ones go, oldest first.
+        let held: Vec<_> = (0..5)
+            .map(|i| dir.domain(&format!("d{i}.org")).unwrap())
+            .collect();
+        assert_eq!(dir.open_count(), 5, "in use, so above the cap");
+        let names = |dir: &Directory| -> Vec<String> {
+            dir.open_domains().into_iter().map(|(n, _)| n).collect()
+        };
+        assert_eq!(
+            names(&dir),
+            ["d0.org", "d1.org", "d2.org", "d3.org", "d4.org"]
+        );
+        drop(held);
+        dir.domain("d9.org").unwrap();
+        dir.domain("d4.org").unwrap();
+        assert_eq!(names(&dir), ["d3.org", "d4.org", "d9.org"]);
+        assert_eq!(dir.close_idle(), 0, "not idle long enough");
+        assert_eq!(dir.open_count(), 3);
+    }
+
+    /// Makes the next open of `path`'s sled database block in `open(2)` until `release`:
+    /// its `conf` becomes a FIFO, which sled opens for reading.
+    struct BlockedOpen {
+        path: PathBuf,
+    }
+
+    impl BlockedOpen {
+        fn new(path: &Path) -> BlockedOpen {
+            let (conf, fifo) = (path.join("conf"), path.join("conf.fifo"));
+            std::fs::rename(&conf, path.join("conf.real")).unwrap();
+            nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+            std::fs::hard_link(&fifo, &conf).unwrap();
+            BlockedOpen {
+                path: path.to_owned(),
+            }
+        }
+
+        /// Whether a thread named `thread` of this process waits in a FIFO's open.
+        fn waiting(thread: &str) -> bool {
+            std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
+                let t = t.unwrap().path();
+                let read = |f: &str| std::fs::read_to_string(t.join(f)).unwrap_or_default();
+                read("comm").trim() == thread && read("wchan") == "wait_for_partner"
+            })
+        }
+
+        /// Puts the real `conf` back and lets the waiting open go on.
+        fn release(&self) {
+            std::fs::rename(self.path.join("conf.real"), self.path.join("conf")).unwrap();
+            drop(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(self.path.join("conf.fifo"))
+                    .unwrap(),
+            );
+            std::fs::remove_file(self.path.join("conf.fifo")).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_slow_open_stalls_only_its_own_domain() {
+        let (tmp, dir) = setup();
+        dir.add_domain("slow.org").unwrap();
+        dir.add_domain("fast.org").unwrap();
+        drop(dir);
+        let dir = Directory::open(tmp.path(), opts(Duration::ZERO)).unwrap();
+        let blocked = BlockedOpen::new(&tmp.path().join("domains/slow.org"));
+        std::thread::scope(|s| {
+            let slow = std::thread::Builder::new()
+                .name("open-slow".into())
+                .spawn_scoped(s, || dir.domain("slow.org").map(|_| ()))
+                .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !BlockedOpen::waiting("open-slow") {
+                assert!(Instant::now() < deadline, "the slow open never started");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // Both a closed and an open store of another domain are handed out while the
+            // slow one is still being opened (a bounded wait, not a speed check).
+            let (tx, rx) = std::sync::mpsc::channel();
+            s.spawn(|| {
+                let tx = tx;
+                let _ = tx.send(dir.domain("fast.org").map(|_| ()));
+                let _ = tx.send(dir.domain("fast.org").map(|_| ()));
+            });
+            for _ in 0..2 {
+                let got = rx.recv_timeout(Duration::from_secs(10));
+                if !matches!(got, Ok(Ok(()))) {
+                    blocked.release();
+                    panic!("another domain waited for the slow open: {got:?}");
+                }
+            }
+            assert!(!slow.is_finished(), "the slow open was let go too early");
+            blocked.release();
+            slow.join().unwrap().unwrap();
+        });
+        assert_eq!(dir.open_count(), 2);
     }
 
     #[test]

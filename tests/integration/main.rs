@@ -15,6 +15,7 @@ mod cli_errors;
 mod clients;
 mod cluster;
 mod config_example;
+mod diskfull;
 mod helm;
 mod last;
 mod layers;

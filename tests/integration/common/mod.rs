@@ -108,6 +108,8 @@ pub struct Options {
     pub lmtp_socket_group: String,
     /// Extra TOML appended verbatim.
     pub extra: String,
+    /// `data_dir`; `None` is `data` in the server's temporary directory.
+    pub data_dir: Option<PathBuf>,
     /// Run the `mailgate serve` binary (for signals, `kill -9`, the process's RSS)
     /// instead of a server in this process.
     pub process: bool,
@@ -133,6 +135,7 @@ impl Default for Options {
             smtp_listen: None,
             lmtp_socket_group: String::new(),
             extra: String::new(),
+            data_dir: None,
             process: false,
         }
     }
@@ -323,7 +326,11 @@ parallelism = 1
 scram_iterations = 4096
 {extra}
 "#,
-            data = dir.path().join("data").display(),
+            data = opts
+                .data_dir
+                .clone()
+                .unwrap_or_else(|| dir.path().join("data"))
+                .display(),
             host = opts.listen_host,
             lmtp = lmtp_listen,
             lmtp_group = opts.lmtp_socket_group,
