@@ -18,6 +18,10 @@
 #                                            # served by one server without a cluster (target single)
 #   bench/mailgate/cluster.sh perf-summary   # every profile in RAW: CPU per session by kind and phase
 #   bench/mailgate/cluster.sh status         # start the cluster, print `cluster status`, stop
+#   bench/mailgate/cluster.sh move [ROUNDS]  # ROUNDS (3) rounds of `mailgate domain move` of
+#                                            # example.com mailgate-0 -> mailgate-1 and back, idle,
+#                                            # then both again under TLS logins through the
+#                                            # target (c=MOVE_CONC); the home checked after each
 #
 # The cluster: one redis-server (no persistence) and two `mailgate serve` replicas,
 # mailgate-0 and mailgate-1, each with its own data dir, `[locks] backend = "redis"` and a
@@ -42,13 +46,29 @@
 # Output: OUT, bench/results/cluster-<date>/: result lines (pop3load's key=value line plus
 # target, round, r0/r1/redis CPU and their sum per session, foreign CPU, pre-run busy,
 # load average, sessions forwarded) in <target>-<mode>-<scenario>[-c<conc> unless 16].txt, summaries of the
-# replica logs, the cluster status and host.txt; RAW, bench/out/cluster-<date>/
-# (git-ignored): pop3load logs and discarded runs, replica and Redis logs, perf data.
+# replica logs, the cluster status and host.txt; `move` writes a line per move to move.txt
+# (the CLI's pre-copy and final-delta progress and its final line: MB, MB/s, freeze ms,
+# messages; the home after it; for the runs under load pop3load's sessions, errors and
+# latencies); RAW, bench/out/cluster-<date>/ (git-ignored): pop3load logs and discarded
+# runs, replica and Redis logs, perf data, each move's stdout and stderr.
+#
+# A move runs through the admin socket of the domain's home; `cluster status --json` on
+# the other replica must then show the target as home, active (polled up to 15 s).  Under
+# load, pop3load (TLS login, c=MOVE_CONC) targets the replica the domain moves to, so its
+# sessions are forwarded to the old home until the freeze, wait during it and are served
+# locally after the switch; it starts MOVE_LEAD s before the move and runs for
+# MOVE_LOAD_DUR s (default: three times the round's slowest idle move + 20 s), so it
+# covers the whole move (each line says whether it did: load_covers_move); bounded by
+# --max-time.  The r0/r1/redis CPU of a line spans the move and, under load, the whole
+# pop3load run.  Each CLI call is bounded by
+# MOVE_MAX s (600).  The copies that moves leave behind (`.moved-*`) are deleted with
+# `cluster cleanup --older-than 0s` after the last round.
 #
 # Environment: CL_DATA (bench/mailgate/data/cluster), MAILGATE (release binary) and
 # MG_COMMIT (what it was built from, for host.txt; not MAILGATE_*: those reach the
 # server's configuration), POP3LOAD,
 # OUT, RAW, DUR (20), MG_NICE / LOAD_NICE (-10), MG_LOG (info), SESSIONS (counts: 4000),
+# MOVE_CONC (16), MOVE_LEAD (3), MOVE_LOAD_DUR, MOVE_MAX (600),
 # PORT_BASE (23000: Redis PORT_BASE+379; replica i POP3 PORT_BASE+1000*i+110, POP3S +995,
 # link +25, metrics +898).
 set -uo pipefail
@@ -246,12 +266,13 @@ start_single() {  # LABEL: mailgate-0's data dir on its ports, without Redis and
 }
 
 # Until both replicas answer over the link and the record of example.com names mailgate-0
-# (active); the status goes to OUT.
+# (active; HOME_ANY=1: either replica, for `move` after an interrupted run); the status
+# goes to OUT.
 wait_home() {
   local s ok=0
   for _ in $(seq 1 60); do
     s=$("$MAILGATE" --config "$(cfg 1)" cluster status --json 2>&1)
-    if python3 - "$s" "$DOMAIN" <<'PY'
+    if python3 - "$s" "$DOMAIN" "${HOME_ANY:-0}" <<'PY'
 import json, sys
 try:
     doc = json.loads(sys.argv[1].strip().splitlines()[-1])
@@ -259,7 +280,8 @@ except Exception:
     sys.exit(1)
 reach = all(r.get("reachable") for r in doc["replicas"])
 home = [d for d in doc["domains"] if d["name"] == sys.argv[2]]
-sys.exit(0 if reach and home and home[0]["home"] == "mailgate-0" and home[0]["state"] == "active" else 1)
+sys.exit(0 if reach and home and home[0]["home"] in (("mailgate-0", "mailgate-1") if sys.argv[3] == "1" else ("mailgate-0",))
+         and home[0]["state"] == "active" else 1)
 PY
     then ok=1; break; fi
     sleep 0.5
@@ -563,6 +585,136 @@ PY
   done
 }
 
+# ---------------------------------------------------------------- moves
+# move_once ROUND KIND FROM TO: move example.com from replica FROM (its home) to TO through
+# FROM's admin socket, KIND idle or load; a key=value line to OUT/move.txt.
+move_once() {
+  local round=$1 kind=$2 from=$3 to=$4
+  local tag="move-$round-$kind-r$from-r$to" pre waited=0 load lpid="" t0 t1 rc status
+  sleep 1
+  pre=$(host_busy_1s)
+  while [ "$pre" -gt "${QUIET_PCT:-15}" ] && [ "$waited" -lt "${QUIET_WAIT:-180}" ]; do
+    waited=$((waited + 1)); pre=$(host_busy_1s)
+  done
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  : > "$RAW/$tag.load.txt"
+  local a0 b0 c0 a1 b1 c1 l0=0
+  a0=$(cpu_of "${R_PID[0]}"); b0=$(cpu_of "${R_PID[1]}"); c0=$(cpu_of "$REDIS_PID")
+  if [ "$kind" = load ]; then
+    l0=$(date +%s.%N)
+    nice -n "$LOAD_NICE" "$L" -t "127.0.0.1:$(pop3s_port "$to")" -m tls -s login -c "${MOVE_CONC:-16}" \
+      -d "$MOVE_LOAD_S" --max-time $((MOVE_LOAD_S + 60)) -u "$USERS" -r "$RANGE" -p "$PASSWORD" \
+      --label "$tag" > "$RAW/$tag.load.txt" 2> "$RAW/$tag.load.log" &
+    lpid=$!
+    sleep "${MOVE_LEAD:-3}"
+  fi
+  echo "# $(date -Is) $MAILGATE --config $(cfg "$from") domain move $DOMAIN --to ${NAMES[$to]}" > "$RAW/$tag.err"
+  t0=$(date +%s.%N)
+  timeout "${MOVE_MAX:-600}" "$MAILGATE" --config "$(cfg "$from")" domain move "$DOMAIN" --to "${NAMES[$to]}" \
+    > "$RAW/$tag.out" 2>> "$RAW/$tag.err"
+  rc=$?
+  t1=$(date +%s.%N)
+  # the record must name the target, active (asked through the other replica)
+  local s home="?" state="?" epoch="?" waited_home
+  for waited_home in $(seq 0 30); do
+    s=$("$MAILGATE" --config "$(cfg "$from")" cluster status --json 2>&1)
+    read -r home state epoch < <(python3 - "$s" "$DOMAIN" <<'PY'
+import json, sys
+try:
+    doc = json.loads(sys.argv[1].strip().splitlines()[-1])
+    d = [d for d in doc["domains"] if d["name"] == sys.argv[2]][0]
+    print(d["home"], d["state"], d.get("epoch", "?"))
+except Exception:
+    print("? ? ?")
+PY
+)
+    [ "$home" = "${NAMES[$to]}" ] && [ "$state" = active ] && break
+    sleep 0.5
+  done
+  { echo "# $(date -Is) after $tag (rc=$rc): mailgate --config r$from.toml cluster status"
+    "$MAILGATE" --config "$(cfg "$from")" cluster status; echo; } >> "$OUT/cluster-status.txt" 2>&1
+  [ -n "$lpid" ] && wait "$lpid"
+  a1=$(cpu_of "${R_PID[0]}"); b1=$(cpu_of "${R_PID[1]}"); c1=$(cpu_of "$REDIS_PID")
+  python3 - "$RAW/$tag" "$round" "$kind" "${NAMES[$from]}" "${NAMES[$to]}" "$rc" "$t0" "$t1" \
+      "$home" "$state" "$epoch" "$((waited_home * 500))" "$pre" "$waited" "$load" \
+      "$a0" "$a1" "$b0" "$b1" "$c0" "$c1" "$l0" <<'PY' | tee -a "$OUT/move.txt"
+import re, sys
+(base, rnd, kind, frm, to, rc, t0, t1, home, state, epoch, home_wait_ms, pre, waited, load,
+ a0, a1, b0, b1, c0, c1, l0) = sys.argv[1:23]
+out, err = open(base + ".out").read(), open(base + ".err").read()
+f = [f"label=move-{kind}", f"round={rnd}", f"from={frm}", f"to={to}", f"rc={rc}",
+     f"wall_s={float(t1) - float(t0):.2f}"]
+m = re.search(r"moved to \S+ \(epoch (\d+)\): (\d+) accounts, (\d+) messages, (\d+) octets; unavailable for (\d+) ms", out)
+if m:
+    f += [f"epoch={m[1]}", f"accounts={m[2]}", f"messages={m[3]}", f"octets={m[4]}", f"freeze_ms={m[5]}"]
+else:
+    said = out.strip() or (err.strip().splitlines() or ["none"])[-1]
+    f += ["freeze_ms=none", "result=" + said.replace(" ", "_")[:200]]
+pre_lines = re.findall(r"^pre-copy: .*$", err, re.M)
+m = re.search(r"^pre-copy done: (\d+) accounts, (\d+) messages, ([\d.]+) MB in ([\d.]+) s \(([\d.]+) MB/s\)", err, re.M)
+if m:
+    f += [f"precopy_accounts={m[1]}", f"precopy_messages={m[2]}", f"precopy_mb={m[3]}",
+          f"precopy_s={m[4]}", f"precopy_mb_per_s={m[5]}"]
+f.append(f"precopy_progress_lines={len(pre_lines)}")
+m = re.search(r"^final delta: (\d+) messages sent; verified (\d+) accounts, (\d+) messages", err, re.M)
+if m:
+    f += [f"delta_messages={m[1]}", f"verified_accounts={m[2]}", f"verified_messages={m[3]}"]
+m = re.search(r"^grace over: ending (\S+) open sessions", err, re.M)
+f.append(f"grace_evicted={m[1] if m else 0}")
+m = re.search(r"unavailable for ([\d.]+) s; epoch", err)
+if m:
+    f.append(f"freeze_s_progress={m[1]}")
+f += [f"home_after={home}", f"state_after={state}", f"epoch_after={epoch}", f"home_wait_ms={home_wait_ms}",
+      "home_ok=%s" % ("yes" if home == to and state == "active" else "NO")]
+f += ["r0_cpu_s=%.2f" % (float(a1) - float(a0)), "r1_cpu_s=%.2f" % (float(b1) - float(b0)),
+      "redis_cpu_s=%.2f" % (float(c1) - float(c0))]
+if kind == "load":
+    lines = open(base + ".load.txt").read().strip().splitlines()
+    kv = dict(t.split("=", 1) for t in (lines[-1].split() if lines else []) if "=" in t)
+    log = open(base + ".load.log").read()
+    codes = sorted(set(re.findall(r"\[([A-Z][A-Z/-]+)\]", "\n".join(l for l in log.splitlines() if l.strip().startswith("[")))))
+    f += ["load_" + k + "=" + kv.get(k, "none") for k in
+          ("conc", "sessions", "errors", "error_kinds", "elapsed_s", "sessions_per_s", "p50_ms", "p99_ms", "max_ms", "aborted")]
+    f.append("load_error_codes_in_samples=" + (",".join(codes) or "none"))
+    # the load must run from before the move to after it (so through the freeze)
+    started, ended = float(l0), float(l0) + float(kv.get("elapsed_s", 0))
+    f += ["load_started_before_move_s=%.1f" % (float(t0) - started),
+          "load_ran_after_move_s=%.1f" % (ended - float(t1)),
+          "load_covers_move=%s" % ("yes" if started < float(t0) and ended > float(t1) else "NO")]
+f += [f"pre_run_host_busy_pct={pre}", f"quiet_wait_s={waited}", f"loadavg1={load}"]
+print(" ".join(f))
+PY
+}
+
+moves() {  # ROUNDS: per round idle there and back, then the same under load
+  local rounds=${1:-3} r pair t_idle t_max
+  # an interrupted run may have left the domain on mailgate-1: back to mailgate-0 first,
+  # not measured
+  if "$MAILGATE" --config "$(cfg 1)" cluster status --json 2>/dev/null | tail -1 | python3 -c '
+import json, sys
+d = [d for d in json.load(sys.stdin)["domains"] if d["name"] == sys.argv[1]]
+sys.exit(0 if d and d[0]["home"] == "mailgate-1" else 1)' "$DOMAIN"; then
+    echo "cluster: $DOMAIN is on mailgate-1 (an interrupted run); moving it back first, not measured" >&2
+    timeout "${MOVE_MAX:-600}" "$MAILGATE" --config "$(cfg 1)" domain move "$DOMAIN" --to mailgate-0 \
+      > "$RAW/move-0-reset.out" 2> "$RAW/move-0-reset.err" || { echo "cluster: that failed; see $RAW/move-0-reset.err" >&2; return 1; }
+  fi
+  for r in $(seq 1 "$rounds"); do
+    t_max=0
+    for pair in "0 1" "1 0"; do
+      move_once "$r" idle $pair
+      t_idle=$(tail -1 "$OUT/move.txt" | sed -n 's/.* wall_s=\([0-9]*\).*/\1/p')
+      [ "${t_idle:-0}" -gt "$t_max" ] && t_max=$t_idle
+      tail -1 "$OUT/move.txt" | grep -q 'home_ok=yes' || { echo "cluster: move failed; see $RAW/move-$r-idle-r${pair% *}-r${pair#* }.err" >&2; return 1; }
+    done
+    MOVE_LOAD_S=${MOVE_LOAD_DUR:-$(( 3 * t_max + 20 ))}
+    for pair in "0 1" "1 0"; do
+      move_once "$r" load $pair
+      tail -1 "$OUT/move.txt" | grep -q 'home_ok=yes' || { echo "cluster: move failed; see $RAW/move-$r-load-r${pair% *}-r${pair#* }.err" >&2; return 1; }
+    done
+  done
+  "$MAILGATE" --config "$(cfg 0)" cluster cleanup --older-than 0s > "$RAW/move-cleanup.txt" 2>&1
+}
+
 host_info() {
   {
     echo "date=$(date -Is) host=$(hostname) nproc=$(nproc) kernel=$(uname -r)"
@@ -596,6 +748,7 @@ main() {
     perf)   start_cluster "perf-$1"; warm >/dev/null; perf_profile "$1" "$2" "$3" "$4" "${5:-15}"; stop_cluster ;;
     counts) start_cluster counts; warm >/dev/null; counts "${1:-2}"; stop_cluster ;;
     perf-summary) perf_summary ;;
+    move)   host_info; HOME_ANY=1 start_cluster move; moves "${1:-3}"; stop_cluster; host_info ;;
     *) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 2 ;;
   esac
 }
