@@ -226,7 +226,7 @@ async fn run(
     }
     cluster.set_local_epoch(&domain, frozen);
     say(format!(
-        "frozen at epoch {frozen}: new sessions and deliveries wait; open ones get {} s",
+        "frozen at epoch {frozen}: new sessions and deliveries are answered try-later; open ones get {} s",
         grace.as_secs()
     ));
     info!(domain, to, epoch = frozen, "domain frozen for its move");
