@@ -1472,8 +1472,13 @@ impl DomainStore {
 impl Drop for DomainStore {
     fn drop(&mut self) {
         // Closing must not lose what a caller wrote without flushing (admin edits that
-        // failed half-way, idle stores); sled's own shutdown does not sync.
-        if let Err(e) = self.flush() {
+        // failed half-way, idle stores); sled's own shutdown does not sync. A store broken
+        // by a storage error is not flushed: sled's flush then waits for a stability that
+        // never comes, and what it holds unflushed was never acknowledged.
+        if self.is_broken() {
+            let domain = &self.name;
+            tracing::warn!(%domain, "closing a store after a storage error without a flush");
+        } else if let Err(e) = self.flush() {
             tracing::warn!(domain = %self.name, error = %e, "flush on close failed");
         }
         // A store closed while its domain is removed has no directory to record into.
