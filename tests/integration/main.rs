@@ -29,5 +29,6 @@ mod replicas;
 mod sentinel;
 mod smtp;
 mod store_format;
+mod store_open;
 mod tls_rotation;
 mod tls_tools;
