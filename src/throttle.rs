@@ -336,11 +336,16 @@ mod tests {
             w.record(attacker);
         }
         for i in 0..10_000u32 {
-            let ip = IpAddr::from(std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)));
+            let ip = IpAddr::from(std::net::Ipv6Addr::from(
+                0x2001_0db8_u128 << 96 | u128::from(i),
+            ));
             w.record(ip);
             assert!(w.len() <= 100, "{} keys after {i}", w.len());
         }
-        assert!(w.is_blocked(&attacker), "the blocked key outlived the flood");
+        assert!(
+            w.is_blocked(&attacker),
+            "the blocked key outlived the flood"
+        );
         // Expired windows give way first.
         let short: Windows<u32> = Windows::with_capacity(5, Duration::ZERO, 10);
         for i in 0..1000 {
