@@ -26,6 +26,7 @@ mod proxy;
 mod replicas;
 mod sentinel;
 mod smtp;
+mod smtp_probes;
 mod store_format;
 mod tls_rotation;
 mod tls_tools;

@@ -104,6 +104,12 @@ pub struct Options {
     pub lmtp_socket_group: String,
     /// Extra TOML appended verbatim.
     pub extra: String,
+    /// Extra keys of the `[pop3]`, `[lmtp]`, `[smtp]` and `[limits]` tables the
+    /// template writes (TOML cannot reopen a table, so `extra` cannot add to them).
+    pub pop3_extra: String,
+    pub lmtp_extra: String,
+    pub smtp_extra: String,
+    pub limits_extra: String,
     /// Run the `mailgate serve` binary (for signals, `kill -9`, the process's RSS)
     /// instead of a server in this process.
     pub process: bool,
@@ -127,6 +133,10 @@ impl Default for Options {
             smtp_listen: None,
             lmtp_socket_group: String::new(),
             extra: String::new(),
+            pop3_extra: String::new(),
+            lmtp_extra: String::new(),
+            smtp_extra: String::new(),
+            limits_extra: String::new(),
             process: false,
         }
     }
@@ -280,13 +290,16 @@ allow_plaintext_auth = {plain}
 apop = {apop}
 replace_nul = {nul}
 last = {last}
+{pop3_extra}
 
 [lmtp]
 listen = "{lmtp}"
 socket_group = "{lmtp_group}"
+{lmtp_extra}
 
 [smtp]
 listen = "{smtp}"
+{smtp_extra}
 
 [metrics]
 listen = "{host}:0"
@@ -309,6 +322,7 @@ max_connections_per_ip = {per_ip}
 max_bad_commands = {bad}
 shutdown_grace_secs = {grace}
 tls_handshake_timeout_secs = 5
+{limits_extra}
 
 [auth.argon2]
 memory_kib = 1024
@@ -337,6 +351,10 @@ scram_iterations = 4096
             bad = opts.max_bad_commands,
             grace = opts.shutdown_grace_secs,
             extra = opts.extra,
+            pop3_extra = opts.pop3_extra,
+            lmtp_extra = opts.lmtp_extra,
+            smtp_extra = opts.smtp_extra,
+            limits_extra = opts.limits_extra,
         );
         std::fs::write(&config, toml).expect("write config");
         let mut expected = vec!["pop3", "pop3s", "metrics"];
