@@ -43,7 +43,7 @@ pub enum AppError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("data_dir {path} is in use by another mailgate process (it holds {lock})")]
+    #[error("data_dir {path} is in use by another mailgate process: a server already serving it, or a CLI command working on it (it holds {lock})")]
     DataDirBusy { path: PathBuf, lock: PathBuf },
     #[error("locking data_dir {path}: {source}")]
     DataDirLock {
@@ -155,7 +155,7 @@ pub fn open_directory(config: &Config) -> Result<Directory, AppError> {
 /// never open the same stores. The kernel lets it go when the process ends, however.
 #[derive(Debug)]
 pub struct DataDirLock {
-    _file: std::fs::File,
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// Takes the data dir's lock (making the data dir, 0700, when absent), or says that
@@ -173,13 +173,14 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, AppError> {
         .write(true)
         .open(&lock)
         .map_err(err)?;
-    match file.try_lock() {
-        Ok(()) => Ok(DataDirLock { _file: file }),
-        Err(std::fs::TryLockError::WouldBlock) => Err(AppError::DataDirBusy {
+    use nix::fcntl::{Flock, FlockArg};
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => Ok(DataDirLock { _lock: held }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(AppError::DataDirBusy {
             path: dir.to_path_buf(),
             lock,
         }),
-        Err(std::fs::TryLockError::Error(e)) => Err(err(e)),
+        Err((_, errno)) => Err(err(std::io::Error::from(errno))),
     }
 }
 

@@ -739,7 +739,7 @@ impl TryFrom<String> for Network {
 impl Network {
     fn loopback_v4() -> Network {
         Network(ipnet::IpNet::from(ipnet::Ipv4Net::new_assert(
-            std::net::Ipv4Addr::LOCALHOST,
+            std::net::Ipv4Addr::new(127, 0, 0, 0),
             8,
         )))
     }
@@ -1105,6 +1105,27 @@ mod tests {
             assert_eq!(c.pop3.listen, "0.0.0.0:110");
             assert_eq!(c.metrics.listen, "0.0.0.0:9898");
             assert!(!c.pop3.allow_plaintext_auth);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn lmtp_allow_from_defaults_to_loopback_and_takes_cidrs() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let lmtp = LmtpConfig::default();
+        assert!(lmtp.allows(ip("127.0.0.1")) && lmtp.allows(ip("127.9.9.9")));
+        assert!(lmtp.allows(ip("::1")) && lmtp.allows(ip("::ffff:127.0.0.1")));
+        assert!(!lmtp.allows(ip("10.0.0.5")) && !lmtp.allows(ip("2001:db8::1")));
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "m.toml",
+                "[lmtp]\nallow_from = [\"10.0.0.0/8\", \"192.0.2.7\"]\n",
+            )?;
+            let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
+            assert!(c.lmtp.allows(ip("10.1.2.3")) && c.lmtp.allows(ip("::ffff:192.0.2.7")));
+            assert!(!c.lmtp.allows(ip("127.0.0.1")) && !c.lmtp.allows(ip("192.0.2.8")));
+            jail.create_file("bad.toml", "[lmtp]\nallow_from = [\"10.0.0.0/33\"]\n")?;
+            assert!(load_in_jail(Some("bad.toml")).is_err());
             Ok(())
         });
     }
