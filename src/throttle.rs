@@ -194,13 +194,10 @@ impl<K: Hash + Eq + Clone> Windows<K> {
         entry.0
     }
 
-    /// Keys held now (for tests and bounds checks).
-    pub fn len(&self) -> usize {
+    /// Keys held now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.counts.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -446,8 +446,9 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
             Step::CheckRecipient(to) => {
                 let limits = probe_limits(ctx);
                 let ip = client_ip(ctx);
-                let count = ctx.service.unknown_recipients.count(&ip);
-                if limits.is_some_and(|l| !l.admits(count)) {
+                let used_up =
+                    limits.is_some_and(|l| !l.admits(ctx.service.unknown_recipients.count(&ip)));
+                if used_up {
                     info!(recipient = %to, "too many unknown recipients from this address");
                     reply(io, &smtp_core::too_many_unknown());
                     return End::Done(Outcome::TooManyErrors);
