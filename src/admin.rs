@@ -367,9 +367,29 @@ pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
         // A stale socket from a server that did not exit cleanly.
         std::fs::remove_file(path).map_err(io)?;
     }
-    let listener = UnixListener::bind(path).map_err(io)?;
+    // Bound in a new 0700 directory, given mode 0600 there and only then moved into
+    // place, so no one can connect between bind and chmod, whatever the umask and the
+    // mode of the data dir.
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let private = parent.join(format!(".admin-{:016x}", rand::random::<u64>()));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&private)
+            .map_err(io)?;
+    }
+    let bound = bind_private(&private.join("admin.sock"), path);
+    let _ = std::fs::remove_dir_all(&private);
+    bound.map_err(io)
+}
+
+/// Binds `staged` (in a private directory), makes it 0600 and renames it to `path`.
+fn bind_private(staged: &Path, path: &Path) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let listener = UnixListener::bind(staged)?;
+    std::fs::set_permissions(staged, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(staged, path)?;
     Ok(listener)
 }
 
@@ -1238,5 +1258,51 @@ pub fn call(
         return serde_json::from_slice(&reply)
             .map(Some)
             .map_err(|e| AdminError::Protocol(e.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A watcher looking at the socket's path while it is bound again and again never
+    /// finds it with any mode but 0600, and no staging directory is left behind.
+    #[tokio::test]
+    async fn the_socket_appears_with_mode_0600() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let path = dir.path().join("admin.sock");
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (path, done) = (path.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut seen = std::collections::BTreeSet::new();
+                while !done.load(Ordering::Relaxed) {
+                    if let Ok(m) = std::fs::symlink_metadata(&path) {
+                        if m.file_type().is_socket() {
+                            seen.insert(m.permissions().mode() & 0o777);
+                        }
+                    }
+                }
+                seen
+            })
+        };
+        for _ in 0..300 {
+            let listener = bind(&path).await.expect("bind");
+            drop(listener);
+            std::fs::remove_file(&path).expect("remove");
+        }
+        done.store(true, Ordering::Relaxed);
+        let seen = watcher.join().expect("watcher");
+        let modes: Vec<String> = seen.iter().map(|m| format!("{m:o}")).collect();
+        assert!(seen.iter().all(|m| *m == 0o600), "modes seen: {modes:?}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 }

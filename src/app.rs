@@ -43,6 +43,13 @@ pub enum AppError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("data_dir {path} is in use by another mailgate process: a server already serving it, or a CLI command working on it (it holds {lock})")]
+    DataDirBusy { path: PathBuf, lock: PathBuf },
+    #[error("locking data_dir {path}: {source}")]
+    DataDirLock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("loading certificates: {0}")]
     Tls(#[from] TlsError),
     #[error("opening data dir {path}: {source}")]
@@ -143,12 +150,102 @@ pub fn open_directory(config: &Config) -> Result<Directory, AppError> {
     })
 }
 
+/// The exclusive lock on a data dir (`flock` on `data_dir/.lock`): held by `serve` for
+/// its whole life and by the CLI while it works on the stores directly, so the two
+/// never open the same stores. The kernel lets it go when the process ends, however.
+#[derive(Debug)]
+pub struct DataDirLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the data dir's lock (making the data dir, 0700, when absent), or says that
+/// another process holds it.
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, AppError> {
+    create_data_dir(dir)?;
+    let lock = dir.join(".lock");
+    let err = |source| AppError::DataDirLock {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(err)?;
+    use nix::fcntl::{Flock, FlockArg};
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => Ok(DataDirLock { _lock: held }),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(AppError::DataDirBusy {
+            path: dir.to_path_buf(),
+            lock,
+        }),
+        Err((_, errno)) => Err(err(std::io::Error::from(errno))),
+    }
+}
+
+/// What is wrong with the data dir's mode: other users may list or even write to it.
+/// Group access is left alone: Kubernetes gives the volume to the pod's `fsGroup`.
+pub fn data_dir_mode_problem(dir: &Path) -> Result<Option<String>, AppError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::metadata(dir) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(AppError::DataDir {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    Ok(if mode & 0o002 != 0 {
+        Some(format!(
+            "mode {mode:04o} lets any user write to it (0700 is best)"
+        ))
+    } else if mode & 0o005 != 0 {
+        Some(format!(
+            "mode {mode:04o} lets any user list it (0700 is best)"
+        ))
+    } else {
+        None
+    })
+}
+
+/// Takes other users' access to the data dir away when this process owns it (a volume
+/// root owned by someone else is left as it is, with a warning). What the server
+/// creates inside is private either way: `serve` runs with umask 077.
+fn tighten_data_dir(dir: &Path) -> Result<(), AppError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some(problem) = data_dir_mode_problem(dir)? else {
+        return Ok(());
+    };
+    let meta = std::fs::metadata(dir).map_err(|source| AppError::DataDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        warn!(data_dir = %dir.display(), "{problem}, and it belongs to another user: chmod o-rwx it");
+        return Ok(());
+    }
+    let mode = meta.permissions().mode() & 0o7770;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        AppError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        }
+    })?;
+    warn!(data_dir = %dir.display(), "{problem}: changed to {mode:04o}");
+    Ok(())
+}
+
 /// Starts the server: everything is bound and running when this returns. A bad plan,
 /// certificate or address stops it before anything is created or bound.
 pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
     tls::install_crypto_provider();
     let plan = Plan::load(&config.provision, &config.auth.argon2)?;
     create_data_dir(&config.data_dir)?;
+    tighten_data_dir(&config.data_dir)?;
+    let data_lock = lock_data_dir(&config.data_dir)?;
     let (default, self_signed) = default_cert_paths(&config);
     if self_signed && tls::ensure_self_signed(&default, &config.hostname)? {
         warn!(cert = %default.cert.display(), "no certificate configured: made a self-signed one");
@@ -209,6 +306,10 @@ pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
             net: net.clone(),
             directory: directory.clone(),
             cluster: cluster.clone(),
+            unknown_recipients: throttle::Windows::new(
+                config.smtp.max_unknown_recipients_per_ip,
+                config.smtp.unknown_recipient_window(),
+            ),
         }),
         admin: Arc::new(admin::Admin {
             directory: directory.clone(),
@@ -220,6 +321,7 @@ pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
         directory: directory.clone(),
         locks,
         accepting: AtomicBool::new(false),
+        last_ready: tokio::sync::Mutex::new(None),
         cluster,
     });
     let running = Running {
@@ -233,6 +335,7 @@ pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
             admin_listener,
             metrics_listener,
             tls,
+            data_lock,
         )),
     };
     Ok(running)
@@ -246,6 +349,7 @@ async fn run(
     admin_listener: tokio::net::UnixListener,
     metrics_listener: Option<tokio::net::TcpListener>,
     tls: Arc<TlsManager>,
+    data_lock: DataDirLock,
 ) -> Result<(), AppError> {
     let net = services.net.clone();
     let directory = services.directory.clone();
@@ -289,6 +393,8 @@ async fn run(
     tokio::task::spawn_blocking(move || directory.flush_all())
         .await?
         .map_err(AppError::Flush)?;
+    // Only now may the CLI work on the stores directly.
+    drop(data_lock);
     info!("stopped");
     Ok(())
 }

@@ -115,6 +115,9 @@ pub struct Pop3Config {
     /// session that ends in UPDATE are marked seen in the store, and LAST is the highest
     /// seen message number, across sessions.
     pub last: bool,
+    /// Connections on both POP3 listeners together at once, within
+    /// `limits.max_connections`.
+    pub max_connections: usize,
 }
 
 impl Default for Pop3Config {
@@ -126,6 +129,7 @@ impl Default for Pop3Config {
             apop: false,
             replace_nul: false,
             last: false,
+            max_connections: 8000,
         }
     }
 }
@@ -143,6 +147,12 @@ pub struct LmtpConfig {
     /// Group of the unix socket (a name or a numeric gid), e.g. `postfix`; empty keeps
     /// the server's own group. Changing to a group the server is not in needs root.
     pub socket_group: String,
+    /// Client addresses (CIDRs or single addresses) allowed to use LMTP over TCP; any
+    /// other gets `421 4.7.1` and is closed. LMTP has no authentication: this is the
+    /// server's own check behind the firewall's. The unix socket is guarded by its mode.
+    pub allow_from: Vec<Network>,
+    /// Connections on this listener at once, within `limits.max_connections`.
+    pub max_connections: usize,
 }
 
 impl Default for LmtpConfig {
@@ -151,6 +161,8 @@ impl Default for LmtpConfig {
             listen: "127.0.0.1:24".into(),
             socket_mode: "0660".into(),
             socket_group: String::new(),
+            allow_from: vec![Network::loopback_v4(), Network::loopback_v6()],
+            max_connections: 500,
         }
     }
 }
@@ -163,14 +175,60 @@ impl LmtpConfig {
             .filter(|m| *m <= 0o777)
             .ok_or_else(|| format!("{:?} is not an octal mode like \"0660\"", self.socket_mode))
     }
+
+    /// Whether a client at `ip` may use LMTP over TCP. An IPv4 client on a dual-stack
+    /// socket (`::ffff:10.1.2.3`) counts as its IPv4 address.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow_from.iter().any(|n| n.0.contains(&ip))
+    }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SmtpConfig {
     /// Inbound SMTP (MX) listener for hosted domains only, with STARTTLS; empty (the
     /// default) disables it.
     pub listen: String,
+    /// Connections on this listener at once, within `limits.max_connections`: keep the
+    /// per-listener caps' sum at most that, and no listener can starve another.
+    pub max_connections: usize,
+    /// Refused recipients (`550`: no such user, relaying denied) a connection, or a client
+    /// address within `unknown_recipient_window_secs`, gets at full speed; each further
+    /// one waits `unknown_recipient_delay_ms`. Guessing account names costs time.
+    pub unknown_recipients_before_delay: u32,
+    pub unknown_recipient_delay_ms: u64,
+    /// Refused recipients in one connection (RSET does not reset it) after which it is
+    /// closed with `421 4.7.0`; 0 turns this off.
+    pub max_unknown_recipients: u32,
+    /// Refused recipients from one client address within the window after which its
+    /// further RCPTs get `421 4.7.0` (and the connection closes) before any lookup; 0
+    /// turns this off.
+    pub max_unknown_recipients_per_ip: u32,
+    pub unknown_recipient_window_secs: u64,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            listen: String::new(),
+            max_connections: 1500,
+            unknown_recipients_before_delay: 3,
+            unknown_recipient_delay_ms: 1000,
+            max_unknown_recipients: 10,
+            max_unknown_recipients_per_ip: 50,
+            unknown_recipient_window_secs: 600,
+        }
+    }
+}
+
+impl SmtpConfig {
+    pub fn unknown_recipient_delay(&self) -> Duration {
+        Duration::from_millis(self.unknown_recipient_delay_ms)
+    }
+    pub fn unknown_recipient_window(&self) -> Duration {
+        Duration::from_secs(self.unknown_recipient_window_secs)
+    }
 }
 
 /// Limits of mail coming in over LMTP and SMTP.
@@ -698,6 +756,21 @@ impl TryFrom<String> for Network {
     }
 }
 
+impl Network {
+    fn loopback_v4() -> Network {
+        Network(ipnet::IpNet::from(ipnet::Ipv4Net::new_assert(
+            std::net::Ipv4Addr::new(127, 0, 0, 0),
+            8,
+        )))
+    }
+
+    fn loopback_v6() -> Network {
+        Network(ipnet::IpNet::from(IpAddr::from(
+            std::net::Ipv6Addr::LOCALHOST,
+        )))
+    }
+}
+
 impl From<Network> for String {
     fn from(n: Network) -> String {
         n.0.to_string()
@@ -1054,6 +1127,27 @@ mod tests {
             assert_eq!(c.pop3.listen, "0.0.0.0:110");
             assert_eq!(c.metrics.listen, "0.0.0.0:9898");
             assert!(!c.pop3.allow_plaintext_auth);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn lmtp_allow_from_defaults_to_loopback_and_takes_cidrs() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let lmtp = LmtpConfig::default();
+        assert!(lmtp.allows(ip("127.0.0.1")) && lmtp.allows(ip("127.9.9.9")));
+        assert!(lmtp.allows(ip("::1")) && lmtp.allows(ip("::ffff:127.0.0.1")));
+        assert!(!lmtp.allows(ip("10.0.0.5")) && !lmtp.allows(ip("2001:db8::1")));
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "m.toml",
+                "[lmtp]\nallow_from = [\"10.0.0.0/8\", \"192.0.2.7\"]\n",
+            )?;
+            let c = load_in_jail(Some("m.toml")).map_err(|e| e.to_string())?;
+            assert!(c.lmtp.allows(ip("10.1.2.3")) && c.lmtp.allows(ip("::ffff:192.0.2.7")));
+            assert!(!c.lmtp.allows(ip("127.0.0.1")) && !c.lmtp.allows(ip("192.0.2.8")));
+            jail.create_file("bad.toml", "[lmtp]\nallow_from = [\"10.0.0.0/33\"]\n")?;
+            assert!(load_in_jail(Some("bad.toml")).is_err());
             Ok(())
         });
     }

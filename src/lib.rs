@@ -36,6 +36,10 @@
 //!
 //! `main.rs` (the CLI) sits on top.
 
+// The accept loops' tasks hold a POP3 session whose future nests the cluster's Redis
+// calls; proving it `Send` takes more than the default 128 levels.
+#![recursion_limit = "256"]
+
 pub mod admin;
 pub mod app;
 pub mod auth;

@@ -275,6 +275,9 @@ fn parse_quota(limit: &str) -> Result<Option<u64>, Mistake> {
 }
 
 fn main() -> ExitCode {
+    // Whatever the server or the CLI creates (stores, the secret, certificates, sockets)
+    // is the server user's alone, whatever umask it was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     let serving = matches!(cli.command, Cmd::Serve);
     init_logging(serving);
@@ -449,14 +452,28 @@ fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Rea
             )),
             exit_code: exit::TEMPFAIL,
         },
-        None => {
-            let directory = app::open_directory(config)?;
-            let body = body.unwrap_or_else(|| Box::new(std::io::empty()));
-            let quotas = Quotas::from_config(&config.delivery);
-            let r = admin::execute(&directory, request, body, quotas, None);
-            directory.flush_all()?;
-            r
-        }
+        // A server whose socket is gone (removed, or not bound yet) still has the stores
+        // open: never work on them behind its back.
+        None => match app::lock_data_dir(&config.data_dir) {
+            Err(e @ app::AppError::DataDirBusy { .. }) => Response {
+                ok: false,
+                lines: Vec::new(),
+                error: Some(format!(
+                    "{e}, but no server answers on {}: restart that server (it makes its socket again at start) or wait for it to stop",
+                    socket.display()
+                )),
+                exit_code: exit::TEMPFAIL,
+            },
+            Err(e) => return Err(e.into()),
+            Ok(_lock) => {
+                let directory = app::open_directory(config)?;
+                let body = body.unwrap_or_else(|| Box::new(std::io::empty()));
+                let quotas = Quotas::from_config(&config.delivery);
+                let r = admin::execute(&directory, request, body, quotas, None);
+                directory.flush_all()?;
+                r
+            }
+        },
     };
     Ok(print_response(&response))
 }
@@ -639,6 +656,11 @@ fn check_data_dir(dir: &Path) -> Result<()> {
         }
         if meta.permissions().readonly() {
             bail!("data_dir {} is not writable", dir.display());
+        }
+        if let Some(problem) = app::data_dir_mode_problem(dir)? {
+            println!(
+                "data_dir: warning: {problem}; serve removes other users' access when it owns the directory"
+            );
         }
         println!("data_dir: {}", dir.display());
     } else {

@@ -9,7 +9,7 @@ use crate::cluster::frame::{self, Framed};
 use crate::cluster::{preamble, Alpn, Cluster, Preamble, LINK_IDLE};
 use crate::config::{Config, ListenAddr, Listener};
 use crate::locks::LockBackend;
-use crate::metrics::http::Readiness;
+use crate::metrics::http::{Readiness, Ready};
 use crate::net::{self, ConnLimits, Refusal};
 use crate::smtp::core::Protocol;
 use crate::store::Directory;
@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_util::task::TaskTracker;
@@ -54,6 +54,8 @@ pub struct Services {
     pub locks: Arc<dyn LockBackend>,
     /// True while the accept loops run (for `/readyz`).
     pub accepting: AtomicBool,
+    /// The last answer of the slower readiness checks, and when it was made.
+    pub last_ready: tokio::sync::Mutex<Option<(Instant, Ready)>>,
     /// On a replica of a cluster: the link and the homes.
     pub cluster: Option<Arc<Cluster>>,
     /// What admin requests from other replicas run with.
@@ -62,30 +64,56 @@ pub struct Services {
 
 /// Each step of the readiness check gets this long.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the answer of the data dir and lock backend checks is reused.
+const READY_CACHE: Duration = Duration::from_secs(1);
 
 impl Readiness for Services {
-    fn check(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    fn check(&self) -> Pin<Box<dyn Future<Output = Ready> + Send + '_>> {
         Box::pin(async move {
             if self.net.shutdown.is_cancelled() {
-                return Err("shutting down".into());
+                return Ready::No("shutting down".into());
             }
             if !self.accepting.load(Ordering::Acquire) {
-                return Err("listeners not accepting yet".into());
+                return Ready::No("listeners not accepting yet".into());
             }
-            let directory = self.directory.clone();
-            let stores = tokio::task::spawn_blocking(move || directory.list_domains());
-            match tokio::time::timeout(READY_TIMEOUT, stores).await {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err(e))) => return Err(format!("data dir unusable: {e}")),
-                Ok(Err(e)) => return Err(format!("data dir check failed: {e}")),
-                Err(_) => return Err("data dir check timed out".into()),
+            // Held across the checks: concurrent probes wait for one answer.
+            let mut last = self.last_ready.lock().await;
+            if let Some((at, answer)) = last.as_ref() {
+                if at.elapsed() < READY_CACHE {
+                    return answer.clone();
+                }
             }
-            match tokio::time::timeout(READY_TIMEOUT, self.locks.health()).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("lock backend: {e}")),
-                Err(_) => Err("lock backend did not answer in time".into()),
-            }
+            let answer = self.check_stores_and_locks().await;
+            *last = Some((Instant::now(), answer.clone()));
+            answer
         })
+    }
+}
+
+impl Services {
+    /// The data dir must be listable. The lock backend must answer on a replica of a
+    /// cluster (Redis routes every domain there); on a single server it is needed for
+    /// POP3 logins only, so a Redis outage leaves it ready but degraded, and LMTP/SMTP
+    /// deliveries go on.
+    async fn check_stores_and_locks(&self) -> Ready {
+        let directory = self.directory.clone();
+        let stores = tokio::task::spawn_blocking(move || directory.list_domains());
+        match tokio::time::timeout(READY_TIMEOUT, stores).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err(e))) => return Ready::No(format!("data dir unusable: {e}")),
+            Ok(Err(e)) => return Ready::No(format!("data dir check failed: {e}")),
+            Err(_) => return Ready::No("data dir check timed out".into()),
+        }
+        let problem = match tokio::time::timeout(READY_TIMEOUT, self.locks.health()).await {
+            Ok(Ok(())) => return Ready::Yes,
+            Ok(Err(e)) => format!("lock backend: {e}"),
+            Err(_) => "lock backend did not answer in time".to_owned(),
+        };
+        if self.cluster.is_some() {
+            Ready::No(problem)
+        } else {
+            Ready::Degraded(problem)
+        }
     }
 }
 
@@ -228,10 +256,7 @@ impl Listeners {
 pub async fn run(listeners: Listeners, services: Arc<Services>) {
     let net = services.net.clone();
     let tracker = TaskTracker::new();
-    let limits = Arc::new(ConnLimits::new(
-        net.config.limits.max_connections,
-        net.config.limits.max_connections_per_ip,
-    ));
+    let limits = Arc::new(ConnLimits::from_config(&net.config));
     for (listener, addr) in listeners.local_addrs() {
         info!(listener = listener.name(), addr = %addr, "listening");
     }
@@ -353,9 +378,10 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        // The global place is taken now; the per-IP one in the task, once the client's
-        // address is known (a PROXY header, read there, may name it).
-        let reserved = limits.reserve();
+        // The listener's and the global places are taken now; the per-IP one in the
+        // task, once the client's address is known (a PROXY header, read there, may
+        // name it).
+        let reserved = limits.reserve(Some(listener));
         let services = services.clone();
         tracker.spawn(async move {
             let mut stream = stream;
@@ -363,7 +389,14 @@ async fn accept_loop(
             else {
                 return;
             };
-            match reserved.and_then(|r| r.admit(client.ip())) {
+            let allowed =
+                listener != Listener::Lmtp || services.net.config.lmtp.allows(client.ip());
+            let admitted = if allowed {
+                reserved.and_then(|r| r.admit(client.ip()))
+            } else {
+                Err(Refusal::NotAllowed)
+            };
+            match admitted {
                 Ok(permit) => {
                     serve(listener, stream, client, services).await;
                     drop(permit);
@@ -415,7 +448,7 @@ async fn unix_accept_loop(
         let Some((stream, _)) = accepted else {
             continue;
         };
-        let admission = limits.reserve();
+        let admission = limits.reserve(Some(Listener::Lmtp));
         let services = services.clone();
         tracker.spawn(async move {
             match admission {
@@ -451,7 +484,9 @@ async fn cluster_accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let reserved = limits.reserve();
+        // The replica link counts against the global limit only: each forwarded
+        // session is admitted by the original client's address below.
+        let reserved = limits.reserve(None);
         let (cluster, services, limits) = (cluster.clone(), services.clone(), limits.clone());
         tracker.spawn(async move {
             let Ok(reserved) = reserved else {
@@ -558,7 +593,7 @@ async fn pop3_link(
         let again = reserved.is_none();
         let slot = match reserved.take() {
             Some(r) => Ok(r),
-            None => limits.reserve(),
+            None => limits.reserve(None),
         };
         let permit = match slot.and_then(|r| r.admit(preamble.client.ip())) {
             Ok(p) => p,

@@ -128,47 +128,92 @@ impl LocalThrottle {
 /// memory without bound.
 const MAX_ENTRIES: usize = 100_000;
 
-/// Failure counts per key in fixed windows that start at a key's first failure.
-struct Windows<K> {
+/// Counts per key in fixed windows that start at a key's first event, in at most a fixed
+/// number of entries. Used for failed logins here and for unknown recipients by `smtp`.
+pub struct Windows<K> {
     /// 0 turns this limit off.
     max: u32,
     window: Duration,
+    /// Most keys kept; see [`Windows::record`] for what gives way when it is reached.
+    capacity: usize,
     counts: Mutex<HashMap<K, (u32, Instant)>>,
 }
 
-impl<K: Hash + Eq> Windows<K> {
-    fn new(max: u32, window: Duration) -> Self {
+impl<K: Hash + Eq + Clone> Windows<K> {
+    /// At most `max` events per key in `window` (0: off), in at most 100 000 keys.
+    pub fn new(max: u32, window: Duration) -> Self {
+        Self::with_capacity(max, window, MAX_ENTRIES)
+    }
+
+    pub fn with_capacity(max: u32, window: Duration, capacity: usize) -> Self {
         Windows {
             max,
             window,
+            capacity: capacity.max(1),
             counts: Mutex::new(HashMap::new()),
         }
     }
 
-    fn is_blocked(&self, key: &K) -> bool {
-        if self.max == 0 {
-            return false;
-        }
+    /// The events counted for `key` in its current window.
+    pub fn count(&self, key: &K) -> u32 {
         let map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        matches!(map.get(key), Some((n, start)) if *n >= self.max && start.elapsed() < self.window)
+        match map.get(key) {
+            Some((n, start)) if start.elapsed() < self.window => *n,
+            _ => 0,
+        }
     }
 
-    fn record(&self, key: K) {
+    /// Whether `key` has used up its events for the current window.
+    pub fn is_blocked(&self, key: &K) -> bool {
+        self.max != 0 && self.count(key) >= self.max
+    }
+
+    /// Counts one event for `key` and returns its count in the current window. When the
+    /// map is full, expired windows go first; if that frees nothing, the eighth of the
+    /// keys with the fewest events (the oldest among equals) is dropped, so keys at or
+    /// near their limit are the last to be forgotten.
+    pub fn record(&self, key: K) -> u32 {
         if self.max == 0 {
-            return;
+            return 0;
         }
         // A panic while holding this mutex cannot leave the map inconsistent (single
         // inserts and removals), so a poisoned lock is still usable.
         let mut map = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_ENTRIES {
+        if map.len() >= self.capacity && !map.contains_key(&key) {
             let window = self.window;
             map.retain(|_, (_, start)| start.elapsed() < window);
+            if map.len() >= self.capacity {
+                evict_fewest(&mut map, self.capacity / 8 + 1);
+            }
         }
         let entry = map.entry(key).or_insert((0, Instant::now()));
         if entry.1.elapsed() >= self.window {
             *entry = (0, Instant::now());
         }
         entry.0 = entry.0.saturating_add(1);
+        entry.0
+    }
+
+    /// Keys held now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Removes the `n` entries with the fewest events, the oldest first among equals.
+fn evict_fewest<K: Hash + Eq + Clone>(map: &mut HashMap<K, (u32, Instant)>, n: usize) {
+    let mut ranked: Vec<(u32, Instant, K)> = map
+        .iter()
+        .map(|(k, (count, start))| (*count, *start, k.clone()))
+        .collect();
+    let n = n.min(ranked.len());
+    if n == 0 {
+        return;
+    }
+    ranked.select_nth_unstable_by(n - 1, |a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    for (_, _, key) in ranked.into_iter().take(n) {
+        map.remove(&key);
     }
 }
 
@@ -278,6 +323,32 @@ mod tests {
             t.record_failure(ip, Some("joe@example.org"));
         }
         assert!(!t.is_blocked(ip, Some("joe@example.org")));
+    }
+
+    #[test]
+    fn a_full_map_stays_bounded_and_keeps_the_busiest_keys() {
+        let w: Windows<IpAddr> = Windows::with_capacity(5, Duration::from_secs(60), 100);
+        let attacker: IpAddr = "198.51.100.7".parse().expect("ip");
+        for _ in 0..5 {
+            w.record(attacker);
+        }
+        for i in 0..10_000u32 {
+            let ip = IpAddr::from(std::net::Ipv6Addr::from(
+                0x2001_0db8_u128 << 96 | u128::from(i),
+            ));
+            w.record(ip);
+            assert!(w.len() <= 100, "{} keys after {i}", w.len());
+        }
+        assert!(
+            w.is_blocked(&attacker),
+            "the blocked key outlived the flood"
+        );
+        // Expired windows give way first.
+        let short: Windows<u32> = Windows::with_capacity(5, Duration::ZERO, 10);
+        for i in 0..1000 {
+            short.record(i);
+        }
+        assert!(short.len() <= 10);
     }
 
     #[test]

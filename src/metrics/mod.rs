@@ -63,6 +63,8 @@ pub const REASON_SHUTDOWN: &str = "shutdown";
 pub const REASON_PROXY_HEADER: &str = "proxy_header";
 /// A PROXY-protocol listener was reached by a peer outside `trusted_networks`.
 pub const REASON_PROXY_UNTRUSTED: &str = "proxy_untrusted";
+/// A client outside the listener's allowlist (`lmtp.allow_from`).
+pub const REASON_NOT_ALLOWED: &str = "not_allowed";
 
 /// Why a connection was refused before its session: the `reason` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,15 +79,18 @@ pub enum Rejected {
     ProxyHeader,
     /// A peer outside `proxy_protocol.trusted_networks` reached a PROXY listener.
     ProxyUntrusted,
+    /// A client outside `lmtp.allow_from` reached LMTP.
+    NotAllowed,
 }
 
 impl Rejected {
-    const ALL: [Rejected; 5] = [
+    const ALL: [Rejected; 6] = [
         Rejected::Limit,
         Rejected::PerIpLimit,
         Rejected::Shutdown,
         Rejected::ProxyHeader,
         Rejected::ProxyUntrusted,
+        Rejected::NotAllowed,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +100,7 @@ impl Rejected {
             Rejected::Shutdown => REASON_SHUTDOWN,
             Rejected::ProxyHeader => REASON_PROXY_HEADER,
             Rejected::ProxyUntrusted => REASON_PROXY_UNTRUSTED,
+            Rejected::NotAllowed => REASON_NOT_ALLOWED,
         }
     }
 }

@@ -1,6 +1,8 @@
-//! Connection admission: a global limit taken at accept and a per-IP limit taken once the
-//! client's address is known (a PROXY header may name it). Knows no protocol.
+//! Connection admission: a listener's own cap and the global limit, taken at accept, and a
+//! per-IP limit taken once the client's address is known (a PROXY header may name it).
+//! Knows no protocol.
 
+use crate::config::{Config, Listener};
 use crate::metrics::Rejected;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -13,6 +15,8 @@ pub enum Refusal {
     TooManyConnections,
     TooManyFromPeer,
     ShuttingDown,
+    /// The client's address is not in the listener's allowlist.
+    NotAllowed,
 }
 
 impl Refusal {
@@ -22,12 +26,16 @@ impl Refusal {
             Refusal::TooManyConnections => Rejected::Limit,
             Refusal::TooManyFromPeer => Rejected::PerIpLimit,
             Refusal::ShuttingDown => Rejected::Shutdown,
+            Refusal::NotAllowed => Rejected::NotAllowed,
         }
     }
 }
 
-/// Global and per-IP connection limits.
+/// Per-listener, global and per-IP connection limits.
 pub struct ConnLimits {
+    /// POP3 (both ports), LMTP, SMTP: each listener's own cap, so a flood on one cannot
+    /// take every place of the global limit.
+    listeners: [Arc<Semaphore>; 3],
     total: Arc<Semaphore>,
     per_ip_max: usize,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -36,6 +44,7 @@ pub struct ConnLimits {
 /// A connection's place in the global limit, taken when it is accepted; `admit` adds the
 /// per-IP place once the client's address is known.
 pub struct Reserved {
+    listener: Option<OwnedSemaphorePermit>,
     total: OwnedSemaphorePermit,
     per_ip_max: usize,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -51,6 +60,7 @@ impl Reserved {
         *n += 1;
         drop(map);
         Ok(Admission {
+            _listener: self.listener,
             _total: self.total,
             ip,
             per_ip: self.per_ip,
@@ -60,6 +70,7 @@ impl Reserved {
 
 /// Holds one connection's place in both limits until dropped.
 pub struct Admission {
+    _listener: Option<OwnedSemaphorePermit>,
     _total: OwnedSemaphorePermit,
     ip: IpAddr,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
@@ -78,31 +89,62 @@ impl Drop for Admission {
 }
 
 impl ConnLimits {
-    pub fn new(total: usize, per_ip_max: usize) -> Self {
+    /// `listeners`: the caps of POP3 (both ports), LMTP and SMTP.
+    pub fn new(total: usize, per_ip_max: usize, listeners: [usize; 3]) -> Self {
         ConnLimits {
+            listeners: listeners.map(|n| Arc::new(Semaphore::new(n))),
             total: Arc::new(Semaphore::new(total)),
             per_ip_max,
             per_ip: Arc::default(),
         }
     }
 
-    /// A place in the global limit only.
-    pub fn reserve(&self) -> Result<Reserved, Refusal> {
+    /// The limits `[limits]` and each listener's `max_connections` set.
+    pub fn from_config(config: &Config) -> Self {
+        ConnLimits::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_ip,
+            [
+                config.pop3.max_connections,
+                config.lmtp.max_connections,
+                config.smtp.max_connections,
+            ],
+        )
+    }
+
+    /// A place in `listener`'s cap (none for the replica link) and the global limit.
+    pub fn reserve(&self, listener: Option<Listener>) -> Result<Reserved, Refusal> {
+        let own = match listener {
+            Some(l) => {
+                let slot = match l {
+                    Listener::Pop3 | Listener::Pop3s => 0,
+                    Listener::Lmtp => 1,
+                    Listener::Smtp => 2,
+                };
+                let permit = self.listeners[slot]
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| Refusal::TooManyConnections)?;
+                Some(permit)
+            }
+            None => None,
+        };
         let total = self
             .total
             .clone()
             .try_acquire_owned()
             .map_err(|_| Refusal::TooManyConnections)?;
         Ok(Reserved {
+            listener: own,
             total,
             per_ip_max: self.per_ip_max,
             per_ip: self.per_ip.clone(),
         })
     }
 
-    /// Places in both limits, for a client whose address is known at accept.
-    pub fn admit(&self, ip: IpAddr) -> Result<Admission, Refusal> {
-        self.reserve()?.admit(ip)
+    /// Places in every limit, for a client whose address is known at accept.
+    pub fn admit(&self, listener: Option<Listener>, ip: IpAddr) -> Result<Admission, Refusal> {
+        self.reserve(listener)?.admit(ip)
     }
 }
 
@@ -112,38 +154,71 @@ mod tests {
 
     #[test]
     fn per_ip_and_total_limits() {
-        let limits = ConnLimits::new(3, 2);
+        let limits = ConnLimits::new(3, 2, [9, 9, 9]);
         let a: IpAddr = "127.0.0.1".parse().expect("ip");
         let b: IpAddr = "127.0.0.2".parse().expect("ip");
-        let a1 = limits.admit(a).expect("a1");
-        let _a2 = limits.admit(a).expect("a2");
-        assert_eq!(limits.admit(a).err(), Some(Refusal::TooManyFromPeer));
-        let _b1 = limits.admit(b).expect("b1");
-        assert_eq!(limits.admit(b).err(), Some(Refusal::TooManyConnections));
+        let a1 = limits.admit(None, a).expect("a1");
+        let _a2 = limits.admit(None, a).expect("a2");
+        assert_eq!(limits.admit(None, a).err(), Some(Refusal::TooManyFromPeer));
+        let _b1 = limits.admit(None, b).expect("b1");
+        assert_eq!(
+            limits.admit(None, b).err(),
+            Some(Refusal::TooManyConnections)
+        );
         drop(a1);
-        assert!(limits.admit(a).is_ok());
+        assert!(limits.admit(None, a).is_ok());
     }
 
     #[test]
     fn a_reserved_place_counts_before_its_address_is_known() {
-        let limits = ConnLimits::new(2, 1);
+        let limits = ConnLimits::new(2, 1, [9, 9, 9]);
         let a: IpAddr = "203.0.113.7".parse().expect("ip");
-        let pending = limits.reserve().expect("reserve");
-        let b = limits.admit("127.0.0.1".parse().expect("ip")).expect("b");
+        let pending = limits.reserve(None).expect("reserve");
+        let b = limits
+            .admit(None, "127.0.0.1".parse().expect("ip"))
+            .expect("b");
         // Both places are taken: one by a connection still waiting for its header.
-        assert_eq!(limits.reserve().err(), Some(Refusal::TooManyConnections));
+        assert_eq!(
+            limits.reserve(None).err(),
+            Some(Refusal::TooManyConnections)
+        );
         let a1 = pending.admit(a).expect("a1");
         assert_eq!(
-            limits.reserve().err().map(Refusal::metric_reason),
+            limits.reserve(None).err().map(Refusal::metric_reason),
             Some(Rejected::Limit)
         );
         drop(a1);
-        let again = limits.reserve().expect("reserve");
+        let again = limits.reserve(None).expect("reserve");
         let _a2 = again.admit(a).expect("a2");
         // A refused per-IP admission gives its global place back.
         drop(b);
-        let third = limits.reserve().expect("reserve");
+        let third = limits.reserve(None).expect("reserve");
         assert_eq!(third.admit(a).err(), Some(Refusal::TooManyFromPeer));
-        assert!(limits.reserve().is_ok());
+        assert!(limits.reserve(None).is_ok());
+    }
+
+    #[test]
+    fn a_flood_on_one_listener_leaves_the_others_their_places() {
+        let limits = ConnLimits::new(10, 100, [3, 2, 5]);
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        let pop3: Vec<_> = (0..3)
+            .map(|_| limits.admit(Some(Listener::Pop3s), ip).expect("pop3"))
+            .collect();
+        assert_eq!(
+            limits.admit(Some(Listener::Pop3), ip).err(),
+            Some(Refusal::TooManyConnections),
+            "both POP3 ports share one cap"
+        );
+        let _lmtp = limits.admit(Some(Listener::Lmtp), ip).expect("lmtp");
+        let _lmtp2 = limits.admit(Some(Listener::Lmtp), ip).expect("lmtp");
+        assert!(limits.admit(Some(Listener::Lmtp), ip).is_err());
+        drop(pop3);
+        assert!(limits.admit(Some(Listener::Pop3), ip).is_ok());
+        // A refused listener place takes no global place.
+        let _smtp: Vec<_> = (0..5)
+            .map(|_| limits.admit(Some(Listener::Smtp), ip).expect("smtp"))
+            .collect();
+        assert!(limits.admit(Some(Listener::Smtp), ip).is_err());
+        assert!(limits.admit(None, ip).is_ok());
     }
 }

@@ -260,6 +260,7 @@ pub fn refusal(listener: Listener, reason: Refusal) -> Option<BytesMut> {
         Refusal::TooManyConnections => "Too many connections, try again later",
         Refusal::TooManyFromPeer => "Too many connections from your address",
         Refusal::ShuttingDown => "Server shutting down",
+        Refusal::NotAllowed => "Not allowed from your address",
     };
     let mut out = BytesMut::new();
     err(Some(RespCode::SysTemp), text).write_to(&mut out);

@@ -308,6 +308,58 @@ impl Core {
     }
 }
 
+/// Limits on refused recipients (`550` at RCPT), which is how account names are guessed:
+/// past `delay_after` each refusal is slowed down, past a maximum the client is sent
+/// away. A maximum of 0 is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeLimits {
+    pub delay_after: u32,
+    /// Refusals in one connection, RSET or not.
+    pub max_per_connection: u32,
+    /// Refusals from one client address within the window.
+    pub max_per_ip: u32,
+}
+
+/// What a refused recipient costs the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Answer at once.
+    Answer,
+    /// Wait before answering.
+    Delay,
+    /// Answer, then `421` and close.
+    Close,
+}
+
+impl ProbeLimits {
+    /// Whether a client whose address already has `ip_count` refusals in the window may
+    /// have a recipient looked up at all.
+    pub fn admits(&self, ip_count: u32) -> bool {
+        self.max_per_ip == 0 || ip_count < self.max_per_ip
+    }
+
+    /// The cost of a refusal, given the counts including it.
+    pub fn refused(&self, connection: u32, ip: u32) -> Probe {
+        let over = |max: u32, n: u32| max != 0 && n >= max;
+        if over(self.max_per_connection, connection) || over(self.max_per_ip, ip) {
+            Probe::Close
+        } else if connection.max(ip) > self.delay_after {
+            Probe::Delay
+        } else {
+            Probe::Answer
+        }
+    }
+}
+
+/// The reply that sends a guessing client away.
+pub fn too_many_unknown() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0",
+        "Too many unknown recipients, closing connection",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,5 +540,32 @@ mod tests {
             let r = verdict_reply(v);
             assert_eq!((r.code, r.status), (code, Some(status)), "{v:?}");
         }
+    }
+
+    #[test]
+    fn refused_recipients_slow_down_then_close() {
+        let limits = ProbeLimits {
+            delay_after: 2,
+            max_per_connection: 4,
+            max_per_ip: 10,
+        };
+        let by_connection: Vec<Probe> = (1..=4).map(|n| limits.refused(n, n)).collect();
+        assert_eq!(
+            by_connection,
+            [Probe::Answer, Probe::Answer, Probe::Delay, Probe::Close]
+        );
+        // A fresh connection from an address with a history is slowed at once, and
+        // sent away before any lookup once the address used up its refusals.
+        assert_eq!(limits.refused(1, 5), Probe::Delay);
+        assert_eq!(limits.refused(1, 10), Probe::Close);
+        assert!(limits.admits(9));
+        assert!(!limits.admits(10));
+        let off = ProbeLimits {
+            delay_after: u32::MAX,
+            max_per_connection: 0,
+            max_per_ip: 0,
+        };
+        assert_eq!(off.refused(1000, 1000), Probe::Answer);
+        assert!(off.admits(u32::MAX));
     }
 }

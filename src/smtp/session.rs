@@ -6,7 +6,9 @@
 //! Must not write protocol bytes other than through `Reply`.
 
 use super::codec::{self, Reply, MAX_COMMAND_LINE};
-use super::core::{verdict_reply, Core, CoreLimits, Protocol, Step};
+use super::core::{
+    self as smtp_core, verdict_reply, Core, CoreLimits, Probe, ProbeLimits, Protocol, Step,
+};
 use super::forward::{self, Leg, Origin};
 use crate::cluster::{Alpn, Cluster, Preamble, Route};
 use crate::config::Listener;
@@ -14,8 +16,10 @@ use crate::delivery::{self, Batch, Quotas, Verdict};
 use crate::metrics::{self, Outcome};
 use crate::net::{self, Io, Read, Refusal};
 use crate::store::Directory;
+use crate::throttle::Windows;
 use crate::wire::{CrlfNormalizer, DotUnstuffer};
 use bytes::{Buf, BytesMut};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -28,6 +32,8 @@ pub struct Service {
     pub net: Arc<net::Context>,
     pub directory: Arc<Directory>,
     pub cluster: Option<Arc<Cluster>>,
+    /// Refused recipients per SMTP client address, in `smtp.unknown_recipient_window_secs`.
+    pub unknown_recipients: Windows<IpAddr>,
 }
 
 /// Message bytes gathered before one blocking write to the stores.
@@ -110,6 +116,8 @@ struct Ctx {
     transaction_started: Option<Instant>,
     accepted: u64,
     rejected: u64,
+    /// Recipients refused with 550 in this connection (RSET does not reset it).
+    refused_recipients: u32,
     bytes_in: u64,
     /// The session id (the front's, for a forwarded session).
     sid: u64,
@@ -133,6 +141,7 @@ impl Ctx {
             transaction_started: None,
             accepted: 0,
             rejected: 0,
+            refused_recipients: 0,
             bytes_in: 0,
             sid,
             tls: false,
@@ -226,6 +235,7 @@ pub fn refusal(reason: Refusal) -> BytesMut {
             Reply::new(421, "4.7.0", "Too many connections from your address")
         }
         Refusal::ShuttingDown => Reply::new(421, "4.3.2", "Server shutting down"),
+        Refusal::NotAllowed => Reply::new(421, "4.7.1", "Not allowed from your address"),
     };
     let mut out = BytesMut::new();
     reply.write_to(&mut out);
@@ -434,8 +444,25 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Step::CheckRecipient(to) => {
+                let limits = probe_limits(ctx);
+                let ip = client_ip(ctx);
+                let used_up =
+                    limits.is_some_and(|l| !l.admits(ctx.service.unknown_recipients.count(&ip)));
+                if used_up {
+                    info!(recipient = %to, "too many unknown recipients from this address");
+                    reply(io, &smtp_core::too_many_unknown());
+                    return End::Done(Outcome::TooManyErrors);
+                }
                 let r = recipient(core, ctx, to).await;
+                let close = match limits {
+                    Some(limits) if r.code == 550 => refused_recipient(ctx, limits, ip).await,
+                    _ => false,
+                };
                 reply(io, &r);
+                if close {
+                    reply(io, &smtp_core::too_many_unknown());
+                    return End::Done(Outcome::TooManyErrors);
+                }
             }
             Step::Data => {
                 reply(
@@ -609,6 +636,56 @@ async fn open_leg(core: &Core, ctx: &Ctx, peer: &str) -> Result<Leg, Reply> {
         &ctx.net().metrics,
     )
     .await
+}
+
+/// The refused-recipient limits of this session: SMTP from the client itself. LMTP comes
+/// from the MTA (`lmtp.allow_from`), which must not be slowed down for the unknown users
+/// of its queue; a home leaves them to the replica the client reached, which counts the
+/// refusals it relays too.
+fn probe_limits(ctx: &Ctx) -> Option<ProbeLimits> {
+    if ctx.protocol != Protocol::Smtp || ctx.forwarded.is_some() {
+        return None;
+    }
+    let smtp = &ctx.net().config.smtp;
+    Some(ProbeLimits {
+        delay_after: smtp.unknown_recipients_before_delay,
+        max_per_connection: smtp.max_unknown_recipients,
+        max_per_ip: smtp.max_unknown_recipients_per_ip,
+    })
+}
+
+/// The address refused recipients are counted under.
+fn client_ip(ctx: &Ctx) -> IpAddr {
+    match &ctx.peer {
+        Peer::Tcp(a) => a.ip().to_canonical(),
+        Peer::Unix => IpAddr::from([127, 0, 0, 1]),
+    }
+}
+
+/// Counts a refused recipient and waits as long as the limits say; true when the
+/// connection must close after this answer.
+async fn refused_recipient(ctx: &mut Ctx, limits: ProbeLimits, ip: IpAddr) -> bool {
+    ctx.refused_recipients = ctx.refused_recipients.saturating_add(1);
+    let from_ip = ctx.service.unknown_recipients.record(ip);
+    match limits.refused(ctx.refused_recipients, from_ip) {
+        Probe::Answer => false,
+        Probe::Delay => {
+            let delay = ctx.net().config.smtp.unknown_recipient_delay();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = ctx.net().shutdown.cancelled() => {}
+            }
+            false
+        }
+        Probe::Close => {
+            info!(
+                refused = ctx.refused_recipients,
+                from_address = from_ip,
+                "too many unknown recipients: closing"
+            );
+            true
+        }
+    }
 }
 
 /// Counts a bad command; true when the connection must close (after a 421 queued).

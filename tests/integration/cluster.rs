@@ -1291,3 +1291,30 @@ async fn a_refused_user_name_does_not_leave_the_previous_one_for_pass() {
     );
     assert_eq!(c.redis.get(&lock_key(&joe(0))), None);
 }
+
+/// Guessing users of another replica's domain through a front: the front counts the
+/// home's 550s and closes the client; the home, which sees the session forwarded,
+/// counts nothing of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipient_guessing_is_cut_off_at_the_front_for_every_home() {
+    let c = three(Options {
+        smtp_extra: "unknown_recipients_before_delay = 1\nunknown_recipient_delay_ms = 100\n\
+                     max_unknown_recipients = 3\n"
+            .into(),
+        ..Options::default()
+    });
+    let (front, home) = (&c.replicas[1], &c.replicas[0]);
+    let mut s = Raw::plain(front.smtp.expect("smtp")).await;
+    assert!(s.reply().await.starts_with("220 "));
+    assert!(s.say("EHLO guesser.test").await.starts_with("250"));
+    assert!(s.say("MAIL FROM:<a@guesser.test>").await.starts_with("250"));
+    for n in 0..3 {
+        let r = s.say(&format!("RCPT TO:<guess{n}@{}>", DOMAINS[0])).await;
+        assert!(r.starts_with("550 5.1.1"), "{r}");
+    }
+    assert!(s.line().await.starts_with("421 4.7.0"));
+    assert!(s.closed().await);
+    let closing = "too many unknown recipients: closing";
+    assert!(front.log_text().contains(closing), "{}", c.logs());
+    assert!(!home.log_text().contains(closing));
+}

@@ -28,6 +28,7 @@ mod proxy;
 mod replicas;
 mod sentinel;
 mod smtp;
+mod smtp_probes;
 mod store_format;
 mod store_open;
 mod tls_rotation;

@@ -219,8 +219,13 @@ cluster-secret
 {{- $_ := set $pop3 "listen" (ternary (include "mailgate.listen" (list . $l.pop3.containerPort)) "" $l.pop3.enabled) -}}
 {{- $_ := set $pop3 "tls_listen" (ternary (include "mailgate.listen" (list . $l.pop3s.containerPort)) "" $l.pop3s.enabled) -}}
 {{- $_ := set $c "pop3" $pop3 -}}
-{{- $_ := set $c "lmtp" (dict "listen" (ternary (include "mailgate.listen" (list . $l.lmtp.containerPort)) "" $l.lmtp.enabled)) -}}
-{{- $_ := set $c "smtp" (dict "listen" (ternary (include "mailgate.listen" (list . $l.smtp.containerPort)) "" $l.smtp.enabled)) -}}
+{{- $lmtp := $c.lmtp | default dict -}}
+{{- $_ := set $lmtp "listen" (ternary (include "mailgate.listen" (list . $l.lmtp.containerPort)) "" $l.lmtp.enabled) -}}
+{{- $_ := set $lmtp "allow_from" $l.lmtp.allowFrom -}}
+{{- $_ := set $c "lmtp" $lmtp -}}
+{{- $smtp := $c.smtp | default dict -}}
+{{- $_ := set $smtp "listen" (ternary (include "mailgate.listen" (list . $l.smtp.containerPort)) "" $l.smtp.enabled) -}}
+{{- $_ := set $c "smtp" $smtp -}}
 {{- $_ := set $c "metrics" (dict "listen" (include "mailgate.listen" (list . .Values.metrics.containerPort))) -}}
 {{- $tls := $c.tls | default dict -}}
 {{- if not (include "mailgate.selfSigned" .) -}}

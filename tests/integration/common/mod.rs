@@ -110,6 +110,12 @@ pub struct Options {
     pub extra: String,
     /// `data_dir`; `None` is `data` in the server's temporary directory.
     pub data_dir: Option<PathBuf>,
+    /// Extra keys of the `[pop3]`, `[lmtp]`, `[smtp]` and `[limits]` tables the
+    /// template writes (TOML cannot reopen a table, so `extra` cannot add to them).
+    pub pop3_extra: String,
+    pub lmtp_extra: String,
+    pub smtp_extra: String,
+    pub limits_extra: String,
     /// Run the `mailgate serve` binary (for signals, `kill -9`, the process's RSS)
     /// instead of a server in this process.
     pub process: bool,
@@ -136,6 +142,10 @@ impl Default for Options {
             lmtp_socket_group: String::new(),
             extra: String::new(),
             data_dir: None,
+            pop3_extra: String::new(),
+            lmtp_extra: String::new(),
+            smtp_extra: String::new(),
+            limits_extra: String::new(),
             process: false,
         }
     }
@@ -289,13 +299,16 @@ allow_plaintext_auth = {plain}
 apop = {apop}
 replace_nul = {nul}
 last = {last}
+{pop3_extra}
 
 [lmtp]
 listen = "{lmtp}"
 socket_group = "{lmtp_group}"
+{lmtp_extra}
 
 [smtp]
 listen = "{smtp}"
+{smtp_extra}
 
 [metrics]
 listen = "{host}:0"
@@ -318,6 +331,7 @@ max_connections_per_ip = {per_ip}
 max_bad_commands = {bad}
 shutdown_grace_secs = {grace}
 tls_handshake_timeout_secs = 5
+{limits_extra}
 
 [auth.argon2]
 memory_kib = {argon2_memory}
@@ -352,6 +366,10 @@ scram_iterations = 4096
             bad = opts.max_bad_commands,
             grace = opts.shutdown_grace_secs,
             extra = opts.extra,
+            pop3_extra = opts.pop3_extra,
+            lmtp_extra = opts.lmtp_extra,
+            smtp_extra = opts.smtp_extra,
+            limits_extra = opts.limits_extra,
         );
         std::fs::write(&config, toml).expect("write config");
         let mut expected = vec!["pop3", "pop3s", "metrics"];
