@@ -43,6 +43,12 @@ const SASL_MECHANISMS: &[&str] = &["PLAIN", "SCRAM-SHA-256"];
 const IMPLEMENTATION: &str = concat!("mailgate ", env!("CARGO_PKG_VERSION"));
 /// Room reserved in the read buffer per read; command lines are at most 255 octets.
 const READ_CHUNK: usize = 512;
+/// Output is written to the socket once this much is buffered: during RETR/TOP, and
+/// between the pieces of a LIST/UIDL listing and after it, so that a client pipelining
+/// those commands without reading the answers cannot make the server hold them. (Other
+/// replies are short, and at most one read's worth of commands, 512 octets, is answered
+/// before the next flush.)
+pub(super) const FLUSH_AT: usize = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum SessionError {
@@ -106,6 +112,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     pub fn reply(&mut self, r: &Reply<'_>) {
         self.last_err = matches!(r, Reply::Err(..));
         r.write_to(self.io.out());
+    }
+
+    /// Like `reply` for a reply that may be long: a listing is written in pieces of
+    /// about `FLUSH_AT` octets, each sent (waiting for the client to take it) before the
+    /// next is made, and output is sent once `FLUSH_AT` octets are pending.
+    pub async fn send(&mut self, r: &Reply<'_>) -> Result<(), SessionError> {
+        self.last_err = matches!(r, Reply::Err(..));
+        match r.listing() {
+            Some(mut listing) => {
+                while !listing.write_to(self.io.out(), FLUSH_AT) {
+                    self.flush().await?;
+                }
+            }
+            None => r.write_to(self.io.out()),
+        }
+        if self.io.out().len() >= FLUSH_AT {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     pub async fn flush(&mut self) -> Result<(), SessionError> {
@@ -703,8 +728,8 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
         C::Capa => conn.reply(&capa(Gate::of(ctx, phase))),
         C::Noop => conn.reply(&maildrop::noop()),
         C::Stat => conn.reply(&maildrop::stat(listing)),
-        C::List(n) => conn.reply(&maildrop::list(listing, n)),
-        C::Uidl(n) => conn.reply(&maildrop::uidl(listing, n)),
+        C::List(n) => conn.send(&maildrop::list(listing, n)).await?,
+        C::Uidl(n) => conn.send(&maildrop::uidl(listing, n)).await?,
         C::Last => conn.reply(&maildrop::last(listing)),
         C::Dele(n) => conn.reply(&maildrop::dele(listing, n)),
         C::Rset => conn.reply(&maildrop::rset(listing)),

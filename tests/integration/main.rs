@@ -9,6 +9,7 @@
 
 mod common;
 
+mod bounds;
 mod cli;
 mod cli_errors;
 mod clients;
