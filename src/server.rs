@@ -231,6 +231,7 @@ pub async fn run(listeners: Listeners, services: Arc<Services>) {
     let limits = Arc::new(ConnLimits::new(
         net.config.limits.max_connections,
         net.config.limits.max_connections_per_ip,
+        net.config.limits.ipv6_prefix_len,
     ));
     for (listener, addr) in listeners.local_addrs() {
         info!(listener = listener.name(), addr = %addr, "listening");

@@ -1,6 +1,9 @@
 //! Connection admission: a global limit taken at accept and a per-IP limit taken once the
-//! client's address is known (a PROXY header may name it). Knows no protocol.
+//! client's address is known (a PROXY header may name it). The per-IP limit counts a
+//! client's group (`config::client_group`: IPv4 as it is, IPv4-mapped IPv6 as IPv4,
+//! IPv6 by its network of `limits.ipv6_prefix_len` bits). Knows no protocol.
 
+use crate::config::client_group;
 use crate::metrics::Rejected;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -30,6 +33,8 @@ impl Refusal {
 pub struct ConnLimits {
     total: Arc<Semaphore>,
     per_ip_max: usize,
+    ipv6_prefix_len: u8,
+    /// Connections per client group.
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
@@ -38,11 +43,13 @@ pub struct ConnLimits {
 pub struct Reserved {
     total: OwnedSemaphorePermit,
     per_ip_max: usize,
+    ipv6_prefix_len: u8,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 impl Reserved {
     pub fn admit(self, ip: IpAddr) -> Result<Admission, Refusal> {
+        let ip = client_group(ip, self.ipv6_prefix_len);
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.per_ip_max {
@@ -61,6 +68,7 @@ impl Reserved {
 /// Holds one connection's place in both limits until dropped.
 pub struct Admission {
     _total: OwnedSemaphorePermit,
+    /// The client's group.
     ip: IpAddr,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
@@ -78,10 +86,11 @@ impl Drop for Admission {
 }
 
 impl ConnLimits {
-    pub fn new(total: usize, per_ip_max: usize) -> Self {
+    pub fn new(total: usize, per_ip_max: usize, ipv6_prefix_len: u8) -> Self {
         ConnLimits {
             total: Arc::new(Semaphore::new(total)),
             per_ip_max,
+            ipv6_prefix_len,
             per_ip: Arc::default(),
         }
     }
@@ -96,6 +105,7 @@ impl ConnLimits {
         Ok(Reserved {
             total,
             per_ip_max: self.per_ip_max,
+            ipv6_prefix_len: self.ipv6_prefix_len,
             per_ip: self.per_ip.clone(),
         })
     }
@@ -112,7 +122,7 @@ mod tests {
 
     #[test]
     fn per_ip_and_total_limits() {
-        let limits = ConnLimits::new(3, 2);
+        let limits = ConnLimits::new(3, 2, 64);
         let a: IpAddr = "127.0.0.1".parse().expect("ip");
         let b: IpAddr = "127.0.0.2".parse().expect("ip");
         let a1 = limits.admit(a).expect("a1");
@@ -126,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_reserved_place_counts_before_its_address_is_known() {
-        let limits = ConnLimits::new(2, 1);
+        let limits = ConnLimits::new(2, 1, 64);
         let a: IpAddr = "203.0.113.7".parse().expect("ip");
         let pending = limits.reserve().expect("reserve");
         let b = limits.admit("127.0.0.1".parse().expect("ip")).expect("b");
@@ -145,5 +155,32 @@ mod tests {
         let third = limits.reserve().expect("reserve");
         assert_eq!(third.admit(a).err(), Some(Refusal::TooManyFromPeer));
         assert!(limits.reserve().is_ok());
+    }
+
+    #[test]
+    fn ipv6_counts_by_prefix_and_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let limits = ConnLimits::new(10, 2, 64);
+        let _a = limits.admit(ip("2001:db8::1")).expect("a");
+        let _b = limits.admit(ip("2001:db8::2:3")).expect("b");
+        assert_eq!(
+            limits.admit(ip("2001:db8::ffff:ffff:ffff:ffff")).err(),
+            Some(Refusal::TooManyFromPeer),
+            "a third address of the same /64"
+        );
+        let c = limits.admit(ip("2001:db8:0:1::1")).expect("another /64");
+        let _m = limits.admit(ip("::ffff:192.0.2.1")).expect("mapped");
+        let _v4 = limits.admit(ip("192.0.2.1")).expect("v4");
+        assert_eq!(
+            limits.admit(ip("192.0.2.1")).err(),
+            Some(Refusal::TooManyFromPeer),
+            "::ffff:192.0.2.1 and 192.0.2.1 are one client"
+        );
+        drop(c);
+        // /128 counts single addresses.
+        let exact = ConnLimits::new(10, 1, 128);
+        let _x = exact.admit(ip("2001:db8::1")).expect("x");
+        assert!(exact.admit(ip("2001:db8::2")).is_ok());
+        assert!(exact.admit(ip("2001:db8::1")).is_err());
     }
 }

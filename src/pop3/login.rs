@@ -179,8 +179,10 @@ async fn sasl_response<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Option<Vec<u8>>, SessionError> {
     conn.reply(&Reply::Challenge(challenge));
     let cancel = ctx.net().shutdown.clone();
-    let line = match conn.next(MAX_SASL_LINE, &cancel, None).await? {
+    let deadline = Some(ctx.login_deadline);
+    let line = match conn.next(MAX_SASL_LINE, &cancel, None, deadline).await? {
         Input::Line(l) => l,
+        Input::LoginDeadline => return Err(SessionError::LoginTimeout),
         Input::TooLong => {
             conn.reply(&err(None, "Authentication response too long"));
             return Ok(None);

@@ -62,6 +62,9 @@ pub(super) enum SessionError {
     Truncated(u64),
     #[error(transparent)]
     Login(#[from] LoginError),
+    /// `limits.login_timeout_secs` passed before a login succeeded.
+    #[error("not logged in within the login time limit")]
+    LoginTimeout,
 }
 
 /// Maps an error to what the client is told, if anything, before hanging up (RFC
@@ -70,6 +73,9 @@ pub(super) enum SessionError {
 fn error_reply(e: &SessionError) -> Option<Reply<'static>> {
     match e {
         SessionError::Io(_) => None,
+        SessionError::LoginTimeout => {
+            Some(err(None, "Login time limit reached, closing connection"))
+        }
         SessionError::Store(_)
         | SessionError::Join(_)
         | SessionError::Truncated(_)
@@ -89,6 +95,8 @@ pub(super) enum Input {
     Timeout,
     Cancelled,
     LockLost,
+    /// The login deadline passed (only while one is given).
+    LoginDeadline,
 }
 
 /// A POP3 connection's I/O, and whether the last reply was `-ERR` (the result of the
@@ -138,14 +146,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// The next line of at most `max` octets, or why there is none. Flushes pending
-    /// replies before waiting.
+    /// replies before waiting. With a `deadline` (before login), no line is taken after
+    /// it and no read waits past it, however busy the client keeps the connection.
     pub async fn next(
         &mut self,
         max: usize,
         cancel: &CancellationToken,
         lost: Option<&CancellationToken>,
+        deadline: Option<Instant>,
     ) -> Result<Input, SessionError> {
         loop {
+            let limit = match deadline {
+                Some(at) => match at.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left.min(self.io.idle())),
+                    _ => return Ok(Input::LoginDeadline),
+                },
+                None => None,
+            };
             if self.sniff_tls_hello && self.io.input().len() >= 2 {
                 if self.io.input().starts_with(&[0x16, 0x03]) {
                     return Ok(Input::TlsHello);
@@ -159,7 +176,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Err(_) => Input::TooLong,
                 });
             }
-            match self.io.fill(None, cancel, lost).await? {
+            match self.io.fill(limit, cancel, lost).await? {
+                // The deadline, not the idle timeout: the next turn says so.
+                Read::Timeout if deadline.is_some_and(|at| Instant::now() >= at) => {}
                 Read::More => {}
                 Read::Closed => return Ok(Input::Closed),
                 Read::Timeout => return Ok(Input::Timeout),
@@ -184,6 +203,9 @@ pub(super) struct Ctx {
     pub forwarded: Option<Box<Preamble>>,
     bad_commands: u32,
     pub auth_failures: u32,
+    /// When a session still not logged in is closed (`limits.login_timeout_secs` after
+    /// it was accepted, or after a forwarded session reached this home).
+    pub login_deadline: Instant,
     pub user: Option<String>,
     pub retrieved: u32,
     pub deleted: u32,
@@ -198,6 +220,7 @@ impl Ctx {
         sid: u64,
         apop_timestamp: Option<String>,
     ) -> Ctx {
+        let login_deadline = Instant::now() + service.net.config.limits.login_timeout();
         Ctx {
             service,
             peer,
@@ -208,6 +231,7 @@ impl Ctx {
             forwarded: None,
             bad_commands: 0,
             auth_failures: 0,
+            login_deadline,
             user: None,
             retrieved: 0,
             deleted: 0,
@@ -423,7 +447,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<S>, ctx: &mut 
             step
         }
         Err(e) => {
-            if !matches!(e, SessionError::Io(_)) {
+            if !matches!(e, SessionError::Io(_) | SessionError::LoginTimeout) {
                 warn!(error = %e, "session failed");
             }
             if let Some(r) = error_reply(&e) {
@@ -432,6 +456,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<S>, ctx: &mut 
             }
             Step::Done(match e {
                 SessionError::Io(_) => Outcome::Dropped,
+                SessionError::LoginTimeout => Outcome::Timeout,
                 _ => Outcome::Error,
             })
         }
@@ -454,11 +479,15 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
     // close rather than answer its binary record line by line.
     conn.sniff_tls_hello = ctx.listener == Listener::Pop3 && !ctx.tls;
     loop {
-        let (cancel, lost) = match phase {
-            Phase::Authorization { .. } => (ctx.net().shutdown.clone(), None),
-            Phase::Transaction(txn) => (txn.cancel.clone(), Some(txn.lost.clone())),
+        let (cancel, lost, deadline) = match phase {
+            Phase::Authorization { .. } => {
+                (ctx.net().shutdown.clone(), None, Some(ctx.login_deadline))
+            }
+            Phase::Transaction(txn) => (txn.cancel.clone(), Some(txn.lost.clone()), None),
         };
-        let input = conn.next(MAX_COMMAND_LINE, &cancel, lost.as_ref()).await?;
+        let input = conn
+            .next(MAX_COMMAND_LINE, &cancel, lost.as_ref(), deadline)
+            .await?;
         let line = match input {
             Input::Line(line) => line,
             Input::TooLong => {
@@ -476,6 +505,7 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 let _ = conn.flush().await;
                 return Ok(Step::Done(Outcome::TlsFailed));
             }
+            Input::LoginDeadline => return Err(SessionError::LoginTimeout),
             Input::Timeout => {
                 conn.reply(&err(None, "Disconnected for inactivity"));
                 let _ = conn.flush().await;

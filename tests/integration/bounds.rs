@@ -1,7 +1,7 @@
 //! Bounded under attack (issue 14): what a hostile POP3 client can make the server hold
 //! or keep, and what it is told.
 
-use crate::common::{logged_in, Options, Server};
+use crate::common::{logged_in, pop3s, Options, Raw, Server};
 use mailgate::store::{Directory, StoreOptions};
 use std::time::{Duration, Instant};
 
@@ -113,4 +113,99 @@ async fn pipelined_listings_nobody_reads_keep_memory_bounded() {
         let body = if i % 2 == 0 { &uidl } else { &list };
         assert!(got[..body.len()] == body[..], "listing {i} differs");
     }
+}
+
+fn proxied(opts: Options) -> Server {
+    Server::start_with(Options {
+        allow_plaintext_auth: true,
+        extra: "[proxy_protocol]\nlisteners = [\"pop3\"]\ntrusted_networks = [\"127.0.0.1\"]\n"
+            .into(),
+        ..opts
+    })
+}
+
+/// A cleartext POP3 connection whose PROXY v1 header names `client`, and its first line
+/// (the greeting, or the refusal).
+async fn from(server: &Server, client: &str) -> (Raw, String) {
+    let family = if client.contains(':') { "TCP6" } else { "TCP4" };
+    let dest = if client.contains(':') {
+        "::1"
+    } else {
+        "127.0.0.1"
+    };
+    let header = format!("PROXY {family} {client} {dest} 40000 110\r\n");
+    let mut c = Raw::plain_after(server.pop3, header.as_bytes()).await;
+    let greeting = c.line().await;
+    (c, greeting)
+}
+
+/// The per-IP connection limit counts an IPv6 client's /64 as one client, and an
+/// IPv4-mapped address as the IPv4 address it maps.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_ip_limit_groups_ipv6_by_prefix_and_maps_ipv4() {
+    let server = proxied(Options {
+        max_connections_per_ip: 1,
+        ..Options::default()
+    });
+    let (_v4, g) = from(&server, "192.0.2.7").await;
+    assert!(g.starts_with("+OK"), "{g}");
+    let (_, g) = from(&server, "::ffff:192.0.2.7").await;
+    assert!(
+        g.starts_with("-ERR [SYS/TEMP] Too many connections from your address"),
+        "the mapped address is the same client: {g}"
+    );
+    let (_v6, g) = from(&server, "2001:db8:1:2::1").await;
+    assert!(g.starts_with("+OK"), "{g}");
+    let (_, g) = from(&server, "2001:db8:1:2:ffff:ffff:ffff:fffe").await;
+    assert!(
+        g.starts_with("-ERR [SYS/TEMP] Too many connections from your address"),
+        "another address of the same /64: {g}"
+    );
+    let (_next, g) = from(&server, "2001:db8:1:3::1").await;
+    assert!(g.starts_with("+OK"), "the next /64 is another client: {g}");
+}
+
+/// A session that does not log in within `login_timeout_secs` is told so and closed,
+/// however often it sends CAPA, and also in the middle of a SASL exchange; a session
+/// that logged in is not affected.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_not_logged_in_by_the_deadline_are_closed() {
+    let server = Server::start_with(Options {
+        login_timeout_secs: Some(2),
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    let started = Instant::now();
+    let mut busy = pop3s(&server).await;
+    let mut capas = 0;
+    let end = loop {
+        busy.send("CAPA\r\n").await;
+        let line = busy.line().await;
+        if !line.starts_with("+OK") {
+            break line;
+        }
+        busy.multiline_raw().await;
+        capas += 1;
+        assert!(started.elapsed() < Duration::from_secs(15), "never closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(end, "-ERR Login time limit reached, closing connection\r\n");
+    assert!(capas >= 3, "CAPA was answered until the deadline ({capas})");
+    assert!(busy.closed().await);
+
+    // Waiting for a SASL response does not stretch it.
+    let mut sasl = pop3s(&server).await;
+    assert_eq!(sasl.cmd("AUTH PLAIN").await, "+ \r\n");
+    assert_eq!(
+        sasl.line().await,
+        "-ERR Login time limit reached, closing connection\r\n"
+    );
+    assert!(sasl.closed().await);
+
+    let mut c = logged_in(&server, "joe@example.org").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(c.cmd("NOOP").await.starts_with("+OK"));
+    assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    let log = server.log_text();
+    assert!(log.contains("outcome=\"timeout\""), "{log}");
 }

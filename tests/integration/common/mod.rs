@@ -94,6 +94,8 @@ pub struct Options {
     pub shutdown_grace_secs: u64,
     pub max_auth_failures_per_ip: u32,
     pub max_auth_failures_per_account: u32,
+    /// `limits.login_timeout_secs`, when not the server's default.
+    pub login_timeout_secs: Option<u64>,
     /// Host part of both listen addresses (`[::1]` for IPv6).
     pub listen_host: String,
     /// `lmtp.listen`: empty is off; `None` means `{listen_host}:0`.
@@ -123,6 +125,7 @@ impl Default for Options {
             listen_host: "127.0.0.1".into(),
             max_auth_failures_per_ip: 1000,
             max_auth_failures_per_account: 1000,
+            login_timeout_secs: None,
             lmtp_listen: None,
             smtp_listen: None,
             lmtp_socket_group: String::new(),
@@ -309,7 +312,7 @@ max_connections_per_ip = {per_ip}
 max_bad_commands = {bad}
 shutdown_grace_secs = {grace}
 tls_handshake_timeout_secs = 5
-
+{login_timeout}
 [auth.argon2]
 memory_kib = 1024
 iterations = 1
@@ -336,6 +339,10 @@ scram_iterations = 4096
             per_ip = opts.max_connections_per_ip,
             bad = opts.max_bad_commands,
             grace = opts.shutdown_grace_secs,
+            login_timeout = opts
+                .login_timeout_secs
+                .map(|secs| format!("login_timeout_secs = {secs}\n"))
+                .unwrap_or_default(),
             extra = opts.extra,
         );
         std::fs::write(&config, toml).expect("write config");
