@@ -1,7 +1,8 @@
 //! Bounded under attack (issue 14): what a hostile POP3 client can make the server hold
 //! or keep, and what it is told.
 
-use crate::common::{logged_in, pop3s, Options, Raw, Server};
+use crate::common::{logged_in, pop3s, Options, Raw, Server, PASSWORD};
+use base64::Engine as _;
 use mailgate::store::{Directory, StoreOptions};
 use std::time::{Duration, Instant};
 
@@ -208,4 +209,98 @@ async fn sessions_not_logged_in_by_the_deadline_are_closed() {
     assert!(c.cmd("QUIT").await.starts_with("+OK"));
     let log = server.log_text();
     assert!(log.contains("outcome=\"timeout\""), "{log}");
+}
+
+fn wait_for_log(server: &Server, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = server.log_text();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "log never showed {needle:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every failed login is logged at info with the client's address (the one a PROXY
+/// header named, IPv4-mapped shown as IPv4), the name, the mechanism and the reason
+/// class, in a form a fail2ban filter can match; the password never is.
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_logins_are_logged_without_the_password() {
+    const SECRET: &str = "Tr0ub4dor&3-never-logged";
+    let server = proxied(Options {
+        max_auth_failures_per_ip: 3,
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    let (mut c, _) = from(&server, "::ffff:192.0.2.7").await;
+    assert!(c.cmd("USER joe@example.org").await.starts_with("+OK"));
+    assert!(c
+        .cmd(&format!("PASS {SECRET}"))
+        .await
+        .starts_with("-ERR [AUTH]"));
+    let plain =
+        base64::engine::general_purpose::STANDARD.encode(format!("\0ghost@example.org\0{SECRET}"));
+    assert!(c
+        .cmd(&format!("AUTH PLAIN {plain}"))
+        .await
+        .starts_with("-ERR [AUTH]"));
+    let (mut c, _) = from(&server, "2001:db8::5").await;
+    assert!(c.cmd("AUTH PLAIN").await.starts_with("+ "));
+    assert!(
+        c.cmd("AAAA").await.starts_with("-ERR [AUTH]"),
+        "no name in it"
+    );
+    // The third failure from 192.0.2.7 reached the per-IP limit: throttled now.
+    let (mut c, _) = from(&server, "192.0.2.7").await;
+    assert!(c.cmd("USER ann@example.org").await.starts_with("+OK"));
+    assert!(c
+        .cmd(&format!("PASS {SECRET}"))
+        .await
+        .starts_with("-ERR [AUTH]"));
+    let (mut c, _) = from(&server, "192.0.2.7").await;
+    assert!(c.cmd("USER joe@example.org").await.starts_with("+OK"));
+    assert!(c
+        .cmd(&format!("PASS {PASSWORD}"))
+        .await
+        .starts_with("-ERR [LOGIN-DELAY]"));
+
+    let log = wait_for_log(&server, "reason=\"throttled\"");
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains("login failed")).collect();
+    let expect = [
+        "client=192.0.2.7 user=\"joe@example.org\" mechanism=\"user\" reason=\"credentials\"",
+        "client=192.0.2.7 user=\"ghost@example.org\" mechanism=\"plain\" reason=\"credentials\"",
+        "client=2001:db8::5 user=\"\" mechanism=\"plain\" reason=\"malformed\"",
+        "client=192.0.2.7 user=\"ann@example.org\" mechanism=\"user\" reason=\"credentials\"",
+        "client=192.0.2.7 user=\"joe@example.org\" mechanism=\"user\" reason=\"throttled\"",
+    ];
+    assert_eq!(failed.len(), expect.len(), "{failed:#?}");
+    for (line, want) in failed.iter().zip(expect) {
+        assert!(line.contains(want), "{line}\nwants {want}");
+        assert!(line.contains(" INFO "), "{line}");
+    }
+    // The fail2ban filter of docs/OPERATIONS.md (`login failed client=<HOST> `) finds
+    // the client in each.
+    let hosts: Vec<&str> = failed
+        .iter()
+        .filter_map(|l| l.split("login failed client=").nth(1)?.split(' ').next())
+        .collect();
+    assert_eq!(
+        hosts,
+        [
+            "192.0.2.7",
+            "192.0.2.7",
+            "2001:db8::5",
+            "192.0.2.7",
+            "192.0.2.7"
+        ]
+    );
+    assert!(
+        !log.contains(SECRET) && !log.contains(&plain),
+        "a password was logged"
+    );
 }
