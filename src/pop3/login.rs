@@ -262,7 +262,7 @@ async fn sasl_plain<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(elsewhere);
     }
     // We authorise no proxy logins: an authzid other than the authcid fails.
-    if !msg.authzid.is_empty() && !msg.authzid.eq_ignore_ascii_case(msg.authcid) {
+    if !auth::is_own_authzid(msg.authzid, msg.authcid) {
         return Ok(LoginResult::Failed(Some(msg.authcid.to_owned())));
     }
     password_login(ctx, msg.authcid, msg.password.as_bytes()).await
@@ -288,6 +288,11 @@ async fn sasl_scram<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(refused);
     }
     let failed = || LoginResult::Failed(Some(name.to_owned()));
+    // We authorise no proxy logins: an authzid other than the username fails like a
+    // wrong password, before any key is looked up.
+    if !auth::is_own_authzid(client_first.authzid.as_deref().unwrap_or(""), name) {
+        return Ok(failed());
+    }
     // Unknown users, and accounts made from a PHC hash alone (no SCRAM keys), get
     // stand-in keys no proof matches: the exchange fails like a wrong password.
     let (keys, found) = ctx.service.logins.scram(name).await?;

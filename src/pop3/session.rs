@@ -636,7 +636,7 @@ fn gate(command: &Command, g: Gate) -> Result<(), Reply<'static>> {
                 Ok(())
             }
         }
-        C::User(_) | C::Pass(_) | C::Apop { .. } | C::Auth { .. } => {
+        C::User(_) | C::Pass(_) | C::Apop { .. } | C::Auth { .. } | C::AuthList => {
             if !in_auth {
                 Err(err(None, "Already logged in"))
             } else if !(g.tls || g.plaintext_allowed) {
@@ -722,6 +722,10 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     login::Mechanism::Apop { name, digest }
                 }
+                C::AuthList => {
+                    conn.reply(&Reply::Mechanisms(SASL_MECHANISMS));
+                    return Ok(None);
+                }
                 C::Auth { mechanism, initial } => {
                     *user = None;
                     match mechanism.as_str() {
@@ -770,7 +774,7 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(Some(Step::Done(Outcome::Quit)));
         }
         // invariant: `gate` refuses the login commands after login.
-        C::User(_) | C::Pass(_) | C::Apop { .. } | C::Auth { .. } | C::Stls => {
+        C::User(_) | C::Pass(_) | C::Apop { .. } | C::Auth { .. } | C::AuthList | C::Stls => {
             conn.reply(&err(None, "Already logged in"));
         }
     }
@@ -826,6 +830,7 @@ mod tests {
                 mechanism: "PLAIN".into(),
                 initial: None,
             },
+            C::AuthList,
             C::Capa,
             C::Stls,
             C::Quit,
@@ -846,7 +851,11 @@ mod tests {
     fn is_login(c: &Command) -> bool {
         matches!(
             c,
-            Command::User(_) | Command::Pass(_) | Command::Apop { .. } | Command::Auth { .. }
+            Command::User(_)
+                | Command::Pass(_)
+                | Command::Apop { .. }
+                | Command::Auth { .. }
+                | Command::AuthList
         )
     }
 

@@ -1,7 +1,7 @@
 //! Bounded under attack (issue 14): what a hostile POP3 client can make the server hold
 //! or keep, and what it is told.
 
-use crate::common::{logged_in, pop3s, Options, Raw, Server, PASSWORD};
+use crate::common::{logged_in, pop3s, python, Options, Raw, Server, PASSWORD};
 use base64::Engine as _;
 use mailgate::store::{Directory, StoreOptions};
 use std::time::{Duration, Instant};
@@ -303,4 +303,71 @@ async fn failed_logins_are_logged_without_the_password() {
         !log.contains(SECRET) && !log.contains(&plain),
         "a password was logged"
     );
+}
+
+/// `AUTH` alone lists the mechanisms (as Outlook expects) where AUTH is allowed, and is
+/// refused like AUTH where it is not.
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_without_a_mechanism_lists_them() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    let mut c = pop3s(&server).await;
+    assert_eq!(c.cmd("AUTH").await, "+OK\r\n");
+    assert_eq!(c.multiline_raw().await, b"PLAIN\r\nSCRAM-SHA-256\r\n.\r\n");
+    // Still in AUTHORIZATION: a login works after it.
+    assert!(c
+        .login("joe@example.org", PASSWORD)
+        .await
+        .starts_with("+OK"));
+    assert_eq!(c.cmd("AUTH").await, "-ERR Already logged in\r\n");
+    let mut clear = Raw::plain(server.pop3).await;
+    clear.line().await;
+    assert!(
+        clear.cmd("AUTH").await.starts_with("-ERR [AUTH]"),
+        "cleartext before STLS"
+    );
+}
+
+/// SCRAM: an authzid naming another account fails like a wrong password; the own name
+/// (any ASCII case) is fine. User names and passwords are SASLprep-ed: a client that
+/// prepares a password containing a no-break space logs in, so does a name written with
+/// a full-width letter, and USER/PASS still takes the password as it was set.
+#[test]
+fn scram_refuses_a_foreign_authzid_and_applies_saslprep() {
+    let server = Server::start();
+    server.with_user("joe@example.org");
+    server.with_user("ann@example.org");
+    server.add_user("nbsp@example.org", "correct\u{00A0}horse");
+    let ca = server.ca.ca_pem.display().to_string();
+    let port = server.pop3s.port().to_string();
+    let scram = |user: &str, password: &str, authzid: &str| {
+        python(
+            "scram_login.py",
+            &["127.0.0.1", &port, &ca, user, password, authzid],
+        )
+    };
+    let refused = scram("joe@example.org", PASSWORD, "ann@example.org");
+    assert!(refused.starts_with("FAIL -ERR [AUTH]"), "{refused}");
+    let own = scram("joe@example.org", PASSWORD, "Joe@Example.org");
+    assert!(own.starts_with("OK +OK"), "{own}");
+    let prepared = scram("nbsp@example.org", "correct horse", "");
+    assert!(prepared.starts_with("OK +OK"), "{prepared}");
+    let fullwidth = scram("\u{FF4A}oe@example.org", PASSWORD, "");
+    assert!(fullwidth.starts_with("OK +OK"), "{fullwidth}");
+    let log = server.log_text();
+    assert!(
+        log.contains("user=\"joe@example.org\" mechanism=\"scram-sha-256\" reason=\"credentials\""),
+        "{log}"
+    );
+}
+
+/// USER/PASS takes the password exactly as set (no SASLprep: argon2 hashes the bytes).
+#[tokio::test(flavor = "multi_thread")]
+async fn user_pass_keeps_the_password_as_set() {
+    let server = Server::start();
+    server.add_domain("example.org");
+    server.add_user("nbsp@example.org", "correct\u{00A0}horse");
+    let mut c = pop3s(&server).await;
+    assert!(c.cmd("USER nbsp@example.org").await.starts_with("+OK"));
+    assert!(c.cmd("PASS correct\u{00A0}horse").await.starts_with("+OK"));
 }

@@ -61,6 +61,8 @@ pub enum Reply<'a> {
     /// Raw SASL challenge bytes; `write_to` base64-encodes them (RFC 5034 §4).
     Challenge(&'a [u8]),
     Capa(Capabilities<'a>),
+    /// The answer to `AUTH` alone: the SASL mechanisms, one per line.
+    Mechanisms(&'a [&'a str]),
     Stat {
         count: usize,
         octets: u64,
@@ -145,6 +147,14 @@ impl Reply<'_> {
                 put_crlf(out);
             }
             Reply::Capa(caps) => write_capa(out, caps),
+            Reply::Mechanisms(mechanisms) => {
+                out.extend_from_slice(b"+OK\r\n");
+                for mechanism in *mechanisms {
+                    put_text(out, mechanism);
+                    put_crlf(out);
+                }
+                out.extend_from_slice(b".\r\n");
+            }
             Reply::Stat { count, octets } => {
                 out.extend_from_slice(b"+OK ");
                 put_u64(out, *count as u64);
@@ -511,6 +521,15 @@ mod tests {
         );
         // Non-ASCII UTF-8 is left alone.
         assert_eq!(bytes(Reply::Ok("grüß".into())), "+OK grüß\r\n");
+    }
+
+    #[test]
+    fn mechanisms() {
+        assert_eq!(
+            bytes(Reply::Mechanisms(&["PLAIN", "SCRAM-SHA-256"])),
+            "+OK\r\nPLAIN\r\nSCRAM-SHA-256\r\n.\r\n"
+        );
+        assert_eq!(bytes(Reply::Mechanisms(&[])), "+OK\r\n.\r\n");
     }
 
     #[test]
