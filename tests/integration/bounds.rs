@@ -1,6 +1,8 @@
 //! Bounded under attack (issue 14): what a hostile POP3 client can make the server hold
 //! or keep, and what it is told.
 
+use crate::common::cluster::{replica_name, Cluster, ClusterOptions};
+use crate::common::redis_server::Resp;
 use crate::common::{logged_in, pop3s, python, Options, Raw, Server, PASSWORD};
 use base64::Engine as _;
 use mailgate::store::{Directory, StoreOptions};
@@ -370,4 +372,43 @@ async fn user_pass_keeps_the_password_as_set() {
     let mut c = pop3s(&server).await;
     assert!(c.cmd("USER nbsp@example.org").await.starts_with("+OK"));
     assert!(c.cmd("PASS correct\u{00A0}horse").await.starts_with("+OK"));
+}
+
+/// On a cluster, the home of a forwarded session logs a failed login with the original
+/// client's address (here the one a PROXY header gave the front), and counts it in Redis
+/// under the client's group: an IPv6 client by its /64.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_logs_and_counts_the_original_client_of_a_forwarded_login() {
+    let c = Cluster::start(ClusterOptions {
+        replicas: 2,
+        pins: vec![("a.example".into(), replica_name(0))],
+        replica: Options {
+            allow_plaintext_auth: true,
+            extra: "[proxy_protocol]\nlisteners = [\"pop3\"]\ntrusted_networks = [\"127.0.0.1\"]\n"
+                .into(),
+            ..Options::default()
+        },
+    });
+    let front = &c.replicas[1];
+    let out = front.cli(&["domain", "add", "a.example"], b"");
+    assert!(out.status.success(), "{out:?}");
+    front.add_user("joe@a.example", PASSWORD);
+    let (mut p, g) = from(front, "2001:db8:5::7").await;
+    assert!(g.starts_with("+OK"), "{g}");
+    assert!(p.cmd("USER joe@a.example").await.starts_with("+OK"));
+    assert!(p.cmd("PASS wrong").await.starts_with("-ERR [AUTH]"));
+    let home = &c.replicas[0];
+    wait_for_log(
+        home,
+        "login failed client=2001:db8:5::7 user=\"joe@a.example\" mechanism=\"user\"",
+    );
+    assert!(
+        !front.log_text().contains("login failed"),
+        "the home answers and logs the attempt"
+    );
+    assert_eq!(
+        c.redis
+            .cmd(&["GET", "mailgate:authfail:ip:2001:db8:5::/64"]),
+        Resp::Bulk(Some("1".into()))
+    );
 }
