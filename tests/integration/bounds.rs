@@ -412,3 +412,22 @@ async fn a_home_logs_and_counts_the_original_client_of_a_forwarded_login() {
         Resp::Bulk(Some("1".into()))
     );
 }
+
+/// An IPv4 client of a listener bound to `[::]` arrives as `::ffff:127.0.0.1`; it is
+/// logged, limited and throttled as `127.0.0.1`.
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv4_mapped_peers_of_a_dual_stack_listener_are_ipv4() {
+    let server = Server::start_with(Options {
+        listen_host: "[::]".into(),
+        allow_plaintext_auth: true,
+        ..Options::default()
+    });
+    server.with_user("joe@example.org");
+    let v4 = std::net::SocketAddr::from(([127, 0, 0, 1], server.pop3.port()));
+    let mut c = Raw::plain(v4).await;
+    assert!(c.line().await.starts_with("+OK"));
+    assert!(c.cmd("USER joe@example.org").await.starts_with("+OK"));
+    assert!(c.cmd("PASS wrong").await.starts_with("-ERR [AUTH]"));
+    let log = wait_for_log(&server, "login failed client=127.0.0.1 ");
+    assert!(!log.contains("::ffff:"), "{log}");
+}
