@@ -7,7 +7,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -557,6 +557,14 @@ pub struct LimitsConfig {
     pub max_bad_commands: u32,
     /// How long sessions may finish after SIGTERM before they are closed without UPDATE.
     pub shutdown_grace_secs: u64,
+    /// A POP3 session not logged in this long after it was accepted is told `-ERR` and
+    /// closed, however busy it keeps the connection (the idle timeout alone lets a
+    /// client that sends CAPA now and then hold a connection for ever).
+    pub login_timeout_secs: u64,
+    /// IPv6 clients count as their network of this prefix length for the per-IP
+    /// connection limit and the per-IP failed-login throttle: one host usually holds a
+    /// whole /64, so counting single addresses limits nothing. 128 counts addresses.
+    pub ipv6_prefix_len: u8,
 }
 
 impl Default for LimitsConfig {
@@ -573,6 +581,8 @@ impl Default for LimitsConfig {
             auth_failure_window_secs: 300,
             max_bad_commands: 10,
             shutdown_grace_secs: 10,
+            login_timeout_secs: 60,
+            ipv6_prefix_len: 64,
         }
     }
 }
@@ -592,6 +602,23 @@ impl LimitsConfig {
     }
     pub fn auth_failure_window(&self) -> Duration {
         Duration::from_secs(self.auth_failure_window_secs)
+    }
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_secs(self.login_timeout_secs)
+    }
+}
+
+/// The address a client's connections and failed logins are counted under: IPv4 as it
+/// is (an IPv4-mapped IPv6 address, `::ffff:a.b.c.d`, counts as IPv4), IPv6 as its
+/// network of `ipv6_prefix_len` bits (host bits zero).
+pub fn client_group(ip: IpAddr, ipv6_prefix_len: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u32::from(ipv6_prefix_len.min(128));
+            let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+        v4 => v4,
     }
 }
 
@@ -895,6 +922,8 @@ impl Config {
                 l.auth_failure_window_secs,
             ),
             ("limits.max_bad_commands", u64::from(l.max_bad_commands)),
+            ("limits.login_timeout_secs", l.login_timeout_secs),
+            ("limits.ipv6_prefix_len", u64::from(l.ipv6_prefix_len)),
             ("store.cache_capacity_mib", self.store.cache_capacity_mib),
             ("store.max_open_stores", self.store.max_open_stores as u64),
             (
@@ -923,6 +952,9 @@ impl Config {
             if value == 0 {
                 return invalid(key, "must be greater than 0".into());
             }
+        }
+        if l.ipv6_prefix_len > 128 {
+            return invalid("limits.ipv6_prefix_len", "must be at most 128".into());
         }
         if let Err(e) = self.auth.argon2.validate() {
             return invalid("auth.argon2", e.to_string());
@@ -1286,6 +1318,36 @@ mod tests {
     }
 
     #[test]
+    fn clients_are_grouped_by_ipv6_prefix_and_mapped_ipv4_is_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let cases = [
+            ("192.0.2.7", 64, "192.0.2.7"),
+            ("::ffff:192.0.2.7", 64, "192.0.2.7"),
+            ("::ffff:192.0.2.7", 128, "192.0.2.7"),
+            ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", 64, "2001:db8:1:2::"),
+            ("2001:db8:1:2::1", 64, "2001:db8:1:2::"),
+            ("2001:db8:1:2:ffff::", 56, "2001:db8:1::"),
+            ("2001:db8:1:2:3:4:5:6", 128, "2001:db8:1:2:3:4:5:6"),
+            ("2001:db8:1:2:3:4:5:6", 1, "::"),
+            ("2001:db8:1:2:3:4:5:6", 0, "::"),
+            ("2001:db8:1:2:3:4:5:6", 200, "2001:db8:1:2:3:4:5:6"),
+            ("::1", 64, "::"),
+        ];
+        for (addr, prefix, group) in cases {
+            assert_eq!(client_group(ip(addr), prefix), ip(group), "{addr}/{prefix}");
+        }
+        // Two addresses of one /64 are one client; the next /64 is another.
+        assert_eq!(
+            client_group(ip("2001:db8::1"), 64),
+            client_group(ip("2001:db8::ffff:1"), 64)
+        );
+        assert_ne!(
+            client_group(ip("2001:db8::1"), 64),
+            client_group(ip("2001:db8:0:1::1"), 64)
+        );
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases: &[(&str, &str)] = &[
             ("[pop3]\nlisten_typo = \"x\"\n", "listen_typo"),
@@ -1293,6 +1355,9 @@ mod tests {
             ("[pop3]\nlisten = \"nonsense\"\n", "pop3.listen"),
             ("[limits]\nmax_connections = \"many\"\n", "max_connections"),
             ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+            ("[limits]\nlogin_timeout_secs = 0\n", "limits.login_timeout_secs"),
+            ("[limits]\nipv6_prefix_len = 0\n", "limits.ipv6_prefix_len"),
+            ("[limits]\nipv6_prefix_len = 129\n", "limits.ipv6_prefix_len"),
             ("[tls]\ncert = \"x.crt\"\n", "tls.cert"),
             ("[locks]\nbackend = \"zookeeper\"\n", "locks.backend"),
             (

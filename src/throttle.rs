@@ -1,9 +1,12 @@
 //! Failed-login throttling per client IP and per account name, in fixed windows: counted
 //! in process for a single replica, or in Redis with expiring keys so the limits hold
 //! across replicas. Names are counted whether or not such an account exists, so a
-//! throttled answer reveals nothing about accounts. Knows nothing about POP3.
+//! throttled answer reveals nothing about accounts. A client IP is counted as its group
+//! (`config::client_group`: IPv6 by its `/ipv6_prefix_len` network, IPv4-mapped IPv6 as
+//! IPv4), so a host cannot dodge the limit by changing addresses within its network.
+//! Knows nothing about POP3.
 
-use crate::config::LimitsConfig;
+use crate::config::{client_group, LimitsConfig};
 use crate::redis_conn::{RedisConn, RedisConnError};
 use ::redis::Script;
 use std::collections::HashMap;
@@ -21,6 +24,8 @@ pub struct Limits {
     /// Failures for one login name per window before logins to it are refused; 0 = off.
     pub per_account: u32,
     pub window: Duration,
+    /// IPv6 clients are counted by their network of this many bits.
+    pub ipv6_prefix_len: u8,
 }
 
 impl Limits {
@@ -30,7 +35,13 @@ impl Limits {
             per_ip: limits.max_auth_failures_per_ip,
             per_account: limits.max_auth_failures_per_account,
             window: limits.auth_failure_window(),
+            ipv6_prefix_len: limits.ipv6_prefix_len,
         }
+    }
+
+    /// The address failures from `ip` are counted under.
+    fn group(&self, ip: IpAddr) -> IpAddr {
+        client_group(ip, self.ipv6_prefix_len)
     }
 }
 
@@ -99,6 +110,7 @@ pub fn account_key(name: &str) -> String {
 
 /// In-process counters: correct for a single replica only.
 pub struct LocalThrottle {
+    limits: Limits,
     ips: Windows<IpAddr>,
     accounts: Windows<String>,
 }
@@ -106,18 +118,19 @@ pub struct LocalThrottle {
 impl LocalThrottle {
     pub fn new(limits: Limits) -> Self {
         LocalThrottle {
+            limits,
             ips: Windows::new(limits.per_ip, limits.window),
             accounts: Windows::new(limits.per_account, limits.window),
         }
     }
 
     pub fn is_blocked(&self, ip: IpAddr, account: Option<&str>) -> bool {
-        self.ips.is_blocked(&ip)
+        self.ips.is_blocked(&self.limits.group(ip))
             || account.is_some_and(|a| self.accounts.is_blocked(&account_key(a)))
     }
 
     pub fn record_failure(&self, ip: IpAddr, account: Option<&str>) {
-        self.ips.record(ip);
+        self.ips.record(self.limits.group(ip));
         if let Some(a) = account {
             self.accounts.record(account_key(a));
         }
@@ -236,9 +249,13 @@ return 0",
     )
 });
 
-/// The Redis key counting failures from `ip`.
-pub fn ip_key(ip: IpAddr) -> String {
-    format!("mailgate:authfail:ip:{ip}")
+/// The Redis key counting failures from the client group `group` (an IPv6 group
+/// carries its prefix length, e.g. `2001:db8::/64`).
+pub fn ip_key(group: IpAddr, ipv6_prefix_len: u8) -> String {
+    match group {
+        IpAddr::V4(v4) => format!("mailgate:authfail:ip:{v4}"),
+        IpAddr::V6(v6) => format!("mailgate:authfail:ip:{v6}/{ipv6_prefix_len}"),
+    }
 }
 
 /// The Redis key counting failures for a login name.
@@ -249,7 +266,7 @@ pub fn name_key(name: &str) -> String {
 impl RedisThrottle {
     async fn is_blocked(&self, ip: IpAddr, account: Option<&str>) -> Result<bool, ThrottleError> {
         let mut get = ::redis::cmd("MGET");
-        get.arg(ip_key(ip));
+        get.arg(ip_key(self.limits.group(ip), self.limits.ipv6_prefix_len));
         let per_account = account.filter(|_| self.limits.per_account > 0);
         if let Some(a) = per_account {
             get.arg(name_key(a));
@@ -262,7 +279,7 @@ impl RedisThrottle {
     }
 
     async fn record_failure(&self, ip: IpAddr, account: Option<&str>) -> Result<(), ThrottleError> {
-        let ip = ip_key(ip);
+        let ip = ip_key(self.limits.group(ip), self.limits.ipv6_prefix_len);
         let name = account
             .filter(|_| self.limits.per_account > 0)
             .map(name_key);
@@ -285,6 +302,7 @@ mod tests {
             per_ip,
             per_account,
             window,
+            ipv6_prefix_len: 64,
         }
     }
 
@@ -313,6 +331,21 @@ mod tests {
         assert!(t.is_blocked("192.0.2.3".parse().expect("ip"), Some("joe@example.org")));
         assert!(!t.is_blocked(a, Some("ann@example.org")));
         assert!(!t.is_blocked(a, None), "the IPs are not blocked");
+    }
+
+    #[test]
+    fn an_ipv6_network_is_one_client_and_mapped_ipv4_is_ipv4() {
+        let t = LocalThrottle::new(limits(2, 0, Duration::from_secs(60)));
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        t.record_failure(ip("2001:db8::1"), None);
+        t.record_failure(ip("2001:db8::2"), None);
+        assert!(t.is_blocked(ip("2001:db8::ffff"), None), "same /64");
+        assert!(!t.is_blocked(ip("2001:db8:0:1::1"), None), "next /64");
+        t.record_failure(ip("::ffff:192.0.2.9"), None);
+        t.record_failure(ip("192.0.2.9"), None);
+        assert!(t.is_blocked(ip("192.0.2.9"), None));
+        assert!(t.is_blocked(ip("::ffff:192.0.2.9"), None));
+        assert!(!t.is_blocked(ip("192.0.2.10"), None));
     }
 
     #[test]
@@ -359,8 +392,12 @@ mod tests {
         assert!(key.len() <= MAX_NAME && key.len() >= MAX_NAME - 1);
         assert_eq!(name_key("Joe@X"), "mailgate:authfail:user:joe@x");
         assert_eq!(
-            ip_key("2001:db8::1".parse().expect("ip")),
-            "mailgate:authfail:ip:2001:db8::1"
+            ip_key("2001:db8::".parse().expect("ip"), 64),
+            "mailgate:authfail:ip:2001:db8::/64"
+        );
+        assert_eq!(
+            ip_key("192.0.2.1".parse().expect("ip"), 64),
+            "mailgate:authfail:ip:192.0.2.1"
         );
     }
 }

@@ -219,7 +219,16 @@ fn hash_credentials(
     let scram = with_scram.then(|| {
         let mut scram_salt = [0u8; SALT_LEN];
         OsRng.fill_bytes(&mut scram_salt);
-        ScramKeys::derive(password, &scram_salt, params.scram_iterations)
+        // SCRAM keys come from the SASLprep form, which is what clients hash; a password
+        // that is not UTF-8 (a legacy client's bytes) is used as it is.
+        match std::str::from_utf8(password) {
+            Ok(text) => ScramKeys::derive(
+                scram_password(text).as_bytes(),
+                &scram_salt,
+                params.scram_iterations,
+            ),
+            Err(_) => ScramKeys::derive(password, &scram_salt, params.scram_iterations),
+        }
     });
     Ok(Credentials {
         phc,
@@ -256,6 +265,21 @@ pub fn upgraded(
     let mut new = hash_credentials(password, params, creds.scram.is_some())?;
     new.apop_secret.clone_from(&creds.apop_secret);
     Ok(new)
+}
+
+/// The password SCRAM keys are derived from: its SASLprep form (RFC 5802 §2.2
+/// `Normalize`), which is what clients hash. A password SASLprep refuses (e.g. with
+/// control or unassigned characters) is used as it is, as PostgreSQL does, so such an
+/// account still works with a client that does not prepare it.
+pub fn scram_password(password: &str) -> std::borrow::Cow<'_, str> {
+    stringprep::saslprep(password).unwrap_or(std::borrow::Cow::Borrowed(password))
+}
+
+/// Whether a SASL authorization identity may be used with the authentication identity
+/// `authcid`: we authorise no proxy logins, so it must be absent (empty) or name the
+/// same account (ASCII case does not matter, as in addresses).
+pub fn is_own_authzid(authzid: &str, authcid: &str) -> bool {
+    authzid.is_empty() || authzid.eq_ignore_ascii_case(authcid)
 }
 
 /// Why a PHC string cannot serve as an account's password hash. The messages never
@@ -474,6 +498,36 @@ mod tests {
         assert!(again == keys);
         let other = ScramKeys::derive(b"pencil!", &keys.salt, keys.iterations);
         assert!(other != keys);
+    }
+
+    /// The keys are made from the SASLprep form of the password, which is what a client
+    /// hashes (RFC 5802 §2.2); one SASLprep refuses is used as it is.
+    #[test]
+    fn scram_keys_use_the_saslprep_password() {
+        assert_eq!(scram_password("I\u{00AD}X"), "IX");
+        assert_eq!(scram_password("\u{2168}"), "IX");
+        assert_eq!(scram_password("a\u{00A0}b"), "a b");
+        assert_eq!(scram_password("pencil"), "pencil");
+        assert_eq!(scram_password("bad\u{0007}"), "bad\u{0007}");
+        let params = HashParams::cheap();
+        let keys = make_credentials("I\u{00AD}X", &params)
+            .unwrap()
+            .scram
+            .unwrap();
+        assert!(ScramKeys::derive(b"IX", &keys.salt, keys.iterations) == keys);
+        let keys = make_credentials("bad\u{0007}", &params)
+            .unwrap()
+            .scram
+            .unwrap();
+        assert!(ScramKeys::derive("bad\u{0007}".as_bytes(), &keys.salt, keys.iterations) == keys);
+    }
+
+    #[test]
+    fn only_the_own_authzid_is_allowed() {
+        assert!(is_own_authzid("", "joe@example.org"));
+        assert!(is_own_authzid("Joe@Example.ORG", "joe@example.org"));
+        assert!(!is_own_authzid("ann@example.org", "joe@example.org"));
+        assert!(!is_own_authzid("joe@example.org ", "joe@example.org"));
     }
 
     #[test]

@@ -22,8 +22,11 @@ const FAKE_SALT_LEN: usize = 16;
 
 /// The parsed client-first message.
 pub struct ClientFirst {
-    /// The authentication identity, with `=2C`/`=3D` decoded.
+    /// The authentication identity, with `=2C`/`=3D` decoded and SASLprep applied
+    /// (RFC 5802 §5.1), so a name a client did not prepare finds the same account.
     pub username: String,
+    /// The authorization identity (`a=`), decoded and prepared like `username`. The
+    /// caller refuses one that names anybody else (`super::is_own_authzid`).
     pub authzid: Option<String>,
     client_nonce: String,
     /// `client-first-message-bare`, the start of the AuthMessage both sides sign.
@@ -55,10 +58,10 @@ impl ClientFirst {
             .ok_or(AuthError::Malformed("SCRAM gs2-header is incomplete"))?;
         let authzid = match authz {
             "" => None,
-            a => Some(decode_saslname(
+            a => Some(prepare_name(&decode_saslname(
                 a.strip_prefix("a=")
                     .ok_or(AuthError::Malformed("SCRAM authzid is invalid"))?,
-            )?),
+            )?)?),
         };
         let gs2_header = &text[..text.len() - bare.len()];
 
@@ -69,11 +72,11 @@ impl ClientFirst {
                 "SCRAM mandatory extension is not supported",
             ));
         }
-        let username = decode_saslname(
+        let username = prepare_name(&decode_saslname(
             first
                 .strip_prefix("n=")
                 .ok_or(AuthError::Malformed("SCRAM username is missing"))?,
-        )?;
+        )?)?;
         let client_nonce = attributes
             .next()
             .and_then(|a| a.strip_prefix("r="))
@@ -239,6 +242,14 @@ fn decode_saslname(raw: &str) -> Result<String, AuthError> {
     Ok(name)
 }
 
+/// SASLprep (RFC 4013) of a received name; a name with prohibited characters (controls,
+/// unassigned code points, bidi errors) names nobody.
+fn prepare_name(name: &str) -> Result<String, AuthError> {
+    stringprep::saslprep(name)
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| AuthError::Malformed("SCRAM name fails SASLprep"))
+}
+
 /// `printable` of RFC 5802 §7: visible ASCII except the comma.
 fn is_valid_nonce(nonce: &str) -> bool {
     !nonce.is_empty()
@@ -386,6 +397,11 @@ mod tests {
             ),
             ("n,,n==3D=3D,r=abc", "==", None, "abc"),
             ("n,,n=jörg,r=abc", "jörg", None, "abc"),
+            // SASLprep (RFC 4013 §3): soft hyphen mapped to nothing, NFKC, non-ASCII
+            // space to space.
+            ("n,,n=I\u{00AD}X,r=abc", "IX", None, "abc"),
+            ("n,a=\u{2168},n=\u{FF4A}oe,r=abc", "joe", Some("IX"), "abc"),
+            ("n,,n=a\u{00A0}b,r=abc", "a b", None, "abc"),
             ("n,,n=user,r=abc,e=1,f==", "user", None, "abc"),
             (
                 "n,,n=user@example.org,r=!\"#$%&'()*+-./:;<=>?@[\\]^_`{|}~",
@@ -420,6 +436,12 @@ mod tests {
             b"n,b=admin,n=user,r=abc",
             b"n,a=,n=user,r=abc",
             b"n,a=bad=escape,n=user,r=abc",
+            // Prohibited by SASLprep: a control character, an unassigned code point,
+            // mixed bidi directions; a name of nothing but soft hyphens.
+            b"n,,n=us\x07er,r=abc",
+            "n,,n=u\u{0221},r=abc".as_bytes(),
+            "n,,n=\u{0627}1,r=abc".as_bytes(),
+            "n,a=x\u{0007},n=user,r=abc".as_bytes(),
             b"n,,m=ext,n=user,r=abc",
             b"n,,n=,r=abc",
             b"n,,n=user",

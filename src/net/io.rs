@@ -85,6 +85,11 @@ impl<S> Io<S> {
         (self.stream, self.rbuf)
     }
 
+    /// The bound on every write and the default bound on reads.
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
     /// The next whole line of at most `max` octets from what has been read, if any.
     pub fn take_line(&mut self, max: usize) -> Option<Result<BytesMut, LineError>> {
         self.lines.next_line(&mut self.rbuf, max)

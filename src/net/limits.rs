@@ -1,8 +1,10 @@
 //! Connection admission: a listener's own cap and the global limit, taken at accept, and a
 //! per-IP limit taken once the client's address is known (a PROXY header may name it).
+//! The per-IP limit counts a client's group (`config::client_group`: IPv4 as it is,
+//! IPv4-mapped IPv6 as IPv4, IPv6 by its network of `limits.ipv6_prefix_len` bits).
 //! Knows no protocol.
 
-use crate::config::{Config, Listener};
+use crate::config::{client_group, Config, Listener};
 use crate::metrics::Rejected;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -38,6 +40,8 @@ pub struct ConnLimits {
     listeners: [Arc<Semaphore>; 3],
     total: Arc<Semaphore>,
     per_ip_max: usize,
+    ipv6_prefix_len: u8,
+    /// Connections per client group.
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
@@ -47,11 +51,13 @@ pub struct Reserved {
     listener: Option<OwnedSemaphorePermit>,
     total: OwnedSemaphorePermit,
     per_ip_max: usize,
+    ipv6_prefix_len: u8,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
 
 impl Reserved {
     pub fn admit(self, ip: IpAddr) -> Result<Admission, Refusal> {
+        let ip = client_group(ip, self.ipv6_prefix_len);
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.per_ip_max {
@@ -72,6 +78,7 @@ impl Reserved {
 pub struct Admission {
     _listener: Option<OwnedSemaphorePermit>,
     _total: OwnedSemaphorePermit,
+    /// The client's group.
     ip: IpAddr,
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
@@ -90,11 +97,17 @@ impl Drop for Admission {
 
 impl ConnLimits {
     /// `listeners`: the caps of POP3 (both ports), LMTP and SMTP.
-    pub fn new(total: usize, per_ip_max: usize, listeners: [usize; 3]) -> Self {
+    pub fn new(
+        total: usize,
+        per_ip_max: usize,
+        listeners: [usize; 3],
+        ipv6_prefix_len: u8,
+    ) -> Self {
         ConnLimits {
             listeners: listeners.map(|n| Arc::new(Semaphore::new(n))),
             total: Arc::new(Semaphore::new(total)),
             per_ip_max,
+            ipv6_prefix_len,
             per_ip: Arc::default(),
         }
     }
@@ -109,6 +122,7 @@ impl ConnLimits {
                 config.lmtp.max_connections,
                 config.smtp.max_connections,
             ],
+            config.limits.ipv6_prefix_len,
         )
     }
 
@@ -138,6 +152,7 @@ impl ConnLimits {
             listener: own,
             total,
             per_ip_max: self.per_ip_max,
+            ipv6_prefix_len: self.ipv6_prefix_len,
             per_ip: self.per_ip.clone(),
         })
     }
@@ -154,7 +169,7 @@ mod tests {
 
     #[test]
     fn per_ip_and_total_limits() {
-        let limits = ConnLimits::new(3, 2, [9, 9, 9]);
+        let limits = ConnLimits::new(3, 2, [9, 9, 9], 64);
         let a: IpAddr = "127.0.0.1".parse().expect("ip");
         let b: IpAddr = "127.0.0.2".parse().expect("ip");
         let a1 = limits.admit(None, a).expect("a1");
@@ -171,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_reserved_place_counts_before_its_address_is_known() {
-        let limits = ConnLimits::new(2, 1, [9, 9, 9]);
+        let limits = ConnLimits::new(2, 1, [9, 9, 9], 64);
         let a: IpAddr = "203.0.113.7".parse().expect("ip");
         let pending = limits.reserve(None).expect("reserve");
         let b = limits
@@ -220,5 +235,32 @@ mod tests {
             .collect();
         assert!(limits.admit(Some(Listener::Smtp), ip).is_err());
         assert!(limits.admit(None, ip).is_ok());
+    }
+
+    #[test]
+    fn ipv6_counts_by_prefix_and_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let limits = ConnLimits::new(10, 2, [9, 9, 9], 64);
+        let _a = limits.admit(None, ip("2001:db8::1")).expect("a");
+        let _b = limits.admit(None, ip("2001:db8::2:3")).expect("b");
+        assert_eq!(
+            limits.admit(None, ip("2001:db8::ffff:ffff:ffff:ffff")).err(),
+            Some(Refusal::TooManyFromPeer),
+            "a third address of the same /64"
+        );
+        let c = limits.admit(None, ip("2001:db8:0:1::1")).expect("another /64");
+        let _m = limits.admit(None, ip("::ffff:192.0.2.1")).expect("mapped");
+        let _v4 = limits.admit(None, ip("192.0.2.1")).expect("v4");
+        assert_eq!(
+            limits.admit(None, ip("192.0.2.1")).err(),
+            Some(Refusal::TooManyFromPeer),
+            "::ffff:192.0.2.1 and 192.0.2.1 are one client"
+        );
+        drop(c);
+        // /128 counts single addresses.
+        let exact = ConnLimits::new(10, 1, [9, 9, 9], 128);
+        let _x = exact.admit(None, ip("2001:db8::1")).expect("x");
+        assert!(exact.admit(None, ip("2001:db8::2")).is_ok());
+        assert!(exact.admit(None, ip("2001:db8::1")).is_err());
     }
 }

@@ -159,16 +159,19 @@ pub async fn tls_accept<S: AsyncRead + AsyncWrite + Unpin>(
 /// the socket's peer). `None`: the connection is refused and must be dropped without a
 /// byte written; the refusal is already logged and counted. Call it in the connection's
 /// task, never in an accept loop (it may wait up to `header_timeout_secs`), and apply the
-/// per-IP limit to what it returns.
+/// per-IP limit to what it returns. An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, an
+/// IPv4 client of a dual-stack listener or in a PROXY header) comes back as IPv4, so
+/// logs, limits and throttling see one form of each client.
 pub async fn client_addr(
     ctx: &Context,
     listener: Listener,
     stream: &mut TcpStream,
     peer: SocketAddr,
 ) -> Option<SocketAddr> {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let config = &ctx.config.proxy_protocol;
     if !config.expects_header(listener) {
-        return Some(peer);
+        return Some(canonical(peer));
     }
     let name = listener.name();
     let reason = if !config.trusts(peer.ip()) {
@@ -178,7 +181,7 @@ pub async fn client_addr(
     } else {
         match proxy::read_header(stream, config.header_timeout()).await {
             Ok(client) => {
-                let client = client.unwrap_or(peer);
+                let client = canonical(client.unwrap_or(peer));
                 debug!(proxy = %peer, client = %client, listener = name, "PROXY header");
                 return Some(client);
             }

@@ -16,7 +16,7 @@ use base64::Engine as _;
 use std::borrow::Cow;
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// How the client asked to log in.
 pub(super) enum Mechanism {
@@ -45,8 +45,8 @@ enum LoginResult {
     /// Wrong password, unknown user, malformed name: all look the same to the client.
     /// Carries the login name, when there was one, for the per-name failure count.
     Failed(Option<String>),
-    /// Too many recent failures from this address or for this name.
-    Throttled,
+    /// Too many recent failures from this address or for this name (the name tried).
+    Throttled(String),
     /// The failure counters (in Redis) could not be read: try again later.
     Unavailable,
     /// The password hashing queue is full: try again later.
@@ -72,7 +72,7 @@ impl LoginResult {
         match self {
             LoginResult::Verified(_) => metrics::AUTH_SUCCESS,
             LoginResult::Failed(_) => metrics::AUTH_FAILURE,
-            LoginResult::Throttled => metrics::AUTH_THROTTLED,
+            LoginResult::Throttled(_) => metrics::AUTH_THROTTLED,
             LoginResult::Unavailable | LoginResult::Busy => metrics::AUTH_UNAVAILABLE,
             LoginResult::Aborted => metrics::AUTH_ABORTED,
             // invariant: not counted here; the home counts the attempt it answers.
@@ -116,10 +116,27 @@ pub(super) async fn login<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(Attempt::Forward(handoff));
     }
     ctx.net().metrics.auth_attempt(label, result.metric());
+    log_failure(ctx, label, &result);
     Ok(match login_result(conn, ctx, result, started).await? {
         Some(txn) => Attempt::LoggedIn(txn),
         None => Attempt::Answered,
     })
+}
+
+/// One info line per failed login, for fail2ban and forensics: the client's address
+/// (the original client's on a home serving a forwarded session), the name tried
+/// (escaped, as a client chose it), the mechanism and the reason class:
+/// `credentials` (unknown name, wrong password or proof, a foreign authzid: the client
+/// is not told which), `malformed` (no name could be read) or `throttled`. Never a
+/// password or SASL message.
+fn log_failure(ctx: &Ctx, mechanism: &str, result: &LoginResult) {
+    let (name, reason) = match result {
+        LoginResult::Failed(Some(name)) => (name.as_str(), "credentials"),
+        LoginResult::Failed(None) => ("", "malformed"),
+        LoginResult::Throttled(name) => (name.as_str(), "throttled"),
+        _ => return,
+    };
+    info!(client = %ctx.peer.ip(), user = ?name, mechanism, reason, "login failed");
 }
 
 /// `Some` when `name`'s domain is not served here: forwarded to its home, or refused for
@@ -147,7 +164,7 @@ fn auth_command(mechanism: &str, message: &[u8]) -> Vec<u8> {
 async fn throttled(ctx: &Ctx, name: &str) -> Option<LoginResult> {
     match ctx.service.logins.admit(ctx.peer.ip(), name).await {
         Admit::Allowed => None,
-        Admit::Throttled => Some(LoginResult::Throttled),
+        Admit::Throttled => Some(LoginResult::Throttled(name.to_owned())),
         Admit::Unavailable => Some(LoginResult::Unavailable),
     }
 }
@@ -187,8 +204,10 @@ async fn sasl_response<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Option<Vec<u8>>, SessionError> {
     conn.reply(&Reply::Challenge(challenge));
     let cancel = ctx.net().shutdown.clone();
-    let line = match conn.next(MAX_SASL_LINE, &cancel, None).await? {
+    let deadline = Some(ctx.login_deadline);
+    let line = match conn.next(MAX_SASL_LINE, &cancel, None, deadline).await? {
         Input::Line(l) => l,
+        Input::LoginDeadline => return Err(SessionError::LoginTimeout),
         Input::TooLong => {
             conn.reply(&err(None, "Authentication response too long"));
             return Ok(None);
@@ -251,7 +270,7 @@ async fn sasl_plain<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(elsewhere);
     }
     // We authorise no proxy logins: an authzid other than the authcid fails.
-    if !msg.authzid.is_empty() && !msg.authzid.eq_ignore_ascii_case(msg.authcid) {
+    if !auth::is_own_authzid(msg.authzid, msg.authcid) {
         return Ok(LoginResult::Failed(Some(msg.authcid.to_owned())));
     }
     password_login(ctx, msg.authcid, msg.password.as_bytes()).await
@@ -277,6 +296,11 @@ async fn sasl_scram<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(refused);
     }
     let failed = || LoginResult::Failed(Some(name.to_owned()));
+    // We authorise no proxy logins: an authzid other than the username fails like a
+    // wrong password, before any key is looked up.
+    if !auth::is_own_authzid(client_first.authzid.as_deref().unwrap_or(""), name) {
+        return Ok(failed());
+    }
     // Unknown users, and accounts made from a PHC hash alone (no SCRAM keys), get
     // stand-in keys no proof matches: the exchange fails like a wrong password.
     let (keys, found) = ctx.service.logins.scram(name).await?;
@@ -316,7 +340,7 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
         LoginResult::Verified(login) => login,
         // invariant: `login` hands a forward to the session before answering.
         LoginResult::Aborted | LoginResult::Forward(_) => return Ok(None),
-        LoginResult::Throttled => {
+        LoginResult::Throttled(_) => {
             ctx.auth_failures += 1;
             conn.reply(&err(
                 Some(RespCode::LoginDelay),

@@ -4,7 +4,7 @@
 //! transaction while the maildrop lock is still ours.
 
 use super::codec::{BodyEncoder, MsgEntry, Reply, RespCode};
-use super::session::{err, ok, Conn, Ctx, SessionError, Txn};
+use super::session::{err, ok, Conn, Ctx, SessionError, Txn, FLUSH_AT};
 use crate::metrics;
 use crate::store::DomainStore;
 use std::borrow::Cow;
@@ -12,9 +12,6 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::warn;
-
-/// Output is written to the socket once this much is buffered during RETR/TOP.
-const FLUSH_AT: usize = 32 * 1024;
 
 /// RETR (`top: None`), or TOP with the header and the first `lines` lines of the body.
 pub(super) async fn retrieve<S: AsyncRead + AsyncWrite + Unpin>(

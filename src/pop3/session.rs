@@ -43,6 +43,12 @@ const SASL_MECHANISMS: &[&str] = &["PLAIN", "SCRAM-SHA-256"];
 const IMPLEMENTATION: &str = concat!("mailgate ", env!("CARGO_PKG_VERSION"));
 /// Room reserved in the read buffer per read; command lines are at most 255 octets.
 const READ_CHUNK: usize = 512;
+/// Output is written to the socket once this much is buffered: during RETR/TOP, and
+/// between the pieces of a LIST/UIDL listing and after it, so that a client pipelining
+/// those commands without reading the answers cannot make the server hold them. (Other
+/// replies are short, and at most one read's worth of commands, 512 octets, is answered
+/// before the next flush.)
+pub(super) const FLUSH_AT: usize = 32 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum SessionError {
@@ -56,6 +62,9 @@ pub(super) enum SessionError {
     Truncated(u64),
     #[error(transparent)]
     Login(#[from] LoginError),
+    /// `limits.login_timeout_secs` passed before a login succeeded.
+    #[error("not logged in within the login time limit")]
+    LoginTimeout,
 }
 
 /// Maps an error to what the client is told, if anything, before hanging up (RFC
@@ -64,6 +73,9 @@ pub(super) enum SessionError {
 fn error_reply(e: &SessionError) -> Option<Reply<'static>> {
     match e {
         SessionError::Io(_) => None,
+        SessionError::LoginTimeout => {
+            Some(err(None, "Login time limit reached, closing connection"))
+        }
         SessionError::Store(_)
         | SessionError::Join(_)
         | SessionError::Truncated(_)
@@ -83,6 +95,8 @@ pub(super) enum Input {
     Timeout,
     Cancelled,
     LockLost,
+    /// The login deadline passed (only while one is given).
+    LoginDeadline,
 }
 
 /// A POP3 connection's I/O, and whether the last reply was `-ERR` (the result of the
@@ -108,19 +122,47 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         r.write_to(self.io.out());
     }
 
+    /// Like `reply` for a reply that may be long: a listing is written in pieces of
+    /// about `FLUSH_AT` octets, each sent (waiting for the client to take it) before the
+    /// next is made, and output is sent once `FLUSH_AT` octets are pending.
+    pub async fn send(&mut self, r: &Reply<'_>) -> Result<(), SessionError> {
+        self.last_err = matches!(r, Reply::Err(..));
+        match r.listing() {
+            Some(mut listing) => {
+                while !listing.write_to(self.io.out(), FLUSH_AT) {
+                    self.flush().await?;
+                }
+            }
+            None => r.write_to(self.io.out()),
+        }
+        if self.io.out().len() >= FLUSH_AT {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
     pub async fn flush(&mut self) -> Result<(), SessionError> {
         Ok(self.io.flush().await?)
     }
 
     /// The next line of at most `max` octets, or why there is none. Flushes pending
-    /// replies before waiting.
+    /// replies before waiting. With a `deadline` (before login), no line is taken after
+    /// it and no read waits past it, however busy the client keeps the connection.
     pub async fn next(
         &mut self,
         max: usize,
         cancel: &CancellationToken,
         lost: Option<&CancellationToken>,
+        deadline: Option<Instant>,
     ) -> Result<Input, SessionError> {
         loop {
+            let limit = match deadline {
+                Some(at) => match at.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left.min(self.io.idle())),
+                    _ => return Ok(Input::LoginDeadline),
+                },
+                None => None,
+            };
             if self.sniff_tls_hello && self.io.input().len() >= 2 {
                 if self.io.input().starts_with(&[0x16, 0x03]) {
                     return Ok(Input::TlsHello);
@@ -134,7 +176,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Err(_) => Input::TooLong,
                 });
             }
-            match self.io.fill(None, cancel, lost).await? {
+            match self.io.fill(limit, cancel, lost).await? {
+                // The deadline, not the idle timeout: the next turn says so.
+                Read::Timeout if deadline.is_some_and(|at| Instant::now() >= at) => {}
                 Read::More => {}
                 Read::Closed => return Ok(Input::Closed),
                 Read::Timeout => return Ok(Input::Timeout),
@@ -159,6 +203,9 @@ pub(super) struct Ctx {
     pub forwarded: Option<Box<Preamble>>,
     bad_commands: u32,
     pub auth_failures: u32,
+    /// When a session still not logged in is closed (`limits.login_timeout_secs` after
+    /// it was accepted, or after a forwarded session reached this home).
+    pub login_deadline: Instant,
     pub user: Option<String>,
     pub retrieved: u32,
     pub deleted: u32,
@@ -173,6 +220,7 @@ impl Ctx {
         sid: u64,
         apop_timestamp: Option<String>,
     ) -> Ctx {
+        let login_deadline = Instant::now() + service.net.config.limits.login_timeout();
         Ctx {
             service,
             peer,
@@ -183,6 +231,7 @@ impl Ctx {
             forwarded: None,
             bad_commands: 0,
             auth_failures: 0,
+            login_deadline,
             user: None,
             retrieved: 0,
             deleted: 0,
@@ -399,7 +448,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<S>, ctx: &mut 
             step
         }
         Err(e) => {
-            if !matches!(e, SessionError::Io(_)) {
+            if !matches!(e, SessionError::Io(_) | SessionError::LoginTimeout) {
                 warn!(error = %e, "session failed");
             }
             if let Some(r) = error_reply(&e) {
@@ -408,6 +457,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut Conn<S>, ctx: &mut 
             }
             Step::Done(match e {
                 SessionError::Io(_) => Outcome::Dropped,
+                SessionError::LoginTimeout => Outcome::Timeout,
                 _ => Outcome::Error,
             })
         }
@@ -430,11 +480,15 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
     // close rather than answer its binary record line by line.
     conn.sniff_tls_hello = ctx.listener == Listener::Pop3 && !ctx.tls;
     loop {
-        let (cancel, lost) = match phase {
-            Phase::Authorization { .. } => (ctx.net().shutdown.clone(), None),
-            Phase::Transaction(txn) => (txn.cancel.clone(), Some(txn.lost.clone())),
+        let (cancel, lost, deadline) = match phase {
+            Phase::Authorization { .. } => {
+                (ctx.net().shutdown.clone(), None, Some(ctx.login_deadline))
+            }
+            Phase::Transaction(txn) => (txn.cancel.clone(), Some(txn.lost.clone()), None),
         };
-        let input = conn.next(MAX_COMMAND_LINE, &cancel, lost.as_ref()).await?;
+        let input = conn
+            .next(MAX_COMMAND_LINE, &cancel, lost.as_ref(), deadline)
+            .await?;
         let line = match input {
             Input::Line(line) => line,
             Input::TooLong => {
@@ -452,6 +506,7 @@ async fn command_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 let _ = conn.flush().await;
                 return Ok(Step::Done(Outcome::TlsFailed));
             }
+            Input::LoginDeadline => return Err(SessionError::LoginTimeout),
             Input::Timeout => {
                 conn.reply(&err(None, "Disconnected for inactivity"));
                 let _ = conn.flush().await;
@@ -582,7 +637,7 @@ fn gate(command: &Command, g: Gate) -> Result<(), Reply<'static>> {
                 Ok(())
             }
         }
-        C::User(_) | C::Pass(_) | C::Apop { .. } | C::Auth { .. } => {
+        C::User(_) | C::Pass(_) | C::Apop { .. } | C::Auth { .. } | C::AuthList => {
             if !in_auth {
                 Err(err(None, "Already logged in"))
             } else if !(g.tls || g.plaintext_allowed) {
@@ -668,6 +723,10 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     login::Mechanism::Apop { name, digest }
                 }
+                C::AuthList => {
+                    conn.reply(&Reply::Mechanisms(SASL_MECHANISMS));
+                    return Ok(None);
+                }
                 C::Auth { mechanism, initial } => {
                     *user = None;
                     match mechanism.as_str() {
@@ -704,8 +763,8 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
         C::Capa => conn.reply(&capa(Gate::of(ctx, phase))),
         C::Noop => conn.reply(&maildrop::noop()),
         C::Stat => conn.reply(&maildrop::stat(listing)),
-        C::List(n) => conn.reply(&maildrop::list(listing, n)),
-        C::Uidl(n) => conn.reply(&maildrop::uidl(listing, n)),
+        C::List(n) => conn.send(&maildrop::list(listing, n)).await?,
+        C::Uidl(n) => conn.send(&maildrop::uidl(listing, n)).await?,
         C::Last => conn.reply(&maildrop::last(listing)),
         C::Dele(n) => conn.reply(&maildrop::dele(listing, n)),
         C::Rset => conn.reply(&maildrop::rset(listing)),
@@ -716,7 +775,7 @@ async fn dispatch<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(Some(Step::Done(Outcome::Quit)));
         }
         // invariant: `gate` refuses the login commands after login.
-        C::User(_) | C::Pass(_) | C::Apop { .. } | C::Auth { .. } | C::Stls => {
+        C::User(_) | C::Pass(_) | C::Apop { .. } | C::Auth { .. } | C::AuthList | C::Stls => {
             conn.reply(&err(None, "Already logged in"));
         }
     }
@@ -772,6 +831,7 @@ mod tests {
                 mechanism: "PLAIN".into(),
                 initial: None,
             },
+            C::AuthList,
             C::Capa,
             C::Stls,
             C::Quit,
@@ -792,7 +852,11 @@ mod tests {
     fn is_login(c: &Command) -> bool {
         matches!(
             c,
-            Command::User(_) | Command::Pass(_) | Command::Apop { .. } | Command::Auth { .. }
+            Command::User(_)
+                | Command::Pass(_)
+                | Command::Apop { .. }
+                | Command::Auth { .. }
+                | Command::AuthList
         )
     }
 

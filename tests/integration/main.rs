@@ -10,6 +10,7 @@
 mod common;
 
 mod auth_limits;
+mod bounds;
 mod cli;
 mod cli_errors;
 mod clients;

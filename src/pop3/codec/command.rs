@@ -30,6 +30,9 @@ pub enum Command {
         mechanism: String,
         initial: Option<String>,
     },
+    /// `AUTH` alone: list the SASL mechanisms (not in RFC 5034, but Outlook sends it and
+    /// other servers answer it).
+    AuthList,
     Capa,
     Stls,
     Quit,
@@ -98,6 +101,7 @@ impl Command {
                 let (user, digest) = args.two(user_name, apop_digest)?;
                 Command::Apop { user, digest }
             }
+            b"AUTH" if rest.is_none_or(|r| r.trim().is_empty()) => Command::AuthList,
             b"AUTH" => {
                 let (mechanism, initial) = args.one_and_maybe(mechanism, initial_response)?;
                 Command::Auth { mechanism, initial }
@@ -128,7 +132,7 @@ impl Command {
             Command::User(_) => "USER",
             Command::Pass(_) => "PASS",
             Command::Apop { .. } => "APOP",
-            Command::Auth { .. } => "AUTH",
+            Command::Auth { .. } | Command::AuthList => "AUTH",
             Command::Capa => "CAPA",
             Command::Stls => "STLS",
             Command::Quit => "QUIT",
@@ -301,6 +305,7 @@ impl std::fmt::Debug for Command {
                 .field("lines", lines)
                 .finish(),
             Command::Uidl(msg) => f.debug_tuple("Uidl").field(msg).finish(),
+            Command::AuthList => f.write_str("AUTH"),
             Command::Capa
             | Command::Stls
             | Command::Quit
@@ -383,6 +388,8 @@ mod tests {
                     initial: Some(String::new()),
                 },
             ),
+            ("AUTH", Command::AuthList),
+            ("auth ", Command::AuthList),
             ("CAPA", Command::Capa),
             ("capa", Command::Capa),
             ("CaPa ", Command::Capa),
@@ -453,7 +460,6 @@ mod tests {
                 b"APOP mrose c4c9334bac560ecc979e58001b3e22fb x",
                 syntax("too many arguments"),
             ),
-            (b"AUTH", syntax("missing argument")),
             (b"AUTH PL@IN", syntax("invalid mechanism")),
             (b"AUTH ABCDEFGHIJKLMNOPQRSTU", syntax("invalid mechanism")),
             (b"AUTH PLAIN a b", syntax("too many arguments")),
@@ -509,6 +515,7 @@ mod tests {
             ("pass a", "PASS"),
             ("apop a c4c9334bac560ecc979e58001b3e22fb", "APOP"),
             ("auth plain", "AUTH"),
+            ("auth", "AUTH"),
             ("capa", "CAPA"),
             ("stls", "STLS"),
             ("quit", "QUIT"),

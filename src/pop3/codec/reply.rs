@@ -61,6 +61,8 @@ pub enum Reply<'a> {
     /// Raw SASL challenge bytes; `write_to` base64-encodes them (RFC 5034 §4).
     Challenge(&'a [u8]),
     Capa(Capabilities<'a>),
+    /// The answer to `AUTH` alone: the SASL mechanisms, one per line.
+    Mechanisms(&'a [&'a str]),
     Stat {
         count: usize,
         octets: u64,
@@ -145,6 +147,14 @@ impl Reply<'_> {
                 put_crlf(out);
             }
             Reply::Capa(caps) => write_capa(out, caps),
+            Reply::Mechanisms(mechanisms) => {
+                out.extend_from_slice(b"+OK\r\n");
+                for mechanism in *mechanisms {
+                    put_text(out, mechanism);
+                    put_crlf(out);
+                }
+                out.extend_from_slice(b".\r\n");
+            }
             Reply::Stat { count, octets } => {
                 out.extend_from_slice(b"+OK ");
                 put_u64(out, *count as u64);
@@ -159,25 +169,10 @@ impl Reply<'_> {
                 put_u64(out, *octets);
                 put_crlf(out);
             }
-            Reply::ScanListing(msgs) => {
-                let (count, octets) = msgs
-                    .iter()
-                    .filter(|m| !m.deleted)
-                    .fold((0u64, 0u64), |(n, sum), m| {
-                        (n + 1, sum.saturating_add(m.octets))
-                    });
-                out.extend_from_slice(b"+OK ");
-                put_u64(out, count);
-                out.extend_from_slice(b" messages (");
-                put_u64(out, octets);
-                out.extend_from_slice(b" octets)\r\n");
-                for (number, entry) in live(msgs) {
-                    put_u64(out, number);
-                    out.put_u8(b' ');
-                    put_u64(out, entry.octets);
-                    put_crlf(out);
+            Reply::ScanListing(_) | Reply::UniqueListing { .. } => {
+                if let Some(mut listing) = self.listing() {
+                    listing.write_to(out, usize::MAX);
                 }
-                out.extend_from_slice(b".\r\n");
             }
             Reply::Unique { msg, nonce, id } => {
                 out.extend_from_slice(b"+OK ");
@@ -186,22 +181,98 @@ impl Reply<'_> {
                 write_uid(out, *nonce, *id);
                 put_crlf(out);
             }
-            Reply::UniqueListing { nonce, msgs } => {
-                out.extend_from_slice(b"+OK\r\n");
-                for (number, entry) in live(msgs) {
-                    put_u64(out, number);
-                    out.put_u8(b' ');
-                    write_uid(out, *nonce, entry.id);
-                    put_crlf(out);
-                }
-                out.extend_from_slice(b".\r\n");
-            }
             Reply::MessageFollows { octets } => {
                 out.extend_from_slice(b"+OK ");
                 put_u64(out, *octets);
                 out.extend_from_slice(b" octets\r\n");
             }
         }
+    }
+}
+
+impl<'a> Reply<'a> {
+    /// The writer of a multi-line listing (LIST or UIDL without an argument), which can
+    /// write it in pieces; `None` for every other reply.
+    pub fn listing(&self) -> Option<ListingWriter<'a>> {
+        let (msgs, nonce) = match *self {
+            Reply::ScanListing(msgs) => (msgs, None),
+            Reply::UniqueListing { nonce, msgs } => (msgs, Some(nonce)),
+            _ => return None,
+        };
+        Some(ListingWriter {
+            msgs,
+            nonce,
+            next: 0,
+            head_written: false,
+            finished: false,
+        })
+    }
+}
+
+/// A LIST or UIDL listing written in pieces, so that a large maildrop's listing never
+/// sits in memory whole: each `write_to` appends lines until the buffer holds `limit`
+/// octets, and the caller sends them before asking for more.
+#[derive(Debug)]
+pub struct ListingWriter<'a> {
+    msgs: &'a [MsgEntry],
+    /// UIDL's maildrop nonce; `None` for LIST.
+    nonce: Option<u32>,
+    /// Index of the next entry to consider.
+    next: usize,
+    head_written: bool,
+    finished: bool,
+}
+
+impl ListingWriter<'_> {
+    /// Appends the status line (first call) and then lines until `out` holds at least
+    /// `limit` octets or the listing is complete (terminator written): true when it is.
+    /// Each call makes progress, so `out` ends at most one line past `limit`.
+    pub fn write_to(&mut self, out: &mut BytesMut, limit: usize) -> bool {
+        if self.finished {
+            return true;
+        }
+        if !self.head_written {
+            self.head_written = true;
+            self.write_head(out);
+        }
+        while let Some(entry) = self.msgs.get(self.next) {
+            if out.len() >= limit {
+                return false;
+            }
+            self.next += 1;
+            if entry.deleted {
+                continue;
+            }
+            put_u64(out, self.next as u64);
+            out.put_u8(b' ');
+            match self.nonce {
+                Some(nonce) => write_uid(out, nonce, entry.id),
+                None => put_u64(out, entry.octets),
+            }
+            put_crlf(out);
+        }
+        out.extend_from_slice(b".\r\n");
+        self.finished = true;
+        true
+    }
+
+    fn write_head(&self, out: &mut BytesMut) {
+        if self.nonce.is_some() {
+            out.extend_from_slice(b"+OK\r\n");
+            return;
+        }
+        let (count, octets) = self
+            .msgs
+            .iter()
+            .filter(|m| !m.deleted)
+            .fold((0u64, 0u64), |(n, sum), m| {
+                (n + 1, sum.saturating_add(m.octets))
+            });
+        out.extend_from_slice(b"+OK ");
+        put_u64(out, count);
+        out.extend_from_slice(b" messages (");
+        put_u64(out, octets);
+        out.extend_from_slice(b" octets)\r\n");
     }
 }
 
@@ -234,11 +305,6 @@ fn write_capa(out: &mut BytesMut, caps: &Capabilities<'_>) {
         put_crlf(out);
     }
     out.extend_from_slice(b".\r\n");
-}
-
-/// The entries a listing shows, with their 1-based message numbers.
-fn live(msgs: &[MsgEntry]) -> impl Iterator<Item = (u64, &MsgEntry)> {
-    (1u64..).zip(msgs).filter(|(_, m)| !m.deleted)
 }
 
 fn put_crlf(out: &mut BytesMut) {
@@ -300,6 +366,12 @@ fn put_base64(out: &mut BytesMut, data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bytes_of(reply: &Reply<'_>) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        reply.write_to(&mut out);
+        out.to_vec()
+    }
 
     fn bytes(reply: Reply<'_>) -> String {
         let mut out = BytesMut::new();
@@ -452,6 +524,15 @@ mod tests {
     }
 
     #[test]
+    fn mechanisms() {
+        assert_eq!(
+            bytes(Reply::Mechanisms(&["PLAIN", "SCRAM-SHA-256"])),
+            "+OK\r\nPLAIN\r\nSCRAM-SHA-256\r\n.\r\n"
+        );
+        assert_eq!(bytes(Reply::Mechanisms(&[])), "+OK\r\n.\r\n");
+    }
+
+    #[test]
     fn capa() {
         let full = Capabilities {
             user: true,
@@ -540,6 +621,51 @@ mod tests {
             }),
             "+OK\r\n.\r\n"
         );
+    }
+
+    /// A listing written in pieces of every size is the listing written whole, and no
+    /// piece holds more than `limit` plus one line.
+    #[test]
+    fn listings_in_pieces_match_the_whole() {
+        let msgs: Vec<MsgEntry> = (0..300u64)
+            .map(|i| entry(i * 977, i.wrapping_mul(0x9e37_79b9), i % 7 == 3))
+            .collect();
+        let replies = [
+            Reply::ScanListing(&msgs),
+            Reply::UniqueListing {
+                nonce: 0xdead_beef,
+                msgs: &msgs,
+            },
+            Reply::ScanListing(&[]),
+            Reply::UniqueListing {
+                nonce: 1,
+                msgs: &msgs[3..4],
+            },
+        ];
+        // Longest line: "300 " and a 24-digit UID, or a 20-digit size, and CRLF.
+        const LONGEST_LINE: usize = 4 + UID_LEN + 2;
+        for reply in &replies {
+            let whole = bytes_of(reply);
+            for limit in (1..=600).chain([4096, usize::MAX]) {
+                let mut writer = reply.listing().expect("a listing");
+                let mut sent = Vec::new();
+                let mut out = BytesMut::new();
+                loop {
+                    let done = writer.write_to(&mut out, limit);
+                    if limit < usize::MAX {
+                        assert!(out.len() < limit + LONGEST_LINE + 40, "{limit}");
+                    }
+                    sent.extend_from_slice(&out);
+                    out.clear();
+                    if done {
+                        break;
+                    }
+                }
+                assert_eq!(sent, whole, "limit {limit}");
+                assert!(writer.write_to(&mut out, limit) && out.is_empty());
+            }
+        }
+        assert!(Reply::Ok("".into()).listing().is_none());
     }
 
     #[test]

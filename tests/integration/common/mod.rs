@@ -98,6 +98,8 @@ pub struct Options {
     pub auth_failure_delay_ms: u64,
     /// `auth.argon2.memory_kib` (the other costs stay at their cheapest).
     pub argon2_memory_kib: u32,
+    /// `limits.login_timeout_secs`, when not the server's default.
+    pub login_timeout_secs: Option<u64>,
     /// Host part of both listen addresses (`[::1]` for IPv6).
     pub listen_host: String,
     /// `lmtp.listen`: empty is off; `None` means `{listen_host}:0`.
@@ -137,6 +139,7 @@ impl Default for Options {
             max_auth_failures_per_account: 1000,
             auth_failure_delay_ms: 50,
             argon2_memory_kib: 1024,
+            login_timeout_secs: None,
             lmtp_listen: None,
             smtp_listen: None,
             lmtp_socket_group: String::new(),
@@ -332,7 +335,7 @@ max_bad_commands = {bad}
 shutdown_grace_secs = {grace}
 tls_handshake_timeout_secs = 5
 {limits_extra}
-
+{login_timeout}
 [auth.argon2]
 memory_kib = {argon2_memory}
 iterations = 1
@@ -365,6 +368,10 @@ scram_iterations = 4096
             per_ip = opts.max_connections_per_ip,
             bad = opts.max_bad_commands,
             grace = opts.shutdown_grace_secs,
+            login_timeout = opts
+                .login_timeout_secs
+                .map(|secs| format!("login_timeout_secs = {secs}\n"))
+                .unwrap_or_default(),
             extra = opts.extra,
             pop3_extra = opts.pop3_extra,
             lmtp_extra = opts.lmtp_extra,
