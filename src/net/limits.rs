@@ -214,7 +214,7 @@ mod tests {
 
     #[test]
     fn a_flood_on_one_listener_leaves_the_others_their_places() {
-        let limits = ConnLimits::new(10, 100, [3, 2, 5]);
+        let limits = ConnLimits::new(10, 100, [3, 2, 5], 64);
         let ip: IpAddr = "192.0.2.1".parse().expect("ip");
         let pop3: Vec<_> = (0..3)
             .map(|_| limits.admit(Some(Listener::Pop3s), ip).expect("pop3"))
@@ -244,11 +244,15 @@ mod tests {
         let _a = limits.admit(None, ip("2001:db8::1")).expect("a");
         let _b = limits.admit(None, ip("2001:db8::2:3")).expect("b");
         assert_eq!(
-            limits.admit(None, ip("2001:db8::ffff:ffff:ffff:ffff")).err(),
+            limits
+                .admit(None, ip("2001:db8::ffff:ffff:ffff:ffff"))
+                .err(),
             Some(Refusal::TooManyFromPeer),
             "a third address of the same /64"
         );
-        let c = limits.admit(None, ip("2001:db8:0:1::1")).expect("another /64");
+        let c = limits
+            .admit(None, ip("2001:db8:0:1::1"))
+            .expect("another /64");
         let _m = limits.admit(None, ip("::ffff:192.0.2.1")).expect("mapped");
         let _v4 = limits.admit(None, ip("192.0.2.1")).expect("v4");
         assert_eq!(

@@ -654,10 +654,13 @@ fn probe_limits(ctx: &Ctx) -> Option<ProbeLimits> {
     })
 }
 
-/// The address refused recipients are counted under.
+/// The client group refused recipients are counted under: the address, an IPv6 client by
+/// its network of `limits.ipv6_prefix_len` bits (as the connection limit counts them).
 fn client_ip(ctx: &Ctx) -> IpAddr {
     match &ctx.peer {
-        Peer::Tcp(a) => a.ip().to_canonical(),
+        Peer::Tcp(a) => {
+            crate::config::client_group(a.ip(), ctx.net().config.limits.ipv6_prefix_len)
+        }
         Peer::Unix => IpAddr::from([127, 0, 0, 1]),
     }
 }

@@ -26,6 +26,7 @@ fn fill_maildrop(server: &Server, domain: &str, local: &str, count: usize) -> (V
         StoreOptions {
             cache_capacity: 64 * 1024 * 1024,
             idle_close: Duration::from_secs(60),
+            ..StoreOptions::default()
         },
     )
     .expect("open data dir");
