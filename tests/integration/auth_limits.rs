@@ -3,7 +3,7 @@
 //! deadline whether or not the name exists, and a right password upgrades a hash or SCRAM
 //! keys made with less than the configured cost.
 
-use crate::common::{Options, Raw, Server, PASSWORD};
+use crate::common::{rss_kib, Options, Raw, Server, PASSWORD};
 use base64::Engine;
 use mailgate::auth::{self, HashParams};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,17 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1024;
-
-/// The process's resident set, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
-}
 
 /// One USER/PASS attempt over cleartext POP3; the PASS reply.
 async fn try_login(server: &Server, user: &str, password: &str) -> String {

@@ -3,20 +3,10 @@
 
 use crate::common::cluster::{replica_name, Cluster, ClusterOptions};
 use crate::common::redis_server::Resp;
-use crate::common::{logged_in, pop3s, python, Options, Raw, Server, PASSWORD};
+use crate::common::{logged_in, pop3s, python, rss_kib, Options, Raw, Server, PASSWORD};
 use base64::Engine as _;
 use mailgate::store::{Directory, StoreOptions};
 use std::time::{Duration, Instant};
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
-}
 
 /// Puts `count` small messages in `local@domain`'s maildrop through the library, while
 /// the server is stopped; the expected LIST and UIDL listings (without status lines).

@@ -2,7 +2,7 @@
 //! byte-exact and hostile cases, and POP3S to read back what was stored.
 
 use crate::common::swaks::swaks;
-use crate::common::{fetch_all, python, Options, Raw, Server};
+use crate::common::{fetch_all, python, rss_kib, Options, Raw, Server};
 use crate::metrics::http_get;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -311,16 +311,6 @@ async fn commands_out_of_order_and_garbage() {
     assert_reply(&c.cmd("STARTTLS").await, "502 5.5.1");
     assert_reply(&c.cmd("LHLO mta.test").await, "250-mail.test");
     assert_reply(&c.cmd("VRFY joe@example.org").await, "252");
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread")]

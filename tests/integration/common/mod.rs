@@ -1066,3 +1066,14 @@ pub async fn logged_in(server: &Server, user: &str) -> Raw {
     assert!(r.starts_with("+OK"), "login {user}: {r}");
     c
 }
+
+/// Process `pid`'s resident set (VmRSS), in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS")
+}
