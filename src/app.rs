@@ -687,6 +687,32 @@ impl StorageGauges {
 
 /// Certificate reload, the certificate and storage gauges, and idle-store closing, until
 /// shutdown is complete.
+/// Below the free-space reserve, rewrites the open stores whose files hold much more
+/// than their live mail (mail was deleted: sled keeps the space inside its files), so the
+/// file system gets the space back and delivery resumes (blocking).
+fn compact_where_worth_it(directory: &Directory) {
+    for (domain, store) in directory.open_domains() {
+        match store.worth_compacting() {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                warn!(%domain, error = %e, "cannot tell whether the store needs compacting");
+                continue;
+            }
+        }
+        drop(store);
+        match directory.compact(&domain) {
+            Ok(c) => {
+                info!(%domain, before = c.before, after = c.after, "store compacted to give deleted mail's space back")
+            }
+            Err(StoreError::Sealed(_)) => {
+                info!(%domain, "store in use or being moved; compaction tried again later")
+            }
+            Err(e) => warn!(%domain, error = %e, "store compaction failed; the store is unchanged"),
+        }
+    }
+}
+
 async fn housekeeping(
     net: Arc<net::Context>,
     directory: Arc<Directory>,
@@ -719,6 +745,11 @@ async fn housekeeping(
             let closed = directory.close_idle();
             if closed > 0 {
                 release_freed_memory();
+            }
+            // In a cluster a move may be copying the store, and moving the domain gives
+            // a compact copy anyway: compaction is for a server on its own.
+            if cluster.is_none() {
+                compact_where_worth_it(&directory);
             }
             (reloaded, closed)
         })

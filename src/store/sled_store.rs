@@ -62,6 +62,9 @@ const ID_BASE_KEY: &[u8] = b"id_base";
 /// Directory-name prefix of a domain copy being received from another replica (never a
 /// valid domain name, so never listed as one); removed at open.
 const STAGING_PREFIX: &str = ".incoming-";
+/// Directory-name prefix of a store being replaced by its compacted copy
+/// (`Directory::compact`): only there between two renames.
+const COMPACT_OLD_PREFIX: &str = ".compact-old-";
 /// Directory-name prefix of a copy left behind by a move: `.moved-<domain>-<unix secs>`.
 const RETIRED_PREFIX: &str = ".moved-";
 /// Maildrop entry flag: retrieved in a session that ended in UPDATE (for LAST).
@@ -127,6 +130,13 @@ enum SlotState {
     Gone,
 }
 
+/// What `Directory::compact` did: the store's size on disk before and after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    pub before: u64,
+    pub after: u64,
+}
+
 /// A copy of a domain left behind by a move, as `cluster cleanup` lists it.
 #[derive(Debug, Clone)]
 pub struct Retired {
@@ -163,6 +173,9 @@ pub struct DomainStore {
     /// Set by the first storage (I/O) error: sled then fails every write until the
     /// database is reopened, so the `Directory` stops handing this store out.
     broken: AtomicBool,
+    /// Replaced by a compacted copy (`Directory::compact`): its path now names the copy,
+    /// so closing records nothing there.
+    detached: AtomicBool,
     /// Serialises account creation and removal, which scan the maildrop before their
     /// atomic step; deliveries do not take it.
     account_admin: Mutex<()>,
@@ -227,11 +240,22 @@ impl Directory {
             source,
         })? {
             let Ok(entry) = entry else { continue };
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(STAGING_PREFIX)
-            {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file_name.strip_prefix(COMPACT_OLD_PREFIX) {
+                // A compaction stopped between its two renames: the compacted copy is
+                // complete once it has the name, else the old store takes it back.
+                let (old, current) = (entry.path(), root.join(name));
+                let outcome = if current.exists() {
+                    std::fs::remove_dir_all(&old)
+                } else {
+                    std::fs::rename(&old, &current)
+                };
+                if let Err(e) = outcome {
+                    tracing::warn!(path = %old.display(), error = %e, "cannot finish an interrupted compaction");
+                }
+                continue;
+            }
+            if file_name.starts_with(STAGING_PREFIX) {
                 let path = entry.path();
                 tracing::info!(path = %path.display(), "removing an incomplete incoming copy");
                 if let Err(e) = std::fs::remove_dir_all(&path) {
@@ -384,6 +408,154 @@ impl Directory {
         }
         std::fs::create_dir(&path).map_err(Self::io_err(&path))?;
         DomainStore::open(&name, &path, &self.opts, Arc::default())
+    }
+
+    /// Rewrites `name`'s store into a fresh one that holds only its live data and puts it
+    /// in the old one's place, so the space of deleted mail goes back to the file system
+    /// (sled reuses it only inside its own files). The store is sealed meanwhile (writes
+    /// fail as temporary errors; a session still holding the old store cannot change
+    /// it). The copy is checked before the swap — every account record, every maildrop
+    /// entry and body length, the id allocator's position — and any failure leaves the
+    /// store as it was. The copy is written without the free-space reserve: callers
+    /// check there is room for the live data. Not for a domain that a cluster move may be
+    /// copying (the move would read the old store).
+    pub fn compact(&self, name: &str) -> Result<Compacted, StoreError> {
+        let name = validate_domain(name)?;
+        let store = self.domain(&name)?;
+        let before = store.size_on_disk()?;
+        let gate = self.gate(&name);
+        {
+            let mut sealed = gate.sealed.write().unwrap_or_else(PoisonError::into_inner);
+            if *sealed {
+                return Err(StoreError::Sealed(name));
+            }
+            *sealed = true;
+        }
+        let staging_path = self.root.join(format!("{STAGING_PREFIX}{name}"));
+        let copied = self.copy_live(&name, &store, &staging_path);
+        let swapped = copied.and_then(|()| {
+            let old = self.root.join(format!("{COMPACT_OLD_PREFIX}{name}"));
+            let path = self.root.join(&name);
+            store.detached.store(true, Ordering::Relaxed);
+            drop(store);
+            self.with_slot(&name, |state| {
+                if let SlotState::Open(open) = state {
+                    // A session or delivery still holds the old store: its sled would keep
+                    // writing under the path the copy takes. Try again later.
+                    if Arc::strong_count(&open.store) > 1 {
+                        open.store.detached.store(false, Ordering::Relaxed);
+                        return Err(StoreError::Sealed(name.clone()));
+                    }
+                }
+                if let SlotState::Open(open) = std::mem::take(state) {
+                    self.open_count.fetch_sub(1, Ordering::Relaxed);
+                    drop(open);
+                }
+                wait_for_sled_to_let_go(&path)?;
+                wait_for_sled_to_let_go(&staging_path)?;
+                std::fs::rename(&path, &old).map_err(Self::io_err(&path))?;
+                if let Err(e) = std::fs::rename(&staging_path, &path) {
+                    // Put the old store back under its name.
+                    std::fs::rename(&old, &path).map_err(Self::io_err(&old))?;
+                    return Err(Self::io_err(&staging_path)(e));
+                }
+                crate::fsutil::sync_dir(&self.root).map_err(Self::io_err(&self.root))?;
+                // Sessions that held the old store kept its (sealed) gate; the compacted
+                // store starts with a fresh one.
+                lock(&self.gates).remove(&name);
+                lock(&self.slots).remove(&name);
+                *state = SlotState::Gone;
+                Ok(old)
+            })
+        });
+        match swapped {
+            Ok(old) => {
+                if let Err(e) = std::fs::remove_dir_all(&old) {
+                    let path = old.display();
+                    tracing::warn!(%path, error = %e, "cannot remove the store a compaction replaced");
+                }
+                let after = self.domain(&name)?.size_on_disk()?;
+                Ok(Compacted { before, after })
+            }
+            Err(e) => {
+                *gate.sealed.write().unwrap_or_else(PoisonError::into_inner) = false;
+                if let Err(rm) = self.discard_staging(&name) {
+                    tracing::warn!(domain = %name, error = %rm, "cannot remove a failed compaction's copy");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes `store`'s live data (sealed by the caller) into a new store at `path` and
+    /// checks it; the copy is flushed and closed when this returns `Ok`.
+    fn copy_live(&self, name: &str, store: &DomainStore, path: &Path) -> Result<(), StoreError> {
+        if path.exists() {
+            std::fs::remove_dir_all(path).map_err(Self::io_err(path))?;
+        }
+        std::fs::create_dir(path).map_err(Self::io_err(path))?;
+        let opts = StoreOptions {
+            min_free_bytes: 0,
+            ..self.opts
+        };
+        let copy = DomainStore::open(name, path, &opts, Arc::default())?;
+        let corrupt = |what: String| StoreError::Corrupt(format!("compacting {name}: {what}"));
+        let mut buf = Vec::with_capacity(CHUNK_SIZE);
+        let locals = store.list_accounts()?;
+        for local in &locals {
+            let account = store
+                .account(local)?
+                .ok_or_else(|| corrupt(format!("account {local} vanished")))?;
+            copy.create_account(local, &account)?;
+            for m in store.snapshot(local)? {
+                let mut message = copy.begin_copy(local, m.id)?;
+                let mut offset = 0u64;
+                loop {
+                    buf.clear();
+                    let n = store.read_body(m.id, offset, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    message.write(&copy, &buf)?;
+                    offset += n as u64;
+                }
+                if message.octets() != m.octets {
+                    return Err(corrupt(format!(
+                        "message {} has {} of {} octets",
+                        m.id,
+                        message.octets(),
+                        m.octets
+                    )));
+                }
+                if m.seen {
+                    message.mark_seen();
+                }
+                message.commit(&copy)?;
+            }
+        }
+        copy.raise_id_floor(store.id_floor()?)?;
+        if copy.list_accounts()? != locals {
+            return Err(corrupt("accounts differ".into()));
+        }
+        for local in &locals {
+            let same_record = match (store.account(local)?, copy.account(local)?) {
+                (Some(a), Some(b)) => serde_json::to_vec(&a).ok() == serde_json::to_vec(&b).ok(),
+                _ => false,
+            };
+            if !same_record || store.snapshot(local)? != copy.snapshot(local)? {
+                return Err(corrupt(format!("account {local} differs")));
+            }
+        }
+        let epoch_file = self.root.join(name).join(EPOCH_FILE);
+        match std::fs::read(&epoch_file) {
+            Ok(epoch) => crate::fsutil::write_atomically(&path.join(EPOCH_FILE), &epoch, 0o600)
+                .map_err(Self::io_err(path))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Self::io_err(&epoch_file)(e)),
+        }
+        copy.flush()?;
+        copy.record_usage()?;
+        Ok(())
     }
 
     /// Removes a received copy that will not be installed.
@@ -760,6 +932,33 @@ fn check_local(local: &str) -> Result<(), StoreError> {
     }
 }
 
+/// Waits (at most `REOPEN_WAIT`) until no sled database holds the store at `path`: sled
+/// lets its file lock go from its flusher thread after the last handle is dropped, and
+/// until then it may still write under the path.
+fn wait_for_sled_to_let_go(path: &Path) -> Result<(), StoreError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let file = path.join("db");
+    let deadline = std::time::Instant::now() + REOPEN_WAIT;
+    loop {
+        let handle = std::fs::File::open(&file).map_err(|source| StoreError::Io {
+            path: file.display().to_string(),
+            source,
+        })?;
+        match Flock::lock(handle, FlockArg::LockExclusiveNonblock) {
+            Ok(_unlocked_on_drop) => return Ok(()),
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err((_, errno)) => {
+                return Err(StoreError::Io {
+                    path: file.display().to_string(),
+                    source: std::io::Error::from(errno),
+                })
+            }
+        }
+    }
+}
+
 /// How long a reopen waits for a just-closed store to let go of its file lock.
 const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -819,6 +1018,7 @@ impl DomainStore {
             meta,
             id_base: std::sync::atomic::AtomicU64::new(0),
             gate,
+            detached: AtomicBool::new(false),
             min_free_bytes: opts.min_free_bytes,
             broken: AtomicBool::new(false),
             account_admin: Mutex::new(()),
@@ -980,14 +1180,7 @@ impl DomainStore {
         if self.min_free_bytes == 0 {
             return Ok(());
         }
-        let stat =
-            nix::sys::statvfs::statvfs(Path::new(&self.path)).map_err(|e| StoreError::Io {
-                path: self.path.clone(),
-                source: std::io::Error::from(e),
-            })?;
-        // The space an unprivileged writer may use: the root reserve is not ours.
-        let available =
-            (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64);
+        let available = self.available()?;
         if available < self.min_free_bytes {
             return Err(StoreError::Full {
                 path: self.path.clone(),
@@ -1407,6 +1600,40 @@ impl DomainStore {
         ))
     }
 
+    /// The space an unprivileged writer may use on the store's file system (the root
+    /// reserve is not ours).
+    fn available(&self) -> Result<u64, StoreError> {
+        let stat =
+            nix::sys::statvfs::statvfs(Path::new(&self.path)).map_err(|e| StoreError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::from(e),
+            })?;
+        Ok((stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64))
+    }
+
+    /// Whether `Directory::compact` would give space back: the file system is below the
+    /// reserve, the store's files exceed twice its live data (the message octets and an
+    /// eighth more for sled's own records) by 16 MiB, and there is room for a copy of the
+    /// live data twice over and 4 MiB (a new sled store's own files).
+    pub fn worth_compacting(&self) -> Result<bool, StoreError> {
+        if self.min_free_bytes == 0 {
+            return Ok(false);
+        }
+        let available = self.available()?;
+        if available >= self.min_free_bytes {
+            return Ok(false);
+        }
+        let octets = self.usage()?.octets;
+        let live = octets + octets / 8;
+        const MIB: u64 = 1024 * 1024;
+        Ok(self.size_on_disk()? > 2 * live + 16 * MIB && available > 2 * live + 4 * MIB)
+    }
+
+    /// The size of the store's files.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.db.size_on_disk().map_err(|e| self.sled_err(e))
+    }
+
     /// Deliveries begun and not yet committed or discarded.
     pub fn pending_count(&self) -> usize {
         self.pending.len()
@@ -1481,8 +1708,9 @@ impl Drop for DomainStore {
         } else if let Err(e) = self.flush() {
             tracing::warn!(domain = %self.name, error = %e, "flush on close failed");
         }
-        // A store closed while its domain is removed has no directory to record into.
-        if Path::new(&self.path).is_dir() {
+        // A store closed while its domain is removed has no directory to record into, and
+        // one replaced by its compacted copy must not record into the copy's.
+        if Path::new(&self.path).is_dir() && !self.detached.load(Ordering::Relaxed) {
             if let Err(e) = self.record_usage() {
                 tracing::warn!(domain = %self.name, error = %e, "recording usage on close failed");
             }
@@ -2765,5 +2993,71 @@ mod tests {
         let dir = Directory::open(tmp.path(), StoreOptions::default()).unwrap();
         assert!(!tmp.path().join("domains/.incoming-a.org").exists());
         assert!(dir.list_domains().unwrap().is_empty());
+    }
+
+    #[test]
+    fn compaction_keeps_every_message_and_id_and_gives_space_back() {
+        let (tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        dir.set_epoch("a.org", 4).unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("u", &account(1)).unwrap();
+        store.create_account("v", &account(2)).unwrap();
+        let big = pattern(3 * CHUNK_SIZE + 5, 1);
+        let metas: Vec<MessageMeta> = (0..40)
+            .map(|i| deliver(&store, "u", &pattern(200_000, i)))
+            .collect();
+        let kept = [
+            deliver(&store, "u", &big),
+            deliver(&store, "v", b"small\r\n"),
+        ];
+        let gone: Vec<u64> = metas.iter().map(|m| m.id).collect();
+        store.update_maildrop("u", &gone, &[kept[0].id]).unwrap();
+        let before_u = store.snapshot("u").unwrap();
+        let floor = store.id_floor().unwrap();
+        // A holder of the store makes it wait, unchanged and writable.
+        assert!(matches!(dir.compact("a.org"), Err(StoreError::Sealed(_))));
+        deliver(&store, "v", b"still writable\r\n");
+        drop(store);
+
+        let done = dir.compact("a.org").unwrap();
+        assert!(done.after < done.before, "{done:?}");
+        let store = dir.domain("a.org").unwrap();
+        assert_eq!(store.snapshot("u").unwrap(), before_u);
+        assert!(store.snapshot("u").unwrap()[0].seen);
+        assert_eq!(read_all(&store, kept[0].id), big);
+        assert_eq!(store.snapshot("v").unwrap().len(), 2);
+        assert_eq!(store.account("v").unwrap().unwrap().uid_nonce, 2);
+        assert_eq!(
+            dir.epoch("a.org").unwrap(),
+            4,
+            "the epoch travels with the copy"
+        );
+        assert!(deliver(&store, "u", b"new\r\n").id >= floor);
+        let names: Vec<String> = std::fs::read_dir(tmp.path().join("domains"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["a.org"], "nothing left beside the store");
+    }
+
+    #[test]
+    fn an_interrupted_compaction_is_finished_at_open() {
+        let tmp = TempDir::new().unwrap();
+        let root = tmp.path().join("domains");
+        {
+            let dir = Directory::open(tmp.path(), StoreOptions::default()).unwrap();
+            dir.add_domain("a.org").unwrap();
+            dir.add_domain("b.org").unwrap();
+        }
+        // a.org stopped after its first rename (the copy not yet in place): the old
+        // store takes its name back. b.org stopped after both: the copy stays.
+        std::fs::rename(root.join("a.org"), root.join(".compact-old-a.org")).unwrap();
+        std::fs::create_dir(root.join(".compact-old-b.org")).unwrap();
+        let dir = Directory::open(tmp.path(), StoreOptions::default()).unwrap();
+        assert_eq!(dir.list_domains().unwrap(), vec!["a.org", "b.org"]);
+        assert!(!root.join(".compact-old-a.org").exists());
+        assert!(!root.join(".compact-old-b.org").exists());
+        dir.domain("a.org").unwrap();
     }
 }
