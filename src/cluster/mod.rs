@@ -157,6 +157,8 @@ pub struct MoveGuard<'a> {
 impl Drop for MoveGuard<'_> {
     fn drop(&mut self) {
         lock(&self.cluster.moves).remove(&self.domain);
+        // Sessions logging in from now on get a fresh eviction token.
+        lock(&self.cluster.evictions).remove(&self.domain);
     }
 }
 
@@ -242,11 +244,13 @@ impl Cluster {
             .clone()
     }
 
-    /// Ends `domain`'s open POP3 sessions here (without UPDATE).
+    /// Ends `domain`'s open POP3 sessions here (without UPDATE), and those that log in
+    /// until the move running from here ends (the cancelled token stays until then).
     pub fn evict(&self, domain: &str) {
-        if let Some(token) = lock(&self.evictions).remove(domain) {
-            token.cancel();
-        }
+        lock(&self.evictions)
+            .entry(domain.to_owned())
+            .or_default()
+            .cancel();
     }
 
     /// A move of `domain` ended without a known outcome: settled by the next pass.
