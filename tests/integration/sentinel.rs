@@ -146,7 +146,14 @@ async fn service_follows_a_master_failover() {
                     assert!(c.cmd("STAT").await.starts_with("+OK"));
                     assert!(c.cmd("QUIT").await.starts_with("+OK"));
                 } else {
-                    assert!(r.starts_with("-ERR [SYS/TEMP]"), "login of {BOB}: {r}");
+                    // Redis unreachable, or (right after the failover) the lock of a session
+                    // whose release went to the dead master, held until its TTL: both are
+                    // temporary, and the second is what keeps a maildrop from being open
+                    // twice.
+                    assert!(
+                        r.starts_with("-ERR [SYS/TEMP]") || r.starts_with("-ERR [IN-USE]"),
+                        "login of {BOB}: {r}"
+                    );
                 }
                 attempts.lock().expect("attempts").push((started, ok));
                 tokio::time::sleep(Duration::from_millis(30)).await;
