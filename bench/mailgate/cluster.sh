@@ -73,6 +73,7 @@
 # link +25, metrics +898).
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+. "$HERE/quiet.sh"
 REPO="$(cd "$HERE/../.." && pwd)"
 KIT="${KIT:-/work/shared/bench}"
 CL_DATA="${CL_DATA:-$HERE/data/cluster}"
@@ -355,13 +356,6 @@ for line in text.splitlines():
 print("%d" % n)
 PY
 }
-host_busy_1s() { python3 -c '
-import time
-def r():
-    v=[int(x) for x in open("/proc/stat").readline().split()[1:9]]
-    return sum(v), v[3]+v[4]
-t0,i0=r(); time.sleep(1); t1,i1=r()
-print("%.0f" % (100*(1-(i1-i0)/max(1,t1-t0))))'; }
 
 # one TARGET MODE SCENARIO CONC DUR [ROUND]: a run, repeated while the host was noisy.
 one() {
@@ -382,11 +376,7 @@ one_attempt() {
   [ "$conc" = 16 ] || label="$label-c$conc"
   local r=0; [ "$target" = forwarded ] && r=1
   if [ "$mode" = tls ]; then port=$(pop3s_port $r); else port=$(pop3_port $r); fi
-  sleep 1
-  pre=$(host_busy_1s)
-  while [ "$pre" -gt "${QUIET_PCT:-15}" ] && [ "$waited" -lt "${QUIET_WAIT:-180}" ]; do
-    waited=$((waited + 1)); pre=$(host_busy_1s)
-  done
+  wait_quiet; pre=$QUIET_PRE waited=$QUIET_WAITED
   load=$(cut -d' ' -f1 /proc/loadavg)
   local a0 b0 c0 f0 a1 b1 c1 f1
   a0=$(cpu_of "${R_PID[0]}"); b0=$(cpu_of "${R_PID[1]}"); c0=$(cpu_of "$REDIS_PID"); f0=$(forwards_ok)
@@ -591,11 +581,7 @@ PY
 move_once() {
   local round=$1 kind=$2 from=$3 to=$4
   local tag="move-$round-$kind-r$from-r$to" pre waited=0 load lpid="" t0 t1 rc status
-  sleep 1
-  pre=$(host_busy_1s)
-  while [ "$pre" -gt "${QUIET_PCT:-15}" ] && [ "$waited" -lt "${QUIET_WAIT:-180}" ]; do
-    waited=$((waited + 1)); pre=$(host_busy_1s)
-  done
+  wait_quiet; pre=$QUIET_PRE waited=$QUIET_WAITED
   load=$(cut -d' ' -f1 /proc/loadavg)
   : > "$RAW/$tag.load.txt"
   local a0 b0 c0 a1 b1 c1 l0=0

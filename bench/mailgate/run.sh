@@ -36,6 +36,7 @@
 # MG_EXTRA_ENV (extra VAR=value words for the server's environment, diagnostics only).
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+. "$HERE/quiet.sh"
 REPO="$(cd "$HERE/../.." && pwd)"
 KIT="${KIT:-/work/shared/bench}"
 MG_DATA="${MG_DATA:-$HERE/data}"
@@ -152,13 +153,6 @@ trap 'exit 130' INT TERM
 
 addr_for() { if [ "$1" = tls ]; then echo "$TLS_ADDR"; else echo "$PLAIN_ADDR"; fi; }
 srv_cpu() { python3 "$PT" cpu "$SERVER_PID" | cut -d= -f2; }
-host_busy_1s() { python3 -c '
-import time
-def r():
-    v=[int(x) for x in open("/proc/stat").readline().split()[1:9]]
-    return sum(v), v[3]+v[4]
-t0,i0=r(); time.sleep(1); t1,i1=r()
-print("%.0f" % (100*(1-(i1-i0)/max(1,t1-t0))))'; }
 
 # one LABEL MODE SCENARIO CONC DUR [USERS RANGE] -- [extra args]; same retry rule as the kit.
 one() {
@@ -176,11 +170,7 @@ one_attempt() {
   local label=$1 mode=$2 scen=$3 conc=$4 dur=$5; shift 5
   local users="${USERS:-$DEFAULT_USERS}" range="${RANGE:-0-199}"
   local c0 c1 line pre waited=0
-  sleep 1
-  pre=$(host_busy_1s)
-  while [ "$pre" -gt "${QUIET_PCT:-15}" ] && [ "$waited" -lt "${QUIET_WAIT:-180}" ]; do
-    waited=$((waited + 1)); pre=$(host_busy_1s)
-  done
+  wait_quiet; pre=$QUIET_PRE waited=$QUIET_WAITED
   c0=$(srv_cpu)
   line=$(nice -n "$LOAD_NICE" "$L" -t "$(addr_for "$mode")" -m "$mode" -s "$scen" -c "$conc" -d "$dur" --max-time $((dur * 3 + 60)) \
          -u "$users" -r "$range" -p "$PASSWORD" --label "$label" "$@" 2>>"$RAW/$label.log" | tail -1)
