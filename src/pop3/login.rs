@@ -439,6 +439,16 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
         Some(cluster) => cluster.eviction(&address.domain, abort),
         None => abort.clone(),
     };
+    if cancel.is_cancelled() && !abort.is_cancelled() {
+        // The domain's sessions were just evicted for a move: this one would end at its
+        // first command, so it is refused before it is told it logged in.
+        lock.release().await;
+        conn.reply(&err(
+            Some(RespCode::SysTemp),
+            "Domain moving to another server, try again later",
+        ));
+        return Ok(None);
+    }
     let txn = Box::new(Txn {
         address,
         store,
