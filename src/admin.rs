@@ -77,21 +77,16 @@ pub enum Request {
     ClusterRebalance {
         #[serde(default)]
         dry_run: bool,
-        #[serde(default)]
-        grace_secs: Option<u64>,
-        /// Pause between two moves.
-        #[serde(default)]
-        pause_ms: Option<u64>,
+        #[serde(flatten)]
+        pace: Pace,
     },
     /// Marks a replica draining and moves all its domains away.
     ClusterDrain {
         replica: String,
         #[serde(default)]
         dry_run: bool,
-        #[serde(default)]
-        grace_secs: Option<u64>,
-        #[serde(default)]
-        pause_ms: Option<u64>,
+        #[serde(flatten)]
+        pace: Pace,
     },
     /// Takes a replica's draining mark away.
     ClusterUndrain {
@@ -112,6 +107,17 @@ pub enum Request {
 pub const MOVE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Default pause between two moves of a rebalance or drain.
 pub const MOVE_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How a rebalance or drain runs its moves.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Pace {
+    /// Seconds open sessions and deliveries get once a domain is frozen.
+    #[serde(default)]
+    pub grace_secs: Option<u64>,
+    /// Pause between two moves.
+    #[serde(default)]
+    pub pause_ms: Option<u64>,
+}
 
 /// A progress line streamed before the response (moves).
 #[derive(Debug, Serialize, Deserialize)]
@@ -651,25 +657,16 @@ async fn clustered<R: AsyncRead + Send + Unpin + 'static>(
             };
             return (r, Some(read_half));
         }
-        Request::ClusterRebalance {
-            dry_run,
-            grace_secs,
-            pause_ms,
-        } => {
-            let r = rebalance(cluster, None, *dry_run, *grace_secs, *pause_ms, say).await;
+        Request::ClusterRebalance { dry_run, pace } => {
+            let r = rebalance(cluster, None, *dry_run, *pace, say).await;
             return (r, Some(read_half));
         }
         Request::ClusterDrain {
             replica,
             dry_run,
-            grace_secs,
-            pause_ms,
+            pace,
         } => {
-            if !cluster.link.peer_names().any(|p| p == replica) {
-                let r = Response::fail(
-                    format!("{replica} is not a replica of this cluster (see cluster.peers)"),
-                    exit::USAGE,
-                );
+            if let Some(r) = unknown_replica(cluster, replica) {
                 return (r, Some(read_half));
             }
             if !dry_run {
@@ -680,30 +677,18 @@ async fn clustered<R: AsyncRead + Send + Unpin + 'static>(
                     "{replica} marked draining: new domains never land there"
                 ));
             }
-            let r = rebalance(
-                cluster,
-                Some(replica),
-                *dry_run,
-                *grace_secs,
-                *pause_ms,
-                say,
-            )
-            .await;
+            let r = rebalance(cluster, Some(replica), *dry_run, *pace, say).await;
             return (r, Some(read_half));
         }
         Request::ClusterUndrain { replica } => {
-            let r = if !cluster.link.peer_names().any(|p| p == replica) {
-                Response::fail(
-                    format!("{replica} is not a replica of this cluster (see cluster.peers)"),
-                    exit::USAGE,
-                )
-            } else {
-                match cluster.homes().set_draining(replica, false).await {
+            let r = match unknown_replica(cluster, replica) {
+                Some(r) => r,
+                None => match cluster.homes().set_draining(replica, false).await {
                     Ok(()) => Response::ok(vec![format!(
                         "{replica} no longer draining; `mailgate cluster rebalance` moves domains back to it"
                     )]),
                     Err(e) => temporary(e),
-                }
+                },
             };
             return (r, Some(read_half));
         }
@@ -874,6 +859,16 @@ async fn ask_saying(
         .0
 }
 
+/// The usage error for a replica name that is not in `cluster.peers` (the same text as a
+/// move to one), or `None`.
+fn unknown_replica(cluster: &Cluster, replica: &str) -> Option<Response> {
+    (!cluster.link.peer_names().any(|p| p == replica)).then(|| {
+        move_failure(crate::cluster::moving::MoveError::UnknownReplica(
+            replica.to_owned(),
+        ))
+    })
+}
+
 /// How the operator reads a failed move, with its exit code.
 fn move_failure(e: crate::cluster::moving::MoveError) -> Response {
     use crate::cluster::moving::MoveError;
@@ -890,8 +885,7 @@ async fn rebalance(
     cluster: &Arc<Cluster>,
     only_from: Option<&str>,
     dry_run: bool,
-    grace_secs: Option<u64>,
-    pause_ms: Option<u64>,
+    pace: Pace,
     say: Say<'_>,
 ) -> Response {
     let plan = match cluster.plan(only_from).await {
@@ -922,7 +916,9 @@ async fn rebalance(
         }
         return Response::ok(lines);
     }
-    let pause = pause_ms.map_or(MOVE_PAUSE, std::time::Duration::from_millis);
+    let pause = pace
+        .pause_ms
+        .map_or(MOVE_PAUSE, std::time::Duration::from_millis);
     let total = plan.moves.len();
     let mut failed = 0;
     for (i, m) in plan.moves.iter().enumerate() {
@@ -939,7 +935,7 @@ async fn rebalance(
         let request = Request::DomainMove {
             name: m.domain.clone(),
             to: m.to.clone(),
-            grace_secs,
+            grace_secs: pace.grace_secs,
         };
         let r = ask_saying(cluster, &m.from, &request, Some(say)).await;
         if r.ok {

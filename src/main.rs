@@ -106,6 +106,15 @@ enum ClusterCmd {
     },
 }
 
+impl From<MovePace> for admin::Pace {
+    fn from(p: MovePace) -> admin::Pace {
+        admin::Pace {
+            grace_secs: p.grace,
+            pause_ms: p.pause_ms,
+        }
+    }
+}
+
 #[derive(Args)]
 struct MovePace {
     /// Seconds open sessions and deliveries get to finish once a domain is frozen.
@@ -366,8 +375,7 @@ fn run(cli: Cli) -> Result<u8> {
                 ClusterCmd::Status { json } => Request::ClusterStatus { json },
                 ClusterCmd::Rebalance { dry_run, pace } => Request::ClusterRebalance {
                     dry_run,
-                    grace_secs: pace.grace,
-                    pause_ms: pace.pause_ms,
+                    pace: pace.into(),
                 },
                 ClusterCmd::Drain {
                     replica,
@@ -376,8 +384,7 @@ fn run(cli: Cli) -> Result<u8> {
                 } => Request::ClusterDrain {
                     replica,
                     dry_run,
-                    grace_secs: pace.grace,
-                    pause_ms: pace.pause_ms,
+                    pace: pace.into(),
                 },
                 ClusterCmd::Undrain { replica } => Request::ClusterUndrain { replica },
                 ClusterCmd::Cleanup { older_than } => Request::ClusterCleanup {
