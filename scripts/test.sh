@@ -4,7 +4,8 @@
 # Debian's prometheus package; postfix and swaks; node and npm, and the npm packages
 # that validate the Grafana dashboard and generate the chart README's parameters table,
 # into the gitignored .tools/npm; the pinned Python packages that check the Helm chart,
-# into the gitignored .tools/venv) when missing, then formatting, lints and every test.
+# into the gitignored .tools/venv; cargo-audit, into the gitignored .tools/cargo-audit)
+# when missing, then formatting, lints, every test and the offline dependency audit.
 # Used by the README and by .ci/run; the integration tests fail (never skip) when a tool
 # is still missing, in CI and anywhere else.
 set -euo pipefail
@@ -75,6 +76,37 @@ if [ "$(cat "$py_dir/.pins" 2>/dev/null)" != "$py_pins" ]; then
     echo "$py_pins" >"$py_dir/.pins"
 fi
 
+# The dependency audit: cargo-audit, pinned, offline against the RustSec snapshot in
+# ../shared/advisory-db (MAILGATE_ADVISORY_DB overrides), with the accepted warnings in
+# .cargo/audit.toml (explained in docs/SECURITY.md). It is built once into the gitignored
+# .tools/cargo-audit; that build takes about 9 minutes of CPU, so on a fresh machine it
+# runs in the background at the lowest priority while the tests below run and leave the
+# cores idle much of the time, and is waited for at the end.
+audit_pin="cargo-audit 0.22.2"
+audit_dir=.tools/cargo-audit
+audit_db="${MAILGATE_ADVISORY_DB:-../shared/advisory-db}"
+[ -d "$audit_db/crates" ] || { echo "missing RustSec advisory database: $audit_db" >&2; exit 1; }
+audit_build=""
+if [ "$(cat "$audit_dir/.pins" 2>/dev/null)" != "$audit_pin" ]; then
+    echo "building $audit_pin into $audit_dir in the background"
+    rm -rf "$audit_dir"
+    mkdir -p "$audit_dir"
+    # In its own session, so that a failing run below stops the whole build with it.
+    AUDIT_DIR="$audit_dir" AUDIT_PIN="$audit_pin" setsid bash -c '
+        CARGO_TARGET_DIR="$AUDIT_DIR/target" nice -n 19 cargo install --locked --quiet \
+            --no-default-features --root "$AUDIT_DIR" --version "${AUDIT_PIN#* }" cargo-audit &&
+            rm -rf "$AUDIT_DIR/target" && echo "$AUDIT_PIN" >"$AUDIT_DIR/.pins"
+    ' >"$audit_dir/install.log" 2>&1 &
+    audit_build=$!
+    trap 'kill -- "-$audit_build" 2>/dev/null || true' EXIT
+fi
+
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
+
+if [ -n "$audit_build" ]; then
+    wait "$audit_build" || { cat "$audit_dir/install.log" >&2; echo "cargo-audit build failed" >&2; exit 1; }
+fi
+"$audit_dir/bin/cargo-audit" audit --db "$audit_db"
+"$audit_dir/bin/cargo-audit" audit --db "$audit_db" --file fuzz/Cargo.lock
