@@ -12,6 +12,7 @@ use crate::auth::Credentials;
 use crate::cluster::{Alpn, Cluster, Route};
 use crate::delivery::{self, DeliveryError, Quotas};
 use crate::metrics::{self, Metrics};
+use crate::migrate::{self, ImportError};
 use crate::store::{Account, Address, Directory, DomainStore, StoreError};
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -55,6 +56,13 @@ pub enum Request {
     Deliver {
         from: Option<String>,
         recipients: Vec<String>,
+    },
+    /// Imports one account from another server (`migrate::import_account`): created with
+    /// these credentials when absent, then the body's messages (`migrate::frame`) are
+    /// stored with their UIDLs. Credentials are hashed by the CLI, as for `UserAdd`.
+    ImportAccount {
+        address: String,
+        credentials: Credentials,
     },
     /// Every replica (reachable, version, domains homed) and every domain (home, state,
     /// epoch); one JSON document when `json`.
@@ -330,6 +338,36 @@ pub fn execute(
                     recipients.len()
                 )])
             }
+            Request::ImportAccount {
+                address,
+                credentials,
+            } => {
+                let address = Address::parse(&address).map_err(|e| store_failure(e.into()))?;
+                let imported = migrate::import_account(
+                    directory,
+                    &address,
+                    credentials,
+                    quotas.account,
+                    &mut body,
+                )
+                .map_err(|e| match e {
+                    ImportError::Store(e) => store_failure(e),
+                    ImportError::Frame { .. } | ImportError::Short { .. } => {
+                        Response::fail(format!("{address}: {e}"), exit::DATAERR)
+                    }
+                    ImportError::Read { .. } => {
+                        Response::fail(format!("{address}: {e}"), exit::TEMPFAIL)
+                    }
+                })?;
+                // The first line is for the importing CLI, the second for a person.
+                Ok(vec![
+                    serde_json::to_string(&imported).unwrap_or_default(),
+                    format!(
+                        "{address}: {} message(s) imported, {} already there, {} octets",
+                        imported.messages, imported.existing, imported.octets
+                    ),
+                ])
+            }
         }
     })();
     match result {
@@ -599,7 +637,8 @@ fn domain_of(request: &Request) -> Option<String> {
         Request::UserAdd { address, .. }
         | Request::UserPasswd { address, .. }
         | Request::UserRemove { address }
-        | Request::UserQuota { address, .. } => of_address(address),
+        | Request::UserQuota { address, .. }
+        | Request::ImportAccount { address, .. } => of_address(address),
         Request::UserList { domain: Some(d) } => Some(d.to_ascii_lowercase()),
         _ => None,
     }
@@ -814,7 +853,12 @@ async fn clustered<R: AsyncRead + Send + Unpin + 'static>(
             }
             (r, back)
         }
-        Route::Forward(peer) => forward(cluster, &peer, line, leftover, read_half, None).await,
+        Route::Forward(peer) => {
+            // An import streams a whole maildrop: no overall deadline, only the idle bound
+            // on the answer (the progress path of `forward`).
+            let long = matches!(request, Request::ImportAccount { .. }).then_some(say);
+            forward(cluster, &peer, line, leftover, read_half, long).await
+        }
         Route::Unavailable(why) => (temporary(why.describe()), Some(read_half)),
     }
 }
@@ -1185,6 +1229,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::UserList { .. } => "user_list",
         Request::UserQuota { .. } => "user_quota",
         Request::Deliver { .. } => "deliver",
+        Request::ImportAccount { .. } => "import_account",
         Request::ClusterStatus { .. } => "cluster_status",
         Request::Ping => "ping",
         Request::DomainMove { .. } => "domain_move",

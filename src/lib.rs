@@ -22,7 +22,9 @@
 //!    and per name, in process or in Redis.
 //! 6. [`delivery`]: local delivery to one or more recipients, durable before it answers,
 //!    with recipient verdicts and the postmaster rule. [`provision`]: domains and
-//!    accounts created at start when absent.
+//!    accounts created at start when absent. [`migrate`]: importing another server's
+//!    accounts and mail (Dovecot passwd-files and Maildirs, parsed sans-IO), read where
+//!    the CLI runs and stored on the server with their UIDLs.
 //! 7. [`cluster`]: several replicas serving the same domains: the home records in
 //!    Redis, rendezvous placement, the mutual-TLS replica link and the forwarding
 //!    preamble, and the one routing question (serve here, forward, or try later).
@@ -51,6 +53,7 @@ pub mod delivery;
 pub mod fsutil;
 pub mod locks;
 pub mod metrics;
+pub mod migrate;
 pub mod net;
 pub mod pop3;
 pub mod provision;

@@ -8,6 +8,7 @@ use mailgate::app::{self, default_cert_paths, domain_cert_paths};
 use mailgate::auth::{self, Credentials};
 use mailgate::config::{Config, ConfigError, LockBackendKind};
 use mailgate::delivery::Quotas;
+use mailgate::migrate::{dovecot, maildir, Imported};
 use mailgate::provision::Plan;
 use mailgate::redis_conn::RedisConn;
 use mailgate::server;
@@ -59,12 +60,49 @@ enum Cmd {
     /// The replicas of a cluster and where each domain lives.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Import accounts and mail from another server (safe to rerun).
+    #[command(subcommand)]
+    Import(ImportCmd),
     /// Print the argon2id PHC hash of a password, for `[provision] accounts_file`.
     HashPassword {
         /// Read the password from the first line of stdin.
         #[arg(long)]
         password_stdin: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// A Dovecot domain: the passwd-file's accounts with their password hashes, and each
+    /// account's Maildir INBOX with its UIDLs, bytes and order. Reads the files here and
+    /// streams them to the running server (or the data dir when none runs); a rerun
+    /// adds only what is missing.
+    Dovecot(DovecotArgs),
+}
+
+#[derive(Args)]
+struct DovecotArgs {
+    /// The domain to import into (created when absent).
+    #[arg(long)]
+    domain: String,
+    /// Dovecot passwd-file: `user:{SCHEME}hash:uid:gid:gecos:home:shell:extra`, the
+    /// user as a full address or a local part of --domain.
+    #[arg(long, value_name = "FILE")]
+    passwd_file: PathBuf,
+    /// Where each account's Maildir is, as in Dovecot's mail_location:
+    /// `[maildir:]/var/vmail/%d/%n/Maildir` (%u address, %n local part, %d domain, %h
+    /// or a leading ~ the passwd-file's home, %% a percent sign).
+    #[arg(long, value_name = "TEMPLATE")]
+    maildir: String,
+    /// Read and check everything and report what would be imported; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Dovecot's pop3_uidl_format, for mail without a stored POP3 UIDL.
+    #[arg(long, value_name = "FMT", default_value = dovecot::DEFAULT_UIDL_FORMAT)]
+    uidl_format: String,
+    /// Dovecot's pop3_reuse_xuidl: an X-UIDL header gives the message's UIDL.
+    #[arg(long)]
+    reuse_xuidl: bool,
 }
 
 #[derive(Subcommand)]
@@ -201,6 +239,12 @@ enum Mistake {
     EmptyPassword,
     #[error("age {0:?}: expected a number with a unit s, m, h or d (e.g. 7d)")]
     AgeSyntax(String),
+    #[error("--maildir {0:?}: {1}")]
+    Template(String, dovecot::TemplateError),
+    #[error("--uidl-format {0:?}: {1}")]
+    UidlFormat(String, dovecot::FormatError),
+    #[error("--passwd-file {0}: larger than {MAX_PASSWD_FILE} octets")]
+    PasswdTooLarge(String),
 }
 
 impl Mistake {
@@ -393,6 +437,7 @@ fn run(cli: Cli) -> Result<u8> {
             };
             admin_command(&config, request, None)
         }
+        Cmd::Import(ImportCmd::Dovecot(args)) => import_dovecot(&config, args),
         Cmd::Deliver { from, recipients } => admin_command(
             &config,
             Request::Deliver { from, recipients },
@@ -447,42 +492,364 @@ fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Rea
         // Without a local server the status is read here: Redis, and each peer over the
         // link with this replica's certificate.
         None if status.is_some() => cluster_status_here(config, status == Some(true))?,
-        // On a replica of a cluster the stores here are only part of the data, and their
-        // homes are recorded in Redis: changing them behind the server's back would
-        // bypass both. Any running replica takes the command.
-        None if config.cluster.enabled() => Response {
-            ok: false,
-            lines: Vec::new(),
-            error: Some(format!(
-                "no server answers on {}: in a cluster, run admin commands on a replica where `mailgate serve` runs (any replica reaches every domain)",
-                socket.display()
-            )),
-            exit_code: exit::TEMPFAIL,
-        },
-        // A server whose socket is gone (removed, or not bound yet) still has the stores
-        // open: never work on them behind its back.
-        None => match app::lock_data_dir(&config.data_dir) {
-            Err(e @ app::AppError::DataDirBusy { .. }) => Response {
-                ok: false,
-                lines: Vec::new(),
-                error: Some(format!(
-                    "{e}, but no server answers on {}: restart that server (it makes its socket again at start) or wait for it to stop",
-                    socket.display()
-                )),
-                exit_code: exit::TEMPFAIL,
-            },
-            Err(e) => return Err(e.into()),
-            Ok(_lock) => {
-                let directory = app::open_directory(config)?;
+        None => match Here::open(config)? {
+            Err(refusal) => refusal,
+            Ok(here) => {
                 let body = body.unwrap_or_else(|| Box::new(std::io::empty()));
-                let quotas = Quotas::from_config(&config.delivery);
-                let r = admin::execute(&directory, request, body, quotas, None);
-                directory.flush_all()?;
-                r
+                here.run(request, body)?
             }
         },
     };
     Ok(print_response(&response))
+}
+
+/// The data dir opened by the CLI itself, when no server runs.
+struct Here {
+    directory: mailgate::store::Directory,
+    quotas: Quotas,
+    _lock: app::DataDirLock,
+}
+
+impl Here {
+    /// The data dir, locked; `Ok(Err(refusal))` when working on it here would bypass a
+    /// server or a cluster.
+    fn open(config: &Config) -> Result<std::result::Result<Here, Response>> {
+        let socket = config.admin_socket();
+        let refuse = |error: String| {
+            Ok(Err(Response {
+                ok: false,
+                lines: Vec::new(),
+                error: Some(error),
+                exit_code: exit::TEMPFAIL,
+            }))
+        };
+        // On a replica of a cluster the stores here are only part of the data, and their
+        // homes are recorded in Redis: changing them behind the server's back would
+        // bypass both. Any running replica takes the command.
+        if config.cluster.enabled() {
+            return refuse(format!(
+                "no server answers on {}: in a cluster, run admin commands on a replica where `mailgate serve` runs (any replica reaches every domain)",
+                socket.display()
+            ));
+        }
+        // A server whose socket is gone (removed, or not bound yet) still has the stores
+        // open: never work on them behind its back.
+        match app::lock_data_dir(&config.data_dir) {
+            Err(e @ app::AppError::DataDirBusy { .. }) => refuse(format!(
+                "{e}, but no server answers on {}: restart that server (it makes its socket again at start) or wait for it to stop",
+                socket.display()
+            )),
+            Err(e) => Err(e.into()),
+            Ok(lock) => Ok(Ok(Here {
+                directory: app::open_directory(config)?,
+                quotas: Quotas::from_config(&config.delivery),
+                _lock: lock,
+            })),
+        }
+    }
+
+    fn run(&self, request: Request, body: impl Read) -> Result<Response> {
+        let r = admin::execute(&self.directory, request, body, self.quotas, None);
+        self.directory.flush_all()?;
+        Ok(r)
+    }
+}
+
+/// Largest passwd-file read (about a million accounts).
+const MAX_PASSWD_FILE: u64 = 256 * 1024 * 1024;
+
+/// Where an import's requests go: the running server's admin socket, or the data dir.
+enum ImportTarget {
+    Server(PathBuf),
+    Here(Here),
+}
+
+impl ImportTarget {
+    fn send(&self, request: Request, body: &mut dyn Read) -> Result<Response> {
+        match self {
+            ImportTarget::Server(socket) => match admin::call(socket, &request, Some(body))? {
+                Some(r) => Ok(r),
+                None => bail!("the server on {} went away", socket.display()),
+            },
+            ImportTarget::Here(here) => here.run(request, body),
+        }
+    }
+}
+
+/// How one account ended.
+enum Outcome {
+    Done(Imported),
+    /// Checked by a dry run: messages and octets on disk.
+    WouldImport(u64, u64),
+    /// Why, and the sysexits code it deserves.
+    Failed(String, u8),
+}
+
+/// Counts for the progress output and the summary.
+struct Tally {
+    started: std::time::Instant,
+    terminal: bool,
+    accounts: u64,
+    messages: u64,
+    octets: u64,
+    last_shown: std::time::Instant,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        use std::io::IsTerminal;
+        let now = std::time::Instant::now();
+        Tally {
+            started: now,
+            terminal: std::io::stderr().is_terminal(),
+            accounts: 0,
+            messages: 0,
+            octets: 0,
+            last_shown: now,
+        }
+    }
+
+    /// Progress on stderr: one line rewritten in place on a terminal (5 times a
+    /// second), else a plain line every 10 seconds; `force` shows it now.
+    fn show(&mut self, force: bool) {
+        let every = if self.terminal { 200 } else { 10_000 };
+        if !force && self.last_shown.elapsed() < std::time::Duration::from_millis(every) {
+            return;
+        }
+        self.last_shown = std::time::Instant::now();
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let line = format!(
+            "import: {} account(s), {} message(s), {:.1} MiB, {:.1} MiB/s, {:.0} messages/s",
+            self.accounts,
+            self.messages,
+            self.octets as f64 / 1_048_576.0,
+            self.octets as f64 / 1_048_576.0 / secs,
+            self.messages as f64 / secs
+        );
+        if self.terminal {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// `mailgate import dovecot`: every passwd-file account in turn (hash, read the Maildir,
+/// stream it), one report line each and a summary; exit 0 only when all were imported.
+fn import_dovecot(config: &Config, args: DovecotArgs) -> Result<u8> {
+    let domain = mailgate::wire::address::validate_domain(&args.domain)?;
+    let template = dovecot::Template::parse(&args.maildir)
+        .map_err(|e| Mistake::Template(args.maildir.clone(), e))?;
+    let format = dovecot::UidlFormat::parse(&args.uidl_format)
+        .map_err(|e| Mistake::UidlFormat(args.uidl_format.clone(), e))?;
+    let source = maildir::UidlSource {
+        format: &format,
+        reuse_xuidl: args.reuse_xuidl,
+    };
+    let mut text = Vec::new();
+    std::fs::File::open(&args.passwd_file)
+        .and_then(|f| f.take(MAX_PASSWD_FILE + 1).read_to_end(&mut text))
+        .with_context(|| format!("reading {}", args.passwd_file.display()))?;
+    if text.len() as u64 > MAX_PASSWD_FILE {
+        return Err(Mistake::PasswdTooLarge(args.passwd_file.display().to_string()).into());
+    }
+    let entries = dovecot::parse_passwd(&text, &domain);
+    drop(text);
+    let mut target = None;
+    let mut tally = Tally::new();
+    let (mut imported, mut existing, mut failed) = (0u64, 0u64, 0u64);
+    let mut worst = 0u8;
+    for entry in entries {
+        let (name, outcome) = match entry {
+            Err(e) => {
+                let name = match e.user() {
+                    Some(u) if u.contains('@') => u.to_owned(),
+                    Some(u) => format!("{u}@{domain}"),
+                    None => format!("{}:", args.passwd_file.display()),
+                };
+                (name, Outcome::Failed(e.to_string(), exit::DATAERR))
+            }
+            Ok(entry) => {
+                let name = format!("{}@{domain}", entry.local);
+                let outcome = import_one(
+                    config,
+                    &args,
+                    &domain,
+                    &template,
+                    source,
+                    &entry,
+                    &mut target,
+                    &mut tally,
+                )?;
+                (name, outcome)
+            }
+        };
+        if tally.terminal {
+            // Leave the progress line before the report line.
+            eprint!("\r\x1b[2K");
+        }
+        match outcome {
+            Outcome::Done(done) => {
+                let status = if done.created || done.messages > 0 {
+                    imported += 1;
+                    "imported"
+                } else {
+                    existing += 1;
+                    "skipped-existing"
+                };
+                println!(
+                    "{name}: {status}: {} message(s), {} octets, {} already there{}{}",
+                    done.messages,
+                    done.octets,
+                    done.existing,
+                    if done.created {
+                        ", account created"
+                    } else {
+                        ", account existed (password kept)"
+                    },
+                    if done.over_quota { ", OVER QUOTA" } else { "" }
+                );
+            }
+            Outcome::WouldImport(messages, octets) => {
+                imported += 1;
+                println!("{name}: would import: {messages} message(s), {octets} octets on disk");
+            }
+            Outcome::Failed(why, code) => {
+                failed += 1;
+                worst = worst.max(code);
+                println!("{name}: failed: {why}");
+            }
+        }
+        tally.accounts += 1;
+        tally.show(true);
+        if tally.terminal {
+            eprintln!();
+        }
+    }
+    println!(
+        "summary: {imported} account(s) {}, {existing} skipped-existing, {failed} failed; {} message(s), {} octets in {:.1} s{}",
+        if args.dry_run { "would be imported" } else { "imported" },
+        tally.messages,
+        tally.octets,
+        tally.started.elapsed().as_secs_f64(),
+        if args.dry_run { " (dry run: nothing changed)" } else { "" }
+    );
+    Ok(worst)
+}
+
+/// Hashes, reads and (unless a dry run) imports one account. `target` is opened at the
+/// first account to send, creating the domain there when absent.
+#[allow(clippy::too_many_arguments)]
+fn import_one(
+    config: &Config,
+    args: &DovecotArgs,
+    domain: &str,
+    template: &dovecot::Template,
+    source: maildir::UidlSource<'_>,
+    entry: &dovecot::PasswdEntry,
+    target: &mut Option<ImportTarget>,
+    tally: &mut Tally,
+) -> Result<Outcome> {
+    let data = |why: String| Ok(Outcome::Failed(why, exit::DATAERR));
+    let credentials = match auth::credentials_from_dovecot(&entry.password, &config.auth.argon2) {
+        Ok(c) => c,
+        Err(e) => return data(format!("passwd-file line {}: {e}", entry.line)),
+    };
+    if template.uses_home() && entry.home.is_empty() {
+        return data(format!(
+            "passwd-file line {}: the template uses the home field, which is empty",
+            entry.line
+        ));
+    }
+    let path = PathBuf::from(template.expand(&entry.local, domain, &entry.home));
+    let mails = match maildir::scan(&path, source) {
+        Ok(m) => m,
+        Err(e) => return data(e.to_string()),
+    };
+    if args.dry_run {
+        let octets = mails.iter().map(|m| m.octets).sum();
+        tally.messages += mails.len() as u64;
+        tally.octets += octets;
+        return Ok(Outcome::WouldImport(mails.len() as u64, octets));
+    }
+    let target = match target {
+        Some(t) => t,
+        None => target.insert(open_import_target(config, domain)?),
+    };
+    let request = Request::ImportAccount {
+        address: format!("{}@{domain}", entry.local),
+        credentials,
+    };
+    let mut frames = maildir::Frames::new(&mails, |octets, done| {
+        tally.octets += octets;
+        tally.messages += u64::from(done);
+        tally.show(false);
+    });
+    let response = match target.send(request, &mut frames) {
+        Ok(r) => r,
+        Err(e) => {
+            return Ok(Outcome::Failed(
+                format!("{e:#} (rerun to complete)"),
+                exit::TEMPFAIL,
+            ))
+        }
+    };
+    if !response.ok {
+        let why = response.error.unwrap_or_default();
+        let code = if response.exit_code == 0 {
+            exit::SOFTWARE
+        } else {
+            response.exit_code
+        };
+        return Ok(Outcome::Failed(format!("{why} (rerun to complete)"), code));
+    }
+    match response
+        .lines
+        .first()
+        .map(|l| serde_json::from_str::<Imported>(l))
+    {
+        Some(Ok(done)) => Ok(Outcome::Done(done)),
+        _ => Ok(Outcome::Failed(
+            "the server's answer has no import summary (an older mailgate?)".into(),
+            exit::SOFTWARE,
+        )),
+    }
+}
+
+/// The running server (else the data dir), with `domain` created when absent.
+fn open_import_target(config: &Config, domain: &str) -> Result<ImportTarget> {
+    let socket = config.admin_socket();
+    let (target, listed) = match admin::call(&socket, &Request::DomainList, None)? {
+        Some(r) => (ImportTarget::Server(socket), r),
+        None => match Here::open(config)? {
+            Ok(here) => {
+                let r = here.run(Request::DomainList, std::io::empty())?;
+                (ImportTarget::Here(here), r)
+            }
+            Err(refusal) => bail!("{}", refusal.error.unwrap_or_default()),
+        },
+    };
+    if !listed.ok {
+        bail!("listing domains: {}", listed.error.unwrap_or_default());
+    }
+    if !listed.lines.iter().any(|d| d == domain) {
+        let added = target.send(
+            Request::DomainAdd {
+                name: domain.to_owned(),
+            },
+            &mut std::io::empty(),
+        )?;
+        if !added.ok {
+            bail!(
+                "creating domain {domain}: {}",
+                added.error.unwrap_or_default()
+            );
+        }
+        for line in added.lines {
+            eprintln!("{line}");
+        }
+    }
+    Ok(target)
 }
 
 fn cluster_status_here(config: &Config, json: bool) -> Result<Response> {

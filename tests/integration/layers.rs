@@ -22,6 +22,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("throttle", 5),
     ("delivery", 6),
     ("provision", 6),
+    ("migrate", 6),
     ("cluster", 7),
     ("pop3", 8),
     ("smtp", 8),
@@ -37,6 +38,8 @@ const PURE: &[&str] = &[
     "smtp/codec.rs",
     "smtp/core.rs",
     "cluster/hash.rs",
+    "migrate/dovecot.rs",
+    "migrate/frame.rs",
 ];
 const IMPURE_WORDS: &[&str] = &[
     "tokio",
