@@ -34,16 +34,33 @@ command -v postfix >/dev/null 2>&1 || need+=(postfix)
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 perl -MNet::SSLeay -e1 >/dev/null 2>&1 || need+=(libnet-ssleay-perl)
 perl -MIO::Socket::INET6 -e1 >/dev/null 2>&1 || need+=(libio-socket-inet6-perl)
+# The Dovecot import test (tests/integration/import.rs) runs a private Dovecot 2.3
+# (tests/dovecot/dovecot.sh: its own config, base_dir and loopback ports), never the
+# system one: policy-rc.d refuses every service start during the install.
+command -v dovecot >/dev/null 2>&1 || need+=(dovecot-core)
+[ -x /usr/lib/dovecot/pop3 ] || need+=(dovecot-pop3d)
+[ -x /usr/lib/dovecot/lmtp ] || need+=(dovecot-lmtpd)
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
     if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
     export DEBIAN_FRONTEND=noninteractive
     echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod 755 "$policy"
+        trap '$sudo rm -f "$policy"' EXIT
+    fi
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+    if [ "$(cat "$policy" 2>/dev/null)" = "$(printf '#!/bin/sh\nexit 101')" ]; then
+        $sudo rm -f "$policy"
+        trap - EXIT
+    fi
 fi
 for tool in curl python3 openssl fetchmail mpop redis-server promtool prometheus node npm \
-    postfix postconf postqueue swaks; do
+    postfix postconf postqueue swaks dovecot doveadm /usr/lib/dovecot/pop3 \
+    /usr/lib/dovecot/lmtp; do
     command -v "$tool" >/dev/null || { echo "missing required tool: $tool" >&2; exit 1; }
 done
 for module in Net::SSLeay IO::Socket::INET6; do

@@ -6,6 +6,7 @@
 //! POP3 client (cleartext, STLS, implicit TLS) and external clients.
 
 pub mod cluster;
+pub mod dovecot;
 pub mod postfix;
 pub mod redis_server;
 pub mod sentinel;

@@ -1,0 +1,356 @@
+//! `mailgate import dovecot` against a real Dovecot 2.3: mail delivered over Dovecot's
+//! LMTP (some of it then deleted over POP3), imported into a running `mailgate serve`,
+//! and read back over POP3 from both servers: the same UIDLs, LIST sizes and bytes, the
+//! same passwords for every scheme, fetchmail's UIDL memory still valid, reruns adding
+//! nothing, and the hostile inputs reported per account.
+
+use crate::common::dovecot::{hash, Dovecot};
+use crate::common::{fetchmail, require_tool, write_private, Options, Raw, Server};
+use std::path::Path;
+
+const DOMAIN: &str = "example.org";
+
+/// The accounts: address, scheme and password.
+const ACCOUNTS: &[(&str, &str, &str)] = &[
+    ("argon@example.org", "ARGON2ID", "argon's secret"),
+    ("sha@example.org", "SHA512-CRYPT", "sha's secret"),
+    ("blf@example.org", "BLF-CRYPT", "blf's secret"),
+    ("plain@example.org", "PLAIN", "plain's secret"),
+];
+
+/// What a POP3 session shows of a maildrop: UIDL and LIST lines and every body.
+#[derive(Debug, PartialEq, Eq)]
+struct Shown {
+    uidl: Vec<String>,
+    list: Vec<String>,
+    bodies: Vec<Vec<u8>>,
+}
+
+async fn multiline_lines(c: &mut Raw, cmd: &str) -> Vec<String> {
+    let r = c.cmd(cmd).await;
+    assert!(r.starts_with("+OK"), "{cmd}: {r}");
+    String::from_utf8(c.multiline().await)
+        .expect("utf-8")
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Logs in (a failed login panics) and reads everything.
+async fn show(mut c: Raw, user: &str, password: &str) -> Shown {
+    let greeting = c.line().await;
+    assert!(greeting.starts_with("+OK"), "{greeting}");
+    let r = c.login(user, password).await;
+    assert!(r.starts_with("+OK"), "login {user}: {r}");
+    let uidl = multiline_lines(&mut c, "UIDL").await;
+    let list = multiline_lines(&mut c, "LIST").await;
+    let mut bodies = Vec::new();
+    for i in 1..=list.len() {
+        let r = c.cmd(&format!("RETR {i}")).await;
+        assert!(r.starts_with("+OK"), "RETR {i}: {r}");
+        bodies.push(c.multiline().await);
+    }
+    assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    Shown { uidl, list, bodies }
+}
+
+async fn dovecot_shows(dovecot: &Dovecot, user: &str, password: &str) -> Shown {
+    show(Raw::plain(dovecot.pop3).await, user, password).await
+}
+
+async fn mailgate_shows(server: &Server, user: &str, password: &str) -> Shown {
+    let c = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
+    show(c, user, password).await
+}
+
+/// Messages of varied sizes and line ends: CRLF, bare LF, dot-led lines, > 64 KiB.
+fn messages(tag: &str) -> Vec<Vec<u8>> {
+    let mut large = format!("Subject: {tag} large\r\nFrom: a@example.net\r\n\r\n").into_bytes();
+    for i in 0..1500 {
+        large.extend_from_slice(
+            format!("{i:05} the quick brown fox jumps over the lazy dog\r\n").as_bytes(),
+        );
+    }
+    assert!(large.len() > 64 * 1024);
+    vec![
+        format!("Subject: {tag} small\r\nFrom: a@example.net\r\n\r\nhello\r\n").into_bytes(),
+        format!("Subject: {tag} bare\nFrom: a@example.net\n\nline one\nline two\n").into_bytes(),
+        large,
+        format!("Subject: {tag} dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n")
+            .into_bytes(),
+        format!("Subject: {tag} last\r\n\r\nbye\r\n").into_bytes(),
+    ]
+}
+
+fn import(server: &Server, passwd: &Path, template: &str, extra: &[&str]) -> std::process::Output {
+    let passwd = passwd.to_str().expect("path");
+    let mut args = vec![
+        "import",
+        "dovecot",
+        "--domain",
+        DOMAIN,
+        "--passwd-file",
+        passwd,
+        "--maildir",
+        template,
+    ];
+    args.extend_from_slice(extra);
+    server.cli(&args, b"")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A fetchmail rc polling `user` at 127.0.0.1:`port` over POP3S with UIDLs kept.
+fn fetchmail_rc(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    ca: &Path,
+    user: &str,
+    password: &str,
+) -> std::path::PathBuf {
+    let rc = dir.join(name);
+    write_private(
+        &rc,
+        &format!(
+            "set no bouncemail\npoll localhost port {port} protocol pop3 uidl\n  user \"{user}\" there with password \"{password}\" is root here\n  ssl sslcertck sslcertfile \"{ca}\" keep\n  mda \"/bin/sh -c 'cat >> {mbox}'\"\n",
+            ca = ca.display(),
+            mbox = dir.join("fetched.mbox").display(),
+        ),
+    );
+    rc
+}
+
+#[tokio::test]
+async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
+    require_tool("fetchmail");
+    let mut server = Server::start_with(Options {
+        process: true,
+        ..Options::default()
+    });
+    let accounts: Vec<(&str, String)> = ACCOUNTS
+        .iter()
+        .map(|(user, scheme, password)| (*user, hash(scheme, password)))
+        .collect();
+    let dovecot = Dovecot::start(&server.ca, &accounts);
+    for (user, _, _) in ACCOUNTS {
+        for m in messages(user) {
+            dovecot.deliver(user, &m);
+        }
+    }
+    // Expunged mail exists in the Maildirs' history: DELE + QUIT in Dovecot.
+    for (user, _, password, number) in [
+        (ACCOUNTS[0].0, (), ACCOUNTS[0].2, 2),
+        (ACCOUNTS[1].0, (), ACCOUNTS[1].2, 1),
+    ] {
+        let mut c = Raw::plain(dovecot.pop3).await;
+        c.line().await;
+        assert!(c.login(user, password).await.starts_with("+OK"));
+        assert!(c.cmd(&format!("DELE {number}")).await.starts_with("+OK"));
+        assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    }
+    let mut before = Vec::new();
+    for (user, _, password) in ACCOUNTS {
+        before.push(dovecot_shows(&dovecot, user, password).await);
+    }
+    assert_eq!(before[0].list.len(), 4);
+    // fetchmail keeps the UIDLs it has seen, against Dovecot.
+    let fm = tempfile::tempdir().expect("tempdir");
+    let (fm_user, _, fm_password) = ACCOUNTS[2];
+    let rc = fetchmail_rc(
+        fm.path(),
+        "dovecot.rc",
+        dovecot.pop3s.port(),
+        &server.ca.ca_pem,
+        fm_user,
+        fm_password,
+    );
+    let out = fetchmail(&rc, fm.path());
+    assert!(out.status.success(), "fetchmail against Dovecot: {out:?}");
+
+    // Hostile accounts next to the good ones: an unknown scheme, another domain, no
+    // Maildir, a malformed dovecot-uidlist.
+    let broken_home = dovecot.dir.path().join("mail/broken");
+    std::fs::create_dir_all(broken_home.join("Maildir/cur")).expect("mkdir");
+    std::fs::write(
+        broken_home.join("Maildir/cur/1.a.host:2,"),
+        b"Subject: x\n\nx\n",
+    )
+    .expect("mail");
+    std::fs::write(
+        broken_home.join("Maildir/dovecot-uidlist"),
+        b"3 V1 N2\n1 no-colon\n",
+    )
+    .expect("uidlist");
+    let mut passwd = std::fs::read_to_string(&dovecot.passwd).expect("passwd");
+    let home = |local: &str| {
+        dovecot
+            .dir
+            .path()
+            .join("mail")
+            .join(local)
+            .display()
+            .to_string()
+    };
+    passwd.push_str(&format!(
+        "weird@example.org:{{NOPE}}abc:0:0::{}::\n",
+        home("weird")
+    ));
+    passwd.push_str(&format!(
+        "other@elsewhere.org:{{PLAIN}}x:0:0::{}::\n",
+        home("other")
+    ));
+    passwd.push_str(&format!("ghost:{{PLAIN}}x:0:0::{}::\n", home("ghost")));
+    passwd.push_str(&format!("broken:{{PLAIN}}x:0:0::{}::\n", home("broken")));
+    passwd.push_str("no fields here\n");
+    let hostile = dovecot.dir.path().join("passwd-hostile");
+    std::fs::write(&hostile, passwd).expect("write");
+
+    // A template with an unknown variable changes nothing.
+    let out = import(
+        &server,
+        &dovecot.passwd,
+        "maildir:/var/vmail/%q/Maildir",
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(text(&out.stderr).contains("%q"), "{out:?}");
+    // A dry run reads everything and changes nothing.
+    let out = import(
+        &server,
+        &dovecot.passwd,
+        "maildir:~/Maildir",
+        &["--dry-run"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let report = text(&out.stdout);
+    assert_eq!(report.matches(": would import: ").count(), 4, "{report}");
+    assert!(
+        report.contains("argon@example.org: would import: 4 message(s)"),
+        "{report}"
+    );
+    let domains = server.cli(&["domain", "list"], b"");
+    assert!(!text(&domains.stdout).contains(DOMAIN), "{domains:?}");
+
+    // The import with the hostile lines: the good accounts in, the others reported.
+    let out = import(&server, &hostile, "maildir:~/Maildir", &[]);
+    assert_eq!(out.status.code(), Some(65), "{out:?}");
+    let report = text(&out.stdout);
+    for (user, _, _) in ACCOUNTS {
+        assert!(report.contains(&format!("{user}: imported: ")), "{report}");
+    }
+    for (user, why) in [
+        ("weird@example.org", "NOPE"),
+        ("other@elsewhere.org", "another domain"),
+        ("ghost@example.org", "no Maildir"),
+        ("broken@example.org", "dovecot-uidlist"),
+    ] {
+        let line = report
+            .lines()
+            .find(|l| l.starts_with(&format!("{user}: failed: ")))
+            .unwrap_or_else(|| panic!("no failure line for {user}: {report}"));
+        assert!(line.contains(why), "{line}");
+    }
+    assert!(
+        report.contains("line 9: expected user:password"),
+        "{report}"
+    );
+    assert!(
+        report.contains("summary: 4 account(s) imported, 0 skipped-existing, 5 failed"),
+        "{report}"
+    );
+    let users = text(&server.cli(&["user", "list", DOMAIN], b"").stdout);
+    let mut listed: Vec<&str> = users.lines().collect();
+    listed.sort_unstable();
+    let mut expected: Vec<&str> = ACCOUNTS.iter().map(|a| a.0).collect();
+    expected.sort_unstable();
+    assert_eq!(listed, expected);
+
+    // Both servers show the same maildrops, and the same passwords log in.
+    for ((user, _, password), dovecot_view) in ACCOUNTS.iter().zip(&before) {
+        let mailgate_view = mailgate_shows(&server, user, password).await;
+        assert_eq!(&mailgate_view, dovecot_view, "{user}");
+        // The first login upgraded a legacy hash; the password still works.
+        mailgate_shows(&server, user, password).await;
+    }
+    // fetchmail's UIDL memory from Dovecot holds for mailgate: nothing new.
+    let rc = fetchmail_rc(
+        fm.path(),
+        "mailgate.rc",
+        server.pop3s.port(),
+        &server.ca.ca_pem,
+        fm_user,
+        fm_password,
+    );
+    let out = fetchmail(&rc, fm.path());
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "fetchmail against mailgate: {out:?}"
+    );
+    let seen = before[2].list.len();
+    assert!(
+        text(&out.stdout).contains(&format!("{seen} messages ({seen} seen)")),
+        "{out:?}"
+    );
+
+    // A rerun adds nothing.
+    let out = import(&server, &dovecot.passwd, "maildir:~/Maildir", &[]);
+    assert!(out.status.success(), "{out:?}");
+    let report = text(&out.stdout);
+    assert_eq!(
+        report.matches(": skipped-existing: 0 message(s)").count(),
+        4,
+        "{report}"
+    );
+    for ((user, _, password), dovecot_view) in ACCOUNTS.iter().zip(&before) {
+        assert_eq!(
+            &mailgate_shows(&server, user, password).await,
+            dovecot_view,
+            "{user}"
+        );
+    }
+
+    // New mail gets a mailgate UIDL, unlike every imported one.
+    let (user, _, password) = ACCOUNTS[0];
+    server.deliver(user, b"Subject: after the move\r\n\r\nnew\r\n");
+    let after = mailgate_shows(&server, user, password).await;
+    assert_eq!(after.uidl.len(), before[0].uidl.len() + 1);
+    let newest = after
+        .uidl
+        .last()
+        .expect("uidl")
+        .split(' ')
+        .nth(1)
+        .expect("uidl");
+    let imported: Vec<&str> = before
+        .iter()
+        .flat_map(|s| &s.uidl)
+        .filter_map(|l| l.split(' ').nth(1))
+        .collect();
+    assert!(!imported.contains(&newest), "{newest} collides");
+
+    // Every hash is argon2id now: imported plaintext at once, legacy ones at login.
+    server.stop();
+    let directory = mailgate::store::Directory::open(
+        &server.dir.path().join("data"),
+        mailgate::store::StoreOptions::default(),
+    )
+    .expect("open data dir");
+    let store = directory.domain(DOMAIN).expect("domain");
+    for (user, scheme, _) in ACCOUNTS {
+        let local = user.split('@').next().expect("local");
+        let account = store.account(local).expect("read").expect("account");
+        assert!(
+            account.credentials.phc.starts_with("$argon2id$"),
+            "{scheme}: {}",
+            account.credentials.phc
+        );
+        assert!(
+            account.credentials.scram.is_some(),
+            "{scheme}: no SCRAM keys"
+        );
+    }
+}
