@@ -919,7 +919,7 @@ carol@other.org:{PLAIN}x\nbroken\n:{PLAIN}x\ndave:\nalice:{PLAIN}again\n../x:{PL
         assert_eq!(f.expand(&inputs()), "0000002A6560ab1f");
         assert_eq!(
             UidlFormat::parse("%v.%u").unwrap().expand(&inputs()),
-            "1700899103.42"
+            "1700834079.42"
         );
         assert_eq!(
             UidlFormat::parse("%f").unwrap().expand(&inputs()),

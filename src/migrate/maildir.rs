@@ -342,7 +342,7 @@ mod tests {
         assert_eq!(messages, 4);
         assert_eq!(
             body,
-            b"2 000000026553f100\nb\n2 000000036553f100\na\n20 +OLD+\nX-UIDL: keep-me\n\nd\n2 000000086553f100\ne\n"
+            b"2 000000026553f100\nb\n2 000000036553f100\na\n19 +OLD+\nX-UIDL: keep-me\n\nd\n2 000000086553f100\ne\n"
         );
     }
 

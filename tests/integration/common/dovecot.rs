@@ -118,11 +118,6 @@ impl Dovecot {
             .join(user.split('@').next().expect("local part"))
     }
 
-    /// The home of `user` (its Maildir is `~/Maildir`).
-    pub fn home(&self, user: &str) -> PathBuf {
-        Dovecot::home_in(self.dir.path(), user)
-    }
-
     /// Delivers `message` (sent as it is, dot-stuffed) to `rcpt` over LMTP.
     pub fn deliver(&self, rcpt: &str, message: &[u8]) {
         let stream = TcpStream::connect(self.lmtp).expect("lmtp connect");
