@@ -76,7 +76,9 @@ service lmtp {
   }
 }
 CONF
-    dovecot -c "$dir/dovecot.conf"
+    # The daemon must not keep the caller's stdout open (a caller reading it to the end,
+    # as Rust's Command::output does, would wait for Dovecot to exit); it logs to log_path.
+    dovecot -c "$dir/dovecot.conf" </dev/null >>"$dir/dovecot.log" 2>&1
     for port in "$pop3" "$pop3s" "$lmtp"; do wait_port "$port"; done
     cat "$dir/run/master.pid"
     ;;
