@@ -16,6 +16,7 @@ mod cli_errors;
 mod clients;
 mod cluster;
 mod config_example;
+mod crash;
 mod diskfull;
 mod helm;
 mod last;
