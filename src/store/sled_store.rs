@@ -67,6 +67,9 @@ const STAGING_PREFIX: &str = ".incoming-";
 const COMPACT_OLD_PREFIX: &str = ".compact-old-";
 /// Directory-name prefix of a copy left behind by a move: `.moved-<domain>-<unix secs>`.
 const RETIRED_PREFIX: &str = ".moved-";
+/// Directory-name prefix of a domain being removed: `remove_domain` renames the store
+/// here in one step before deleting its files; `Directory::open` finishes the deletion.
+const REMOVING_PREFIX: &str = ".removing-";
 /// Maildrop entry flag: retrieved in a session that ended in UPDATE (for LAST).
 const FLAG_SEEN: u8 = 1;
 /// The domain's usage as last recorded, in its directory beside sled's files.
@@ -252,6 +255,14 @@ impl Directory {
                 };
                 if let Err(e) = outcome {
                     tracing::warn!(path = %old.display(), error = %e, "cannot finish an interrupted compaction");
+                }
+                continue;
+            }
+            if file_name.starts_with(REMOVING_PREFIX) {
+                let path = entry.path();
+                tracing::info!(path = %path.display(), "finishing an interrupted domain removal");
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot finish an interrupted domain removal");
                 }
                 continue;
             }
@@ -701,14 +712,25 @@ impl Directory {
     pub fn remove_domain(&self, name: &str) -> Result<(), StoreError> {
         let name = validate_domain(name)?;
         let path = self.root.join(&name);
+        let doomed = self.root.join(format!("{REMOVING_PREFIX}{name}"));
         self.take_domain(&name, || {
             if !path.is_dir() {
                 return Err(StoreError::UnknownDomain(name.clone()));
             }
-            std::fs::remove_dir_all(&path).map_err(|source| StoreError::Io {
-                path: path.display().to_string(),
-                source,
-            })
+            // One rename takes the domain away whole: a process killed while the files
+            // are deleted leaves a `.removing-` directory that `open` deletes, never a
+            // half-deleted store under the domain's name (which would open again,
+            // listed and without its accounts).
+            if doomed.exists() {
+                std::fs::remove_dir_all(&doomed).map_err(Self::io_err(&doomed))?;
+            }
+            std::fs::rename(&path, &doomed).map_err(Self::io_err(&path))?;
+            crate::fsutil::sync_dir(&self.root).map_err(Self::io_err(&self.root))?;
+            if let Err(e) = std::fs::remove_dir_all(&doomed) {
+                // Removed already; the next start deletes what is left.
+                tracing::warn!(path = %doomed.display(), error = %e, "cannot delete a removed domain's files");
+            }
+            Ok(())
         })
     }
 
@@ -2645,6 +2667,40 @@ mod tests {
         assert!(store.snapshot("ghost").unwrap().is_empty());
         assert!(read_all(&store, m.id).is_empty());
         assert!(store.trash.is_empty());
+    }
+
+    /// A process killed while `remove_domain` deleted the files left the domain listed,
+    /// half deleted, and it opened again empty. The files now go under a `.removing-`
+    /// name first, which the next open deletes, and which a later removal replaces.
+    #[test]
+    fn a_removal_interrupted_while_deleting_files_is_finished_at_open() {
+        let (tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        dir.domain("a.org")
+            .unwrap()
+            .create_account("u", &account(1))
+            .unwrap();
+        dir.flush_all().unwrap();
+        drop(dir);
+        let doomed = tmp.path().join("domains/.removing-a.org");
+        // What a kill between the rename and the end of the deletion leaves.
+        std::fs::rename(tmp.path().join("domains/a.org"), &doomed).unwrap();
+        std::fs::remove_file(doomed.join("db")).unwrap();
+        let dir = Directory::open(tmp.path(), StoreOptions::default()).unwrap();
+        assert!(!doomed.exists());
+        assert!(dir.list_domains().unwrap().is_empty());
+        assert!(matches!(
+            dir.domain("a.org"),
+            Err(StoreError::UnknownDomain(_))
+        ));
+        // A leftover under the name does not stop the next removal of the domain.
+        dir.add_domain("a.org").unwrap();
+        std::fs::create_dir(&doomed).unwrap();
+        std::fs::write(doomed.join("db"), b"left over").unwrap();
+        dir.remove_domain("a.org").unwrap();
+        assert!(!doomed.exists());
+        assert!(!tmp.path().join("domains/a.org").exists());
+        assert!(dir.list_domains().unwrap().is_empty());
     }
 
     #[test]
