@@ -1394,8 +1394,9 @@ async fn crash_rounds_cluster_home_and_moves() {
     let mut home = 0;
     let move_rounds = rounds(4);
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
-    // How long a move takes here, from the rounds whose move ended before the kill: the
-    // kill is drawn from that span, so it lands in every phase of a move.
+    // How long a move takes here: the average with each move that ended before its
+    // kill, a quarter more after each that did not. The kill is drawn from that span,
+    // so it lands in every phase of a move.
     let mut move_ms: u64 = 400;
     for round in 0..move_rounds {
         let ctx = format!("seed {seed} move round {round}");
@@ -1434,9 +1435,11 @@ async fn crash_rounds_cluster_home_and_moves() {
         let (out, ended) = tokio::task::spawn_blocking(move || mover.join().expect("mover"))
             .await
             .expect("join");
-        if ended < killed {
-            move_ms = (move_ms + (ended - move_started).as_millis() as u64) / 2;
-        }
+        move_ms = if ended < killed {
+            (move_ms + (ended - move_started).as_millis() as u64) / 2
+        } else {
+            (move_ms * 5 / 4).min(10_000)
+        };
         load.stop.store(true, Ordering::SeqCst);
         for s in senders {
             let d = s.await.expect("sender");
