@@ -303,7 +303,7 @@ fn check_stored(stored: &[u8], sent: &Sent, rcpt: &str) -> Result<(), String> {
     };
     let head = format!("Return-Path: <{SENDER}>\r\nReceived: from {HELO} ([");
     let lines: Vec<&str> = prefix.split_inclusive("\r\n").collect();
-    let single = sent.rcpts.len() == 1;
+    let single = sent.accepted == 1;
     let ok = prefix.starts_with(&head)
         && lines.len() == if single { 5 } else { 4 }
         && lines.iter().all(|l| l.ends_with("\r\n"))
@@ -332,6 +332,8 @@ struct Sent {
     id: String,
     message: Vec<u8>,
     rcpts: Vec<(String, Fate)>,
+    /// Recipients accepted at RCPT: the trace headers name the recipient when only one was.
+    accepted: usize,
 }
 
 impl Sent {
@@ -405,7 +407,12 @@ async fn lmtp_load(load: Load, tag: String, seed: u64) -> Delivered {
                     .choose_multiple(&mut rng, count)
                     .map(|u| (u.clone(), Fate::Absent))
                     .collect();
-                out.sent.push(Sent { id, message, rcpts });
+                out.sent.push(Sent {
+                    id,
+                    message,
+                    rcpts,
+                    accepted: 0,
+                });
                 let sent = out.sent.last_mut().expect("just pushed");
                 lmtp_transaction(&mut c, sent).await?;
             }
@@ -437,6 +444,7 @@ async fn lmtp_transaction(c: &mut Conn, sent: &mut Sent) -> Io<()> {
             return Err(format!("RCPT {rcpt}: {r}"));
         }
     }
+    sent.accepted = accepted.len();
     if accepted.is_empty() {
         let r = c.say("RSET").await?;
         return if r.starts_with("250") {
@@ -790,6 +798,7 @@ async fn top_up(server: &Server, user: &str, count: usize, next: &mut usize, lan
                     message: make_message(&mut rng, &id, false),
                     id,
                     rcpts: vec![(user.clone(), Fate::Absent)],
+                    accepted: 0,
                 };
                 lmtp_transaction(&mut c, &mut sent)
                     .await
