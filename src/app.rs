@@ -238,6 +238,51 @@ fn tighten_data_dir(dir: &Path) -> Result<(), AppError> {
     Ok(())
 }
 
+/// Descriptors the server needs besides its connections: listeners, the stores' files,
+/// Redis, the admin socket.
+const SPARE_FILES: u64 = 256;
+/// The soft open-files limit is raised at most to this (Linux's default `nr_open`), also
+/// when the hard limit is unlimited.
+const MAX_OPEN_FILES: u64 = 1 << 20;
+
+/// Raises the soft limit on open files to the hard one, as nginx and Go's runtime do:
+/// every connection is a descriptor, and the usual soft default of 1024 makes accepts
+/// fail (EMFILE) long before `limits.max_connections` (10 000). Warns when even the
+/// hard limit is below what the connection limits allow. Returns the soft limit now.
+fn raise_open_files_limit(max_connections: usize) -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            warn!(error = %e, "cannot read the open-files limit");
+            return None;
+        }
+    };
+    let target = hard.min(MAX_OPEN_FILES);
+    let now = if soft < target {
+        match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+            Ok(()) => target,
+            Err(e) => {
+                warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    let wanted = max_connections as u64 + SPARE_FILES;
+    if now < wanted {
+        warn!(
+            open_files = now,
+            max_connections,
+            "the open-files limit (ulimit -n) is below limits.max_connections: accepts will \
+             fail before it is reached; raise the hard limit (systemd LimitNOFILE) or lower \
+             the connection limits"
+        );
+    }
+    Some(now)
+}
+
 /// Starts the server: everything is bound and running when this returns. A bad plan,
 /// certificate or address stops it before anything is created or bound.
 pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
@@ -246,6 +291,7 @@ pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
     create_data_dir(&config.data_dir)?;
     tighten_data_dir(&config.data_dir)?;
     let data_lock = lock_data_dir(&config.data_dir)?;
+    raise_open_files_limit(config.limits.max_connections);
     let (default, self_signed) = default_cert_paths(&config);
     if self_signed && tls::ensure_self_signed(&default, &config.hostname)? {
         warn!(cert = %default.cert.display(), "no certificate configured: made a self-signed one");
@@ -788,6 +834,17 @@ fn release_freed_memory() {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_files_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{getrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        let now = raise_open_files_limit(100).expect("raised");
+        let (soft, after) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        assert_eq!(soft, now);
+        assert_eq!(after, hard, "the hard limit is left alone");
+        assert!(soft >= hard.min(MAX_OPEN_FILES), "soft {soft}, hard {hard}");
+    }
 
     #[test]
     fn the_secret_is_made_only_when_absent() {
