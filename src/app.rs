@@ -769,11 +769,14 @@ async fn housekeeping(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let gauges = Arc::new(std::sync::Mutex::new(StorageGauges::default()));
+    let mut ended_at_trim = net.metrics.connections_ended();
     loop {
         tokio::select! {
             _ = net.abort.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let ended = net.metrics.connections_ended();
+        let sessions_ended = ended.saturating_sub(ended_at_trim);
         let tls = tls.clone();
         let directory = directory.clone();
         let metrics = net.metrics.clone();
@@ -789,7 +792,8 @@ async fn housekeeping(
                 cluster.as_deref(),
             );
             let closed = directory.close_idle();
-            if closed > 0 {
+            let trim = closed > 0 || sessions_ended >= TRIM_AFTER_SESSIONS;
+            if trim {
                 release_freed_memory();
             }
             // In a cluster a move may be copying the store, and moving the domain gives
@@ -797,11 +801,14 @@ async fn housekeeping(
             if cluster.is_none() {
                 compact_where_worth_it(&directory);
             }
-            (reloaded, closed)
+            (reloaded, closed, trim)
         })
         .await;
+        if let Ok((_, _, true)) = result {
+            ended_at_trim = ended;
+        }
         match result {
-            Ok((Ok(n), closed)) => {
+            Ok((Ok(n), closed, _)) => {
                 if n > 0 {
                     info!(replaced = n, "certificates reloaded");
                 }
@@ -809,16 +816,25 @@ async fn housekeeping(
                     info!(closed, "closed idle domain stores");
                 }
             }
-            Ok((Err(e), _)) => warn!(error = %e, "certificate reload failed; keeping the old one"),
+            Ok((Err(e), _, _)) => {
+                warn!(error = %e, "certificate reload failed; keeping the old one")
+            }
             Err(e) => warn!(error = %e, "housekeeping task failed"),
         }
     }
 }
 
-/// Hands memory freed by closed stores back to the kernel. sled frees a closed store's
-/// page cache, but glibc keeps the pages in its arenas: measured after an LMTP burst of
-/// 200 MB, RSS stayed at 235 MiB with the store closed and fell to 58 MiB after
-/// `malloc_trim` (docs/BENCHMARKS.md). Other C libraries return memory themselves.
+/// Sessions that must have ended since the last trim for housekeeping to trim again: a
+/// burst of connections leaves their buffers (TLS ones are tens of KiB each) in glibc's
+/// arenas, so 5 000 idle connections once opened kept ~85 MiB of RSS after they closed
+/// (tests/integration/hostile.rs); a trickle of sessions is not worth the walk.
+const TRIM_AFTER_SESSIONS: u64 = 32;
+
+/// Hands memory freed by closed stores and ended sessions back to the kernel. sled frees
+/// a closed store's page cache, but glibc keeps the pages in its arenas: measured after
+/// an LMTP burst of 200 MB, RSS stayed at 235 MiB with the store closed and fell to
+/// 58 MiB after `malloc_trim` (docs/BENCHMARKS.md). Other C libraries return memory
+/// themselves.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn release_freed_memory() {
     // SAFETY: malloc_trim takes no pointers and only walks glibc's own arenas under
