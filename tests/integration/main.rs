@@ -18,6 +18,7 @@ mod cluster;
 mod config_example;
 mod diskfull;
 mod helm;
+mod hostile;
 mod last;
 mod layers;
 mod metrics;
