@@ -146,8 +146,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// The next line of at most `max` octets, or why there is none. Flushes pending
-    /// replies before waiting. With a `deadline` (before login), no line is taken after
-    /// it and no read waits past it, however busy the client keeps the connection.
+    /// replies before waiting; the whole line must then arrive within the idle timeout
+    /// (RFC 1939's autologout timer), so a client dripping a byte now and then cannot
+    /// hold the connection. With a `deadline` (before login), no line is taken after it
+    /// and no read waits past it, however busy the client keeps the connection.
     pub async fn next(
         &mut self,
         max: usize,
@@ -155,13 +157,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         lost: Option<&CancellationToken>,
         deadline: Option<Instant>,
     ) -> Result<Input, SessionError> {
+        self.flush().await?;
+        let line_deadline = Instant::now() + self.io.idle();
         loop {
+            let now = Instant::now();
+            let line_left = line_deadline.saturating_duration_since(now);
             let limit = match deadline {
-                Some(at) => match at.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => Some(left.min(self.io.idle())),
+                Some(at) => match at.checked_duration_since(now) {
+                    Some(left) if !left.is_zero() => left.min(line_left),
                     _ => return Ok(Input::LoginDeadline),
                 },
-                None => None,
+                None => line_left,
             };
             if self.sniff_tls_hello && self.io.input().len() >= 2 {
                 if self.io.input().starts_with(&[0x16, 0x03]) {
@@ -176,12 +182,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Err(_) => Input::TooLong,
                 });
             }
-            match self.io.fill(limit, cancel, lost).await? {
-                // The deadline, not the idle timeout: the next turn says so.
-                Read::Timeout if deadline.is_some_and(|at| Instant::now() >= at) => {}
-                Read::More => {}
+            if line_left.is_zero() {
+                return Ok(Input::Timeout);
+            }
+            match self.io.fill(Some(limit), cancel, lost).await? {
+                // Either deadline: the next turn says which.
+                Read::Timeout | Read::More => {}
                 Read::Closed => return Ok(Input::Closed),
-                Read::Timeout => return Ok(Input::Timeout),
                 Read::Cancelled => return Ok(Input::Cancelled),
                 Read::Lost => return Ok(Input::LockLost),
             }

@@ -74,7 +74,9 @@ enum Input {
     Shutdown,
 }
 
-/// The next command line, read within `limit`. Replies are flushed before each read, so
+/// The next command line, whole within `limit` of the replies going out (RFC 5321
+/// §4.5.3.2.7: the server's wait for the next command): a client that drips a byte now
+/// and then cannot hold the connection past it. Replies are flushed before each read, so
 /// a pipelining client gets every answer to the commands it sent before it has to wait
 /// (RFC 2920).
 async fn next_line<S: AsyncRead + AsyncWrite + Unpin>(
@@ -82,6 +84,8 @@ async fn next_line<S: AsyncRead + AsyncWrite + Unpin>(
     limit: Duration,
     ctx: &Ctx,
 ) -> std::io::Result<Input> {
+    io.flush().await?;
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(line) = io.take_line(MAX_COMMAND_LINE) {
             return Ok(match line {
@@ -89,13 +93,15 @@ async fn next_line<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(_) => Input::TooLong,
             });
         }
-        match io
-            .fill(Some(limit), &ctx.service.net.shutdown, None)
-            .await?
-        {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Input::Timeout);
+        }
+        match io.fill(Some(left), &ctx.service.net.shutdown, None).await? {
             Read::More => {}
             Read::Closed => return Ok(Input::Closed),
-            Read::Timeout => return Ok(Input::Timeout),
+            // The next turn finds the deadline passed.
+            Read::Timeout => {}
             // Only POP3 passes a `lost` token.
             Read::Cancelled | Read::Lost => return Ok(Input::Shutdown),
         }

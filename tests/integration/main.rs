@@ -19,6 +19,7 @@ mod config_example;
 mod crash;
 mod diskfull;
 mod helm;
+mod hostile;
 mod last;
 mod layers;
 mod metrics;
