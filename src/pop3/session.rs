@@ -145,11 +145,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(self.io.flush().await?)
     }
 
-    /// The next line of at most `max` octets, or why there is none. Flushes pending
-    /// replies before waiting; the whole line must then arrive within the idle timeout
-    /// (RFC 1939's autologout timer), so a client dripping a byte now and then cannot
-    /// hold the connection. With a `deadline` (before login), no line is taken after it
-    /// and no read waits past it, however busy the client keeps the connection.
+    /// The next line of at most `max` octets, or why there is none. A line already
+    /// received is taken at once (pipelined commands are answered together); otherwise
+    /// the pending replies go out and the whole line must then arrive within the idle
+    /// timeout (RFC 1939's autologout timer), so a client dripping a byte now and then
+    /// cannot hold the connection. With a `deadline` (before login), no line is taken
+    /// after it and no read waits past it, however busy the client keeps the connection.
     pub async fn next(
         &mut self,
         max: usize,
@@ -157,17 +158,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         lost: Option<&CancellationToken>,
         deadline: Option<Instant>,
     ) -> Result<Input, SessionError> {
-        self.flush().await?;
-        let line_deadline = Instant::now() + self.io.idle();
+        let mut line_deadline = None;
         loop {
-            let now = Instant::now();
-            let line_left = line_deadline.saturating_duration_since(now);
-            let limit = match deadline {
-                Some(at) => match at.checked_duration_since(now) {
-                    Some(left) if !left.is_zero() => left.min(line_left),
+            let login_left = match deadline {
+                Some(at) => match at.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
                     _ => return Ok(Input::LoginDeadline),
                 },
-                None => line_left,
+                None => None,
             };
             if self.sniff_tls_hello && self.io.input().len() >= 2 {
                 if self.io.input().starts_with(&[0x16, 0x03]) {
@@ -182,9 +180,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Err(_) => Input::TooLong,
                 });
             }
+            let until = match line_deadline {
+                Some(at) => at,
+                None => {
+                    self.flush().await?;
+                    let at = Instant::now() + self.io.idle();
+                    line_deadline = Some(at);
+                    at
+                }
+            };
+            let line_left = until.saturating_duration_since(Instant::now());
             if line_left.is_zero() {
                 return Ok(Input::Timeout);
             }
+            let limit = login_left.map_or(line_left, |left| left.min(line_left));
             match self.io.fill(Some(limit), cancel, lost).await? {
                 // Either deadline: the next turn says which.
                 Read::Timeout | Read::More => {}

@@ -74,18 +74,17 @@ enum Input {
     Shutdown,
 }
 
-/// The next command line, whole within `limit` of the replies going out (RFC 5321
+/// The next command line. A line already received is taken at once, so a pipelining
+/// client's commands are answered together (RFC 2920); otherwise the replies are flushed
+/// and the whole line must arrive within `limit` of them going out (RFC 5321
 /// §4.5.3.2.7: the server's wait for the next command): a client that drips a byte now
-/// and then cannot hold the connection past it. Replies are flushed before each read, so
-/// a pipelining client gets every answer to the commands it sent before it has to wait
-/// (RFC 2920).
+/// and then cannot hold the connection past it.
 async fn next_line<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut Io<S>,
     limit: Duration,
     ctx: &Ctx,
 ) -> std::io::Result<Input> {
-    io.flush().await?;
-    let deadline = Instant::now() + limit;
+    let mut deadline = None;
     loop {
         if let Some(line) = io.take_line(MAX_COMMAND_LINE) {
             return Ok(match line {
@@ -93,7 +92,16 @@ async fn next_line<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(_) => Input::TooLong,
             });
         }
-        let left = deadline.saturating_duration_since(Instant::now());
+        let until = match deadline {
+            Some(at) => at,
+            None => {
+                io.flush().await?;
+                let at = Instant::now() + limit;
+                deadline = Some(at);
+                at
+            }
+        };
+        let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Ok(Input::Timeout);
         }
