@@ -8,7 +8,7 @@
 //! creates new domains on the replica their pin or hash names, lists the domains of
 //! every replica, and answers `ClusterStatus`.
 
-use crate::auth::Credentials;
+use crate::auth::{Credentials, HashParams};
 use crate::cluster::{Alpn, Cluster, Route};
 use crate::delivery::{self, DeliveryError, Quotas};
 use crate::metrics::{self, Metrics};
@@ -206,6 +206,20 @@ fn edit_account(
     Ok((address, store))
 }
 
+/// Refuses credentials no login could verify, or costlier than the configured ceiling.
+fn check_credentials(
+    address: &Address,
+    credentials: &Credentials,
+    hashes: &HashParams,
+) -> Result<(), Response> {
+    crate::auth::check_credentials(credentials, hashes).map_err(|e| {
+        Response::fail(
+            format!("credentials of {address} refused: {e}"),
+            exit::DATAERR,
+        )
+    })
+}
+
 fn delivery_failure(e: DeliveryError) -> Response {
     Response::fail(e.to_string(), e.exit_code())
 }
@@ -217,6 +231,7 @@ pub fn execute(
     request: Request,
     mut body: impl Read,
     quotas: Quotas,
+    hashes: &HashParams,
     metrics: Option<&Metrics>,
 ) -> Response {
     let result = (|| -> Result<Vec<String>, Response> {
@@ -241,6 +256,7 @@ pub fn execute(
                 credentials,
             } => {
                 let address = Address::parse(&address).map_err(|e| store_failure(e.into()))?;
+                check_credentials(&address, &credentials, hashes)?;
                 let store = directory.domain(&address.domain).map_err(store_failure)?;
                 let account = Account::new(credentials);
                 store
@@ -252,6 +268,9 @@ pub fn execute(
                 address,
                 credentials,
             } => {
+                if let Ok(parsed) = Address::parse(&address) {
+                    check_credentials(&parsed, &credentials, hashes)?;
+                }
                 let (address, _) =
                     edit_account(directory, &address, |a| a.credentials = credentials)
                         .map_err(store_failure)?;
@@ -403,6 +422,9 @@ fn bind_private(staged: &Path, path: &Path) -> std::io::Result<UnixListener> {
 pub struct Admin {
     pub directory: Arc<Directory>,
     pub quotas: Quotas,
+    /// The configured hash costs: credentials a client sends are checked against their
+    /// ceiling (`auth::check_credentials`).
+    pub hashes: HashParams,
     pub metrics: Arc<Metrics>,
     pub cluster: Option<Arc<Cluster>>,
 }
@@ -573,6 +595,7 @@ async fn run_here<R: AsyncRead + Send + Unpin + 'static>(
             request,
             &mut body,
             admin.quotas,
+            &admin.hashes,
             Some(&admin.metrics),
         );
         (response, body.into_inner().1.into_inner())

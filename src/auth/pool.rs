@@ -43,6 +43,9 @@ pub struct Verified {
 pub struct HashPool {
     jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
     params: HashParams,
+    /// Whether a legacy hash (`auth::is_legacy`) is replaced at a right password
+    /// (`[auth] upgrade_legacy_hashes`).
+    upgrade_legacy: bool,
 }
 
 /// How many hashing threads to start: `requested` (0 = one per CPU), but no more than
@@ -117,7 +120,14 @@ impl HashPool {
         Ok(HashPool {
             jobs: Mutex::new(Some(tx)),
             params,
+            upgrade_legacy: true,
         })
+    }
+
+    /// Whether verifications replace legacy hashes (on unless turned off here).
+    pub fn upgrading_legacy(mut self, on: bool) -> HashPool {
+        self.upgrade_legacy = on;
+        self
     }
 
     async fn run<R: Send + 'static>(
@@ -139,18 +149,22 @@ impl HashPool {
         rx.await.map_err(|_| PoolError::Stopped)
     }
 
-    /// Verifies `password`; when it is right and `creds` were made with less than the
-    /// configured costs, also makes their replacement (in the same job: the password is
-    /// at hand only now).
+    /// Verifies `password` (argon2, or a legacy scheme); when it is right and `creds`
+    /// were made with less than the configured costs or hold a legacy hash (unless
+    /// legacy upgrades are off), also makes their replacement (in the same job: the
+    /// password is at hand only now).
     pub async fn verify(
         &self,
         creds: Credentials,
         password: Vec<u8>,
     ) -> Result<Verified, PoolError> {
-        let params = self.params;
+        let (params, upgrade_legacy) = (self.params, self.upgrade_legacy);
         self.run(move |memory| {
             let ok = super::verify_password_in(&creds, &password, &params, memory);
-            let upgraded = (ok && super::needs_upgrade(&creds, &params))
+            let upgrade = ok
+                && super::needs_upgrade(&creds, &params)
+                && (upgrade_legacy || !super::is_legacy(&creds));
+            let upgraded = upgrade
                 .then(|| {
                     // Making a hash allocates its own memory: free ours meanwhile.
                     memory.clear();
