@@ -106,8 +106,9 @@ fn split_scheme(field: &str) -> Result<(String, &str), ImportHashError> {
         return Ok(("CRYPT".into(), field));
     };
     let Some((scheme, data)) = rest.split_once('}') else {
+        // Where the scheme would end is unknown: the rest may be the hash.
         return Err(ImportHashError::Malformed(
-            printable(rest),
+            "{…".into(),
             "no closing brace after the scheme",
         ));
     };

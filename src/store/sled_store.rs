@@ -3082,7 +3082,7 @@ mod tests {
     /// takes its UIDL with it.
     #[test]
     fn imported_messages_keep_their_uidls_and_are_never_duplicated() {
-        let (_tmp, dir) = setup();
+        let (tmp, dir) = setup();
         dir.add_domain("a.org").unwrap();
         let store = dir.domain("a.org").unwrap();
         store.create_account("u", &account(7)).unwrap();
@@ -3124,8 +3124,8 @@ mod tests {
         assert!(!store.uidls("u", 9).unwrap().has_stored());
         assert!(import(&store, "u", "00000002507c2d5c", b"two\r\n").is_some());
         // Kept across a close and reopen, in format 4.
-        drop(store);
-        assert_eq!(dir.close_idle(), 1);
+        drop((store, dir));
+        let dir = Directory::open(tmp.path(), opts(Duration::from_secs(3600))).unwrap();
         let store = dir.domain("a.org").unwrap();
         assert_eq!(store.format().unwrap(), 4);
         assert!(store.uidls("v", 8).unwrap().has_stored());

@@ -374,6 +374,7 @@ mod tests {
 
     #[test]
     fn single_line_replies() {
+        let computed = Uidls::new(0xdead_beef, Vec::new());
         let cases: Vec<(Reply<'_>, &str)> = vec![
             (
                 Reply::Ok("maildrop locked".into()),
@@ -453,7 +454,7 @@ mod tests {
             (
                 Reply::Unique {
                     msg: 1,
-                    uidls: &Uidls::new(0xdead_beef, Vec::new()),
+                    uidls: &computed,
                     id: 42,
                 },
                 "+OK 1 deadbeef000000000000002a\r\n",
