@@ -47,6 +47,9 @@ pub enum ImportHashError {
     TooCostly { scheme: String, cost: u64, max: u64 },
     #[error("{0} hash: {1}")]
     Phc(String, PhcError),
+    /// A bare PHC string (no `{SCHEME}`) that is not an acceptable argon2id hash.
+    #[error("{0}")]
+    PhcString(PhcError),
     #[error("cannot hash the {0} password: {1}")]
     Hash(String, AuthError),
 }
@@ -89,8 +92,7 @@ pub fn credentials_from_stored_hash(
     params: &HashParams,
 ) -> Result<Credentials, ImportHashError> {
     if !field.starts_with('{') {
-        return super::credentials_from_phc(field, params)
-            .map_err(|e| ImportHashError::Phc("ARGON2ID".into(), e));
+        return super::credentials_from_phc(field, params).map_err(ImportHashError::PhcString);
     }
     let (scheme, data) = split_scheme(field)?;
     credentials_from_hash(&scheme, data, params)
