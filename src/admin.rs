@@ -1286,6 +1286,69 @@ mod tests {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    /// `user add` and `user passwd` take credentials the server can verify (argon2id, or
+    /// an imported legacy hash within its ceiling) and refuse anything else, never
+    /// echoing it.
+    #[test]
+    fn credentials_from_clients_are_checked_by_the_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let directory = Directory::open(dir.path(), Default::default()).expect("open");
+        directory.add_domain("a.org").expect("domain");
+        let hashes = HashParams::cheap();
+        let run = |request: Request| {
+            let quotas = Quotas {
+                account: 0,
+                domain: 0,
+            };
+            execute(&directory, request, std::io::empty(), quotas, &hashes, None)
+        };
+        let creds = |phc: &str| Credentials {
+            phc: phc.into(),
+            scram: None,
+            apop_secret: None,
+        };
+        let garbage = creds("not-a-hash-SECRET");
+        let r = run(Request::UserAdd {
+            address: "joe@a.org".into(),
+            credentials: garbage.clone(),
+        });
+        let error = r.error.clone().unwrap_or_default();
+        assert!(!r.ok && r.exit_code == exit::DATAERR, "{r:?}");
+        assert!(
+            error.contains("refused") && !error.contains("SECRET"),
+            "{error}"
+        );
+        let costly =
+            creds("{BLF-CRYPT}$2b$20$abcdefghijklmnopqrstuu/FyAyuZSl3DbPdvio4KrIBdz2k2yhV2");
+        assert!(
+            !run(Request::UserAdd {
+                address: "joe@a.org".into(),
+                credentials: costly,
+            })
+            .ok
+        );
+        let legacy =
+            creds("{BLF-CRYPT}$2b$04$abcdefghijklmnopqrstuu/FyAyuZSl3DbPdvio4KrIBdz2k2yhV2");
+        let r = run(Request::UserAdd {
+            address: "joe@a.org".into(),
+            credentials: legacy,
+        });
+        assert!(r.ok, "{r:?}");
+        let r = run(Request::UserPasswd {
+            address: "joe@a.org".into(),
+            credentials: garbage,
+        });
+        assert!(!r.ok && r.exit_code == exit::DATAERR, "{r:?}");
+        let good = crate::auth::make_credentials("pw", &hashes).expect("hash");
+        assert!(
+            run(Request::UserPasswd {
+                address: "joe@a.org".into(),
+                credentials: good,
+            })
+            .ok
+        );
+    }
+
     /// A watcher looking at the socket's path while it is bound again and again never
     /// finds it with any mode but 0600, and no staging directory is left behind.
     #[tokio::test]

@@ -242,6 +242,49 @@ mod tests {
         assert_eq!(new.scram.map(|k| k.iterations), Some(5000));
     }
 
+    /// A legacy hash (bcrypt, made with libxcrypt: `crypt.crypt('pw', '$2b$04$…')`)
+    /// verifies on the pool and is replaced by argon2id with SCRAM keys, unless legacy
+    /// upgrades are off; argon2id hashes below the cost are upgraded either way.
+    #[tokio::test]
+    async fn legacy_hashes_are_upgraded_with_scram_keys_unless_turned_off() {
+        let params = HashParams::cheap();
+        let legacy = super::super::credentials_from_dovecot(
+            "{BLF-CRYPT}$2b$04$abcdefghijklmnopqrstuu/FyAyuZSl3DbPdvio4KrIBdz2k2yhV2",
+            &params,
+        )
+        .expect("import");
+        let on = HashPool::new(1, 8, params).expect("pool");
+        let right = on
+            .verify(legacy.clone(), b"pencil".to_vec())
+            .await
+            .expect("run");
+        assert!(right.ok);
+        let new = right.upgraded.expect("upgraded");
+        assert!(new.phc.starts_with("$argon2id$"), "{}", new.phc);
+        assert!(new.scram.is_some());
+        let wrong = on
+            .verify(legacy.clone(), b"pencil2".to_vec())
+            .await
+            .expect("run");
+        assert!(!wrong.ok && wrong.upgraded.is_none());
+
+        let off = HashPool::new(1, 8, params)
+            .expect("pool")
+            .upgrading_legacy(false);
+        let kept = off.verify(legacy, b"pencil".to_vec()).await.expect("run");
+        assert!(kept.ok && kept.upgraded.is_none());
+        let weak = super::super::make_credentials("pw", &params).expect("hash");
+        let stronger = HashParams {
+            iterations: 2,
+            ..params
+        };
+        let off = HashPool::new(1, 8, stronger)
+            .expect("pool")
+            .upgrading_legacy(false);
+        let cost = off.verify(weak, b"pw".to_vec()).await.expect("run");
+        assert!(cost.upgraded.is_some(), "argon2id cost upgrades stay on");
+    }
+
     #[tokio::test]
     async fn a_full_queue_refuses_at_once() {
         let params = HashParams::cheap();
