@@ -360,6 +360,7 @@ pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
         admin: Arc::new(admin::Admin {
             directory: directory.clone(),
             quotas: Quotas::from_config(&config.delivery),
+            hashes: config.auth.argon2,
             metrics: metrics.clone(),
             cluster: cluster.clone(),
         }),
@@ -621,7 +622,9 @@ fn hash_pool(config: &Config) -> Result<HashPool, AppError> {
         per_thread_mib = per_thread / (1024 * 1024),
         "password hashing pool"
     );
-    HashPool::new(threads, auth.hash_queue, auth.argon2).map_err(AppError::Hasher)
+    HashPool::new(threads, auth.hash_queue, auth.argon2)
+        .map(|pool| pool.upgrading_legacy(auth.upgrade_legacy_hashes))
+        .map_err(AppError::Hasher)
 }
 
 /// The server's 32-byte secret, made on first start (mode 0600). Made only when the file

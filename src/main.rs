@@ -476,7 +476,8 @@ fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Rea
                 let directory = app::open_directory(config)?;
                 let body = body.unwrap_or_else(|| Box::new(std::io::empty()));
                 let quotas = Quotas::from_config(&config.delivery);
-                let r = admin::execute(&directory, request, body, quotas, None);
+                let hashes = config.auth.argon2;
+                let r = admin::execute(&directory, request, body, quotas, &hashes, None);
                 directory.flush_all()?;
                 r
             }

@@ -407,19 +407,28 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let snap_store = store.clone();
     let local = address.local.clone();
-    let snapshot = tokio::task::spawn_blocking(move || snap_store.snapshot(&local)).await?;
-    let msgs: Vec<(MsgEntry, bool)> = match snapshot {
-        Ok(list) => list
-            .into_iter()
-            .map(|m| {
-                let entry = MsgEntry {
-                    octets: m.octets,
-                    id: m.id,
-                    deleted: false,
-                };
-                (entry, m.seen)
-            })
-            .collect(),
+    let nonce = account.uid_nonce;
+    // The messages first, then their stored UIDLs: a message imported in between has
+    // its UIDL in the second read, so no listed message shows a computed one by mistake.
+    let snapshot = tokio::task::spawn_blocking(move || {
+        let messages = snap_store.snapshot(&local)?;
+        Ok::<_, crate::store::StoreError>((messages, snap_store.uidls(&local, nonce)?))
+    })
+    .await?;
+    let (msgs, uidls): (Vec<(MsgEntry, bool)>, _) = match snapshot {
+        Ok((list, uidls)) => (
+            list.into_iter()
+                .map(|m| {
+                    let entry = MsgEntry {
+                        octets: m.octets,
+                        id: m.id,
+                        deleted: false,
+                    };
+                    (entry, m.seen)
+                })
+                .collect(),
+            uidls,
+        ),
         Err(e) => {
             warn!(error = %e, "cannot open maildrop");
             lock.release().await;
@@ -455,7 +464,7 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
         lock: Some(lock),
         lost,
         cancel,
-        listing: Listing::new(msgs, account.uid_nonce),
+        listing: Listing::new(msgs, uidls),
     });
     let (count, octets) = txn.listing.totals();
     conn.reply(&Reply::Ok(Cow::Owned(format!(
