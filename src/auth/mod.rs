@@ -1,5 +1,5 @@
 //! Credentials: argon2id password hashes with SCRAM-SHA-256 keys made beside them, SASL
-//! PLAIN decoding, the SCRAM-SHA-256 server exchange and APOP digests.
+//! response lines and PLAIN decoding, the SCRAM-SHA-256 server exchange and APOP digests.
 //! Never logs or returns a secret; comparisons are constant-time.
 
 pub mod apop;
@@ -7,6 +7,7 @@ pub mod cache;
 pub mod legacy;
 pub mod plain;
 pub mod pool;
+pub mod sasl;
 pub mod scram;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};

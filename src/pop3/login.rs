@@ -9,7 +9,7 @@ use super::forward::{self, Elsewhere, Handoff};
 use super::maildrop::Listing;
 use super::session::{err, Conn, Ctx, Input, SessionError, Txn};
 use crate::auth::pool::PoolError;
-use crate::auth::{self, scram};
+use crate::auth::{self, sasl, scram};
 use crate::locks::LockError;
 use crate::metrics;
 use base64::Engine as _;
@@ -225,17 +225,13 @@ fn decode_sasl<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     data: &[u8],
 ) -> Option<Vec<u8>> {
-    if data == b"*" {
-        conn.reply(&err(None, "Authentication cancelled"));
-        return None;
-    }
-    // RFC 5034 §4: "=" stands for an empty initial response.
-    if data == b"=" {
-        return Some(Vec::new());
-    }
-    match base64::engine::general_purpose::STANDARD.decode(data) {
-        Ok(v) => Some(v),
-        Err(_) => {
+    match sasl::decode_response(data) {
+        sasl::Response::Message(m) => Some(m),
+        sasl::Response::Cancelled => {
+            conn.reply(&err(None, "Authentication cancelled"));
+            None
+        }
+        sasl::Response::Invalid => {
             conn.reply(&err(None, "Invalid base64 in authentication response"));
             None
         }
