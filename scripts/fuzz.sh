@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds the libFuzzer targets in fuzz/ on the stable toolchain and runs each for a bounded
 # time, one after the other: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
-# (default 12 s each, every target). Each run starts from the committed seeds
+# (default 8 s each, every target). Each run starts from the committed seeds
 # (fuzz/seeds/<target>/) and grows its corpus in a temporary directory; RSS, per-input
-# time and input length are bounded. Prints per target: executions, exec/s, corpus size
-# (units) and crashes. Fails if any target crashes, times out or runs out of memory;
-# the input that did it is kept under <target dir>/fuzz-artifacts/<target>/, to replay
-# with `<target dir>/debug/<target> FILE`.
+# time and input length (libFuzzer's default: 4096 octets or the largest seed) are
+# bounded. Prints per target: executions, exec/s, corpus size (units) and crashes.
+# Fails if any target crashes, times out or runs out of memory; the input that did it
+# is kept under <target dir>/fuzz-artifacts/<target>/, to replay with
+# `<target dir>/debug/<target> FILE`.
 # scripts/fuzz.sh --seeds rewrites fuzz/seeds/ from fuzz/examples/seeds.rs.
 #
 # The targets are plain `cargo build` binaries of the fuzz crate: scripts/fuzz-rustc adds
@@ -32,7 +33,7 @@ if [ "${1:-}" = "--seeds" ]; then
     exit 0
 fi
 
-seconds=${1:-12}
+seconds=${1:-8}
 shift || true
 if (($#)); then
     targets=("$@")
