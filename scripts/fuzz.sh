@@ -45,7 +45,12 @@ start=$(date +%s)
 build --bins
 echo "fuzz build: $(($(date +%s) - start)) s"
 
-stat() { sed -n "s/^stat::$1: *//p" "$work/$t.log"; }
+# A figure libFuzzer printed at the end, "-" when it stopped first (a crash).
+stat() {
+    local v
+    v=$(sed -n "s/^stat::$1: *//p" "$work/$t.log")
+    echo "${v:--}"
+}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 failed=()
@@ -61,9 +66,9 @@ for t in "${targets[@]}"; do
         -print_final_stats=1 -artifact_prefix="$artifacts/" >"$work/$t.log" 2>&1 || status=$?
     crashes=$(find "$artifacts" -type f | wc -l)
     # libFuzzer's own count: the seeds it kept plus what it found.
-    corpus=$(grep -oE 'corp: [0-9]+' "$work/$t.log" | tail -n 1 | cut -d' ' -f2)
+    corpus=$(grep -oE 'corp: [0-9]+' "$work/$t.log" | tail -n 1 | cut -d' ' -f2 || true)
     printf '%-18s %12s %9s %8s %8s\n' "$t" "$(stat number_of_executed_units)" \
-        "$(stat average_exec_per_sec)" "$corpus" "$crashes"
+        "$(stat average_exec_per_sec)" "${corpus:--}" "$crashes"
     if [ "$status" -ne 0 ] || [ "$crashes" -ne 0 ]; then
         failed+=("$t")
         echo "--- $t failed (exit $status); its log ends:" >&2
