@@ -5,7 +5,8 @@
 # that validate the Grafana dashboard and generate the chart README's parameters table,
 # into the gitignored .tools/npm; the pinned Python packages that check the Helm chart,
 # into the gitignored .tools/venv; cargo-audit, into the gitignored .tools/cargo-audit)
-# when missing, then formatting, lints, every test and the offline dependency audit.
+# when missing, then formatting, lints, every test, the offline dependency audit and a
+# bounded run of every fuzz target (scripts/fuzz.sh; g++ for libFuzzer's sources).
 # Used by the README and by .ci/run; the integration tests fail (never skip) when a tool
 # is still missing, in CI and anywhere else.
 set -euo pipefail
@@ -19,6 +20,8 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 # The Helm chart checks run in a venv (Debian's python3 needs python3-venv for it).
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# libfuzzer-sys builds libFuzzer's C++ sources for scripts/fuzz.sh.
+command -v c++ >/dev/null 2>&1 || need+=(g++)
 # The replica tests start their own redis-server on free ports; a service the package may
 # start on 6379 is not used. Likewise the metrics test starts its own prometheus on a free
 # port.
@@ -58,7 +61,7 @@ if ((${#need[@]})); then
         trap - EXIT
     fi
 fi
-for tool in curl python3 openssl fetchmail mpop redis-server promtool prometheus node npm \
+for tool in c++ curl python3 openssl fetchmail mpop redis-server promtool prometheus node npm \
     postfix postconf postqueue swaks dovecot doveadm /usr/lib/dovecot/pop3 \
     /usr/lib/dovecot/lmtp; do
     command -v "$tool" >/dev/null || { echo "missing required tool: $tool" >&2; exit 1; }
@@ -127,3 +130,7 @@ if [ -n "$audit_build" ]; then
 fi
 "$audit_dir/bin/cargo-audit" audit --db "$audit_db"
 "$audit_dir/bin/cargo-audit" audit --db "$audit_db" --file fuzz/Cargo.lock
+# Every fuzz target for a bounded time on the stable toolchain, reusing the dependencies
+# just built (docs/SECURITY.md, "Fuzzing"). libFuzzer is compiled from libfuzzer-sys's
+# bundled sources by the system C++ compiler.
+./scripts/fuzz.sh

@@ -8,7 +8,7 @@
 //! creates new domains on the replica their pin or hash names, lists the domains of
 //! every replica, and answers `ClusterStatus`.
 
-use crate::auth::Credentials;
+use crate::auth::{Credentials, HashParams};
 use crate::cluster::{Alpn, Cluster, Route};
 use crate::delivery::{self, DeliveryError, Quotas};
 use crate::metrics::{self, Metrics};
@@ -214,6 +214,20 @@ fn edit_account(
     Ok((address, store))
 }
 
+/// Refuses credentials no login could verify, or costlier than the configured ceiling.
+fn check_credentials(
+    address: &Address,
+    credentials: &Credentials,
+    hashes: &HashParams,
+) -> Result<(), Response> {
+    crate::auth::check_credentials(credentials, hashes).map_err(|e| {
+        Response::fail(
+            format!("credentials of {address} refused: {e}"),
+            exit::DATAERR,
+        )
+    })
+}
+
 fn delivery_failure(e: DeliveryError) -> Response {
     Response::fail(e.to_string(), e.exit_code())
 }
@@ -225,6 +239,7 @@ pub fn execute(
     request: Request,
     mut body: impl Read,
     quotas: Quotas,
+    hashes: &HashParams,
     metrics: Option<&Metrics>,
 ) -> Response {
     let result = (|| -> Result<Vec<String>, Response> {
@@ -249,6 +264,7 @@ pub fn execute(
                 credentials,
             } => {
                 let address = Address::parse(&address).map_err(|e| store_failure(e.into()))?;
+                check_credentials(&address, &credentials, hashes)?;
                 let store = directory.domain(&address.domain).map_err(store_failure)?;
                 let account = Account::new(credentials);
                 store
@@ -260,6 +276,9 @@ pub fn execute(
                 address,
                 credentials,
             } => {
+                if let Ok(parsed) = Address::parse(&address) {
+                    check_credentials(&parsed, &credentials, hashes)?;
+                }
                 let (address, _) =
                     edit_account(directory, &address, |a| a.credentials = credentials)
                         .map_err(store_failure)?;
@@ -441,6 +460,9 @@ fn bind_private(staged: &Path, path: &Path) -> std::io::Result<UnixListener> {
 pub struct Admin {
     pub directory: Arc<Directory>,
     pub quotas: Quotas,
+    /// The configured hash costs: credentials a client sends are checked against their
+    /// ceiling (`auth::check_credentials`).
+    pub hashes: HashParams,
     pub metrics: Arc<Metrics>,
     pub cluster: Option<Arc<Cluster>>,
 }
@@ -611,6 +633,7 @@ async fn run_here<R: AsyncRead + Send + Unpin + 'static>(
             request,
             &mut body,
             admin.quotas,
+            &admin.hashes,
             Some(&admin.metrics),
         );
         (response, body.into_inner().1.into_inner())
@@ -1307,6 +1330,69 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// `user add` and `user passwd` take credentials the server can verify (argon2id, or
+    /// an imported legacy hash within its ceiling) and refuse anything else, never
+    /// echoing it.
+    #[test]
+    fn credentials_from_clients_are_checked_by_the_server() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let directory = Directory::open(dir.path(), Default::default()).expect("open");
+        directory.add_domain("a.org").expect("domain");
+        let hashes = HashParams::cheap();
+        let run = |request: Request| {
+            let quotas = Quotas {
+                account: 0,
+                domain: 0,
+            };
+            execute(&directory, request, std::io::empty(), quotas, &hashes, None)
+        };
+        let creds = |phc: &str| Credentials {
+            phc: phc.into(),
+            scram: None,
+            apop_secret: None,
+        };
+        let garbage = creds("not-a-hash-SECRET");
+        let r = run(Request::UserAdd {
+            address: "joe@a.org".into(),
+            credentials: garbage.clone(),
+        });
+        let error = r.error.clone().unwrap_or_default();
+        assert!(!r.ok && r.exit_code == exit::DATAERR, "{r:?}");
+        assert!(
+            error.contains("refused") && !error.contains("SECRET"),
+            "{error}"
+        );
+        let costly =
+            creds("{BLF-CRYPT}$2b$20$abcdefghijklmnopqrstuu/FyAyuZSl3DbPdvio4KrIBdz2k2yhV2");
+        assert!(
+            !run(Request::UserAdd {
+                address: "joe@a.org".into(),
+                credentials: costly,
+            })
+            .ok
+        );
+        let legacy =
+            creds("{BLF-CRYPT}$2b$04$abcdefghijklmnopqrstuu/FyAyuZSl3DbPdvio4KrIBdz2k2yhV2");
+        let r = run(Request::UserAdd {
+            address: "joe@a.org".into(),
+            credentials: legacy,
+        });
+        assert!(r.ok, "{r:?}");
+        let r = run(Request::UserPasswd {
+            address: "joe@a.org".into(),
+            credentials: garbage,
+        });
+        assert!(!r.ok && r.exit_code == exit::DATAERR, "{r:?}");
+        let good = crate::auth::make_credentials("pw", &hashes).expect("hash");
+        assert!(
+            run(Request::UserPasswd {
+                address: "joe@a.org".into(),
+                credentials: good,
+            })
+            .ok
+        );
+    }
 
     /// A watcher looking at the socket's path while it is bound again and again never
     /// finds it with any mode but 0600, and no staging directory is left behind.

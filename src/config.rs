@@ -667,6 +667,11 @@ pub struct AuthConfig {
     /// may verify (`auth::HashParams::max_memory_bytes`); 0 = half the cgroup's memory
     /// limit, or no bound without one.
     pub hash_memory_mib: u64,
+    /// Replace a legacy hash (an imported `{SHA512-CRYPT}`, `{SHA256-CRYPT}`,
+    /// `{BLF-CRYPT}` or argon2i one) by argon2id with SCRAM keys at the account's first
+    /// successful password login. Off: such hashes stay as imported (argon2id hashes of
+    /// a lower cost are still rehashed).
+    pub upgrade_legacy_hashes: bool,
 }
 
 impl Default for AuthConfig {
@@ -678,6 +683,7 @@ impl Default for AuthConfig {
             hash_threads: 0,
             hash_queue: 64,
             hash_memory_mib: 0,
+            upgrade_legacy_hashes: true,
         }
     }
 }

@@ -7,9 +7,9 @@
 //!    CRLF normalisation, mailbox-name syntax. [`fsutil`]: atomic file writes (temporary
 //!    file, fsync, rename, directory fsync) for the files mailgate makes itself.
 //! 2. Libraries with no state of the server's: [`auth`] (argon2id, SCRAM-SHA-256 keys,
-//!    SASL PLAIN and APOP checks), [`tls`] (rustls configuration, SNI certificates, hot
-//!    reload, the self-signed certificate) and [`redis_conn`] (the shared Redis
-//!    connection: URL checks and redaction, reconnects, a timeout on every call).
+//!    SASL response lines, PLAIN and APOP checks), [`tls`] (rustls configuration, SNI
+//!    certificates, hot reload, the self-signed certificate) and [`redis_conn`] (the shared
+//!    Redis connection: URL checks and redaction, reconnects, a timeout on every call).
 //! 3. [`config`]: the one `Config` tree (defaults < TOML < `MAILGATE_*` env), validated
 //!    once, and the `Listener` kinds.
 //! 4. [`metrics`]: metric names, label sets and typed recording methods (one registry),

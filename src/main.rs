@@ -507,6 +507,7 @@ fn admin_command(config: &Config, request: Request, mut body: Option<Box<dyn Rea
 struct Here {
     directory: mailgate::store::Directory,
     quotas: Quotas,
+    hashes: auth::HashParams,
     _lock: app::DataDirLock,
 }
 
@@ -543,13 +544,15 @@ impl Here {
             Ok(lock) => Ok(Ok(Here {
                 directory: app::open_directory(config)?,
                 quotas: Quotas::from_config(&config.delivery),
+                hashes: config.auth.argon2,
                 _lock: lock,
             })),
         }
     }
 
     fn run(&self, request: Request, body: impl Read) -> Result<Response> {
-        let r = admin::execute(&self.directory, request, body, self.quotas, None);
+        let hashes = self.hashes;
+        let r = admin::execute(&self.directory, request, body, self.quotas, &hashes, None);
         self.directory.flush_all()?;
         Ok(r)
     }

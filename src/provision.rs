@@ -210,7 +210,7 @@ pub fn parse_accounts(
                 "domain of {address} is not in provision.domains"
             )));
         }
-        let credentials = auth::credentials_from_phc(phc, hashes)
+        let credentials = auth::credentials_from_stored_hash(phc, hashes)
             .map_err(|e| bad(format!("password hash of {address}: {e}")))?;
         if let Some(first) = seen.insert(address.clone(), line) {
             return Err(bad(format!("{address} is already on line {first}")));

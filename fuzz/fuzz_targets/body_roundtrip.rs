@@ -5,8 +5,8 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use mailgate::wire::crlf as message;
 use mailgate::pop3::codec::{BodyEncoder, BodyOptions};
+use mailgate::wire::crlf as message;
 use mailgate::wire::DotUnstuffer;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,10 +5,10 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use mailgate::wire::LineReader;
-use mailgate::smtp::codec::{parse, Reply, MAX_COMMAND_LINE};
 use mailgate::delivery::Verdict;
+use mailgate::smtp::codec::{parse, Reply, MAX_COMMAND_LINE};
 use mailgate::smtp::core::{Core, CoreLimits, Protocol, Step};
+use mailgate::wire::LineReader;
 
 fn check(reply: &Reply) {
     let mut out = BytesMut::new();
@@ -26,7 +26,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let chunk = usize::from(first >> 1).max(1);
-    let protocol = if first & 1 == 0 { Protocol::Smtp } else { Protocol::Lmtp };
+    let protocol = if first & 1 == 0 {
+        Protocol::Smtp
+    } else {
+        Protocol::Lmtp
+    };
     let limits = CoreLimits {
         max_message_bytes: 10_000,
         max_recipients: 5,
@@ -50,7 +54,11 @@ fuzz_target!(|data: &[u8]| {
                 }
                 // Alternate verdicts so both branches of the envelope are explored.
                 Step::CheckRecipient(to) => {
-                    let v = if to.len() % 2 == 0 { Verdict::Accepted } else { Verdict::UnknownUser };
+                    let v = if to.len() % 2 == 0 {
+                        Verdict::Accepted
+                    } else {
+                        Verdict::UnknownUser
+                    };
                     check(&core.recipient(v, to));
                 }
                 Step::Data => core.data_done(),

@@ -1,11 +1,13 @@
 //! Credentials: argon2id password hashes with SCRAM-SHA-256 keys made beside them, SASL
-//! PLAIN decoding, the SCRAM-SHA-256 server exchange and APOP digests.
+//! response lines and PLAIN decoding, the SCRAM-SHA-256 server exchange and APOP digests.
 //! Never logs or returns a secret; comparisons are constant-time.
 
 pub mod apop;
 pub mod cache;
+pub mod legacy;
 pub mod plain;
 pub mod pool;
+pub mod sasl;
 pub mod scram;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
@@ -16,6 +18,8 @@ use rand::rngs::OsRng;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+pub use legacy::{credentials_from_dovecot, credentials_from_stored_hash, ImportHashError};
 
 /// Bytes of random salt for both the argon2id hash and the SCRAM keys (RFC 9106 asks for 16).
 const SALT_LEN: usize = 16;
@@ -240,12 +244,18 @@ fn hash_credentials(
 /// Whether credentials were made with less than the configured costs: an argon2id cost
 /// below the configured one, or SCRAM keys with fewer rounds (whose `i=` would also tell
 /// an old account from a new one). Unparsable hashes never verify, so never need it.
+///
+/// Every legacy hash (`is_legacy`: a crypt scheme or argon2i) needs it too.
 pub fn needs_upgrade(creds: &Credentials, params: &HashParams) -> bool {
+    if legacy::Legacy::parse(&creds.phc).is_some() {
+        return true;
+    }
     let Ok(parsed) = ParsedHash::parse(&creds.phc) else {
         return false;
     };
     let p = &parsed.params;
-    p.m_cost() < params.memory_kib
+    parsed.algorithm != Algorithm::Argon2id
+        || p.m_cost() < params.memory_kib
         || p.t_cost() < params.iterations
         || p.p_cost() < params.parallelism
         || creds
@@ -254,15 +264,35 @@ pub fn needs_upgrade(creds: &Credentials, params: &HashParams) -> bool {
             .is_some_and(|keys| keys.iterations < params.scram_iterations)
 }
 
+/// Whether `creds` hold a hash of another scheme than argon2id: an imported crypt hash
+/// (`{SHA512-CRYPT}`, `{SHA256-CRYPT}`, `{BLF-CRYPT}`) or argon2i.
+pub fn is_legacy(creds: &Credentials) -> bool {
+    scheme(creds) != "ARGON2ID"
+}
+
+/// The scheme of `creds`' hash, Dovecot's name for it, as upgrade logs name it:
+/// `ARGON2ID`, `ARGON2I`, `SHA512-CRYPT`, `SHA256-CRYPT`, `BLF-CRYPT`, or `UNKNOWN`.
+pub fn scheme(creds: &Credentials) -> &'static str {
+    if let Some(legacy) = legacy::Legacy::parse(&creds.phc) {
+        return legacy.scheme;
+    }
+    match ParsedHash::parse(&creds.phc).map(|p| p.algorithm) {
+        Ok(Algorithm::Argon2id) => "ARGON2ID",
+        Ok(Algorithm::Argon2i) => "ARGON2I",
+        Ok(Algorithm::Argon2d) => "ARGON2D",
+        Err(_) => "UNKNOWN",
+    }
+}
+
 /// New credentials at the configured costs for a password just verified against
-/// `creds` (blocking, costly): fresh salts, SCRAM keys only if `creds` had them, the same
-/// APOP secret.
+/// `creds` (blocking, costly): fresh salts, SCRAM keys if `creds` had them or held a
+/// legacy hash (an imported account gets them at its first login), the same APOP secret.
 pub fn upgraded(
     creds: &Credentials,
     password: &[u8],
     params: &HashParams,
 ) -> Result<Credentials, AuthError> {
-    let mut new = hash_credentials(password, params, creds.scram.is_some())?;
+    let mut new = hash_credentials(password, params, creds.scram.is_some() || is_legacy(creds))?;
     new.apop_secret.clone_from(&creds.apop_secret);
     Ok(new)
 }
@@ -320,6 +350,48 @@ pub fn credentials_from_phc(phc: &str, params: &HashParams) -> Result<Credential
         scram: None,
         apop_secret: None,
     })
+}
+
+/// Checks an argon2 PHC string of `algorithm` (version 19, costs within
+/// `params.ceiling()`), as `credentials_from_phc` does for argon2id.
+fn check_argon2_phc(phc: &str, params: &HashParams, algorithm: Algorithm) -> Result<(), PhcError> {
+    let parsed = ParsedHash::parse(phc)?;
+    parsed.within(&params.ceiling())?;
+    if parsed.algorithm != algorithm {
+        return Err(PhcError::Algorithm(parsed.algorithm.as_str().to_string()));
+    }
+    if parsed.version != Version::V0x13 {
+        return Err(PhcError::Version);
+    }
+    Ok(())
+}
+
+/// Whether credentials sent by an admin client (`user add`, `user passwd`, an import)
+/// can be stored: an argon2id or argon2i hash within `params.ceiling()`, or a legacy
+/// hash the import accepts; SCRAM keys, if any, with at least RFC 7677's rounds. The
+/// server checks this itself, so a client cannot store a hash no login could verify or
+/// one that makes every login costly.
+pub fn check_credentials(creds: &Credentials, params: &HashParams) -> Result<(), ImportHashError> {
+    if let Some(legacy) = legacy::Legacy::parse(&creds.phc) {
+        legacy.check()?;
+    } else {
+        let phc_err = |e| ImportHashError::Phc(scheme(creds).into(), e);
+        let algorithm = if creds.phc.starts_with("$argon2i$") {
+            Algorithm::Argon2i
+        } else {
+            Algorithm::Argon2id
+        };
+        check_argon2_phc(&creds.phc, params, algorithm).map_err(phc_err)?;
+    }
+    if let Some(keys) = &creds.scram {
+        if keys.iterations < MIN_SCRAM_ITERATIONS || keys.salt.is_empty() {
+            return Err(ImportHashError::Malformed(
+                "SCRAM-SHA-256".into(),
+                "keys with too few rounds or no salt",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A PHC string taken apart into what argon2 needs to recompute it.
@@ -397,6 +469,9 @@ pub fn verify_password_in(
     params: &HashParams,
     memory: &mut Vec<Block>,
 ) -> bool {
+    if let Some(legacy) = legacy::Legacy::parse(&creds.phc) {
+        return legacy.verify(password);
+    }
     let Ok(parsed) = ParsedHash::parse(&creds.phc) else {
         return false;
     };

@@ -43,6 +43,9 @@ pub struct Verified {
 pub struct HashPool {
     jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
     params: HashParams,
+    /// Whether a legacy hash (`auth::is_legacy`) is replaced at a right password
+    /// (`[auth] upgrade_legacy_hashes`).
+    upgrade_legacy: bool,
 }
 
 /// How many hashing threads to start: `requested` (0 = one per CPU), but no more than
@@ -117,7 +120,14 @@ impl HashPool {
         Ok(HashPool {
             jobs: Mutex::new(Some(tx)),
             params,
+            upgrade_legacy: true,
         })
+    }
+
+    /// Whether verifications replace legacy hashes (on unless turned off here).
+    pub fn upgrading_legacy(mut self, on: bool) -> HashPool {
+        self.upgrade_legacy = on;
+        self
     }
 
     async fn run<R: Send + 'static>(
@@ -139,18 +149,22 @@ impl HashPool {
         rx.await.map_err(|_| PoolError::Stopped)
     }
 
-    /// Verifies `password`; when it is right and `creds` were made with less than the
-    /// configured costs, also makes their replacement (in the same job: the password is
-    /// at hand only now).
+    /// Verifies `password` (argon2, or a legacy scheme); when it is right and `creds`
+    /// were made with less than the configured costs or hold a legacy hash (unless
+    /// legacy upgrades are off), also makes their replacement (in the same job: the
+    /// password is at hand only now).
     pub async fn verify(
         &self,
         creds: Credentials,
         password: Vec<u8>,
     ) -> Result<Verified, PoolError> {
-        let params = self.params;
+        let (params, upgrade_legacy) = (self.params, self.upgrade_legacy);
         self.run(move |memory| {
             let ok = super::verify_password_in(&creds, &password, &params, memory);
-            let upgraded = (ok && super::needs_upgrade(&creds, &params))
+            let upgrade = ok
+                && super::needs_upgrade(&creds, &params)
+                && (upgrade_legacy || !super::is_legacy(&creds));
+            let upgraded = upgrade
                 .then(|| {
                     // Making a hash allocates its own memory: free ours meanwhile.
                     memory.clear();
@@ -226,6 +240,49 @@ mod tests {
         let new = right.upgraded.expect("upgraded");
         assert!(new.phc.contains("m=1024,t=2,p=1"), "{}", new.phc);
         assert_eq!(new.scram.map(|k| k.iterations), Some(5000));
+    }
+
+    /// A legacy hash (bcrypt, made with libxcrypt: `crypt.crypt('pw', '$2b$04$…')`)
+    /// verifies on the pool and is replaced by argon2id with SCRAM keys, unless legacy
+    /// upgrades are off; argon2id hashes below the cost are upgraded either way.
+    #[tokio::test]
+    async fn legacy_hashes_are_upgraded_with_scram_keys_unless_turned_off() {
+        let params = HashParams::cheap();
+        let legacy = super::super::credentials_from_dovecot(
+            "{BLF-CRYPT}$2b$04$abcdefghijklmnopqrstuu/FyAyuZSl3DbPdvio4KrIBdz2k2yhV2",
+            &params,
+        )
+        .expect("import");
+        let on = HashPool::new(1, 8, params).expect("pool");
+        let right = on
+            .verify(legacy.clone(), b"pencil".to_vec())
+            .await
+            .expect("run");
+        assert!(right.ok);
+        let new = right.upgraded.expect("upgraded");
+        assert!(new.phc.starts_with("$argon2id$"), "{}", new.phc);
+        assert!(new.scram.is_some());
+        let wrong = on
+            .verify(legacy.clone(), b"pencil2".to_vec())
+            .await
+            .expect("run");
+        assert!(!wrong.ok && wrong.upgraded.is_none());
+
+        let off = HashPool::new(1, 8, params)
+            .expect("pool")
+            .upgrading_legacy(false);
+        let kept = off.verify(legacy, b"pencil".to_vec()).await.expect("run");
+        assert!(kept.ok && kept.upgraded.is_none());
+        let weak = super::super::make_credentials("pw", &params).expect("hash");
+        let stronger = HashParams {
+            iterations: 2,
+            ..params
+        };
+        let off = HashPool::new(1, 8, stronger)
+            .expect("pool")
+            .upgrading_legacy(false);
+        let cost = off.verify(weak, b"pw".to_vec()).await.expect("run");
+        assert!(cost.upgraded.is_some(), "argon2id cost upgrades stay on");
     }
 
     #[tokio::test]

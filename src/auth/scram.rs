@@ -243,11 +243,15 @@ fn decode_saslname(raw: &str) -> Result<String, AuthError> {
 }
 
 /// SASLprep (RFC 4013) of a received name; a name with prohibited characters (controls,
-/// unassigned code points, bidi errors) names nobody.
+/// unassigned code points, bidi errors) names nobody, nor does one that SASLprep maps to
+/// nothing (only soft hyphens, say): RFC 5802's names are never empty.
 fn prepare_name(name: &str) -> Result<String, AuthError> {
-    stringprep::saslprep(name)
-        .map(std::borrow::Cow::into_owned)
-        .map_err(|_| AuthError::Malformed("SCRAM name fails SASLprep"))
+    let prepared = stringprep::saslprep(name)
+        .map_err(|_| AuthError::Malformed("SCRAM name fails SASLprep"))?;
+    if prepared.is_empty() {
+        return Err(AuthError::Malformed("SCRAM name is empty after SASLprep"));
+    }
+    Ok(prepared.into_owned())
 }
 
 /// `printable` of RFC 5802 §7: visible ASCII except the comma.
@@ -442,6 +446,9 @@ mod tests {
             "n,,n=u\u{0221},r=abc".as_bytes(),
             "n,,n=\u{0627}1,r=abc".as_bytes(),
             "n,a=x\u{0007},n=user,r=abc".as_bytes(),
+            "n,,n=\u{00AD},r=abc".as_bytes(),
+            "n,,n=\u{00AD}\u{00AD},r=abc".as_bytes(),
+            "n,a=\u{00AD},n=user,r=abc".as_bytes(),
             b"n,,m=ext,n=user,r=abc",
             b"n,,n=,r=abc",
             b"n,,n=user",

@@ -6,7 +6,8 @@
 //! holds now and sends the bodies the receiver lacks; the receiver drops what the sender
 //! no longer has. After the pass the receiver reports per-account counts, octets and a
 //! digest of the UIDLs, which the sender compares with its own. Message ids (and so
-//! UIDLs) are kept; the final pass carries the id allocator's position.
+//! UIDLs) are kept, stored UIDLs (imported mail) travel with their messages, and the
+//! digest covers them; the final pass carries the id allocator's position.
 //!
 //! Messages are a kind byte, a 4-byte big-endian length and the payload:
 //!
@@ -17,7 +18,7 @@
 //! | `A`  | → | an account: JSON `{"local", "account"}` |
 //! | `I`  | ← | ids the receiver holds for it (u64 BE each); `i` ends them |
 //! | `E`  | → | the sender's entries: id u64, octets u64, seen u8 each; `e` ends them |
-//! | `M`  | → | a message follows: id u64, octets u64, seen u8; `B` body chunks; `m` ends it |
+//! | `M`  | → | a message follows: id u64, octets u64, seen u8, then its stored UIDL if it has one (format 4); `B` body chunks; `m` ends it |
 //! | `Z`  | → | pass end: JSON `{"id_floor": u64 or null}` |
 //! | `V`  | ← | the receiver's summary: JSON list of [`AccountSum`] |
 //! | `C`  | → | install the copy, not yet served (epoch 0); `K` answers |
@@ -99,8 +100,10 @@ pub fn summarize(store: &DomainStore) -> Result<Vec<AccountSum>, StoreError> {
             .map_err(|e| StoreError::Corrupt(format!("cannot encode account {local}: {e}")))?;
         let mut uidls = Sha256::new();
         let (mut messages, mut octets, mut seen) = (0, 0, 0);
-        for m in store.snapshot(&local)? {
-            uidls.update(crate::wire::uidl(account.uid_nonce, m.id).as_bytes());
+        let snapshot = store.snapshot(&local)?;
+        let shown = store.uidls(&local, account.uid_nonce)?;
+        for m in snapshot {
+            uidls.update(shown.get(m.id).as_bytes());
             uidls.update(b"\n");
             messages += 1;
             octets += m.octets;
@@ -305,11 +308,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sender<S> {
         let locals = blocking(move || s.list_accounts()).await?;
         for local in locals {
             let (s, l) = (store.clone(), local.clone());
-            let Some((account, entries)) = blocking(move || {
+            let Some((account, entries, uidls)) = blocking(move || {
                 let Some(account) = s.account(&l)? else {
                     return Ok(None);
                 };
-                Ok(Some((account, s.snapshot(&l)?)))
+                let entries = s.snapshot(&l)?;
+                let uidls = s.uidls(&l, account.uid_nonce)?;
+                Ok(Some((account, entries, uidls)))
             })
             .await?
             else {
@@ -347,6 +352,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sender<S> {
             for m in entries.iter().filter(|m| !held.contains(&m.id)) {
                 chunk.clear();
                 entry_bytes(&mut chunk, m.id, m.octets, m.seen);
+                if let Some(uidl) = uidls.stored(m.id) {
+                    chunk.extend_from_slice(uidl.as_bytes());
+                }
                 wire.send(b'M', &chunk).await?;
                 let mut offset = 0u64;
                 while offset < m.octets {
@@ -601,15 +609,38 @@ async fn receive_account<S: AsyncRead + AsyncWrite + Unpin>(
             wire.pending = Some(kind);
             return Ok(());
         }
-        if wire.payload.len() != ENTRY_LEN {
+        let Some((entry, uidl)) = wire.payload.split_at_checked(ENTRY_LEN) else {
             return Err(protocol("bad message head"));
-        }
-        let (id, octets, is_seen) = parse_entry(&wire.payload);
+        };
+        let (id, octets, is_seen) = parse_entry(entry);
+        let uidl = match uidl {
+            [] => None,
+            bytes => Some(
+                std::str::from_utf8(bytes)
+                    .map_err(|_| protocol(format!("message {id}: UIDL not ASCII")))?
+                    .to_owned(),
+            ),
+        };
         if held.contains(&id) || !keep.contains(&id) {
             return Err(protocol(format!("message {id} not asked for")));
         }
-        receive_message(wire, store, &local, id, octets, is_seen, last).await?;
+        let head = Head {
+            id,
+            octets,
+            seen: is_seen,
+            uidl,
+        };
+        receive_message(wire, store, &local, head, last).await?;
     }
+}
+
+/// What an `M` message announces.
+struct Head {
+    id: u64,
+    octets: u64,
+    seen: bool,
+    /// The message's stored UIDL, if it has one.
+    uidl: Option<String>,
 }
 
 /// One message's body into the staging store. A message shorter than announced was
@@ -619,13 +650,24 @@ async fn receive_message<S: AsyncRead + AsyncWrite + Unpin>(
     wire: &mut Wire<S>,
     store: &Arc<DomainStore>,
     local: &str,
-    id: u64,
-    octets: u64,
-    seen: bool,
+    head: Head,
     last: bool,
 ) -> Result<(), TransferError> {
     let (s, l) = (store.clone(), local.to_owned());
-    let mut msg: PendingMessage = blocking(move || s.begin_copy(&l, id)).await?;
+    let Head {
+        id,
+        octets,
+        seen,
+        uidl,
+    } = head;
+    let mut msg: PendingMessage = blocking(move || {
+        let mut msg = s.begin_copy(&l, id)?;
+        if let Some(uidl) = uidl {
+            msg.keep_uidl(&uidl)?;
+        }
+        Ok(msg)
+    })
+    .await?;
     if seen {
         msg.mark_seen();
     }
@@ -808,6 +850,111 @@ mod tests {
         );
         let fresh = deliver(&moved, "u", b"after\r\n");
         assert!(fresh >= floor && fresh > third);
+    }
+
+    fn import(store: &DomainStore, uidl: &str, body: &[u8]) -> u64 {
+        let mut msg = store
+            .begin_import("u", uidl)
+            .unwrap()
+            .expect("not imported yet");
+        msg.write(store, body).unwrap();
+        msg.commit(store).unwrap().id
+    }
+
+    /// Stored UIDLs (imported mail) travel with their messages through a pre-copy, a
+    /// deletion and a final pass; the summaries (which digest the UIDLs as listings show
+    /// them) agree, and the copy refuses to import the same mail again.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn stored_uidls_survive_two_passes_and_a_deletion() {
+        let t = Two::new();
+        let (home, target, store) = (&t.home, &t.target, &t.store);
+        let a = import(store, "00000001507c2d5c", b"a\r\n");
+        let b = import(store, "00000002507c2d5c", b"b\r\n");
+        let own = deliver(store, "u", b"own\r\n");
+        let before = summarize(store).unwrap();
+
+        let (_served, receiver, mut sender) = t.link().await;
+        let copy = sender
+            .pass(store, None, &Progress::default())
+            .await
+            .unwrap();
+        assert_eq!(compare(&before, &copy), None);
+        store.update_maildrop("u", &[a], &[b]).unwrap();
+        let c = import(store, "00000003507c2d5c", b"c\r\n");
+        home.seal("a.org").unwrap();
+        let floor = store.id_floor().unwrap();
+        let copy = sender
+            .pass(store, Some(floor), &Progress::default())
+            .await
+            .unwrap();
+        let mine = summarize(store).unwrap();
+        assert_eq!(compare(&mine, &copy), None, "{mine:?} {copy:?}");
+        assert_ne!(before[0].uidls, mine[0].uidls);
+        sender.install().await.unwrap();
+        sender.go(3).await.unwrap();
+        receiver.await.unwrap().unwrap();
+
+        let moved = target.domain("a.org").unwrap();
+        let shown = moved.uidls("u", 1).unwrap();
+        assert_eq!(shown, store.uidls("u", 1).unwrap());
+        assert_eq!(shown.stored(a), None);
+        assert_eq!(shown.stored(b), Some("00000002507c2d5c"));
+        assert_eq!(shown.stored(c), Some("00000003507c2d5c"));
+        assert_eq!(shown.get(own), crate::wire::uidl(1, own));
+        assert_eq!(body(&moved, c), b"c\r\n");
+        assert!(moved
+            .begin_import("u", "00000002507c2d5c")
+            .unwrap()
+            .is_none());
+    }
+
+    /// A sender whose message head carries a UIDL the store must not take (not RFC 1939,
+    /// or of mailgate's own form) ends the receive with an error and leaves no copy.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_bad_stored_uidl_ends_the_receive() {
+        let target_dir = tempfile::tempdir().unwrap();
+        let target = Arc::new(Directory::open(target_dir.path(), StoreOptions::default()).unwrap());
+        let served = Served(Mutex::new(Vec::new()));
+        let frame = |kind: u8, payload: &[u8]| {
+            let mut out = vec![kind];
+            out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            out.extend_from_slice(payload);
+            out
+        };
+        let head = serde_json::to_vec(&AccountHead {
+            local: "u".into(),
+            account: account(1),
+        })
+        .unwrap();
+        let mut entry = Vec::new();
+        entry_bytes(&mut entry, 5, 3, false);
+        for uidl in [
+            &b"two words"[..],
+            crate::wire::uidl(1, 5).as_bytes(),
+            &b"\xff\xfe"[..],
+            &[b'x'; 71][..],
+        ] {
+            let mut m = entry.clone();
+            m.extend_from_slice(uidl);
+            let case = [
+                frame(b'P', b"{\"final\":false}"),
+                frame(b'A', &head),
+                frame(b'E', &entry),
+                frame(b'e', &[]),
+                frame(b'M', &m),
+                frame(b'B', b"abc"),
+                frame(b'm', &[]),
+                frame(b'Z', b"{\"id_floor\":null}"),
+            ]
+            .concat();
+            let (mut near, far) = tokio::io::duplex(256 * 1024);
+            near.write_all(&case).await.unwrap();
+            near.shutdown().await.unwrap();
+            let r = receive(far, target.clone(), "b.org", &served).await;
+            assert!(r.is_err(), "{uidl:?}");
+            assert!(!target.has_domain("b.org"));
+            assert!(!target_dir.path().join("domains/.incoming-b.org").exists());
+        }
     }
 
     /// A pass compares as different when the copy lacks a message, and a receiver that

@@ -13,6 +13,8 @@ use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 // ---- metric names (the contract with the dashboard and the alert rules) ----
@@ -168,19 +170,20 @@ pub const SESSION_OUTCOMES: &[Outcome] = &[
 ];
 
 /// Counts a session in the active-connections gauge for as long as it lives, even if
-/// its task panics.
-pub struct ActiveGuard(prometheus::IntGauge);
+/// its task panics, and as ended when it is dropped.
+pub struct ActiveGuard(prometheus::IntGauge, Arc<AtomicU64>);
 
 impl ActiveGuard {
-    fn new(gauge: prometheus::IntGauge) -> Self {
+    fn new(gauge: prometheus::IntGauge, ended: Arc<AtomicU64>) -> Self {
         gauge.inc();
-        ActiveGuard(gauge)
+        ActiveGuard(gauge, ended)
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.dec();
+        self.1.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -461,6 +464,9 @@ impl LockMetrics {
 /// Handles to every metric, registered once in one registry.
 pub struct Metrics {
     registry: Registry,
+    /// Sessions ended since start (not exported: `mailgate_sessions_total` counts them
+    /// by outcome), for housekeeping to know when freed memory is worth handing back.
+    connections_ended: Arc<AtomicU64>,
     connections_accepted: IntCounterVec,
     connections_rejected: IntCounterVec,
     connections_active: IntGaugeVec,
@@ -540,6 +546,7 @@ impl Metrics {
             &["backend", "result"],
         )?;
         let m = Metrics {
+            connections_ended: Arc::default(),
             connections_accepted: counter(
                 &r,
                 CONNECTIONS_ACCEPTED,
@@ -870,7 +877,13 @@ impl Metrics {
         ActiveGuard::new(
             self.connections_active
                 .with_label_values(&[listener.name()]),
+            self.connections_ended.clone(),
         )
+    }
+
+    /// Sessions ended since start, on every listener.
+    pub fn connections_ended(&self) -> u64 {
+        self.connections_ended.load(Ordering::Relaxed)
     }
 
     /// Counts a connection refused before its session.

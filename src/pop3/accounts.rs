@@ -153,6 +153,7 @@ impl Accounts {
         let store = login.store.clone();
         let local = login.address.local.clone();
         let verified_phc = login.account.credentials.phc.clone();
+        let (to, scram) = (crate::auth::scheme(new), new.scram.is_some());
         let new = new.clone();
         let stored = tokio::task::spawn_blocking(move || {
             store.upgrade_credentials(&local, &verified_phc, &new)
@@ -160,7 +161,9 @@ impl Accounts {
         .await;
         match stored {
             Ok(Ok(true)) => {
-                info!(address = %login.address, "password hash upgraded to the configured cost");
+                let from = crate::auth::scheme(&login.account.credentials);
+                info!(address = %login.address, from, to, scram,
+                    "password hash upgraded to the configured cost");
                 true
             }
             Ok(Ok(false)) => false,

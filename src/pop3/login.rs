@@ -9,7 +9,7 @@ use super::forward::{self, Elsewhere, Handoff};
 use super::maildrop::Listing;
 use super::session::{err, Conn, Ctx, Input, SessionError, Txn};
 use crate::auth::pool::PoolError;
-use crate::auth::{self, scram};
+use crate::auth::{self, sasl, scram};
 use crate::locks::LockError;
 use crate::metrics;
 use base64::Engine as _;
@@ -225,17 +225,13 @@ fn decode_sasl<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     data: &[u8],
 ) -> Option<Vec<u8>> {
-    if data == b"*" {
-        conn.reply(&err(None, "Authentication cancelled"));
-        return None;
-    }
-    // RFC 5034 §4: "=" stands for an empty initial response.
-    if data == b"=" {
-        return Some(Vec::new());
-    }
-    match base64::engine::general_purpose::STANDARD.decode(data) {
-        Ok(v) => Some(v),
-        Err(_) => {
+    match sasl::decode_response(data) {
+        sasl::Response::Message(m) => Some(m),
+        sasl::Response::Cancelled => {
+            conn.reply(&err(None, "Authentication cancelled"));
+            None
+        }
+        sasl::Response::Invalid => {
             conn.reply(&err(None, "Invalid base64 in authentication response"));
             None
         }
@@ -407,19 +403,28 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let snap_store = store.clone();
     let local = address.local.clone();
-    let snapshot = tokio::task::spawn_blocking(move || snap_store.snapshot(&local)).await?;
-    let msgs: Vec<(MsgEntry, bool)> = match snapshot {
-        Ok(list) => list
-            .into_iter()
-            .map(|m| {
-                let entry = MsgEntry {
-                    octets: m.octets,
-                    id: m.id,
-                    deleted: false,
-                };
-                (entry, m.seen)
-            })
-            .collect(),
+    let nonce = account.uid_nonce;
+    // The messages first, then their stored UIDLs: a message imported in between has
+    // its UIDL in the second read, so no listed message shows a computed one by mistake.
+    let snapshot = tokio::task::spawn_blocking(move || {
+        let messages = snap_store.snapshot(&local)?;
+        Ok::<_, crate::store::StoreError>((messages, snap_store.uidls(&local, nonce)?))
+    })
+    .await?;
+    let (msgs, uidls): (Vec<(MsgEntry, bool)>, _) = match snapshot {
+        Ok((list, uidls)) => (
+            list.into_iter()
+                .map(|m| {
+                    let entry = MsgEntry {
+                        octets: m.octets,
+                        id: m.id,
+                        deleted: false,
+                    };
+                    (entry, m.seen)
+                })
+                .collect(),
+            uidls,
+        ),
         Err(e) => {
             warn!(error = %e, "cannot open maildrop");
             lock.release().await;
@@ -455,7 +460,7 @@ async fn login_result<S: AsyncRead + AsyncWrite + Unpin>(
         lock: Some(lock),
         lost,
         cancel,
-        listing: Listing::new(msgs, account.uid_nonce),
+        listing: Listing::new(msgs, uidls),
     });
     let (count, octets) = txn.listing.totals();
     conn.reply(&Reply::Ok(Cow::Owned(format!(

@@ -4,6 +4,7 @@
 //! taken at login, with this session's DELE and seen marks (written at UPDATE).
 
 use super::codec::{MsgEntry, Reply};
+use crate::wire::Uidls;
 use std::borrow::Cow;
 
 /// The maildrop as this session sees it: the messages listed at login, in order, with
@@ -11,8 +12,9 @@ use std::borrow::Cow;
 #[derive(Debug, Clone)]
 pub struct Listing {
     pub msgs: Vec<MsgEntry>,
-    /// The account's UIDL prefix.
-    pub nonce: u32,
+    /// The account's UIDLs: the nonce, and the stored UIDLs of imported messages (none,
+    /// unallocated, for most accounts).
+    pub uidls: Uidls,
     /// Per message: retrieved, in an earlier session or this one (for LAST).
     seen: Vec<bool>,
     /// The seen marks as they were at login, for RSET and to know what UPDATE adds.
@@ -25,11 +27,11 @@ fn err(text: &'static str) -> Reply<'static> {
 
 impl Listing {
     /// The listing of `msgs`, each with whether it was seen before this session.
-    pub fn new(msgs: Vec<(MsgEntry, bool)>, nonce: u32) -> Listing {
+    pub fn new(msgs: Vec<(MsgEntry, bool)>, uidls: Uidls) -> Listing {
         let (msgs, seen): (Vec<MsgEntry>, Vec<bool>) = msgs.into_iter().unzip();
         Listing {
             msgs,
-            nonce,
+            uidls,
             seen_at_login: seen.clone(),
             seen,
         }
@@ -107,13 +109,13 @@ pub fn list(listing: &Listing, n: Option<u32>) -> Reply<'_> {
 pub fn uidl(listing: &Listing, n: Option<u32>) -> Reply<'_> {
     match n {
         None => Reply::UniqueListing {
-            nonce: listing.nonce,
+            uidls: &listing.uidls,
             msgs: &listing.msgs,
         },
         Some(n) => match listing.entry(n) {
             Ok(m) => Reply::Unique {
                 msg: n,
-                nonce: listing.nonce,
+                uidls: &listing.uidls,
                 id: m.id,
             },
             Err(r) => r,
@@ -170,7 +172,7 @@ mod tests {
                 (entry, seen)
             })
             .collect();
-        Listing::new(msgs, 0xabcd)
+        Listing::new(msgs, Uidls::new(0xabcd, vec![(12, "imported-12".into())]))
     }
 
     fn listing() -> Listing {
@@ -202,10 +204,8 @@ mod tests {
             "{all}"
         );
         assert_eq!(all.lines().count(), 4, "{all}");
-        assert_eq!(
-            text(uidl(&l, Some(3))),
-            "+OK 3 0000abcd000000000000000c\r\n"
-        );
+        assert_eq!(text(uidl(&l, Some(3))), "+OK 3 imported-12\r\n");
+        assert!(all.ends_with("3 imported-12\r\n.\r\n"), "{all}");
         assert_eq!(l.marked(), vec![9]);
     }
 

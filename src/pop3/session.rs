@@ -145,9 +145,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Ok(self.io.flush().await?)
     }
 
-    /// The next line of at most `max` octets, or why there is none. Flushes pending
-    /// replies before waiting. With a `deadline` (before login), no line is taken after
-    /// it and no read waits past it, however busy the client keeps the connection.
+    /// The next line of at most `max` octets, or why there is none. A line already
+    /// received is taken at once (pipelined commands are answered together); otherwise
+    /// the pending replies go out and the whole line must then arrive within the idle
+    /// timeout (RFC 1939's autologout timer), so a client dripping a byte now and then
+    /// cannot hold the connection. With a `deadline` (before login), no line is taken
+    /// after it and no read waits past it, however busy the client keeps the connection.
     pub async fn next(
         &mut self,
         max: usize,
@@ -155,10 +158,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         lost: Option<&CancellationToken>,
         deadline: Option<Instant>,
     ) -> Result<Input, SessionError> {
+        let mut line_deadline = None;
         loop {
-            let limit = match deadline {
+            let login_left = match deadline {
                 Some(at) => match at.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => Some(left.min(self.io.idle())),
+                    Some(left) if !left.is_zero() => Some(left),
                     _ => return Ok(Input::LoginDeadline),
                 },
                 None => None,
@@ -176,12 +180,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                     Err(_) => Input::TooLong,
                 });
             }
-            match self.io.fill(limit, cancel, lost).await? {
-                // The deadline, not the idle timeout: the next turn says so.
-                Read::Timeout if deadline.is_some_and(|at| Instant::now() >= at) => {}
-                Read::More => {}
+            let until = match line_deadline {
+                Some(at) => at,
+                None => {
+                    self.flush().await?;
+                    let at = Instant::now() + self.io.idle();
+                    line_deadline = Some(at);
+                    at
+                }
+            };
+            let line_left = until.saturating_duration_since(Instant::now());
+            if line_left.is_zero() {
+                return Ok(Input::Timeout);
+            }
+            let limit = login_left.map_or(line_left, |left| left.min(line_left));
+            match self.io.fill(Some(limit), cancel, lost).await? {
+                // Either deadline: the next turn says which.
+                Read::Timeout | Read::More => {}
                 Read::Closed => return Ok(Input::Closed),
-                Read::Timeout => return Ok(Input::Timeout),
                 Read::Cancelled => return Ok(Input::Cancelled),
                 Read::Lost => return Ok(Input::LockLost),
             }

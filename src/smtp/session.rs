@@ -74,14 +74,17 @@ enum Input {
     Shutdown,
 }
 
-/// The next command line, read within `limit`. Replies are flushed before each read, so
-/// a pipelining client gets every answer to the commands it sent before it has to wait
-/// (RFC 2920).
+/// The next command line. A line already received is taken at once, so a pipelining
+/// client's commands are answered together (RFC 2920); otherwise the replies are flushed
+/// and the whole line must arrive within `limit` of them going out (RFC 5321
+/// §4.5.3.2.7: the server's wait for the next command): a client that drips a byte now
+/// and then cannot hold the connection past it.
 async fn next_line<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut Io<S>,
     limit: Duration,
     ctx: &Ctx,
 ) -> std::io::Result<Input> {
+    let mut deadline = None;
     loop {
         if let Some(line) = io.take_line(MAX_COMMAND_LINE) {
             return Ok(match line {
@@ -89,13 +92,24 @@ async fn next_line<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(_) => Input::TooLong,
             });
         }
-        match io
-            .fill(Some(limit), &ctx.service.net.shutdown, None)
-            .await?
-        {
+        let until = match deadline {
+            Some(at) => at,
+            None => {
+                io.flush().await?;
+                let at = Instant::now() + limit;
+                deadline = Some(at);
+                at
+            }
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(Input::Timeout);
+        }
+        match io.fill(Some(left), &ctx.service.net.shutdown, None).await? {
             Read::More => {}
             Read::Closed => return Ok(Input::Closed),
-            Read::Timeout => return Ok(Input::Timeout),
+            // The next turn finds the deadline passed.
+            Read::Timeout => {}
             // Only POP3 passes a `lost` token.
             Read::Cancelled | Read::Lost => return Ok(Input::Shutdown),
         }

@@ -36,6 +36,12 @@ pub enum StoreError {
     /// The account's whole address, `local@domain`.
     #[error("account {0} already exists")]
     AccountExists(String),
+    #[error("cannot store this UIDL: {0}")]
+    InvalidUidl(crate::wire::UidlError),
+    /// Another message of the account has this stored UIDL (two imports of one message
+    /// raced; the other one committed).
+    #[error("account {account} already holds a message with UIDL {uidl}")]
+    UidlExists { account: String, uidl: String },
     #[error("message {0} not found")]
     MessageNotFound(u64),
     #[error("storage error in {path}: {source}")]

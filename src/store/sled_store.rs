@@ -16,6 +16,8 @@
 //! | `trash`    | id (u64 BE)                           | empty (body still to remove)   |
 //! | `meta`     | `format`                              | format version (u32 BE)        |
 //! | `meta`     | `id_base`                             | added to sled's ids (u64 BE)   |
+//! | `uidls`    | local part, `0x00`, id (u64 BE)       | the message's stored UIDL      |
+//! | `uidl_ids` | local part, `0x00`, stored UIDL       | the message's id (u64 BE)      |
 //!
 //! Flags of a maildrop entry: bit 0 (`FLAG_SEEN`) is set once a client retrieved the
 //! message in a session that ended in UPDATE. Format history, upgraded in place at open
@@ -28,6 +30,12 @@
 //!   the allocator's position as `id_base` and new mail never reuses an id. Read as
 //!   format 2, a moved store would hand out ids again, overwriting bodies: hence a new
 //!   version, which older code refuses.
+//! - 4: a message may carry a stored UIDL (an imported one, `begin_import`), in `uidls`
+//!   and indexed per account in `uidl_ids`, both written in the transaction that makes
+//!   the message visible and removed in the one that deletes it. Read as format 3, a
+//!   store would show imported mail under computed UIDLs and clients would fetch it all
+//!   again: hence a new version. A format 3 store has no stored UIDLs, so its upgrade
+//!   rewrites nothing.
 //!
 //! Beside sled's files, `USAGE_FILE` in the domain's directory records the domain's
 //! accounts, messages and octets as of its last close (or housekeeping pass), so the
@@ -43,7 +51,9 @@ use super::{
     CHUNK_SIZE,
 };
 use crate::auth::Credentials;
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
+};
 use sled::{Batch, Db, Tree};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -56,7 +66,7 @@ pub const DOMAINS_DIR: &str = "domains";
 
 /// The format this code writes; stores of an older one are upgraded at open, a newer
 /// one is refused.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 const FORMAT_KEY: &[u8] = b"format";
 const ID_BASE_KEY: &[u8] = b"id_base";
 /// Directory-name prefix of a domain copy being received from another replica (never a
@@ -67,6 +77,9 @@ const STAGING_PREFIX: &str = ".incoming-";
 const COMPACT_OLD_PREFIX: &str = ".compact-old-";
 /// Directory-name prefix of a copy left behind by a move: `.moved-<domain>-<unix secs>`.
 const RETIRED_PREFIX: &str = ".moved-";
+/// Directory-name prefix of a domain being removed: `remove_domain` renames the store
+/// here in one step before deleting its files; `Directory::open` finishes the deletion.
+const REMOVING_PREFIX: &str = ".removing-";
 /// Maildrop entry flag: retrieved in a session that ended in UPDATE (for LAST).
 const FLAG_SEEN: u8 = 1;
 /// The domain's usage as last recorded, in its directory beside sled's files.
@@ -165,6 +178,9 @@ pub struct DomainStore {
     pending: Tree,
     trash: Tree,
     meta: Tree,
+    /// Stored UIDLs by maildrop key, and the per-account index UIDL → id (format 4).
+    uidls: Tree,
+    uidl_ids: Tree,
     /// Added to sled's generated ids (format 3).
     id_base: std::sync::atomic::AtomicU64,
     gate: Arc<Gate>,
@@ -208,6 +224,9 @@ pub struct PendingMessage {
     committed: bool,
     /// Committed already marked seen (a copied message).
     seen: bool,
+    /// The UIDL recorded with the message at commit (an imported or copied message with
+    /// a stored UIDL); `None`: the UIDL is computed.
+    uidl: Option<Box<str>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -252,6 +271,14 @@ impl Directory {
                 };
                 if let Err(e) = outcome {
                     tracing::warn!(path = %old.display(), error = %e, "cannot finish an interrupted compaction");
+                }
+                continue;
+            }
+            if file_name.starts_with(REMOVING_PREFIX) {
+                let path = entry.path();
+                tracing::info!(path = %path.display(), "finishing an interrupted domain removal");
+                if let Err(e) = std::fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot finish an interrupted domain removal");
                 }
                 continue;
             }
@@ -507,6 +534,7 @@ impl Directory {
                 .account(local)?
                 .ok_or_else(|| corrupt(format!("account {local} vanished")))?;
             copy.create_account(local, &account)?;
+            let uidls = store.uidls(local, account.uid_nonce)?;
             for m in store.snapshot(local)? {
                 let mut message = copy.begin_copy(local, m.id)?;
                 let mut offset = 0u64;
@@ -530,6 +558,9 @@ impl Directory {
                 if m.seen {
                     message.mark_seen();
                 }
+                if let Some(uidl) = uidls.stored(m.id) {
+                    message.keep_uidl(uidl)?;
+                }
                 message.commit(&copy)?;
             }
         }
@@ -538,11 +569,14 @@ impl Directory {
             return Err(corrupt("accounts differ".into()));
         }
         for local in &locals {
-            let same_record = match (store.account(local)?, copy.account(local)?) {
-                (Some(a), Some(b)) => serde_json::to_vec(&a).ok() == serde_json::to_vec(&b).ok(),
-                _ => false,
+            let (same_record, same_uidls) = match (store.account(local)?, copy.account(local)?) {
+                (Some(a), Some(b)) => (
+                    serde_json::to_vec(&a).ok() == serde_json::to_vec(&b).ok(),
+                    store.uidls(local, a.uid_nonce)? == copy.uidls(local, b.uid_nonce)?,
+                ),
+                _ => (false, false),
             };
-            if !same_record || store.snapshot(local)? != copy.snapshot(local)? {
+            if !same_record || !same_uidls || store.snapshot(local)? != copy.snapshot(local)? {
                 return Err(corrupt(format!("account {local} differs")));
             }
         }
@@ -701,14 +735,25 @@ impl Directory {
     pub fn remove_domain(&self, name: &str) -> Result<(), StoreError> {
         let name = validate_domain(name)?;
         let path = self.root.join(&name);
+        let doomed = self.root.join(format!("{REMOVING_PREFIX}{name}"));
         self.take_domain(&name, || {
             if !path.is_dir() {
                 return Err(StoreError::UnknownDomain(name.clone()));
             }
-            std::fs::remove_dir_all(&path).map_err(|source| StoreError::Io {
-                path: path.display().to_string(),
-                source,
-            })
+            // One rename takes the domain away whole: a process killed while the files
+            // are deleted leaves a `.removing-` directory that `open` deletes, never a
+            // half-deleted store under the domain's name (which would open again,
+            // listed and without its accounts).
+            if doomed.exists() {
+                std::fs::remove_dir_all(&doomed).map_err(Self::io_err(&doomed))?;
+            }
+            std::fs::rename(&path, &doomed).map_err(Self::io_err(&path))?;
+            crate::fsutil::sync_dir(&self.root).map_err(Self::io_err(&self.root))?;
+            if let Err(e) = std::fs::remove_dir_all(&doomed) {
+                // Removed already; the next start deletes what is left.
+                tracing::warn!(path = %doomed.display(), error = %e, "cannot delete a removed domain's files");
+            }
+            Ok(())
         })
     }
 
@@ -892,6 +937,18 @@ fn maildrop_key(local: &str, id: u64) -> Vec<u8> {
     key
 }
 
+/// The key of `local`'s stored UIDL `uidl` in `uidl_ids`.
+fn uidl_key(local: &str, uidl: &str) -> Vec<u8> {
+    let mut key = maildrop_prefix(local);
+    key.extend_from_slice(uidl.as_bytes());
+    key
+}
+
+/// A stored UIDL as a store error: refused, with the reason.
+fn invalid_uidl(e: crate::wire::UidlError) -> StoreError {
+    StoreError::InvalidUidl(e)
+}
+
 /// A maildrop value: the message's size and its flags.
 struct MaildropEntry {
     octets: u64,
@@ -1006,6 +1063,7 @@ impl DomainStore {
         let tree = |n: &str| db.open_tree(n).map_err(err);
         let (accounts, maildrop, bodies) = (tree("accounts")?, tree("maildrop")?, tree("bodies")?);
         let (pending, trash, meta) = (tree("pending")?, tree("trash")?, tree("meta")?);
+        let (uidls, uidl_ids) = (tree("uidls")?, tree("uidl_ids")?);
         let store = Arc::new_cyclic(|me| DomainStore {
             name: name.to_owned(),
             path: path_str.clone(),
@@ -1016,6 +1074,8 @@ impl DomainStore {
             pending,
             trash,
             meta,
+            uidls,
+            uidl_ids,
             id_base: std::sync::atomic::AtomicU64::new(0),
             gate,
             detached: AtomicBool::new(false),
@@ -1274,8 +1334,15 @@ impl DomainStore {
     ) -> Result<Vec<u64>, StoreError> {
         let mut usage = lock(&self.usage);
         *usage = None;
-        (&self.accounts, &self.maildrop, &self.trash)
-            .transaction(|(accounts, maildrop, trash)| {
+        let trees = (
+            &self.accounts,
+            &self.maildrop,
+            &self.trash,
+            &self.uidls,
+            &self.uidl_ids,
+        );
+        trees
+            .transaction(|(accounts, maildrop, trash, uidls, uidl_ids)| {
                 if remove_account && accounts.remove(local.as_bytes())?.is_none() {
                     return Err(ConflictableTransactionError::Abort(
                         StoreError::UnknownAccount(self.address(local)),
@@ -1283,9 +1350,15 @@ impl DomainStore {
                 }
                 let mut removed = Vec::with_capacity(ids.len());
                 for &id in ids {
-                    if maildrop.remove(maildrop_key(local, id))?.is_some() {
+                    let key = maildrop_key(local, id);
+                    if maildrop.remove(key.as_slice())?.is_some() {
                         trash.insert(&id_key(id), &[])?;
                         removed.push(id);
+                    }
+                    if let Some(uidl) = uidls.remove(key)? {
+                        let mut index = maildrop_prefix(local);
+                        index.extend_from_slice(&uidl);
+                        uidl_ids.remove(index)?;
                     }
                 }
                 for &id in seen {
@@ -1538,6 +1611,61 @@ impl DomainStore {
         self.begin_with_id(local, id)
     }
 
+    /// Starts an imported message for `local`'s maildrop that keeps `uidl`, the UIDL the
+    /// server it comes from showed for it (`wire::validate_uidl`: RFC 1939's form, and
+    /// never one of mailgate's own). `Ok(None)` when the account already holds a message
+    /// with that stored UIDL, so importing the same mail again adds nothing. The message
+    /// gets the next id, so messages imported in order are listed in that order; it is
+    /// written and committed like a delivery, and the UIDL is recorded in the commit's
+    /// transaction. Quotas are not checked here (the caller's business); the free-space
+    /// reserve and the domain's seal are, as for every write.
+    pub fn begin_import(
+        &self,
+        local: &str,
+        uidl: &str,
+    ) -> Result<Option<PendingMessage>, StoreError> {
+        check_local(local)?;
+        crate::wire::validate_uidl(uidl).map_err(invalid_uidl)?;
+        drop(self.writable()?);
+        if self
+            .uidl_ids
+            .contains_key(uidl_key(local, uidl))
+            .map_err(|e| self.sled_err(e))?
+        {
+            return Ok(None);
+        }
+        let id = self.next_id()?;
+        let mut message = self.begin_with_id(local, id)?;
+        message.uidl = Some(uidl.into());
+        Ok(Some(message))
+    }
+
+    /// The UIDLs of `local`'s messages as listings show them (the account's `nonce`
+    /// computes those without a stored one). Costs one empty range scan for an account
+    /// without stored UIDLs.
+    pub fn uidls(&self, local: &str, nonce: u32) -> Result<crate::wire::Uidls, StoreError> {
+        check_local(local)?;
+        let prefix = maildrop_prefix(local);
+        let mut stored = Vec::new();
+        for entry in self.uidls.scan_prefix(&prefix) {
+            let (key, value) = entry.map_err(|e| self.sled_err(e))?;
+            let id = be_u64(&key[prefix.len()..]);
+            let uidl = std::str::from_utf8(&value)
+                .ok()
+                .filter(|u| crate::wire::validate_uidl(u).is_ok());
+            match (id, uidl) {
+                (Some(id), Some(uidl)) => stored.push((id, Box::from(uidl))),
+                _ => {
+                    return Err(StoreError::Corrupt(format!(
+                        "bad stored UIDL of {local}@{} in {}",
+                        self.name, self.path
+                    )))
+                }
+            }
+        }
+        Ok(crate::wire::Uidls::new(nonce, stored))
+    }
+
     fn begin_with_id(&self, local: &str, id: u64) -> Result<PendingMessage, StoreError> {
         // Only fails while the store is being dropped, when no caller can hold `&self`.
         let store = self
@@ -1557,6 +1685,7 @@ impl DomainStore {
             octets: 0,
             committed: false,
             seen: false,
+            uidl: None,
         })
     }
 
@@ -1793,19 +1922,50 @@ impl PendingMessage {
         let flags = if self.seen { FLAG_SEEN } else { 0 };
         let _write = store.writable()?;
         let mut total = lock(&store.usage);
-        (&store.accounts, &store.maildrop, &store.pending)
-            .transaction(|(accounts, maildrop, pending)| {
-                if accounts.get(local)?.is_none() {
-                    return Err(ConflictableTransactionError::Abort(
-                        StoreError::UnknownAccount(store.address(local)),
-                    ));
-                }
-                let entry = MaildropEntry { octets, flags };
-                maildrop.insert(maildrop_key(local, id), &entry.encode())?;
-                pending.remove(&id_key(id))?;
-                Ok(())
-            })
-            .map_err(|e| store.txn_err(e))?;
+        let entry = MaildropEntry { octets, flags };
+        let make_visible = |accounts: &TransactionalTree,
+                            maildrop: &TransactionalTree,
+                            pending: &TransactionalTree|
+         -> Result<(), ConflictableTransactionError<StoreError>> {
+            if accounts.get(local)?.is_none() {
+                return Err(ConflictableTransactionError::Abort(
+                    StoreError::UnknownAccount(store.address(local)),
+                ));
+            }
+            maildrop.insert(maildrop_key(local, id), &entry.encode())?;
+            pending.remove(&id_key(id))?;
+            Ok(())
+        };
+        match self.uidl.as_deref() {
+            None => (&store.accounts, &store.maildrop, &store.pending).transaction(
+                |(accounts, maildrop, pending)| make_visible(accounts, maildrop, pending),
+            ),
+            Some(uidl) => {
+                let trees = (
+                    &store.accounts,
+                    &store.maildrop,
+                    &store.pending,
+                    &store.uidls,
+                    &store.uidl_ids,
+                );
+                trees.transaction(|(accounts, maildrop, pending, uidls, uidl_ids)| {
+                    // Two imports of one UIDL that raced past `begin_import`: one wins.
+                    if uidl_ids.get(uidl_key(local, uidl))?.is_some() {
+                        return Err(ConflictableTransactionError::Abort(
+                            StoreError::UidlExists {
+                                account: store.address(local),
+                                uidl: uidl.to_owned(),
+                            },
+                        ));
+                    }
+                    make_visible(accounts, maildrop, pending)?;
+                    uidls.insert(maildrop_key(local, id), uidl.as_bytes())?;
+                    uidl_ids.insert(uidl_key(local, uidl), &id_key(id))?;
+                    Ok(())
+                })
+            }
+        }
+        .map_err(|e| store.txn_err(e))?;
         if let Some(t) = total.as_mut() {
             t.messages += 1;
             t.octets += octets;
@@ -1832,10 +1992,21 @@ impl PendingMessage {
         lock(&store.gate.failed_commits).push((local.to_owned(), id));
         store.broken.store(true, Ordering::Relaxed);
         *lock(&store.usage) = None;
-        let undone = (&store.maildrop, &store.pending)
-            .transaction(|(maildrop, pending)| {
+        let uidl = self.uidl.as_deref();
+        let trees = (
+            &store.maildrop,
+            &store.pending,
+            &store.uidls,
+            &store.uidl_ids,
+        );
+        let undone = trees
+            .transaction(|(maildrop, pending, uidls, uidl_ids)| {
                 maildrop.remove(maildrop_key(local, id))?;
                 pending.insert(&id_key(id), local.as_bytes())?;
+                if let Some(uidl) = uidl {
+                    uidls.remove(maildrop_key(local, id))?;
+                    uidl_ids.remove(uidl_key(local, uidl))?;
+                }
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             })
             .map_err(|e| store.txn_err(e));
@@ -1849,6 +2020,19 @@ impl PendingMessage {
     /// Commits the message already marked seen (a copy of a seen message).
     pub fn mark_seen(&mut self) {
         self.seen = true;
+    }
+
+    /// Commits the message with `uidl` as its stored UIDL (a copy of a message that has
+    /// one); refused unless `wire::validate_uidl` accepts it.
+    pub fn keep_uidl(&mut self, uidl: &str) -> Result<(), StoreError> {
+        crate::wire::validate_uidl(uidl).map_err(invalid_uidl)?;
+        self.uidl = Some(uidl.into());
+        Ok(())
+    }
+
+    /// The stored UIDL this message is committed with, if any.
+    pub fn uidl(&self) -> Option<&str> {
+        self.uidl.as_deref()
     }
 }
 
@@ -2647,6 +2831,40 @@ mod tests {
         assert!(store.trash.is_empty());
     }
 
+    /// A process killed while `remove_domain` deleted the files left the domain listed,
+    /// half deleted, and it opened again empty. The files now go under a `.removing-`
+    /// name first, which the next open deletes, and which a later removal replaces.
+    #[test]
+    fn a_removal_interrupted_while_deleting_files_is_finished_at_open() {
+        let (tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        dir.domain("a.org")
+            .unwrap()
+            .create_account("u", &account(1))
+            .unwrap();
+        dir.flush_all().unwrap();
+        drop(dir);
+        let doomed = tmp.path().join("domains/.removing-a.org");
+        // What a kill between the rename and the end of the deletion leaves.
+        std::fs::rename(tmp.path().join("domains/a.org"), &doomed).unwrap();
+        std::fs::remove_file(doomed.join("db")).unwrap();
+        let dir = Directory::open(tmp.path(), StoreOptions::default()).unwrap();
+        assert!(!doomed.exists());
+        assert!(dir.list_domains().unwrap().is_empty());
+        assert!(matches!(
+            dir.domain("a.org"),
+            Err(StoreError::UnknownDomain(_))
+        ));
+        // A leftover under the name does not stop the next removal of the domain.
+        dir.add_domain("a.org").unwrap();
+        std::fs::create_dir(&doomed).unwrap();
+        std::fs::write(doomed.join("db"), b"left over").unwrap();
+        dir.remove_domain("a.org").unwrap();
+        assert!(!doomed.exists());
+        assert!(!tmp.path().join("domains/a.org").exists());
+        assert!(dir.list_domains().unwrap().is_empty());
+    }
+
     #[test]
     fn removing_a_domain_removes_its_directory() {
         let (tmp, dir) = setup();
@@ -2907,6 +3125,223 @@ mod tests {
         dir.unseal("a.org").unwrap();
         store.update_maildrop("u", &[kept.id], &[]).unwrap();
         assert!(store.snapshot("u").unwrap().is_empty());
+    }
+
+    fn import(store: &DomainStore, local: &str, uidl: &str, body: &[u8]) -> Option<MessageMeta> {
+        let mut msg = store.begin_import(local, uidl).unwrap()?;
+        msg.write(store, body).unwrap();
+        Some(msg.commit(store).unwrap())
+    }
+
+    /// Imported messages keep their UIDLs, listed in import order among the computed
+    /// ones of delivered mail; importing a UIDL again adds nothing; deleting the message
+    /// takes its UIDL with it.
+    #[test]
+    fn imported_messages_keep_their_uidls_and_are_never_duplicated() {
+        let (tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("u", &account(7)).unwrap();
+        store.create_account("v", &account(8)).unwrap();
+        let none = store.uidls("u", 7).unwrap();
+        assert!(!none.has_stored());
+        let first = import(&store, "u", "00000001507c2d5c", b"one\r\n").unwrap();
+        let second = import(&store, "u", "00000002507c2d5c", b"two\r\n").unwrap();
+        let delivered = deliver(&store, "u", b"new\r\n");
+        assert!(first.id < second.id && second.id < delivered.id);
+        assert_eq!(read_all(&store, second.id), b"two\r\n");
+        // Again: nothing new, in the same account; another account may hold the UIDL.
+        assert!(import(&store, "u", "00000001507c2d5c", b"one\r\n").is_none());
+        assert!(import(&store, "v", "00000001507c2d5c", b"one\r\n").is_some());
+        let uidls = store.uidls("u", 7).unwrap();
+        let shown: Vec<String> = store
+            .snapshot("u")
+            .unwrap()
+            .iter()
+            .map(|m| uidls.get(m.id).into_owned())
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                "00000001507c2d5c".to_owned(),
+                "00000002507c2d5c".to_owned(),
+                crate::wire::uidl(7, delivered.id)
+            ]
+        );
+        assert_eq!(store.usage().unwrap().messages, 4);
+        // Deleted: the UIDL goes with it, and the same mail may be imported again.
+        store.update_maildrop("u", &[first.id], &[]).unwrap();
+        assert_eq!(store.uidls("u", 7).unwrap().stored(first.id), None);
+        let again = import(&store, "u", "00000001507c2d5c", b"one\r\n").unwrap();
+        assert!(again.id > delivered.id);
+        // Removing the account removes its UIDLs; a new account of the name has none.
+        store.remove_account("u").unwrap();
+        store.create_account("u", &account(9)).unwrap();
+        assert!(!store.uidls("u", 9).unwrap().has_stored());
+        assert!(import(&store, "u", "00000002507c2d5c", b"two\r\n").is_some());
+        // Kept across a close and reopen, in format 4.
+        drop((store, dir));
+        let dir = Directory::open(tmp.path(), opts(Duration::from_secs(3600))).unwrap();
+        let store = dir.domain("a.org").unwrap();
+        assert_eq!(store.format().unwrap(), 4);
+        assert!(store.uidls("v", 8).unwrap().has_stored());
+    }
+
+    /// Hostile UIDLs are refused before anything is written; an import needs the
+    /// account at commit like a delivery, ignores quotas, and a sealed domain refuses it.
+    #[test]
+    fn imports_refuse_bad_uidls_missing_accounts_and_sealed_domains() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("u", &account(1)).unwrap();
+        let own = crate::wire::uidl(1, 1);
+        for bad in [
+            "",
+            "x".repeat(71).as_str(),
+            "a b",
+            "tab\there",
+            "ümlaut",
+            "line\r\n",
+            own.as_str(),
+        ] {
+            assert!(
+                matches!(
+                    store.begin_import("u", bad),
+                    Err(StoreError::InvalidUidl(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            store.begin_import("U", "ok"),
+            Err(StoreError::InvalidAddress(_))
+        ));
+        let mut orphan = store.begin_import("nobody", "x1").unwrap().unwrap();
+        orphan.write(&store, b"x\r\n").unwrap();
+        assert!(matches!(
+            orphan.commit(&store),
+            Err(StoreError::UnknownAccount(_))
+        ));
+        assert!(store.uidls("nobody", 0).is_ok_and(|u| !u.has_stored()));
+        // Two imports of one UIDL racing past begin_import: the second commit is refused.
+        let mut a = store.begin_import("u", "race").unwrap().unwrap();
+        let mut b = store.begin_import("u", "race").unwrap().unwrap();
+        a.write(&store, b"a\r\n").unwrap();
+        b.write(&store, b"b\r\n").unwrap();
+        a.commit(&store).unwrap();
+        assert!(matches!(
+            b.commit(&store),
+            Err(StoreError::UidlExists { .. })
+        ));
+        assert_eq!(store.snapshot("u").unwrap().len(), 1);
+        assert_eq!(body_chunks(&store), 1, "the refused import left no body");
+        // Sealed (a move): refused at begin and at commit.
+        let mut open = store.begin_import("u", "late").unwrap().unwrap();
+        open.write(&store, b"late\r\n").unwrap();
+        dir.seal("a.org").unwrap();
+        assert!(matches!(
+            store.begin_import("u", "sealed"),
+            Err(StoreError::Sealed(_))
+        ));
+        assert!(matches!(open.commit(&store), Err(StoreError::Sealed(_))));
+        dir.unseal("a.org").unwrap();
+        assert_eq!(
+            store.snapshot("u").unwrap().len(),
+            1,
+            "the sealed import stayed out"
+        );
+        assert!(import(&store, "u", "late", b"late\r\n").is_some());
+    }
+
+    /// A format 3 store (no stored UIDLs) opens in format 4 without rewriting anything:
+    /// every message, id and computed UIDL stays, and imports work on it.
+    #[test]
+    fn a_format_3_store_is_upgraded_without_loss() {
+        let tmp = TempDir::new().unwrap();
+        let path = tmp.path().join("a.org");
+        {
+            // As format 3 code wrote it: flags bytes, the version and an id base.
+            let db = sled::Config::new().path(&path).open().unwrap();
+            let accounts = db.open_tree("accounts").unwrap();
+            accounts
+                .insert("u", serde_json::to_vec(&account(0x0a0b_0c0d)).unwrap())
+                .unwrap();
+            let (maildrop, bodies) = (
+                db.open_tree("maildrop").unwrap(),
+                db.open_tree("bodies").unwrap(),
+            );
+            for (id, body, flags) in [(100u64, &b"one\r\n"[..], FLAG_SEEN), (101, b"two\r\n", 0)] {
+                let entry = MaildropEntry {
+                    octets: body.len() as u64,
+                    flags,
+                };
+                maildrop
+                    .insert(maildrop_key("u", id), &entry.encode())
+                    .unwrap();
+                bodies.insert(chunk_key(id, 0), body).unwrap();
+            }
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert(FORMAT_KEY, &3u32.to_be_bytes()).unwrap();
+            meta.insert(ID_BASE_KEY, &200u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        let store =
+            DomainStore::open("a.org", &path, &StoreOptions::default(), Arc::default()).unwrap();
+        assert_eq!(store.format().unwrap(), FORMAT_VERSION);
+        let snapshot = store.snapshot("u").unwrap();
+        assert_eq!(
+            snapshot,
+            vec![
+                MessageMeta {
+                    id: 100,
+                    octets: 5,
+                    seen: true
+                },
+                MessageMeta {
+                    id: 101,
+                    octets: 5,
+                    seen: false
+                },
+            ]
+        );
+        let uidls = store.uidls("u", 0x0a0b_0c0d).unwrap();
+        assert!(!uidls.has_stored());
+        assert_eq!(uidls.get(100), "0a0b0c0d0000000000000064");
+        assert_eq!(read_all(&store, 101), b"two\r\n");
+        let imported = import(&store, "u", "X-UIDL-1", b"imp\r\n").unwrap();
+        assert!(imported.id >= 200, "above the carried id base");
+        drop(store);
+        // Older code refuses this store: it records a version above 3.
+        let db = sled::Config::new().path(&path).open().unwrap();
+        let version = db
+            .open_tree("meta")
+            .unwrap()
+            .get(FORMAT_KEY)
+            .unwrap()
+            .unwrap();
+        assert_eq!(version.as_ref(), 4u32.to_be_bytes());
+    }
+
+    /// Compaction copies stored UIDLs and checks them.
+    #[test]
+    fn compaction_keeps_stored_uidls() {
+        let (_tmp, dir) = setup();
+        dir.add_domain("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        store.create_account("u", &account(3)).unwrap();
+        let kept = import(&store, "u", "kept-uidl", b"kept\r\n").unwrap();
+        let gone = import(&store, "u", "gone-uidl", b"gone\r\n").unwrap();
+        deliver(&store, "u", b"own\r\n");
+        store.update_maildrop("u", &[gone.id], &[]).unwrap();
+        let before = store.uidls("u", 3).unwrap();
+        drop(store);
+        dir.compact("a.org").unwrap();
+        let store = dir.domain("a.org").unwrap();
+        assert_eq!(store.uidls("u", 3).unwrap(), before);
+        assert_eq!(before.stored(kept.id), Some("kept-uidl"));
+        assert!(import(&store, "u", "kept-uidl", b"kept\r\n").is_none());
+        assert!(import(&store, "u", "gone-uidl", b"gone\r\n").is_some());
     }
 
     #[test]

@@ -14,4 +14,4 @@ pub use address::{Address, AddressError, POSTMASTER};
 pub use crlf::CrlfNormalizer;
 pub use dot::{DotUnstuffer, Unstuffed};
 pub use line::{LineError, LineReader};
-pub use uidl::uidl;
+pub use uidl::{uidl, validate_uidl, UidlError, Uidls};

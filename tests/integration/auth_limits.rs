@@ -281,3 +281,77 @@ async fn try_login_tls(server: &Server, user: &str, password: &str) -> String {
     assert!(c.line().await.starts_with("+OK"));
     c.login(user, password).await
 }
+
+// Made with `openssl passwd -6 -salt Xq3Zp9Lm` and Python's crypt (libxcrypt),
+// `crypt.crypt(password, '$2y$05$abcdefghijklmnopqrstuu')`, of the passwords below.
+const SHA512_CRYPT: &str = "$6$Xq3Zp9Lm$KeKwt7zj6L3uoD/lzx0ujct4NGEVO3U7N0Pr8VmDWp5Rs9iS9ZZMYKWyf.WjSxoYNaNKcOwEzGPc52oVEZu9b.";
+const BLF_CRYPT: &str = "$2y$05$abcdefghijklmnopqrstuu680Yiaj5hFUaJTH/rTAcbA2PQEGfiZu";
+
+/// Accounts provisioned with Dovecot's `{SHA512-CRYPT}` and `{BLF-CRYPT}` hashes log in
+/// over POP3S with USER/PASS; that first login replaces the hash by argon2id at the
+/// configured cost and adds SCRAM keys (a SCRAM-SHA-256 login, which failed before,
+/// now succeeds), logged with the schemes and never the password; the password still
+/// works after a restart.
+#[tokio::test]
+async fn imported_legacy_hashes_log_in_and_become_argon2id_with_scram() {
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let extra = provision(
+        secrets.path(),
+        &format!(
+            "sha@example.org {{SHA512-CRYPT}}{SHA512_CRYPT}\nblf@example.org {{BLF-CRYPT}}{BLF_CRYPT}\n"
+        ),
+    );
+    let mut server = Server::start_with(Options {
+        extra,
+        ..Options::default()
+    });
+    let scram = |server: &Server, user: &str| {
+        let (ca, port) = (
+            server.ca.ca_pem.display().to_string(),
+            server.pop3s.port().to_string(),
+        );
+        crate::common::python("scram_login.py", &["127.0.0.1", &port, &ca, user, "pencil"])
+    };
+    for user in ["sha@example.org", "blf@example.org"] {
+        assert!(
+            scram(&server, user).starts_with("FAIL"),
+            "no SCRAM keys yet"
+        );
+        assert!(try_login_tls(&server, user, "pencil!")
+            .await
+            .starts_with("-ERR [AUTH]"));
+        let r = try_login_tls(&server, user, "pencil").await;
+        assert!(r.starts_with("+OK"), "{user}: {r}");
+        let r = scram(&server, user);
+        assert!(r.starts_with("OK"), "{user}: {r}");
+    }
+    let log = server.log_text();
+    for (user, from) in [("sha", "SHA512-CRYPT"), ("blf", "BLF-CRYPT")] {
+        let line = log
+            .lines()
+            .find(|l| l.contains("password hash upgraded") && l.contains(user))
+            .unwrap_or_else(|| panic!("{log}"));
+        assert!(
+            line.contains(&format!("from=\"{from}\"")) || line.contains(&format!("from={from}")),
+            "{line}"
+        );
+        assert!(
+            line.contains("to=") && line.contains("ARGON2ID") && line.contains("scram=true"),
+            "{line}"
+        );
+    }
+    assert!(!log.contains("pencil"), "{log}");
+    assert!(server.stop().success());
+    for local in ["sha", "blf"] {
+        let phc = stored_phc(&server, local);
+        assert!(phc.starts_with("$argon2id$v=19$m=1024,t=1,p=1$"), "{phc}");
+    }
+    server.spawn();
+    for user in ["sha@example.org", "blf@example.org"] {
+        assert!(try_login_tls(&server, user, "pencil")
+            .await
+            .starts_with("+OK"));
+        let r = scram(&server, user);
+        assert!(r.starts_with("OK"), "{user}: {r}");
+    }
+}

@@ -7,6 +7,4 @@ pub mod reply;
 
 pub use body::{BodyEncoder, BodyOptions};
 pub use command::{verb_of, Command, ParseError, MAX_COMMAND_LINE, MAX_SASL_LINE, VERBS};
-pub use reply::{
-    format_uid, write_uid, Capabilities, ListingWriter, MsgEntry, Reply, RespCode, UID_LEN,
-};
+pub use reply::{Capabilities, ListingWriter, MsgEntry, Reply, RespCode};

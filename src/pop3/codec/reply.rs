@@ -1,6 +1,7 @@
 //! POP3 replies as values. `Reply::write_to` is the only place POP3 reply bytes are made.
 //! Pure: it appends to a `BytesMut` and never allocates per line.
 
+use crate::wire::Uidls;
 use bytes::{BufMut, BytesMut};
 use std::borrow::Cow;
 
@@ -32,7 +33,7 @@ impl RespCode {
 pub struct MsgEntry {
     /// Exact octets RETR sends before dot-stuffing.
     pub octets: u64,
-    /// Store id; with the maildrop's nonce it forms the UIDL.
+    /// Store id: the message's key in the account's `Uidls`.
     pub id: u64,
     pub deleted: bool,
 }
@@ -75,11 +76,11 @@ pub enum Reply<'a> {
     ScanListing(&'a [MsgEntry]),
     Unique {
         msg: u32,
-        nonce: u32,
+        uidls: &'a Uidls,
         id: u64,
     },
     UniqueListing {
-        nonce: u32,
+        uidls: &'a Uidls,
         msgs: &'a [MsgEntry],
     },
     /// The status line of RETR/TOP; the body follows through `BodyEncoder`.
@@ -88,20 +89,12 @@ pub enum Reply<'a> {
     },
 }
 
-/// Length of a unique-id listing token (RFC 1939 §7 allows 1 to 70 characters).
-pub const UID_LEN: usize = 24;
-
-/// Writes the UIDL of a message: the maildrop nonce as 8 and the store id as 16
-/// lower-case hex digits. The nonce makes ids from a recreated maildrop differ from
-/// the old ones, so clients do not mistake new mail for mail they already have.
-pub fn write_uid(out: &mut BytesMut, nonce: u32, id: u64) {
-    put_hex(out, u64::from(nonce), 8);
-    put_hex(out, id, 16);
-}
-
-/// The UIDL of a message as a string, for callers outside reply encoding.
-pub fn format_uid(nonce: u32, id: u64) -> String {
-    crate::wire::uidl(nonce, id)
+/// Writes message `id`'s UIDL: its stored one, else the one computed from the nonce
+/// (`wire::uidl`). Stored UIDLs are RFC 1939 tokens (printable, no space), checked when
+/// they were stored and again when read.
+fn write_uid(out: &mut BytesMut, uidls: &Uidls, id: u64) {
+    // invariant: writing into a BytesMut cannot fail.
+    let _ = uidls.write(out, id);
 }
 
 impl Reply<'_> {
@@ -174,11 +167,11 @@ impl Reply<'_> {
                     listing.write_to(out, usize::MAX);
                 }
             }
-            Reply::Unique { msg, nonce, id } => {
+            Reply::Unique { msg, uidls, id } => {
                 out.extend_from_slice(b"+OK ");
                 put_u64(out, u64::from(*msg));
                 out.put_u8(b' ');
-                write_uid(out, *nonce, *id);
+                write_uid(out, uidls, *id);
                 put_crlf(out);
             }
             Reply::MessageFollows { octets } => {
@@ -194,14 +187,14 @@ impl<'a> Reply<'a> {
     /// The writer of a multi-line listing (LIST or UIDL without an argument), which can
     /// write it in pieces; `None` for every other reply.
     pub fn listing(&self) -> Option<ListingWriter<'a>> {
-        let (msgs, nonce) = match *self {
+        let (msgs, uidls) = match *self {
             Reply::ScanListing(msgs) => (msgs, None),
-            Reply::UniqueListing { nonce, msgs } => (msgs, Some(nonce)),
+            Reply::UniqueListing { uidls, msgs } => (msgs, Some(uidls)),
             _ => return None,
         };
         Some(ListingWriter {
             msgs,
-            nonce,
+            uidls,
             next: 0,
             head_written: false,
             finished: false,
@@ -215,8 +208,8 @@ impl<'a> Reply<'a> {
 #[derive(Debug)]
 pub struct ListingWriter<'a> {
     msgs: &'a [MsgEntry],
-    /// UIDL's maildrop nonce; `None` for LIST.
-    nonce: Option<u32>,
+    /// UIDL's account UIDLs; `None` for LIST.
+    uidls: Option<&'a Uidls>,
     /// Index of the next entry to consider.
     next: usize,
     head_written: bool,
@@ -245,8 +238,8 @@ impl ListingWriter<'_> {
             }
             put_u64(out, self.next as u64);
             out.put_u8(b' ');
-            match self.nonce {
-                Some(nonce) => write_uid(out, nonce, entry.id),
+            match self.uidls {
+                Some(uidls) => write_uid(out, uidls, entry.id),
                 None => put_u64(out, entry.octets),
             }
             put_crlf(out);
@@ -257,7 +250,7 @@ impl ListingWriter<'_> {
     }
 
     fn write_head(&self, out: &mut BytesMut) {
-        if self.nonce.is_some() {
+        if self.uidls.is_some() {
             out.extend_from_slice(b"+OK\r\n");
             return;
         }
@@ -338,14 +331,6 @@ fn put_u64(out: &mut BytesMut, mut n: u64) {
     out.extend_from_slice(&digits[at..]);
 }
 
-/// The low `width` nibbles of `value` (at most 16) as lower-case hex, zero-padded.
-fn put_hex(out: &mut BytesMut, value: u64, width: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for shift in (0..width.min(16)).rev() {
-        out.put_u8(HEX[((value >> (shift * 4)) & 0xf) as usize]);
-    }
-}
-
 /// RFC 4648 §4 base64 with padding.
 fn put_base64(out: &mut BytesMut, data: &[u8]) {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -389,6 +374,7 @@ mod tests {
 
     #[test]
     fn single_line_replies() {
+        let computed = Uidls::new(0xdead_beef, Vec::new());
         let cases: Vec<(Reply<'_>, &str)> = vec![
             (
                 Reply::Ok("maildrop locked".into()),
@@ -468,7 +454,7 @@ mod tests {
             (
                 Reply::Unique {
                     msg: 1,
-                    nonce: 0xdead_beef,
+                    uidls: &computed,
                     id: 42,
                 },
                 "+OK 1 deadbeef000000000000002a\r\n",
@@ -607,19 +593,37 @@ mod tests {
             entry(1, 8, true),
             entry(1, u64::MAX, false),
         ];
+        let computed = Uidls::new(1, Vec::new());
         assert_eq!(
             bytes(Reply::UniqueListing {
-                nonce: 1,
+                uidls: &computed,
                 msgs: &msgs
             }),
             "+OK\r\n1 000000010000000000000007\r\n3 00000001ffffffffffffffff\r\n.\r\n"
         );
         assert_eq!(
             bytes(Reply::UniqueListing {
-                nonce: 1,
+                uidls: &computed,
                 msgs: &[]
             }),
             "+OK\r\n.\r\n"
+        );
+        // Stored UIDLs (imported mail) where present, computed ones for the rest.
+        let stored = Uidls::new(1, vec![(u64::MAX, "0000000A507c2d5c".into())]);
+        assert_eq!(
+            bytes(Reply::UniqueListing {
+                uidls: &stored,
+                msgs: &msgs
+            }),
+            "+OK\r\n1 000000010000000000000007\r\n3 0000000A507c2d5c\r\n.\r\n"
+        );
+        assert_eq!(
+            bytes(Reply::Unique {
+                msg: 3,
+                uidls: &stored,
+                id: u64::MAX
+            }),
+            "+OK 3 0000000A507c2d5c\r\n"
         );
     }
 
@@ -630,20 +634,33 @@ mod tests {
         let msgs: Vec<MsgEntry> = (0..300u64)
             .map(|i| entry(i * 977, i.wrapping_mul(0x9e37_79b9), i % 7 == 3))
             .collect();
+        let computed = Uidls::new(0xdead_beef, Vec::new());
+        let longest = "~".repeat(crate::wire::uidl::MAX_LEN);
+        let stored = Uidls::new(
+            1,
+            msgs.iter()
+                .step_by(2)
+                .map(|m| (m.id, longest.as_str().into()))
+                .collect(),
+        );
         let replies = [
             Reply::ScanListing(&msgs),
             Reply::UniqueListing {
-                nonce: 0xdead_beef,
+                uidls: &computed,
                 msgs: &msgs,
             },
             Reply::ScanListing(&[]),
             Reply::UniqueListing {
-                nonce: 1,
+                uidls: &computed,
                 msgs: &msgs[3..4],
             },
+            Reply::UniqueListing {
+                uidls: &stored,
+                msgs: &msgs,
+            },
         ];
-        // Longest line: "300 " and a 24-digit UID, or a 20-digit size, and CRLF.
-        const LONGEST_LINE: usize = 4 + UID_LEN + 2;
+        // Longest line: "300 " and a 70-character stored UIDL, or a 20-digit size, and CRLF.
+        const LONGEST_LINE: usize = 4 + crate::wire::uidl::MAX_LEN + 2;
         for reply in &replies {
             let whole = bytes_of(reply);
             for limit in (1..=600).chain([4096, usize::MAX]) {
@@ -681,10 +698,9 @@ mod tests {
             (1, 16, "000000010000000000000010"),
         ];
         for (nonce, id, want) in cases {
-            assert_eq!(format_uid(nonce, id), want);
-            assert_eq!(format_uid(nonce, id).len(), UID_LEN);
+            assert_eq!(crate::wire::uidl(nonce, id), want);
             let mut out = BytesMut::new();
-            write_uid(&mut out, nonce, id);
+            write_uid(&mut out, &Uidls::new(nonce, Vec::new()), id);
             assert_eq!(&out[..], want.as_bytes());
         }
     }
