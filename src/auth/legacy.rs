@@ -501,7 +501,8 @@ mod tests {
         assert!(ScramKeys::derive(b"pencil", &keys.salt, keys.iterations) == keys);
     }
 
-    /// Dovecot's argon2 PHC strings: argon2id kept as imported; argon2i kept, verified
+    /// Dovecot's argon2 PHC strings: argon2id kept as imported (and at the first login);
+    /// argon2i kept, verified
     /// and upgraded at the first login; costs over the ceiling refused.
     #[test]
     fn argon2_schemes_are_imported_within_the_ceiling() {
@@ -509,7 +510,11 @@ mod tests {
         let made = make_credentials("pencil", &params()).unwrap();
         let id = import(&format!("{{ARGON2ID}}{}", made.phc)).unwrap();
         assert_eq!(id.phc, made.phc);
-        assert!(!is_legacy(&id) && !needs_upgrade(&id, &params()));
+        // Kept at the first login too, which only adds the SCRAM keys it lacks.
+        assert!(!is_legacy(&id) && id.scram.is_none() && needs_upgrade(&id, &params()));
+        let first = upgraded(&id, b"pencil", &params()).unwrap();
+        assert_eq!(first.phc, made.phc);
+        assert!(first.scram.is_some() && !needs_upgrade(&first, &params()));
         // argon2i as libsodium (Dovecot) writes it, made here with the argon2 crate.
         let argon2i = argon2::Argon2::new(
             argon2::Algorithm::Argon2i,

@@ -220,20 +220,7 @@ fn hash_credentials(
         .hash_password(password, &salt)
         .map_err(|e| AuthError::Hash(e.to_string()))?
         .to_string();
-    let scram = with_scram.then(|| {
-        let mut scram_salt = [0u8; SALT_LEN];
-        OsRng.fill_bytes(&mut scram_salt);
-        // SCRAM keys come from the SASLprep form, which is what clients hash; a password
-        // that is not UTF-8 (a legacy client's bytes) is used as it is.
-        match std::str::from_utf8(password) {
-            Ok(text) => ScramKeys::derive(
-                scram_password(text).as_bytes(),
-                &scram_salt,
-                params.scram_iterations,
-            ),
-            Err(_) => ScramKeys::derive(password, &scram_salt, params.scram_iterations),
-        }
-    });
+    let scram = with_scram.then(|| scram_keys(password, params));
     Ok(Credentials {
         phc,
         scram,
@@ -241,9 +228,26 @@ fn hash_credentials(
     })
 }
 
+/// SCRAM keys for `password` with a fresh random salt, at the configured rounds.
+fn scram_keys(password: &[u8], params: &HashParams) -> ScramKeys {
+    let mut scram_salt = [0u8; SALT_LEN];
+    OsRng.fill_bytes(&mut scram_salt);
+    // SCRAM keys come from the SASLprep form, which is what clients hash; a password
+    // that is not UTF-8 (a legacy client's bytes) is used as it is.
+    match std::str::from_utf8(password) {
+        Ok(text) => ScramKeys::derive(
+            scram_password(text).as_bytes(),
+            &scram_salt,
+            params.scram_iterations,
+        ),
+        Err(_) => ScramKeys::derive(password, &scram_salt, params.scram_iterations),
+    }
+}
+
 /// Whether credentials were made with less than the configured costs: an argon2id cost
-/// below the configured one, or SCRAM keys with fewer rounds (whose `i=` would also tell
-/// an old account from a new one). Unparsable hashes never verify, so never need it.
+/// below the configured one, SCRAM keys with fewer rounds (whose `i=` would also tell
+/// an old account from a new one) or none at all (an account made from a hash alone).
+/// Unparsable hashes never verify, so never need it.
 ///
 /// Every legacy hash (`is_legacy`: a crypt scheme or argon2i) needs it too.
 pub fn needs_upgrade(creds: &Credentials, params: &HashParams) -> bool {
@@ -253,15 +257,20 @@ pub fn needs_upgrade(creds: &Credentials, params: &HashParams) -> bool {
     let Ok(parsed) = ParsedHash::parse(&creds.phc) else {
         return false;
     };
+    hash_weaker(&parsed, params)
+        || creds
+            .scram
+            .as_ref()
+            .is_none_or(|keys| keys.iterations < params.scram_iterations)
+}
+
+/// Whether a parsed hash is not argon2id, or argon2id at less than a configured cost.
+fn hash_weaker(parsed: &ParsedHash, params: &HashParams) -> bool {
     let p = &parsed.params;
     parsed.algorithm != Algorithm::Argon2id
         || p.m_cost() < params.memory_kib
         || p.t_cost() < params.iterations
         || p.p_cost() < params.parallelism
-        || creds
-            .scram
-            .as_ref()
-            .is_some_and(|keys| keys.iterations < params.scram_iterations)
 }
 
 /// Whether `creds` hold a hash of another scheme than argon2id: an imported crypt hash
@@ -284,15 +293,27 @@ pub fn scheme(creds: &Credentials) -> &'static str {
     }
 }
 
-/// New credentials at the configured costs for a password just verified against
-/// `creds` (blocking, costly): fresh salts, SCRAM keys if `creds` had them or held a
-/// legacy hash (an imported account gets them at its first login), the same APOP secret.
+/// New credentials for a password just verified against `creds` (blocking, costly):
+/// always with SCRAM keys at the configured rounds (an account made from a hash alone,
+/// imported or provisioned, gets them at its first password login); the argon2id hash
+/// kept when it is at least as costly as configured, else made afresh at the configured
+/// costs (a legacy hash always is); the same APOP secret.
 pub fn upgraded(
     creds: &Credentials,
     password: &[u8],
     params: &HashParams,
 ) -> Result<Credentials, AuthError> {
-    let mut new = hash_credentials(password, params, creds.scram.is_some() || is_legacy(creds))?;
+    let keep_hash = legacy::Legacy::parse(&creds.phc).is_none()
+        && ParsedHash::parse(&creds.phc).is_ok_and(|parsed| !hash_weaker(&parsed, params));
+    if keep_hash {
+        // Only the SCRAM keys were missing or weaker: the hash (maybe costlier than
+        // configured, e.g. an imported one) stays.
+        return Ok(Credentials {
+            scram: Some(scram_keys(password, params)),
+            ..creds.clone()
+        });
+    }
+    let mut new = hash_credentials(password, params, true)?;
     new.apop_secret.clone_from(&creds.apop_secret);
     Ok(new)
 }
@@ -815,11 +836,20 @@ mod tests {
         assert!(verify_password(&new, b"pw", &current));
         assert!(!needs_upgrade(&new, &current));
 
-        // An account made from a PHC hash alone stays without SCRAM keys.
+        // An account made from a PHC hash alone gets SCRAM keys at its first password
+        // login; a hash at least as costly as configured is kept.
         let phc_only = credentials_from_phc(&creds.phc, &old).unwrap();
-        assert!(!needs_upgrade(&phc_only, &scram_only));
+        assert!(needs_upgrade(&phc_only, &old));
+        let new = upgraded(&phc_only, b"pw", &old).unwrap();
+        assert_eq!(new.phc, phc_only.phc);
+        assert_eq!(
+            new.scram.as_ref().map(|k| k.iterations),
+            Some(old.scram_iterations)
+        );
+        assert!(!needs_upgrade(&new, &old));
         let new = upgraded(&phc_only, b"pw", &current).unwrap();
-        assert!(new.scram.is_none());
+        assert!(new.phc.contains("m=2048,t=2,p=1"), "{}", new.phc);
+        assert!(new.scram.is_some());
         assert!(!needs_upgrade(
             &Credentials {
                 phc: "junk".into(),

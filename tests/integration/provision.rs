@@ -86,6 +86,12 @@ async fn serve_creates_domains_and_accounts_from_hashes_and_never_overwrites() {
         );
     }
 
+    // No SCRAM keys before a password login: SCRAM fails exactly like a wrong password.
+    let right = scram_login(&server, "joe@example.org", PASSWORD);
+    let wrong = scram_login(&server, "joe@example.org", "wrong");
+    assert!(right.starts_with("FAIL -ERR [AUTH]"), "{right}");
+    assert_eq!(right, wrong);
+
     // USER/PASS through poplib, and AUTH PLAIN.
     server.deliver("joe@example.org", &crate::common::message("hello", 2));
     let ca = server.ca.ca_pem.display().to_string();
@@ -100,11 +106,9 @@ async fn serve_creates_domains_and_accounts_from_hashes_and_never_overwrites() {
     let r = plain_login(&server, "ann@example.net", "wrong").await;
     assert!(r.starts_with("-ERR [AUTH]"), "{r}");
 
-    // No SCRAM keys without the password: SCRAM fails exactly like a wrong password.
-    let right = scram_login(&server, "joe@example.org", PASSWORD);
-    let wrong = scram_login(&server, "joe@example.org", "wrong");
-    assert!(right.starts_with("FAIL -ERR [AUTH]"), "{right}");
-    assert_eq!(right, wrong);
+    // The first password login gave joe SCRAM keys, keeping the provisioned hash.
+    let ok = scram_login(&server, "joe@example.org", PASSWORD);
+    assert!(ok.starts_with("OK +OK"), "{ok}");
     // `user passwd` gives the account SCRAM keys.
     let out = server.cli(
         &["user", "passwd", "ann@example.net", "--password-stdin"],
