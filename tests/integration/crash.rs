@@ -363,6 +363,26 @@ struct Load {
     stop: Arc<AtomicBool>,
 }
 
+/// The senders' results once they end; none may have failed before the kill.
+async fn join_senders(
+    senders: Vec<tokio::task::JoinHandle<Delivered>>,
+    killed: Instant,
+    ctx: &str,
+) -> Vec<Delivered> {
+    let mut delivered = Vec::new();
+    for s in senders {
+        let d = s.await.expect("sender");
+        if let Some((at, e)) = &d.error {
+            assert!(
+                *at >= killed,
+                "{ctx}: a delivery failed before the kill: {e}"
+            );
+        }
+        delivered.push(d);
+    }
+    delivered
+}
+
 /// Delivers messages (each to 1–3 users) over one LMTP connection after another, until
 /// `max`, `stop` or an error (the kill).
 async fn lmtp_load(load: Load, tag: String, seed: u64) -> Delivered {
@@ -653,17 +673,6 @@ fn check_log(server: &Server, from: usize, warnings: bool, ctx: &str) -> usize {
     log.len()
 }
 
-fn cli_ok(server: &Server, args: &[&str], stdin: &[u8]) -> String {
-    let out = server.cli(args, stdin);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A `serve` process for single-replica rounds.
 fn process_server() -> Server {
     Server::start_with(Options {
@@ -709,17 +718,7 @@ async fn delivery_round_kill(
     tokio::time::sleep(Duration::from_millis(rng.gen_range(0..800))).await;
     let killed = Instant::now();
     server.kill9();
-    let mut delivered = Vec::new();
-    for s in senders {
-        let d = s.await.expect("sender");
-        if let Some((at, e)) = &d.error {
-            assert!(
-                *at >= killed,
-                "{ctx}: a delivery failed before the kill: {e}"
-            );
-        }
-        delivered.push(d);
-    }
+    let delivered = join_senders(senders, killed, ctx).await;
     let mut seen = Seen::new();
     for r in pop3 {
         let (s, error) = r.await.expect("reader");
@@ -742,7 +741,7 @@ async fn delivery_round_kill(
 async fn crash_rounds_lmtp_delivery_under_load() {
     let (mut rng, seed) = seeded("crash_rounds_lmtp_delivery_under_load");
     let mut server = process_server();
-    cli_ok(&server, &["domain", "add", DOMAIN], b"");
+    server.cli_ok(&["domain", "add", DOMAIN], b"");
     let users: Vec<String> = (0..4).map(|i| address(&format!("u{i}"))).collect();
     for u in &users {
         server.add_user(u, PASSWORD);
@@ -848,7 +847,7 @@ async fn uidl_sizes(c: &mut Conn) -> Io<(Vec<String>, BTreeMap<String, usize>)> 
 async fn crash_rounds_quit_with_many_dele_marks() {
     let (mut rng, seed) = seeded("crash_rounds_quit_with_many_dele_marks");
     let mut server = process_server();
-    cli_ok(&server, &["domain", "add", DOMAIN], b"");
+    server.cli_ok(&["domain", "add", DOMAIN], b"");
     let user = address("q");
     server.add_user(&user, PASSWORD);
     let mut ever: BTreeSet<String> = BTreeSet::new();
@@ -1087,7 +1086,7 @@ async fn quota_limited(lmtp: SocketAddr, user: &str) -> bool {
 /// Reads the state after a restart and narrows the model to it; fails when the state
 /// is none of the possible ones.
 async fn observe(server: &Server, model: &mut Model, ctx: &str) {
-    let listed = cli_ok(server, &["domain", "list"], b"");
+    let listed = server.cli_ok(&["domain", "list"], b"");
     let listed: BTreeSet<&str> = listed.lines().map(str::trim).collect();
     for (name, states) in model.domains.iter_mut() {
         let present = listed.contains(name.as_str());
@@ -1097,11 +1096,11 @@ async fn observe(server: &Server, model: &mut Model, ctx: &str) {
         );
         if present {
             // Its store opens and answers.
-            cli_ok(server, &["user", "list", name], b"");
+            server.cli_ok(&["user", "list", name], b"");
         }
         *states = BTreeSet::from([present]);
     }
-    let users = cli_ok(server, &["user", "list", DOMAIN], b"");
+    let users = server.cli_ok(&["user", "list", DOMAIN], b"");
     let users: BTreeSet<&str> = users.lines().map(str::trim).collect();
     for (name, states) in model.accounts.iter_mut() {
         let state = if users.contains(name.as_str()) {
@@ -1148,7 +1147,7 @@ async fn observe(server: &Server, model: &mut Model, ctx: &str) {
 async fn crash_rounds_admin_operations_under_delivery() {
     let (mut rng, seed) = seeded("crash_rounds_admin_operations_under_delivery");
     let mut server = process_server();
-    cli_ok(&server, &["domain", "add", DOMAIN], b"");
+    server.cli_ok(&["domain", "add", DOMAIN], b"");
     let receivers: Vec<String> = (0..2).map(|i| address(&format!("d{i}"))).collect();
     let mut model = Model::default();
     for u in &receivers {
@@ -1227,17 +1226,7 @@ async fn crash_rounds_admin_operations_under_delivery() {
         stop.store(true, Ordering::SeqCst);
         let killed = Instant::now();
         server.kill9();
-        let mut delivered = Vec::new();
-        for s in senders {
-            let d = s.await.expect("sender");
-            if let Some((at, e)) = &d.error {
-                assert!(
-                    *at >= killed,
-                    "{ctx}: a delivery failed before the kill: {e}"
-                );
-            }
-            delivered.push(d);
-        }
+        let delivered = join_senders(senders, killed, &ctx).await;
         let (m, d, i) = tokio::task::spawn_blocking(move || admin.join())
             .await
             .expect("join")
@@ -1332,7 +1321,7 @@ async fn crash_rounds_cluster_home_and_moves() {
         },
         ..ClusterOptions::default()
     });
-    cli_ok(&c.replicas[1], &["domain", "add", DOMAIN], b"");
+    c.replicas[1].cli_ok(&["domain", "add", DOMAIN], b"");
     let users: Vec<String> = (0..3).map(|i| address(&format!("c{i}"))).collect();
     for u in &users {
         c.replicas[2].add_user(u, PASSWORD);
@@ -1362,17 +1351,7 @@ async fn crash_rounds_cluster_home_and_moves() {
         let killed = Instant::now();
         c.replicas[0].kill9();
         load.stop.store(true, Ordering::SeqCst);
-        let mut delivered = Vec::new();
-        for s in senders {
-            let d = s.await.expect("sender");
-            if let Some((at, e)) = &d.error {
-                assert!(
-                    *at >= killed,
-                    "{ctx}: a delivery failed before the kill: {e}"
-                );
-            }
-            delivered.push(d);
-        }
+        let delivered = join_senders(senders, killed, &ctx).await;
         let (seen, error) = reader.await.expect("reader");
         if let Some((at, e)) = error {
             assert!(
@@ -1450,14 +1429,7 @@ async fn crash_rounds_cluster_home_and_moves() {
             (move_ms * 5 / 4).min(10_000)
         };
         load.stop.store(true, Ordering::SeqCst);
-        for s in senders {
-            let d = s.await.expect("sender");
-            if let Some((at, e)) = &d.error {
-                assert!(
-                    *at >= killed,
-                    "{ctx}: a delivery failed before the kill: {e}"
-                );
-            }
+        for d in join_senders(senders, killed, &ctx).await {
             all_sent.extend(d.sent);
         }
         c.replicas[victim].spawn();

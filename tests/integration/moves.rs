@@ -21,17 +21,6 @@ fn user(local: &str) -> String {
     format!("{local}@{DOMAIN}")
 }
 
-fn cli_ok(server: &Server, args: &[&str]) -> String {
-    let out = server.cli(args, b"");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 async fn login(server: &Server, user: &str) -> Result<Raw, String> {
     let mut c = pop3s(server).await;
     let r = c.cmd(&format!("USER {user}")).await;
@@ -112,7 +101,7 @@ fn cluster() -> Cluster {
         },
         ..ClusterOptions::default()
     });
-    cli_ok(&c.replicas[1], &["domain", "add", DOMAIN]);
+    c.replicas[1].cli_ok(&["domain", "add", DOMAIN], b"");
     for u in ["joe", "ann", "bob"] {
         c.replicas[2].add_user(&user(u), PASSWORD);
     }
@@ -363,15 +352,9 @@ async fn a_domain_moves_under_load_keeping_every_uidl() {
         "{:?}",
         names()
     );
-    let kept = cli_ok(
-        &c.replicas[1],
-        &["cluster", "cleanup", "--older-than", "1d"],
-    );
+    let kept = c.replicas[1].cli_ok(&["cluster", "cleanup", "--older-than", "1d"], b"");
     assert!(kept.contains("mailgate-0: 1 newer copies kept"), "{kept}");
-    let removed = cli_ok(
-        &c.replicas[1],
-        &["cluster", "cleanup", "--older-than", "0s"],
-    );
+    let removed = c.replicas[1].cli_ok(&["cluster", "cleanup", "--older-than", "0s"], b"");
     assert!(
         removed.contains("mailgate-0: removed old copy of move.example"),
         "{removed}"
@@ -393,7 +376,7 @@ async fn a_move_whose_target_dies_leaves_the_domain_at_home() {
         pins: vec![(DOMAIN.to_owned(), replica_name(0))],
         ..ClusterOptions::default()
     });
-    cli_ok(&c.replicas[1], &["domain", "add", DOMAIN]);
+    c.replicas[1].cli_ok(&["domain", "add", DOMAIN], b"");
     let joe = user("joe");
     c.replicas[2].add_user(&joe, PASSWORD);
     // About 12 MB, so the copy takes long enough to be interrupted.
@@ -476,10 +459,7 @@ async fn a_move_whose_target_dies_leaves_the_domain_at_home() {
     assert_eq!(listing(&c.replicas[0], &joe).await.len(), before.len() + 1);
 
     c.replicas[1].spawn();
-    let out = cli_ok(
-        &c.replicas[0],
-        &["domain", "move", DOMAIN, "--to", "mailgate-1"],
-    );
+    let out = c.replicas[0].cli_ok(&["domain", "move", DOMAIN, "--to", "mailgate-1"], b"");
     assert!(out.contains("moved to mailgate-1 (epoch 4)"), "{out}");
     let moved = listing(&c.replicas[0], &joe).await;
     assert_eq!(moved[..before.len()], before[..]);
@@ -535,7 +515,7 @@ async fn a_new_replica_fills_by_rebalance_and_empties_by_drain() {
     c.redis.cmd(&["DEL", "mailgate:replica:mailgate-3"]);
     let domains: Vec<String> = (0..16).map(|i| format!("d{i}.example")).collect();
     for d in &domains {
-        cli_ok(&c.replicas[0], &["domain", "add", d]);
+        c.replicas[0].cli_ok(&["domain", "add", d], b"");
         c.replicas[1].add_user(&format!("joe@{d}"), PASSWORD);
         c.replicas[2].deliver(&format!("joe@{d}"), &message(d, 3));
     }
@@ -554,7 +534,7 @@ async fn a_new_replica_fills_by_rebalance_and_empties_by_drain() {
         assert!(Instant::now() < deadline, "no heartbeat");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let plan = cli_ok(&c.replicas[1], &["cluster", "rebalance", "--dry-run"]);
+    let plan = c.replicas[1].cli_ok(&["cluster", "rebalance", "--dry-run"], b"");
     let planned: Vec<&str> = plan
         .lines()
         .filter(|l| l.starts_with("would move"))
@@ -617,16 +597,13 @@ async fn a_new_replica_fills_by_rebalance_and_empties_by_drain() {
             "{d}"
         );
     }
-    let again = cli_ok(&c.replicas[0], &["cluster", "rebalance", "--dry-run"]);
+    let again = c.replicas[0].cli_ok(&["cluster", "rebalance", "--dry-run"], b"");
     assert!(again.contains("nothing to move"), "{again}");
 
     // Drain: everything leaves mailgate-3; new domains never land there.
-    let out = cli_ok(
-        &c.replicas[1],
-        &["cluster", "drain", "mailgate-3", "--pause-ms", "0"],
-    );
+    let out = c.replicas[1].cli_ok(&["cluster", "drain", "mailgate-3", "--pause-ms", "0"], b"");
     assert!(out.contains("moved to"), "{out}");
-    let status = cli_ok(&c.replicas[2], &["cluster", "status", "--json"]);
+    let status = c.replicas[2].cli_ok(&["cluster", "status", "--json"], b"");
     let status: serde_json::Value = serde_json::from_str(&status).expect("json");
     let draining: Vec<bool> = (0..4)
         .map(|i| {
@@ -646,7 +623,7 @@ async fn a_new_replica_fills_by_rebalance_and_empties_by_drain() {
     );
     for i in 0..8 {
         let d = format!("new{i}.example");
-        let added = cli_ok(&c.replicas[3], &["domain", "add", &d]);
+        let added = c.replicas[3].cli_ok(&["domain", "add", &d], b"");
         assert!(!added.contains("mailgate-3"), "{added}");
     }
     for d in &domains {
@@ -656,8 +633,8 @@ async fn a_new_replica_fills_by_rebalance_and_empties_by_drain() {
             "{d}"
         );
     }
-    cli_ok(&c.replicas[0], &["cluster", "undrain", "mailgate-3"]);
-    let plan = cli_ok(&c.replicas[1], &["cluster", "rebalance", "--dry-run"]);
+    c.replicas[0].cli_ok(&["cluster", "undrain", "mailgate-3"], b"");
+    let plan = c.replicas[1].cli_ok(&["cluster", "rebalance", "--dry-run"], b"");
     assert!(
         plan.lines().filter(|l| l.starts_with("would move")).count() >= planned.len(),
         "{plan}"

@@ -598,6 +598,18 @@ scram_iterations = 4096
         cli(&self.config, args, stdin)
     }
 
+    /// `cli`, which must succeed: its stdout.
+    pub fn cli_ok(&self, args: &[&str], stdin: &[u8]) -> String {
+        let out = self.cli(args, stdin);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn add_domain(&self, domain: &str) {
         let out = self.cli(&["domain", "add", domain], b"");
         assert!(
