@@ -125,12 +125,14 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
 
+# Every fuzz target for a bounded time on the stable toolchain, reusing the dependencies
+# just built (docs/SECURITY.md, "Fuzzing"). libFuzzer is compiled from libfuzzer-sys's
+# bundled sources by the system C++ compiler. Before the audit, so that a cargo-audit
+# build still under way keeps using the core a fuzzer leaves.
+./scripts/fuzz.sh
+
 if [ -n "$audit_build" ]; then
     wait "$audit_build" || { cat "$audit_dir/install.log" >&2; echo "cargo-audit build failed" >&2; exit 1; }
 fi
 "$audit_dir/bin/cargo-audit" audit --db "$audit_db"
 "$audit_dir/bin/cargo-audit" audit --db "$audit_db" --file fuzz/Cargo.lock
-# Every fuzz target for a bounded time on the stable toolchain, reusing the dependencies
-# just built (docs/SECURITY.md, "Fuzzing"). libFuzzer is compiled from libfuzzer-sys's
-# bundled sources by the system C++ compiler.
-./scripts/fuzz.sh
