@@ -362,6 +362,7 @@ pub fn execute(
                 credentials,
             } => {
                 let address = Address::parse(&address).map_err(|e| store_failure(e.into()))?;
+                check_credentials(&address, &credentials, hashes)?;
                 let imported = migrate::import_account(
                     directory,
                     &address,
@@ -1331,9 +1332,9 @@ mod tests {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    /// `user add` and `user passwd` take credentials the server can verify (argon2id, or
-    /// an imported legacy hash within its ceiling) and refuse anything else, never
-    /// echoing it.
+    /// `user add`, `user passwd` and an import take credentials the server can verify
+    /// (argon2id, or an imported legacy hash within its ceiling) and refuse anything
+    /// else, never echoing it.
     #[test]
     fn credentials_from_clients_are_checked_by_the_server() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1381,9 +1382,19 @@ mod tests {
         assert!(r.ok, "{r:?}");
         let r = run(Request::UserPasswd {
             address: "joe@a.org".into(),
-            credentials: garbage,
+            credentials: garbage.clone(),
         });
         assert!(!r.ok && r.exit_code == exit::DATAERR, "{r:?}");
+        // An import creates no account from credentials no login could verify.
+        let r = run(Request::ImportAccount {
+            address: "ann@a.org".into(),
+            credentials: garbage,
+        });
+        let error = r.error.clone().unwrap_or_default();
+        assert!(!r.ok && r.exit_code == exit::DATAERR, "{r:?}");
+        assert!(!error.contains("SECRET"), "{error}");
+        let store = directory.domain("a.org").expect("store");
+        assert!(store.account("ann").expect("read").is_none());
         let good = crate::auth::make_credentials("pw", &hashes).expect("hash");
         assert!(
             run(Request::UserPasswd {
