@@ -513,6 +513,15 @@ impl Cluster {
                         Announced::Created | Announced::TookOver => {
                             info!(domain, epoch = record.epoch, outcome = ?what, "domain homed here");
                         }
+                        // A copy a finished move left behind (its old home killed
+                        // before renaming it): retired like the move would have, kept
+                        // for `cluster cleanup`, never deleted here.
+                        Announced::Stale
+                            if record.state == State::Active && record.home != self.name =>
+                        {
+                            info!(domain, home = %record.home, epoch, recorded = record.epoch, "this copy is older than the home's: retired");
+                            self.retire(directory, domain).await;
+                        }
                         Announced::Stale => {
                             warn!(domain, home = %record.home, epoch, recorded = record.epoch, "this copy is older than the home's: not served here");
                         }
