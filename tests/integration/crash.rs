@@ -203,38 +203,18 @@ async fn pop3_session(addr: SocketAddr, ca: &Path, user: &str) -> Conn {
 
 /// Every message of a POP3 session: (UIDL, octets from LIST, RETR content).
 async fn retrieve_all(c: &mut Conn) -> Io<Vec<(String, usize, Vec<u8>)>> {
-    let r = c.cmd("UIDL").await?;
-    if !r.starts_with("+OK") {
-        return Err(format!("UIDL: {r}"));
-    }
-    let uidls = String::from_utf8_lossy(&c.multiline().await?).into_owned();
-    let r = c.cmd("LIST").await?;
-    if !r.starts_with("+OK") {
-        return Err(format!("LIST: {r}"));
-    }
-    let sizes = String::from_utf8_lossy(&c.multiline().await?).into_owned();
-    let sizes: HashMap<&str, usize> = sizes
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.split_whitespace();
-            Some((parts.next()?, parts.next()?.parse().ok()?))
-        })
-        .collect();
+    let (order, sizes) = uidl_sizes(c).await?;
     let mut out = Vec::new();
-    for l in uidls.lines() {
-        let mut parts = l.split_whitespace();
-        let (Some(n), Some(uid)) = (parts.next(), parts.next()) else {
-            return Err(format!("UIDL line {l:?}"));
-        };
+    // A fresh session numbers its messages 1.. in UIDL order.
+    for (i, uid) in order.into_iter().enumerate() {
+        let n = i + 1;
         let r = c.cmd(&format!("RETR {n}")).await?;
         if !r.starts_with("+OK") {
             return Err(format!("RETR {n}: {r}"));
         }
         let body = c.multiline().await?;
-        let octets = *sizes
-            .get(n)
-            .ok_or_else(|| format!("no LIST size for {n}"))?;
-        out.push((uid.to_owned(), octets, body));
+        let octets = sizes[&uid];
+        out.push((uid, octets, body));
     }
     Ok(out)
 }
