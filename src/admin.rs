@@ -383,8 +383,8 @@ pub fn execute(
                 Ok(vec![
                     serde_json::to_string(&imported).unwrap_or_default(),
                     format!(
-                        "{address}: {} message(s) imported, {} already there, {} octets",
-                        imported.messages, imported.existing, imported.octets
+                        "{address}: {} message(s) imported, {} already there, {} deleted since, {} octets",
+                        imported.messages, imported.existing, imported.deleted, imported.octets
                     ),
                 ])
             }

@@ -701,10 +701,11 @@ fn import_dovecot(config: &Config, args: DovecotArgs) -> Result<u8> {
                     "skipped-existing"
                 };
                 println!(
-                    "{name}: {status}: {} message(s), {} octets, {} already there{}{}",
+                    "{name}: {status}: {} message(s), {} octets, {} already there, {} deleted since{}{}",
                     done.messages,
                     done.octets,
                     done.existing,
+                    done.deleted,
                     if done.created {
                         ", account created"
                     } else {

@@ -6,8 +6,9 @@
 //! holds now and sends the bodies the receiver lacks; the receiver drops what the sender
 //! no longer has. After the pass the receiver reports per-account counts, octets and a
 //! digest of the UIDLs, which the sender compares with its own. Message ids (and so
-//! UIDLs) are kept, stored UIDLs (imported mail) travel with their messages, and the
-//! digest covers them; the final pass carries the id allocator's position.
+//! UIDLs) are kept, stored UIDLs (imported mail) travel with their messages and the
+//! tombstones of deleted ones with their account, and the digest covers both; the final
+//! pass carries the id allocator's position.
 //!
 //! Messages are a kind byte, a 4-byte big-endian length and the payload:
 //!
@@ -18,6 +19,7 @@
 //! | `A`  | → | an account: JSON `{"local", "account"}` |
 //! | `I`  | ← | ids the receiver holds for it (u64 BE each); `i` ends them |
 //! | `E`  | → | the sender's entries: id u64, octets u64, seen u8 each; `e` ends them |
+//! | `T`  | → | the account's tombstones (deleted imported UIDLs), one per line; `t` ends them |
 //! | `M`  | → | a message follows: id u64, octets u64, seen u8, then its stored UIDL if it has one (format 4); `B` body chunks; `m` ends it |
 //! | `Z`  | → | pass end: JSON `{"id_floor": u64 or null}` |
 //! | `V`  | ← | the receiver's summary: JSON list of [`AccountSum`] |
@@ -82,7 +84,8 @@ pub struct AccountSum {
     pub messages: u64,
     pub octets: u64,
     pub seen: u64,
-    /// SHA-256 (hex) of the account's UIDLs in maildrop order, one per line.
+    /// SHA-256 (hex) of the account's UIDLs in maildrop order, one per line, then a
+    /// blank line and its tombstones (deleted imported UIDLs), one per line.
     pub uidls: String,
     /// SHA-256 (hex) of the account record (credentials, nonce, quota).
     pub record: String,
@@ -108,6 +111,11 @@ pub fn summarize(store: &DomainStore) -> Result<Vec<AccountSum>, StoreError> {
             messages += 1;
             octets += m.octets;
             seen += u64::from(m.seen);
+        }
+        uidls.update(b"\n");
+        for uidl in store.tombstones(&local)? {
+            uidls.update(uidl.as_bytes());
+            uidls.update(b"\n");
         }
         out.push(AccountSum {
             local,
@@ -308,13 +316,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sender<S> {
         let locals = blocking(move || s.list_accounts()).await?;
         for local in locals {
             let (s, l) = (store.clone(), local.clone());
-            let Some((account, entries, uidls)) = blocking(move || {
+            let Some((account, entries, uidls, tombstones)) = blocking(move || {
                 let Some(account) = s.account(&l)? else {
                     return Ok(None);
                 };
                 let entries = s.snapshot(&l)?;
                 let uidls = s.uidls(&l, account.uid_nonce)?;
-                Ok(Some((account, entries, uidls)))
+                Ok(Some((account, entries, uidls, s.tombstones(&l)?)))
             })
             .await?
             else {
@@ -349,6 +357,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Sender<S> {
                 wire.send(b'E', &chunk).await?;
             }
             wire.send(b'e', &[]).await?;
+            chunk.clear();
+            for uidl in &tombstones {
+                if chunk.len() + uidl.len() + 1 > MAX_PAYLOAD {
+                    wire.send(b'T', &chunk).await?;
+                    chunk.clear();
+                }
+                chunk.extend_from_slice(uidl.as_bytes());
+                chunk.push(b'\n');
+            }
+            if !chunk.is_empty() {
+                wire.send(b'T', &chunk).await?;
+            }
+            wire.send(b't', &[]).await?;
             for m in entries.iter().filter(|m| !held.contains(&m.id)) {
                 chunk.clear();
                 entry_bytes(&mut chunk, m.id, m.octets, m.seen);
@@ -600,8 +621,33 @@ async fn receive_account<S: AsyncRead + AsyncWrite + Unpin>(
         .filter(|id| !keep.contains(id))
         .collect();
     let held: HashSet<u64> = held.into_iter().collect();
+    let mut tombstones = Vec::new();
+    loop {
+        match wire.recv().await? {
+            b'T' => {
+                for line in wire.payload.split_inclusive(|&b| b == b'\n') {
+                    let uidl = line
+                        .strip_suffix(b"\n")
+                        .and_then(|u| std::str::from_utf8(u).ok())
+                        .ok_or_else(|| protocol("bad tombstone list"))?;
+                    tombstones.push(uidl.to_owned());
+                }
+            }
+            b't' => break,
+            k => {
+                return Err(protocol(format!(
+                    "expected tombstones, got {:?}",
+                    char::from(k)
+                )))
+            }
+        }
+    }
     let (s, l) = (store.clone(), local.clone());
-    blocking(move || s.update_maildrop(&l, &gone, &seen)).await?;
+    blocking(move || {
+        s.update_maildrop(&l, &gone, &seen)?;
+        s.set_tombstones(&l, &tombstones)
+    })
+    .await?;
     // The messages the receiver lacks, then the next account or the pass's end.
     loop {
         let kind = wire.recv().await?;
@@ -862,8 +908,9 @@ mod tests {
     }
 
     /// Stored UIDLs (imported mail) travel with their messages through a pre-copy, a
-    /// deletion and a final pass; the summaries (which digest the UIDLs as listings show
-    /// them) agree, and the copy refuses to import the same mail again.
+    /// deletion and a final pass, and the tombstones of deleted ones with the account;
+    /// the summaries (which digest both) agree, and the copy refuses to import the same
+    /// mail again, deleted or not.
     #[tokio::test(flavor = "multi_thread")]
     async fn stored_uidls_survive_two_passes_and_a_deletion() {
         let t = Two::new();
@@ -871,6 +918,8 @@ mod tests {
         let a = import(store, "00000001507c2d5c", b"a\r\n");
         let b = import(store, "00000002507c2d5c", b"b\r\n");
         let own = deliver(store, "u", b"own\r\n");
+        let early = import(store, "00000004507c2d5c", b"early\r\n");
+        store.update_maildrop("u", &[early], &[]).unwrap();
         let before = summarize(store).unwrap();
 
         let (_served, receiver, mut sender) = t.link().await;
@@ -904,6 +953,15 @@ mod tests {
         assert_eq!(body(&moved, c), b"c\r\n");
         assert!(moved
             .begin_import("u", "00000002507c2d5c")
+            .unwrap()
+            .is_none());
+        // The deleted ones' tombstones came along: the copy does not import them again.
+        assert_eq!(
+            moved.tombstones("u").unwrap(),
+            ["00000001507c2d5c", "00000004507c2d5c"]
+        );
+        assert!(moved
+            .begin_import("u", "00000004507c2d5c")
             .unwrap()
             .is_none());
     }

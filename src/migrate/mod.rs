@@ -23,6 +23,10 @@ pub struct Imported {
     pub messages: u64,
     /// Messages skipped because the account already holds their UIDL (a rerun).
     pub existing: u64,
+    /// Messages skipped because a message with their UIDL was imported before and
+    /// deleted since (a rerun after users deleted mail): never brought back.
+    #[serde(default)]
+    pub deleted: u64,
     /// Octets stored now, as POP3 counts them (CRLF line ends).
     pub octets: u64,
     /// The maildrop is over its quota after the import.
@@ -50,8 +54,9 @@ const CHUNK: usize = 64 * 1024;
 /// creating the account with `credentials` when it does not exist (an existing account
 /// keeps its password: it may have been upgraded or changed since the first run). Each
 /// message is stored on its own, in stream order, with its UIDL; one whose UIDL the
-/// account already holds is read and skipped, so a rerun completes an interrupted
-/// import without duplicates. Bare LF becomes CRLF as at delivery; no header is added;
+/// account already holds, or held and deleted since, is read and skipped, so a rerun
+/// completes an interrupted import without duplicates and without bringing back mail
+/// the user deleted. Bare LF becomes CRLF as at delivery; no header is added;
 /// quotas are not enforced but reported (`account_quota` is the configured default).
 pub fn import_account(
     directory: &Directory,
@@ -124,6 +129,7 @@ pub fn import_account(
                 p.commit(&store)?;
                 imported.messages += 1;
             }
+            None if store.uidl_deleted(&address.local, uidl)? => imported.deleted += 1,
             None => imported.existing += 1,
         }
     }

@@ -17,7 +17,7 @@
 //! | `meta`     | `format`                              | format version (u32 BE)        |
 //! | `meta`     | `id_base`                             | added to sled's ids (u64 BE)   |
 //! | `uidls`    | local part, `0x00`, id (u64 BE)       | the message's stored UIDL      |
-//! | `uidl_ids` | local part, `0x00`, stored UIDL       | the message's id (u64 BE)      |
+//! | `uidl_ids` | local part, `0x00`, stored UIDL       | the message's id (u64 BE), or empty: deleted |
 //!
 //! Flags of a maildrop entry: bit 0 (`FLAG_SEEN`) is set once a client retrieved the
 //! message in a session that ended in UPDATE. Format history, upgraded in place at open
@@ -35,7 +35,9 @@
 //!   the message visible and removed in the one that deletes it. Read as format 3, a
 //!   store would show imported mail under computed UIDLs and clients would fetch it all
 //!   again: hence a new version. A format 3 store has no stored UIDLs, so its upgrade
-//!   rewrites nothing.
+//!   rewrites nothing. Deleting a message with a stored UIDL leaves its `uidl_ids`
+//!   entry with an empty value, a tombstone, so importing the same mail again does not
+//!   bring back what the user deleted; an account's tombstones go with the account.
 //!
 //! Beside sled's files, `USAGE_FILE` in the domain's directory records the domain's
 //! accounts, messages and octets as of its last close (or housekeeping pass), so the
@@ -563,6 +565,7 @@ impl Directory {
                 }
                 message.commit(&copy)?;
             }
+            copy.set_tombstones(local, &store.tombstones(local)?)?;
         }
         copy.raise_id_floor(store.id_floor()?)?;
         if copy.list_accounts()? != locals {
@@ -576,7 +579,11 @@ impl Directory {
                 ),
                 _ => (false, false),
             };
-            if !same_record || !same_uidls || store.snapshot(local)? != copy.snapshot(local)? {
+            if !same_record
+                || !same_uidls
+                || store.snapshot(local)? != copy.snapshot(local)?
+                || store.tombstones(local)? != copy.tombstones(local)?
+            {
                 return Err(corrupt(format!("account {local} differs")));
             }
         }
@@ -944,6 +951,19 @@ fn uidl_key(local: &str, uidl: &str) -> Vec<u8> {
     key
 }
 
+/// What an unlink of messages is, which decides what becomes of their stored UIDLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unlink {
+    /// Messages deleted (by a client, an admin, a move's delta): a stored UIDL stays as
+    /// a tombstone, so a rerun of an import does not bring the message back.
+    Delete,
+    /// Messages no one was told of (a commit answered as failed, entries a crash left
+    /// under a new account's name): their stored UIDLs go, so an import may add them.
+    Forget,
+    /// The account record and its messages; the caller removes its tombstones after.
+    Account,
+}
+
 /// A stored UIDL as a store error: refused, with the reason.
 fn invalid_uidl(e: crate::wire::UidlError) -> StoreError {
     StoreError::InvalidUidl(e)
@@ -1261,7 +1281,7 @@ impl DomainStore {
         }
         let mut removed = Vec::new();
         for (local, id) in failed.iter() {
-            removed.extend(self.unlink_messages(local, &[*id], &[], false)?);
+            removed.extend(self.unlink_messages(local, &[*id], &[], Unlink::Forget)?);
         }
         self.flush()?;
         let domain = &self.name;
@@ -1323,14 +1343,14 @@ impl DomainStore {
 
     /// Atomically removes the given maildrop entries of `local` (those that exist), lists
     /// their ids in `trash` and sets the seen flag of the `seen` entries that remain;
-    /// returns the ids removed. With `remove_account`, the account record goes in the
-    /// same transaction (`UnknownAccount` if absent).
+    /// returns the ids removed. `how` decides what becomes of the record and of the
+    /// removed messages' stored UIDLs.
     fn unlink_messages(
         &self,
         local: &str,
         ids: &[u64],
         seen: &[u64],
-        remove_account: bool,
+        how: Unlink,
     ) -> Result<Vec<u64>, StoreError> {
         let mut usage = lock(&self.usage);
         *usage = None;
@@ -1343,7 +1363,7 @@ impl DomainStore {
         );
         trees
             .transaction(|(accounts, maildrop, trash, uidls, uidl_ids)| {
-                if remove_account && accounts.remove(local.as_bytes())?.is_none() {
+                if how == Unlink::Account && accounts.remove(local.as_bytes())?.is_none() {
                     return Err(ConflictableTransactionError::Abort(
                         StoreError::UnknownAccount(self.address(local)),
                     ));
@@ -1358,7 +1378,11 @@ impl DomainStore {
                     if let Some(uidl) = uidls.remove(key)? {
                         let mut index = maildrop_prefix(local);
                         index.extend_from_slice(&uidl);
-                        uidl_ids.remove(index)?;
+                        if how == Unlink::Delete {
+                            uidl_ids.insert(index, &[])?;
+                        } else {
+                            uidl_ids.remove(index)?;
+                        }
                     }
                 }
                 for &id in seen {
@@ -1419,7 +1443,8 @@ impl DomainStore {
     /// Creates an account; `AccountExists` if present. Flushed before returning.
     ///
     /// Maildrop entries left under this name by a removal that a crash interrupted are
-    /// cleared first, so a new account never inherits an old one's mail.
+    /// cleared first, and any tombstones (deleted imported UIDLs) of an earlier account
+    /// of the name, so a new account never inherits an old one's mail or import state.
     pub fn create_account(&self, local: &str, account: &Account) -> Result<(), StoreError> {
         check_local(local)?;
         let record = self.encode(local, account)?;
@@ -1436,10 +1461,11 @@ impl DomainStore {
         // No delivery can add entries now: commits require the account record.
         let stale = self.maildrop_ids(local)?;
         if !stale.is_empty() {
-            let removed = self.unlink_messages(local, &stale, &[], false)?;
+            let removed = self.unlink_messages(local, &stale, &[], Unlink::Forget)?;
             self.flush()?;
             self.purge(&removed)?;
         }
+        self.forget_tombstones(local)?;
         let mut usage = lock(&self.usage);
         self.accounts
             .compare_and_swap(local, None as Option<&[u8]>, Some(record))
@@ -1522,11 +1548,12 @@ impl DomainStore {
         let _admin = lock(&self.account_admin);
         let _write = self.writable()?;
         let ids = self.maildrop_ids(local)?;
-        let mut removed = self.unlink_messages(local, &ids, &[], true)?;
+        let mut removed = self.unlink_messages(local, &ids, &[], Unlink::Account)?;
         let late = self.maildrop_ids(local)?;
         if !late.is_empty() {
-            removed.extend(self.unlink_messages(local, &late, &[], false)?);
+            removed.extend(self.unlink_messages(local, &late, &[], Unlink::Forget)?);
         }
+        self.forget_tombstones(local)?;
         self.flush()?;
         self.purge(&removed)
     }
@@ -1614,7 +1641,8 @@ impl DomainStore {
     /// Starts an imported message for `local`'s maildrop that keeps `uidl`, the UIDL the
     /// server it comes from showed for it (`wire::validate_uidl`: RFC 1939's form, and
     /// never one of mailgate's own). `Ok(None)` when the account already holds a message
-    /// with that stored UIDL, so importing the same mail again adds nothing. The message
+    /// with that stored UIDL, or held one that was deleted since (`uidl_deleted`), so
+    /// importing the same mail again adds nothing and brings back nothing. The message
     /// gets the next id, so messages imported in order are listed in that order; it is
     /// written and committed like a delivery, and the UIDL is recorded in the commit's
     /// transaction. Quotas are not checked here (the caller's business); the free-space
@@ -1638,6 +1666,87 @@ impl DomainStore {
         let mut message = self.begin_with_id(local, id)?;
         message.uidl = Some(uidl.into());
         Ok(Some(message))
+    }
+
+    /// Whether `uidl` is the stored UIDL of a message of `local` that was deleted (a
+    /// tombstone): `begin_import` skips it like one the account holds.
+    pub fn uidl_deleted(&self, local: &str, uidl: &str) -> Result<bool, StoreError> {
+        check_local(local)?;
+        Ok(self
+            .uidl_ids
+            .get(uidl_key(local, uidl))
+            .map_err(|e| self.sled_err(e))?
+            .is_some_and(|v| v.is_empty()))
+    }
+
+    /// The stored UIDLs of `local`'s deleted messages (its tombstones), in byte order.
+    pub fn tombstones(&self, local: &str) -> Result<Vec<String>, StoreError> {
+        check_local(local)?;
+        let prefix = maildrop_prefix(local);
+        let mut out = Vec::new();
+        for entry in self.uidl_ids.scan_prefix(&prefix) {
+            let (key, value) = entry.map_err(|e| self.sled_err(e))?;
+            if !value.is_empty() {
+                continue;
+            }
+            match std::str::from_utf8(&key[prefix.len()..])
+                .ok()
+                .filter(|u| crate::wire::validate_uidl(u).is_ok())
+            {
+                Some(uidl) => out.push(uidl.to_owned()),
+                None => {
+                    return Err(StoreError::Corrupt(format!(
+                        "bad deleted UIDL of {local}@{} in {}",
+                        self.name, self.path
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes `uidls` the tombstones of `local` (a copy's, in a compaction or a move):
+    /// others go, and a UIDL a message of the account holds stays that message's. Not
+    /// flushed (the copy's caller flushes).
+    pub fn set_tombstones(&self, local: &str, uidls: &[String]) -> Result<(), StoreError> {
+        check_local(local)?;
+        for uidl in uidls {
+            crate::wire::validate_uidl(uidl).map_err(invalid_uidl)?;
+        }
+        let _write = self.writable()?;
+        let wanted: std::collections::HashSet<&str> = uidls.iter().map(String::as_str).collect();
+        let mut batch = Batch::default();
+        for old in self.tombstones(local)? {
+            if !wanted.contains(old.as_str()) {
+                batch.remove(uidl_key(local, &old));
+            }
+        }
+        for uidl in &wanted {
+            let key = uidl_key(local, uidl);
+            if !self
+                .uidl_ids
+                .contains_key(&key)
+                .map_err(|e| self.sled_err(e))?
+            {
+                batch.insert(key, &[]);
+            }
+        }
+        self.uidl_ids
+            .apply_batch(batch)
+            .map_err(|e| self.sled_err(e))
+    }
+
+    /// Removes every `uidl_ids` entry of `local`, which has no account (removed, or
+    /// about to be created): tombstones of an earlier account of the name, or index
+    /// entries a crash left behind.
+    fn forget_tombstones(&self, local: &str) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for key in self.uidl_ids.scan_prefix(maildrop_prefix(local)).keys() {
+            batch.remove(key.map_err(|e| self.sled_err(e))?);
+        }
+        self.uidl_ids
+            .apply_batch(batch)
+            .map_err(|e| self.sled_err(e))
     }
 
     /// The UIDLs of `local`'s messages as listings show them (the account's `nonce`
@@ -1705,7 +1814,7 @@ impl DomainStore {
     ) -> Result<(), StoreError> {
         check_local(local)?;
         let _write = self.writable()?;
-        let removed = self.unlink_messages(local, delete, seen, false)?;
+        let removed = self.unlink_messages(local, delete, seen, Unlink::Delete)?;
         self.flush()?;
         if let Err(e) = self.purge(&removed).and_then(|()| self.flush()) {
             let domain = &self.name;
@@ -2611,7 +2720,9 @@ mod tests {
             gone = deliver(&store, "u", &pattern(CHUNK_SIZE * 2, 2));
             // The commit point of a delete without its body removal: a crash right after.
             assert_eq!(
-                store.unlink_messages("u", &[gone.id], &[], false).unwrap(),
+                store
+                    .unlink_messages("u", &[gone.id], &[], Unlink::Delete)
+                    .unwrap(),
                 vec![gone.id]
             );
             store.flush().unwrap();
@@ -3134,8 +3245,8 @@ mod tests {
     }
 
     /// Imported messages keep their UIDLs, listed in import order among the computed
-    /// ones of delivered mail; importing a UIDL again adds nothing; deleting the message
-    /// takes its UIDL with it.
+    /// ones of delivered mail; importing a UIDL again adds nothing, also once the message
+    /// was deleted (its tombstone stays); removing the account forgets all of it.
     #[test]
     fn imported_messages_keep_their_uidls_and_are_never_duplicated() {
         let (tmp, dir) = setup();
@@ -3169,16 +3280,40 @@ mod tests {
             ]
         );
         assert_eq!(store.usage().unwrap().messages, 4);
-        // Deleted: the UIDL goes with it, and the same mail may be imported again.
+        // Deleted: the message and its listed UIDL go, a tombstone stays, and importing
+        // the same mail again brings nothing back; the other account is unaffected.
+        assert!(!store.uidl_deleted("u", "00000001507c2d5c").unwrap());
         store.update_maildrop("u", &[first.id], &[]).unwrap();
         assert_eq!(store.uidls("u", 7).unwrap().stored(first.id), None);
-        let again = import(&store, "u", "00000001507c2d5c", b"one\r\n").unwrap();
-        assert!(again.id > delivered.id);
-        // Removing the account removes its UIDLs; a new account of the name has none.
+        assert!(store.uidl_deleted("u", "00000001507c2d5c").unwrap());
+        assert!(!store.uidl_deleted("v", "00000001507c2d5c").unwrap());
+        assert_eq!(store.tombstones("u").unwrap(), ["00000001507c2d5c"]);
+        assert!(store.tombstones("v").unwrap().is_empty());
+        assert!(import(&store, "u", "00000001507c2d5c", b"one\r\n").is_none());
+        assert_eq!(store.snapshot("u").unwrap().len(), 2);
+        // A copy's tombstones replace the account's; a held UIDL is never one.
+        store
+            .set_tombstones("u", &["t1".into(), "00000002507c2d5c".into()])
+            .unwrap();
+        assert_eq!(store.tombstones("u").unwrap(), ["t1"]);
+        assert!(store.uidls("u", 7).unwrap().stored(second.id).is_some());
+        assert!(matches!(
+            store.set_tombstones("u", &["bad uidl".into()]),
+            Err(StoreError::InvalidUidl(_))
+        ));
+        // Removing the account removes its UIDLs and tombstones; a new account of the
+        // name has none and may import the same mail.
         store.remove_account("u").unwrap();
+        assert!(store.tombstones("u").unwrap().is_empty());
         store.create_account("u", &account(9)).unwrap();
         assert!(!store.uidls("u", 9).unwrap().has_stored());
         assert!(import(&store, "u", "00000002507c2d5c", b"two\r\n").is_some());
+        assert!(import(&store, "u", "t1", b"t1\r\n").is_some());
+        // Tombstones under a name without an account (a removal a crash cut short) are
+        // forgotten when an account of the name is created.
+        store.set_tombstones("w", &["left".into()]).unwrap();
+        store.create_account("w", &account(4)).unwrap();
+        assert!(store.tombstones("w").unwrap().is_empty());
         // Kept across a close and reopen, in format 4.
         drop((store, dir));
         let dir = Directory::open(tmp.path(), opts(Duration::from_secs(3600))).unwrap();
@@ -3341,7 +3476,8 @@ mod tests {
         assert_eq!(store.uidls("u", 3).unwrap(), before);
         assert_eq!(before.stored(kept.id), Some("kept-uidl"));
         assert!(import(&store, "u", "kept-uidl", b"kept\r\n").is_none());
-        assert!(import(&store, "u", "gone-uidl", b"gone\r\n").is_some());
+        assert_eq!(store.tombstones("u").unwrap(), ["gone-uidl"]);
+        assert!(import(&store, "u", "gone-uidl", b"gone\r\n").is_none());
     }
 
     #[test]

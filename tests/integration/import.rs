@@ -2,7 +2,8 @@
 //! LMTP (some of it then deleted over POP3), imported into a running `mailgate serve`,
 //! and read back over POP3 from both servers: the same UIDLs, LIST sizes and bytes, the
 //! same passwords for every scheme, fetchmail's UIDL memory still valid, reruns adding
-//! nothing, and the hostile inputs reported per account.
+//! nothing (nor bringing back what a user deleted), and the hostile inputs reported per
+//! account.
 
 use crate::common::dovecot::{hash, Dovecot};
 use crate::common::{fetchmail, require_tool, write_private, Options, Raw, Server};
@@ -331,6 +332,31 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
         .filter_map(|l| l.split(' ').nth(1))
         .collect();
     assert!(!imported.contains(&newest), "{newest} collides");
+
+    // Mail the user deletes on mailgate stays deleted when the import runs again.
+    let mut c = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
+    assert!(c.line().await.starts_with("+OK"));
+    assert!(c.login(user, password).await.starts_with("+OK"));
+    assert!(c.cmd("DELE 1").await.starts_with("+OK"));
+    assert!(c.cmd("DELE 2").await.starts_with("+OK"));
+    assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    let out = import(&server, &dovecot.passwd, "maildir:~/Maildir", &[]);
+    assert!(out.status.success(), "{out:?}");
+    let report = text(&out.stdout);
+    let kept = before[0].uidl.len() - 2;
+    assert!(
+        report.contains(&format!(
+            "{user}: skipped-existing: 0 message(s), 0 octets, {kept} already there, 2 deleted since"
+        )),
+        "{report}"
+    );
+    let now = mailgate_shows(&server, user, password).await;
+    assert_eq!(now.uidl.len(), after.uidl.len() - 2, "{now:?}");
+    assert_eq!(
+        now.bodies[..],
+        after.bodies[2..],
+        "the deleted messages stayed deleted"
+    );
 
     // Every hash is argon2id now: imported plaintext at once, legacy ones at login.
     server.stop();
