@@ -382,6 +382,9 @@ pub struct UidEntry {
     pub pop3_uidl: Option<String>,
     /// `G`: the message's GUID.
     pub guid: Option<String>,
+    /// `O`: the message's place in POP3 listings, where it differs from UID order (mail
+    /// Dovecot itself imported). None when absent or not a number, as Dovecot reads it.
+    pub pop3_order: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -448,11 +451,16 @@ pub fn parse_uidlist(text: &[u8]) -> Result<Uidlist, UidlistError> {
         if base.is_empty() || base.contains(['/', '\0']) || base.starts_with('.') {
             return Err(bad("bad file name"));
         }
-        let (mut pop3_uidl, mut guid) = (None, None);
+        let (mut pop3_uidl, mut guid, mut pop3_order) = (None, None, None);
         for ext in fields.filter(|f| !f.is_empty()) {
             match ext.as_bytes()[0] {
                 b'P' => pop3_uidl = Some(ext[1..].to_owned()),
                 b'G' => guid = Some(ext[1..].to_owned()),
+                b'O' => {
+                    pop3_order = Some(&ext[1..])
+                        .filter(|o| o.bytes().all(|b| b.is_ascii_digit()))
+                        .and_then(|o| o.parse().ok())
+                }
                 _ => {}
             }
         }
@@ -461,6 +469,7 @@ pub fn parse_uidlist(text: &[u8]) -> Result<Uidlist, UidlistError> {
             base: base.to_owned(),
             pop3_uidl,
             guid,
+            pop3_order,
         });
     }
     let next_uid = entries
@@ -858,6 +867,10 @@ carol@other.org:{PLAIN}x\nbroken\n:{PLAIN}x\ndave:\nalice:{PLAIN}again\n../x:{PL
         // Dovecot appends lines without rewriting the header's N.
         let list = parse_uidlist(b"3 V17 N1\n1 :a\n2 :b\n").unwrap();
         assert_eq!(list.next_uid, 3);
+        // POP3 order records; one that is not a number counts as none, as in Dovecot.
+        let list = parse_uidlist(b"3 V17 N4\n1 O2 :a\n2 O+1 :b\n3 O1 W9 :c\n").unwrap();
+        let orders: Vec<Option<u64>> = list.entries.iter().map(|e| e.pop3_order).collect();
+        assert_eq!(orders, [Some(2), None, Some(1)]);
     }
 
     #[test]

@@ -84,7 +84,8 @@ struct Found {
     size: Option<u64>,
 }
 
-/// The messages of the Maildir at `dir` that POP3 shows, in UID order. Expunged mail
+/// The messages of the Maildir at `dir` that POP3 shows, in the order Dovecot's POP3
+/// lists them (UID order, unless the uidlist records a POP3 order). Expunged mail
 /// (in the uidlist, no file) and trashed mail (`T`) are left out; files Dovecot has not
 /// listed yet follow in file name order with the UIDs Dovecot would give them next.
 pub fn scan(dir: &Path, source: UidlSource<'_>) -> Result<Vec<Mail>, ScanError> {
@@ -156,17 +157,20 @@ pub fn scan(dir: &Path, source: UidlSource<'_>) -> Result<Vec<Mail>, ScanError> 
                 entry.pop3_uidl.clone(),
                 entry.guid.clone(),
                 file,
+                entry.pop3_order,
             ));
         }
     }
     // BTreeMap order: by base name, which starts with the delivery time.
     for (i, (base, file)) in std::mem::take(&mut found).into_iter().enumerate() {
         let uid = list.next_uid.saturating_add(i as u32);
-        ordered.push((uid, base, None, None, file));
+        ordered.push((uid, base, None, None, file, None));
     }
+    // Dovecot's POP3 lists by the `O` records, stable, those without one last.
+    ordered.sort_by_key(|m| m.5.unwrap_or(u64::from(u32::MAX)));
     let mut seen = HashSet::new();
     let mut out = Vec::new();
-    for (uid, base, pop3_uidl, guid, file) in ordered {
+    for (uid, base, pop3_uidl, guid, file, _) in ordered {
         if file.trashed {
             continue;
         }
@@ -344,6 +348,26 @@ mod tests {
             body,
             b"2 000000026553f100\nb\n2 000000036553f100\na\n19 +OLD+\nX-UIDL: keep-me\n\nd\n2 000000086553f100\ne\n"
         );
+    }
+
+    /// `O` records (mail Dovecot imported from elsewhere) set the POP3 order: by them,
+    /// then the messages without one in UID order, then files not yet in the uidlist.
+    #[test]
+    fn pop3_order_records_set_the_listing_order() {
+        let dir = maildir(
+            &[
+                ("cur/1.a.h", b"a\n"),
+                ("cur/2.b.h", b"b\n"),
+                ("cur/3.c.h", b"c\n"),
+                ("cur/4.d.h", b"d\n"),
+                ("new/5.e.h", b"e\n"),
+            ],
+            Some("3 V7 N5\n1 :1.a.h\n2 O2 P-b- :2.b.h\n3 :3.c.h\n4 O1 P-d- :4.d.h\n"),
+        );
+        let format = UidlFormat::parse("%u").unwrap();
+        let mails = scan(dir.path(), source(&format, false)).unwrap();
+        let uidls: Vec<&str> = mails.iter().map(|m| m.uidl.as_str()).collect();
+        assert_eq!(uidls, ["-d-", "-b-", "1", "3", "5"]);
     }
 
     #[test]
