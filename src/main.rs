@@ -591,7 +591,8 @@ enum Outcome {
 /// Counts for the progress output and the summary.
 struct Tally {
     started: std::time::Instant,
-    terminal: bool,
+    /// The progress bar over the accounts when stderr is a terminal.
+    bar: Option<indicatif::ProgressBar>,
     accounts: u64,
     messages: u64,
     octets: u64,
@@ -599,40 +600,70 @@ struct Tally {
 }
 
 impl Tally {
-    fn new() -> Tally {
+    fn new(accounts: u64) -> Tally {
         use std::io::IsTerminal;
         let now = std::time::Instant::now();
-        Tally {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(accounts);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "import [{bar:20}] {pos}/{len} accounts, eta {eta}: {wide_msg}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        });
+        let tally = Tally {
             started: now,
-            terminal: std::io::stderr().is_terminal(),
+            bar,
             accounts: 0,
             messages: 0,
             octets: 0,
             last_shown: now,
+        };
+        if let Some(bar) = &tally.bar {
+            bar.set_message(tally.figures());
         }
+        tally
     }
 
-    /// Progress on stderr: one line rewritten in place on a terminal (5 times a
-    /// second), else a plain line every 10 seconds; `force` shows it now.
-    fn show(&mut self, force: bool) {
-        let every = if self.terminal { 200 } else { 10_000 };
-        if !force && self.last_shown.elapsed() < std::time::Duration::from_millis(every) {
-            return;
-        }
-        self.last_shown = std::time::Instant::now();
+    /// Messages, octets and rates so far.
+    fn figures(&self) -> String {
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        let line = format!(
-            "import: {} account(s), {} message(s), {:.1} MiB, {:.1} MiB/s, {:.0} messages/s",
-            self.accounts,
+        format!(
+            "{} message(s), {:.1} MiB, {:.1} MiB/s, {:.0} message(s)/s",
             self.messages,
             self.octets as f64 / 1_048_576.0,
             self.octets as f64 / 1_048_576.0 / secs,
             self.messages as f64 / secs
-        );
-        if self.terminal {
-            eprint!("\r\x1b[2K{line}");
-        } else {
-            eprintln!("{line}");
+        )
+    }
+
+    /// Progress on stderr: the bar on a terminal (it limits its own redraws), else a
+    /// plain line every 10 seconds; `force` shows the line now.
+    fn show(&mut self, force: bool) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.accounts);
+            bar.set_message(self.figures());
+            return;
+        }
+        if !force && self.last_shown.elapsed() < std::time::Duration::from_secs(10) {
+            return;
+        }
+        self.last_shown = std::time::Instant::now();
+        eprintln!("import: {} account(s), {}", self.accounts, self.figures());
+    }
+
+    /// A report line on stdout, above the bar when there is one.
+    fn report(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| println!("{line}")),
+            None => println!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
         }
     }
 }
@@ -659,7 +690,7 @@ fn import_dovecot(config: &Config, args: DovecotArgs) -> Result<u8> {
     let entries = dovecot::parse_passwd(&text, &domain);
     drop(text);
     let mut target = None;
-    let mut tally = Tally::new();
+    let mut tally = Tally::new(entries.len() as u64);
     let (mut imported, mut existing, mut failed) = (0u64, 0u64, 0u64);
     let mut worst = 0u8;
     for entry in entries {
@@ -687,11 +718,7 @@ fn import_dovecot(config: &Config, args: DovecotArgs) -> Result<u8> {
                 (name, outcome)
             }
         };
-        if tally.terminal {
-            // Leave the progress line before the report line.
-            eprint!("\r\x1b[2K");
-        }
-        match outcome {
+        let line = match outcome {
             Outcome::Done(done) => {
                 let status = if done.created || done.messages > 0 {
                     imported += 1;
@@ -700,7 +727,7 @@ fn import_dovecot(config: &Config, args: DovecotArgs) -> Result<u8> {
                     existing += 1;
                     "skipped-existing"
                 };
-                println!(
+                format!(
                     "{name}: {status}: {} message(s), {} octets, {} already there, {} deleted since{}{}",
                     done.messages,
                     done.octets,
@@ -712,26 +739,25 @@ fn import_dovecot(config: &Config, args: DovecotArgs) -> Result<u8> {
                         ", account existed (password kept)"
                     },
                     if done.over_quota { ", OVER QUOTA" } else { "" }
-                );
+                )
             }
             Outcome::WouldImport(messages, octets) => {
                 imported += 1;
-                println!("{name}: would import: {messages} message(s), {octets} octets on disk");
+                format!("{name}: would import: {messages} message(s), {octets} octets on disk")
             }
             Outcome::Failed(why, code) => {
                 failed += 1;
                 worst = worst.max(code);
-                println!("{name}: failed: {why}");
+                format!("{name}: failed: {why}")
             }
-        }
+        };
+        tally.report(line);
         tally.accounts += 1;
-        tally.show(true);
-        if tally.terminal {
-            eprintln!();
-        }
+        tally.show(false);
     }
+    tally.finish();
     println!(
-        "summary: {imported} account(s) {}, {existing} skipped-existing, {failed} failed; {} message(s), {} octets in {:.1} s{}",
+        "summary: {imported} account(s) {}, {existing} skipped-existing, {failed} failed; {} message(s), {} octets read in {:.1} s{}",
         if args.dry_run { "would be imported" } else { "imported" },
         tally.messages,
         tally.octets,

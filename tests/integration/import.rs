@@ -228,6 +228,28 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     assert!(out.status.success(), "{out:?}");
     let report = text(&out.stdout);
     assert_eq!(report.matches(": would import: ").count(), 4, "{report}");
+    // On a terminal (script(1) gives it one) the same run draws a progress bar over the
+    // accounts between the report lines; without one (above) it prints no bar.
+    require_tool("script");
+    assert!(!text(&out.stderr).contains("accounts, eta"), "{out:?}");
+    let command = format!(
+        "{} --config {} import dovecot --domain {DOMAIN} --passwd-file {} --maildir 'maildir:~/Maildir' --dry-run",
+        crate::common::BIN,
+        server.config.display(),
+        dovecot.passwd.display()
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("COLUMNS", "120")
+        .output()
+        .expect("script");
+    assert!(tty.status.success(), "{tty:?}");
+    let screen = text(&tty.stdout);
+    assert!(
+        screen.contains("import [") && screen.contains("accounts, eta"),
+        "{screen}"
+    );
+    assert_eq!(screen.matches(": would import: ").count(), 4, "{screen}");
     assert!(
         report.contains("argon@example.org: would import: 4 message(s)"),
         "{report}"
