@@ -207,7 +207,7 @@ fn credentials_from_hash(
         "MD5" => {
             return Err(ImportHashError::Unsupported(
                 "MD5 (PLAIN-MD5)".into(),
-                "an unsalted MD5 digest; reset the password (mailgate user passwd)",
+                "an unsalted digest: reset or rehash it in Dovecot, then import",
             ))
         }
         "CRYPT" => crypt(data, params)?,
@@ -252,13 +252,13 @@ fn crypt(data: &str, params: &HashParams) -> Result<String, ImportHashError> {
         yescrypt_hash(scheme, data)
     } else if data.starts_with("$7$") || data.starts_with("$gy$") {
         Err(ImportHashError::Unsupported(
-            "CRYPT ($7$ scrypt, $gy$ gost-yescrypt)".into(),
-            "no maintained crate verifies it; reset the password (mailgate user passwd)",
+            "CRYPT ($7$/$gy$)".into(),
+            "no maintained crate verifies it: reset or rehash it in Dovecot, then import",
         ))
     } else if data.len() == 13 && !data.starts_with('$') {
         Err(ImportHashError::Unsupported(
             "CRYPT (traditional DES)".into(),
-            "no maintained crate verifies it; reset the password (mailgate user passwd)",
+            "no maintained crate verifies it: reset or rehash it in Dovecot, then import",
         ))
     } else {
         Err(ImportHashError::Malformed(
@@ -835,13 +835,16 @@ mod tests {
             (format!("{{SSHA}}{secret}"), "unknown password scheme SSHA"),
             (format!("{{SHA512.HEX}}{secret}"), "not supported"),
             (DES.to_owned(), "traditional DES) is not supported"),
-            (format!("{{CRYPT}}{DES}"), "reset the password"),
-            (format!("{{CRYPT}}$7$CU..../....{secret}$abc"), "$7$ scrypt"),
+            (format!("{{CRYPT}}{DES}"), "reset or rehash it in Dovecot"),
+            (
+                format!("{{CRYPT}}$7$CU..../....{secret}$abc"),
+                "CRYPT ($7$/$gy$) is not supported",
+            ),
             (
                 format!("{{MD5}}{secret}"),
                 "MD5 (PLAIN-MD5) is not supported",
             ),
-            (format!("{{MD5}}{secret}"), "reset the password"),
+            (format!("{{MD5}}{secret}"), "then import"),
             // MD5-crypt: salt over 8 characters, hash cut or too long, no hash, a
             // character outside crypt's base64, trailing fields.
             (
