@@ -668,9 +668,9 @@ pub struct AuthConfig {
     /// limit, or no bound without one.
     pub hash_memory_mib: u64,
     /// Replace a legacy hash (an imported `{SHA512-CRYPT}`, `{SHA256-CRYPT}`,
-    /// `{BLF-CRYPT}` or argon2i one) by argon2id with SCRAM keys at the account's first
-    /// successful password login. Off: such hashes stay as imported (argon2id hashes of
-    /// a lower cost are still rehashed).
+    /// `{BLF-CRYPT}`, `{MD5-CRYPT}`, yescrypt or argon2i one) by argon2id with SCRAM
+    /// keys at the account's first successful password login. Off: such hashes stay as
+    /// imported (argon2id hashes of a lower cost are still rehashed).
     pub upgrade_legacy_hashes: bool,
 }
 

@@ -1,15 +1,17 @@
 //! Password hashes imported from Dovecot: a passwd-file's `{SCHEME}data` field made into
 //! `Credentials` that verify without the plaintext, and the verification of the legacy
 //! ones at login. Supported: `{ARGON2ID}`/`{ARGON2I}` (PHC strings), `{SHA512-CRYPT}`
-//! (`$6$`), `{SHA256-CRYPT}` (`$5$`), `{BLF-CRYPT}` (bcrypt `$2a$`/`$2b$`/`$2y$`), and
-//! `{CRYPT}` (Dovecot's default scheme) when its `$id$` is one of those. Plaintext forms
-//! (`{PLAIN}`, `{CLEAR}`, `{CLEARTEXT}` and their `.B64`/`.HEX` encodings) are hashed to
-//! argon2id with SCRAM keys here and never stored.
+//! (`$6$`), `{SHA256-CRYPT}` (`$5$`), `{BLF-CRYPT}` (bcrypt `$2a$`/`$2b$`/`$2y$`),
+//! `{MD5-CRYPT}` (`$1$`, also as Dovecot's `{MD5}` alias), and `{CRYPT}` (Dovecot's
+//! default scheme, libc crypt(3)) when its `$id$` is one of those or yescrypt's `$y$`.
+//! Plaintext forms (`{PLAIN}`, `{CLEAR}`, `{CLEARTEXT}` and their `.B64`/`.HEX`
+//! encodings) are hashed to argon2id with SCRAM keys here and never stored.
 //!
-//! The schemes are the crates' (`sha-crypt`, `bcrypt`); this module only reads the
-//! scheme name, checks the string's shape and bounds its cost. A legacy hash is stored
-//! as `{SCHEME}data` in `Credentials::phc` (the brace never starts a PHC string), so
-//! `verify_password` recognises it. Errors name the scheme, never the hash.
+//! The schemes are the crates' (`sha-crypt`, `bcrypt`, `md5crypt`, `yescrypt`); this
+//! module only reads the scheme name, checks the string's shape and bounds its cost. A
+//! legacy hash is stored as `{SCHEME}data` in `Credentials::phc` (the brace never starts
+//! a PHC string), so `verify_password` recognises it; yescrypt, which Dovecot knows only
+//! as `{CRYPT}`, is stored as `{YESCRYPT}$y$…`. Errors name the scheme, never the hash.
 
 use super::{hash_credentials, AuthError, Credentials, HashParams, PhcError};
 
@@ -25,11 +27,38 @@ const DEFAULT_SHA_CRYPT_ROUNDS: u64 = 5_000;
 /// Highest bcrypt cost of an imported hash (2^14 rounds, about one second of one core);
 /// Dovecot's default is 5, common settings 10 to 12.
 pub const MAX_BCRYPT_COST: u32 = 14;
+/// Most memory (KiB) an imported yescrypt hash may ask for, `N`·`r`·128 bytes: the argon2
+/// ceiling (`MAX_HASH_MEMORY_KIB`, 64 MiB), which the hashing pool budgets per thread.
+/// That is libxcrypt's cost 7 (about 0.25 s of one core, `docs/OPERATIONS.md`); its
+/// default, cost 5 (`$y$j9T$`), is 16 MiB.
+pub const MAX_YESCRYPT_MEMORY_KIB: u64 = super::MAX_HASH_MEMORY_KIB as u64;
+/// Highest yescrypt `t` (more passes over the same memory; libxcrypt always writes 0):
+/// 3 about doubles the time of 0.
+pub const MAX_YESCRYPT_TIME: u32 = 3;
+/// Most yescrypt lanes `p` (libxcrypt always writes 1; in yescrypt's scrypt-compatible
+/// modes each lane is another full pass).
+pub const MAX_YESCRYPT_PARALLELISM: u32 = 1;
+/// Largest yescrypt block size `r` (libxcrypt writes 8 or 32). With `N` bounded by the
+/// memory ceiling, this keeps the working memory besides `N`·`r`·128 bytes to kilobytes.
+pub const MAX_YESCRYPT_BLOCK_SIZE: u32 = 64;
+/// Longest yescrypt salt in its base64 characters (libxcrypt writes 22, 16 bytes).
+const MAX_YESCRYPT_SALT: usize = 64;
+/// yescrypt's output in base64 characters (32 bytes, as libxcrypt writes it).
+const YESCRYPT_HASH_LEN: usize = 43;
+/// Longest MD5-crypt salt: glibc and libxcrypt cut longer ones to 8, so no hash they
+/// made has more.
+const MAX_MD5_CRYPT_SALT: usize = 8;
+/// MD5-crypt's output in base64 characters (16 bytes).
+const MD5_CRYPT_HASH_LEN: usize = 22;
 
 /// The canonical scheme names a stored legacy hash carries.
 const SHA512_CRYPT: &str = "SHA512-CRYPT";
 const SHA256_CRYPT: &str = "SHA256-CRYPT";
 const BLF_CRYPT: &str = "BLF-CRYPT";
+const MD5_CRYPT: &str = "MD5-CRYPT";
+/// Not a Dovecot scheme (Dovecot verifies `$y$` through crypt(3) as `{CRYPT}`): the name
+/// mailgate stores and logs yescrypt hashes under.
+const YESCRYPT: &str = "YESCRYPT";
 
 /// Why a passwd-file password field cannot become credentials. Never contains the hash
 /// or the password; the scheme is shown as the file names it (cut and made printable).
@@ -45,6 +74,13 @@ pub enum ImportHashError {
     Malformed(String, &'static str),
     #[error("{scheme} hash too costly ({cost}; the accepted maximum is {max})")]
     TooCostly { scheme: String, cost: u64, max: u64 },
+    /// A cost above its ceiling whose value the hash's crate does not tell (yescrypt's `t`).
+    #[error("{scheme} hash too costly ({what} above the accepted maximum {max})")]
+    TooCostlyAbove {
+        scheme: String,
+        what: &'static str,
+        max: u64,
+    },
     #[error("{0} hash: {1}")]
     Phc(String, PhcError),
     /// A bare PHC string (no `{SCHEME}`) that is not an acceptable argon2id hash.
@@ -165,17 +201,20 @@ fn credentials_from_hash(
         "SHA512-CRYPT" => sha_crypt_hash(scheme, data, "$6$", SHA512_CRYPT)?,
         "SHA256-CRYPT" => sha_crypt_hash(scheme, data, "$5$", SHA256_CRYPT)?,
         "BLF-CRYPT" => bcrypt_hash(scheme, data)?,
+        "MD5-CRYPT" => md5_crypt_hash(scheme, data)?,
+        // Dovecot's MD5 is MD5-CRYPT when the data is a `$1$` string, else PLAIN-MD5.
+        "MD5" if data.starts_with("$1$") => md5_crypt_hash(scheme, data)?,
+        "MD5" => {
+            return Err(ImportHashError::Unsupported(
+                "MD5 (PLAIN-MD5)".into(),
+                "an unsalted digest: reset or rehash it in Dovecot, then import",
+            ))
+        }
         "CRYPT" => crypt(data, params)?,
         "PLAIN" | "CLEAR" | "CLEARTEXT" => {
             return Err(ImportHashError::Unsupported(
                 scheme.into(),
                 "a plaintext password is not a hash",
-            ))
-        }
-        "MD5-CRYPT" => {
-            return Err(ImportHashError::Unsupported(
-                scheme.into(),
-                "no maintained crate implements it",
             ))
         }
         "PLAIN-TRUNC" => {
@@ -208,19 +247,18 @@ fn crypt(data: &str, params: &HashParams) -> Result<String, ImportHashError> {
             .map(|c| c.phc)
             .map_err(|e| ImportHashError::Phc(scheme.into(), e))
     } else if data.starts_with("$1$") {
+        md5_crypt_hash(scheme, data)
+    } else if data.starts_with("$y$") {
+        yescrypt_hash(scheme, data)
+    } else if data.starts_with("$7$") || data.starts_with("$gy$") {
         Err(ImportHashError::Unsupported(
-            "CRYPT ($1$, MD5-crypt)".into(),
-            "no maintained crate implements it",
-        ))
-    } else if data.starts_with("$y$") || data.starts_with("$7$") {
-        Err(ImportHashError::Unsupported(
-            "CRYPT ($y$/$7$, yescrypt/scrypt)".into(),
-            "no maintained crate implements it",
+            "CRYPT ($7$/$gy$)".into(),
+            "no maintained crate verifies it: reset or rehash it in Dovecot, then import",
         ))
     } else if data.len() == 13 && !data.starts_with('$') {
         Err(ImportHashError::Unsupported(
             "CRYPT (traditional DES)".into(),
-            "no maintained crate implements it, and it keeps only 8 characters",
+            "no maintained crate verifies it: reset or rehash it in Dovecot, then import",
         ))
     } else {
         Err(ImportHashError::Malformed(
@@ -307,8 +345,7 @@ fn sha_crypt_rounds(data: &str, prefix: &str, hash_len: usize) -> Result<u64, &'
     if salt.len() > 16 || !salt.bytes().all(|b| b.is_ascii_graphic()) {
         return Err("bad salt");
     }
-    let crypt64 = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'/';
-    if hash.len() != hash_len || !hash.bytes().all(crypt64) {
+    if hash.len() != hash_len || !hash.bytes().all(is_crypt64) {
         return Err("bad hash length or character");
     }
     Ok(rounds)
@@ -342,6 +379,103 @@ fn bcrypt_hash(scheme: &str, data: &str) -> Result<String, ImportHashError> {
     Ok(format!("{{{BLF_CRYPT}}}{data}"))
 }
 
+/// Checks an MD5-crypt string's shape (`$1$salt$hash`: a salt of at most 8 characters
+/// without `$`, 22 crypt-base64 characters of hash); returns it as stored. Its cost is
+/// fixed (1 000 MD5 rounds).
+fn md5_crypt_hash(scheme: &str, data: &str) -> Result<String, ImportHashError> {
+    let malformed = |why| ImportHashError::Malformed(scheme.into(), why);
+    let rest = data
+        .strip_prefix("$1$")
+        .ok_or(malformed("not a $1$ string"))?;
+    let Some((salt, hash)) = rest.split_once('$') else {
+        return Err(malformed("expected salt and hash"));
+    };
+    if salt.len() > MAX_MD5_CRYPT_SALT || !salt.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(malformed("bad salt"));
+    }
+    if hash.len() != MD5_CRYPT_HASH_LEN || !hash.bytes().all(is_crypt64) {
+        return Err(malformed("bad hash length or character"));
+    }
+    Ok(format!("{{{MD5_CRYPT}}}{data}"))
+}
+
+/// Checks a yescrypt string (`$y$params$salt$hash`) with the crate's parsers and its
+/// costs against the `MAX_YESCRYPT_*` ceilings; returns it as stored.
+fn yescrypt_hash(scheme: &str, data: &str) -> Result<String, ImportHashError> {
+    let scheme = format!("{scheme} ($y$, yescrypt)");
+    let malformed = |why| ImportHashError::Malformed(scheme.clone(), why);
+    let rest = data
+        .strip_prefix("$y$")
+        .ok_or(malformed("not a $y$ string"))?;
+    let [setting, salt, hash] = rest.split('$').collect::<Vec<_>>()[..] else {
+        return Err(malformed("expected parameters, salt and hash"));
+    };
+    if salt.is_empty() || salt.len() > MAX_YESCRYPT_SALT || !salt.bytes().all(is_crypt64) {
+        return Err(malformed("bad salt"));
+    }
+    if hash.len() != YESCRYPT_HASH_LEN || !hash.bytes().all(is_crypt64) {
+        return Err(malformed("bad hash length or character"));
+    }
+    let params: yescrypt::Params = setting
+        .parse()
+        .map_err(|_| malformed("bad or unsupported parameters"))?;
+    let (n, r, p) = (params.n(), params.r(), params.p());
+    let too_costly = |cost: u64, max: u64| ImportHashError::TooCostly {
+        scheme: scheme.clone(),
+        cost,
+        max,
+    };
+    if r > MAX_YESCRYPT_BLOCK_SIZE {
+        return Err(too_costly(u64::from(r), u64::from(MAX_YESCRYPT_BLOCK_SIZE)));
+    }
+    // N·r·128 bytes, in KiB; N is a power of two up to 2^63.
+    let memory_kib = n.saturating_mul(u64::from(r)) / 8;
+    if memory_kib > MAX_YESCRYPT_MEMORY_KIB {
+        return Err(too_costly(memory_kib, MAX_YESCRYPT_MEMORY_KIB));
+    }
+    if p > MAX_YESCRYPT_PARALLELISM {
+        return Err(too_costly(
+            u64::from(p),
+            u64::from(MAX_YESCRYPT_PARALLELISM),
+        ));
+    }
+    // The crate keeps `t` and the mode to itself: the parameters must be among those it
+    // builds from N, r, p, a mode and a `t` within the ceiling.
+    let modes = [
+        yescrypt::Mode::Rw,
+        yescrypt::Mode::Worm,
+        yescrypt::Mode::Classic,
+    ];
+    let within = modes.into_iter().any(|mode| {
+        (0..=MAX_YESCRYPT_TIME).any(|t| {
+            yescrypt::Params::new_with_all_params(mode, n, r, p, t, 0).is_ok_and(|q| q == params)
+        })
+    });
+    if !within {
+        return Err(ImportHashError::TooCostlyAbove {
+            scheme,
+            what: "t",
+            max: u64::from(MAX_YESCRYPT_TIME),
+        });
+    }
+    // What the verifier decodes: the whole string, the salt and the hash.
+    let parsed =
+        yescrypt::PasswordHashRef::new(data).map_err(|_| malformed("not an MCF string"))?;
+    let decodes = parsed
+        .fields()
+        .skip(1)
+        .all(|field| field.decode_base64(mcf::Base64::Crypt).is_ok());
+    if !decodes {
+        return Err(malformed("salt or hash is not valid base64"));
+    }
+    Ok(format!("{{{YESCRYPT}}}{data}"))
+}
+
+/// A character of crypt(3)'s base64 alphabet (`./0-9A-Za-z`).
+fn is_crypt64(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'.' || b == b'/'
+}
+
 /// A stored legacy hash: its canonical scheme and the crypt string.
 pub(super) struct Legacy<'a> {
     pub scheme: &'static str,
@@ -353,17 +487,20 @@ impl<'a> Legacy<'a> {
     pub fn parse(phc: &'a str) -> Option<Legacy<'a>> {
         let rest = phc.strip_prefix('{')?;
         let (scheme, data) = rest.split_once('}')?;
-        let scheme = [SHA512_CRYPT, SHA256_CRYPT, BLF_CRYPT]
+        let scheme = [SHA512_CRYPT, SHA256_CRYPT, BLF_CRYPT, MD5_CRYPT, YESCRYPT]
             .into_iter()
             .find(|s| *s == scheme)?;
         Some(Legacy { scheme, data })
     }
 
-    /// Whether `password` matches (blocking, costly; the crates compare in constant
-    /// time). A hash over the ceilings never matches. SHA-crypt takes the password as
-    /// text, so a non-UTF-8 password never matches one.
+    /// Whether `password` matches (blocking, costly; constant-time compares, the crates'
+    /// or, for MD5-crypt, ours). A hash over the ceilings never matches. SHA-crypt takes
+    /// the password as text, so a non-UTF-8 password never matches one. Nor does one
+    /// with a NUL byte match any: crypt(3) reads C strings, so none of these hashes is of
+    /// such a password, and where the password keys an HMAC (yescrypt's scrypt mode)
+    /// `pw` and `pw\0` would otherwise both match, and the upgrade keep the second.
     pub fn verify(&self, password: &[u8]) -> bool {
-        if self.check().is_err() {
+        if password.contains(&0) || self.check().is_err() {
             return false;
         }
         match self.scheme {
@@ -371,8 +508,26 @@ impl<'a> Legacy<'a> {
                 .is_ok_and(|p| sha_crypt::sha512_check(p, self.data).is_ok()),
             SHA256_CRYPT => std::str::from_utf8(password)
                 .is_ok_and(|p| sha_crypt::sha256_check(p, self.data).is_ok()),
+            MD5_CRYPT => {
+                // The checked shape: `$1$salt$hash`.
+                let salt = self.data[3..].split('$').next().unwrap_or_default();
+                let made = md5crypt::md5crypt(password, salt.as_bytes());
+                subtle::ConstantTimeEq::ct_eq(made.as_slice(), self.data.as_bytes()).into()
+            }
+            YESCRYPT => {
+                use yescrypt::PasswordVerifier;
+                yescrypt::Yescrypt::default()
+                    .verify_password(password, self.data)
+                    .is_ok()
+            }
             _ => bcrypt::verify(password, self.data).unwrap_or(false),
         }
+    }
+
+    /// Whether verifying allocates working memory of its own, as much as the argon2
+    /// ceiling (yescrypt).
+    pub fn allocates(&self) -> bool {
+        self.scheme == YESCRYPT
     }
 
     /// Whether the hash is of the right shape and within the ceilings, as the import
@@ -381,6 +536,8 @@ impl<'a> Legacy<'a> {
         match self.scheme {
             SHA512_CRYPT => sha_crypt_hash(self.scheme, self.data, "$6$", SHA512_CRYPT).map(drop),
             SHA256_CRYPT => sha_crypt_hash(self.scheme, self.data, "$5$", SHA256_CRYPT).map(drop),
+            MD5_CRYPT => md5_crypt_hash(self.scheme, self.data).map(drop),
+            YESCRYPT => yescrypt_hash(self.scheme, self.data).map(drop),
             _ => bcrypt_hash(self.scheme, self.data).map(drop),
         }
     }
@@ -411,8 +568,40 @@ mod tests {
     const BCRYPT_2A: &str = "$2a$04$abcdefghijklmnopqrstuu/FyAyuZSl3DbPdvio4KrIBdz2k2yhV2";
     // crypt.crypt('pässwörd ☃', '$2b$04$abcdefghijklmnopqrstuu').
     const BCRYPT_UTF8: &str = "$2b$04$abcdefghijklmnopqrstuu4SmA3hVMbWKmJVGcHRDZ6Y7bUU/SMZe";
-    // `openssl passwd -1 -salt Xq3Zp9Lm pencil` and crypt.crypt('pencil', 'ab').
+    // `openssl passwd -1 -salt Xq3Zp9Lm pencil` (and `mkpasswd -m md5crypt -S Xq3Zp9Lm
+    // pencil`, the same string).
     const MD5: &str = "$1$Xq3Zp9Lm$GovETaYfLLpt/jmkb/txg.";
+    // `doveadm pw -s MD5-CRYPT -p pencil` and `doveadm pw -s MD5 -p pencil` (Dovecot
+    // 2.3.19), whole passwd-file fields.
+    const MD5_DOVEADM: &str = "{MD5-CRYPT}$1$87ZDym/5$k7Pq2zieab4.SxJnA2uxE0";
+    const MD5_ALIAS_DOVEADM: &str = "{MD5}$1$8AUtuMDB$FJGZ9Ud6XFtIWZvqiA4QV.";
+    // `openssl passwd -1 -salt ab 'pässwörd ☃'` and `openssl passwd -1 -salt '' pencil`.
+    const MD5_UTF8: &str = "$1$ab$0X/E6TKXdATiT6zFlxJEL/";
+    const MD5_NO_SALT: &str = "$1$$I9U3L93k1pmqVqSR.zXfQ0";
+    // `mkpasswd -m yescrypt pencil` (whois 5.5.17, libxcrypt 4.4.33, Debian 12): its
+    // default, cost 5 (N 4096, r 32: 16 MiB), and `-R 1` (N 1024, r 8: 1 MiB).
+    const YESCRYPT: &str =
+        "$y$j9T$VtniJlJWZmH3t9uKXrlGz.$6UUMJTn3v628S11k9zJRE3Xh4VBQ/mpCPHCwpuVTtq2";
+    const YESCRYPT_R1: &str =
+        "$y$j75$2HNGvgdtESLC7q9ImLIec0$IvnBidOKDU0iQvqKzPUB/Hj7WErf89RNY6jY/xHkLu4";
+    // `mkpasswd -m yescrypt 'pässwörd ☃'`.
+    const YESCRYPT_UTF8: &str =
+        "$y$j9T$UAoOqEHwvnbVHrT3gnqn90$sx4g5LJPUQnVqqq1wR96Iji8LVinAz0LM2qMujdp1A9";
+    // libxcrypt through Python's crypt, settings mkpasswd does not write:
+    // crypt.crypt('pencil', '$y$j9T/0$Xq3Zp9LmXq3Zp9LmXq3Zp.$') (t = 3), and the same with
+    // '$y$j9T/1$…' (t = 4), '$y$j9T..$…' (p = 2), '$y$/9T$…' (write-once/read-many mode)
+    // and '$y$.9T$…' (classic scrypt mode).
+    const YESCRYPT_T3: &str =
+        "$y$j9T/0$Xq3Zp9LmXq3Zp9LmXq3Zp.$E0soWgNqpMNmCibvxbdNikak7ZO99Sw7M5MrsTLRsb5";
+    const YESCRYPT_T4: &str =
+        "$y$j9T/1$Xq3Zp9LmXq3Zp9LmXq3Zp.$MzFOiA9/2QlYPGtHvYEOIFWc6nOUcB6fk7dfs4493JC";
+    const YESCRYPT_P2: &str =
+        "$y$j9T..$Xq3Zp9LmXq3Zp9LmXq3Zp.$WD2XwbbsW4kH9t9ogJCrFxS9SX9ootCHS3V363ftkN9";
+    const YESCRYPT_WORM: &str =
+        "$y$/9T$Xq3Zp9LmXq3Zp9LmXq3Zp.$kfEi41UERlCqqDI9xFsJ68pSEvaxzKBckrcx0Lc9dxA";
+    const YESCRYPT_CLASSIC: &str =
+        "$y$.9T$Xq3Zp9LmXq3Zp9LmXq3Zp.$KE4FMGl9W1oaLGQGnSZhrbRjwHD1mTqfvr4FZDTBfzD";
+    // `mkpasswd -m descrypt -S ab pencil`.
     const DES: &str = "abJ32bJMdTsnY";
 
     fn params() -> HashParams {
@@ -459,6 +648,24 @@ mod tests {
             (format!("{{BLF-CRYPT}}{BCRYPT_2B}"), "BLF-CRYPT", "pencil"),
             (format!("{{CRYPT}}{BCRYPT_2A}"), "BLF-CRYPT", "pencil"),
             (BCRYPT_UTF8.to_owned(), "BLF-CRYPT", "pässwörd ☃"),
+            (format!("{{MD5-CRYPT}}{MD5}"), "MD5-CRYPT", "pencil"),
+            (format!("{{CRYPT}}{MD5}"), "MD5-CRYPT", "pencil"),
+            (MD5.to_owned(), "MD5-CRYPT", "pencil"),
+            (MD5_DOVEADM.to_owned(), "MD5-CRYPT", "pencil"),
+            (MD5_ALIAS_DOVEADM.to_owned(), "MD5-CRYPT", "pencil"),
+            (
+                format!("{{md5-crypt}}{MD5_UTF8}"),
+                "MD5-CRYPT",
+                "pässwörd ☃",
+            ),
+            (format!("{{MD5-CRYPT}}{MD5_NO_SALT}"), "MD5-CRYPT", "pencil"),
+            (format!("{{CRYPT}}{YESCRYPT}"), "YESCRYPT", "pencil"),
+            (YESCRYPT.to_owned(), "YESCRYPT", "pencil"),
+            (format!("{{crypt}}{YESCRYPT_R1}"), "YESCRYPT", "pencil"),
+            (YESCRYPT_UTF8.to_owned(), "YESCRYPT", "pässwörd ☃"),
+            (YESCRYPT_T3.to_owned(), "YESCRYPT", "pencil"),
+            (YESCRYPT_WORM.to_owned(), "YESCRYPT", "pencil"),
+            (YESCRYPT_CLASSIC.to_owned(), "YESCRYPT", "pencil"),
         ];
         for (field, canonical, password) in cases {
             let creds = import(&field).unwrap_or_else(|e| panic!("{field}: {e}"));
@@ -489,16 +696,54 @@ mod tests {
     }
 
     /// A legacy hash verified at login becomes argon2id at the configured costs, with
-    /// SCRAM keys made from the same password.
+    /// SCRAM keys made from the same password: every crypt scheme.
     #[test]
     fn an_upgrade_replaces_a_legacy_hash_and_adds_scram_keys() {
-        let creds = import(&format!("{{BLF-CRYPT}}{BCRYPT_2B}")).unwrap();
-        let new = upgraded(&creds, b"pencil", &params()).unwrap();
-        assert_eq!(scheme(&new), "ARGON2ID");
-        assert!(!is_legacy(&new) && !needs_upgrade(&new, &params()));
-        assert!(verify_password(&new, b"pencil", &params()));
-        let keys = new.scram.expect("SCRAM keys");
-        assert!(ScramKeys::derive(b"pencil", &keys.salt, keys.iterations) == keys);
+        for field in [
+            format!("{{BLF-CRYPT}}{BCRYPT_2B}"),
+            format!("{{SHA512-CRYPT}}{SHA512}"),
+            MD5_DOVEADM.to_owned(),
+            format!("{{CRYPT}}{MD5}"),
+            format!("{{CRYPT}}{YESCRYPT}"),
+        ] {
+            let creds = import(&field).unwrap();
+            assert!(needs_upgrade(&creds, &params()), "{field}");
+            let new = upgraded(&creds, b"pencil", &params()).unwrap();
+            assert_eq!(scheme(&new), "ARGON2ID", "{field}");
+            assert!(!is_legacy(&new) && !needs_upgrade(&new, &params()));
+            assert!(verify_password(&new, b"pencil", &params()), "{field}");
+            assert!(!verify_password(&new, b"pencil2", &params()), "{field}");
+            let keys = new.scram.expect("SCRAM keys");
+            assert!(ScramKeys::derive(b"pencil", &keys.salt, keys.iterations) == keys);
+        }
+    }
+
+    /// yescrypt verifies in memory of its own: the caller's argon2 buffer is given back
+    /// first, so a hashing thread never holds both.
+    #[test]
+    fn yescrypt_frees_the_argon2_buffer_first() {
+        let creds = import(YESCRYPT).unwrap();
+        let mut memory = vec![argon2::Block::default(); 1024];
+        assert!(super::super::verify_password_in(
+            &creds,
+            b"pencil",
+            &params(),
+            &mut memory
+        ));
+        assert_eq!(memory.capacity(), 0);
+        let md5 = import(MD5).unwrap();
+        let mut memory = vec![argon2::Block::default(); 1024];
+        assert!(super::super::verify_password_in(
+            &md5,
+            b"pencil",
+            &params(),
+            &mut memory
+        ));
+        assert_eq!(
+            memory.len(),
+            1024,
+            "MD5-crypt needs no memory: the buffer stays"
+        );
     }
 
     /// Dovecot's argon2 PHC strings: argon2id kept as imported (and at the first login);
@@ -589,11 +834,120 @@ mod tests {
             (String::new(), "no password"),
             (format!("{{SSHA}}{secret}"), "unknown password scheme SSHA"),
             (format!("{{SHA512.HEX}}{secret}"), "not supported"),
-            (format!("{{MD5-CRYPT}}{MD5}"), "MD5-CRYPT is not supported"),
-            (format!("{{CRYPT}}{MD5}"), "MD5-crypt"),
-            (MD5.to_owned(), "MD5-crypt"),
-            (DES.to_owned(), "traditional DES"),
-            (format!("{{CRYPT}}$y$j9T${secret}"), "yescrypt"),
+            (DES.to_owned(), "traditional DES) is not supported"),
+            (format!("{{CRYPT}}{DES}"), "reset or rehash it in Dovecot"),
+            (
+                format!("{{CRYPT}}$7$CU..../....{secret}$abc"),
+                "CRYPT ($7$/$gy$) is not supported",
+            ),
+            (
+                format!("{{MD5}}{secret}"),
+                "MD5 (PLAIN-MD5) is not supported",
+            ),
+            (format!("{{MD5}}{secret}"), "then import"),
+            // MD5-crypt: salt over 8 characters, hash cut or too long, no hash, a
+            // character outside crypt's base64, trailing fields.
+            (
+                MD5.replace("Xq3Zp9Lm", "Xq3Zp9LmX"),
+                "malformed CRYPT hash: bad salt",
+            ),
+            (
+                format!(
+                    "{{MD5-CRYPT}}$1${}$GovETaYfLLpt/jmkb/txg.",
+                    "s".repeat(5000)
+                ),
+                "bad salt",
+            ),
+            (
+                format!("{{MD5-CRYPT}}{}", &MD5[..30]),
+                "malformed MD5-CRYPT",
+            ),
+            (format!("{{MD5-CRYPT}}{MD5}A"), "bad hash length"),
+            (
+                format!("{{MD5-CRYPT}}$1${secret}"),
+                "expected salt and hash",
+            ),
+            (
+                format!("{{MD5-CRYPT}}{}", MD5.replace('.', "é")),
+                "malformed",
+            ),
+            (
+                format!("{{MD5-CRYPT}}{}", MD5.replace('G', "\0")),
+                "malformed",
+            ),
+            (format!("{{MD5-CRYPT}}{MD5}$x"), "bad hash length"),
+            (format!("{{MD5-CRYPT}}{SHA512}"), "not a $1$ string"),
+            (format!("{{MD5}}{SHA512}"), "PLAIN-MD5"),
+            // yescrypt: the ceilings (4 GiB, 1 GiB as r, t 4, p 2), then malformed
+            // strings.
+            (
+                YESCRYPT.replace("j9T", "jHT"),
+                "too costly (4194304; the accepted maximum is 65536)",
+            ),
+            (YESCRYPT.replace("j9T", "jbT"), "too costly (4398046511104;"),
+            (
+                YESCRYPT.replace("j9T", "j.s4r"),
+                "too costly (1000; the accepted maximum is 64)",
+            ),
+            (
+                YESCRYPT.replace("j9T", "j9kE"),
+                "too costly (65; the accepted maximum is 64)",
+            ),
+            (YESCRYPT.replace("j9T", "j9T/s4r"), "too costly (t above"),
+            (
+                YESCRYPT_T4.to_owned(),
+                "too costly (t above the accepted maximum 3)",
+            ),
+            (
+                YESCRYPT_P2.to_owned(),
+                "too costly (2; the accepted maximum is 1)",
+            ),
+            (
+                YESCRYPT.replace("j9T", "jzT"),
+                "malformed CRYPT ($y$, yescrypt)",
+            ),
+            (
+                YESCRYPT.replace("j9T", "j"),
+                "bad or unsupported parameters",
+            ),
+            (YESCRYPT.replace("j9T", ""), "bad or unsupported parameters"),
+            (
+                YESCRYPT.replace("j9T", "k9T"),
+                "bad or unsupported parameters",
+            ),
+            (
+                YESCRYPT.replace("j9T", "j9T3/"),
+                "bad or unsupported parameters",
+            ),
+            (
+                YESCRYPT.replace("j9T", "jC559"),
+                "bad or unsupported parameters",
+            ),
+            (
+                YESCRYPT.replace("j9T", "j9T!"),
+                "bad or unsupported parameters",
+            ),
+            (
+                YESCRYPT.replace("VtniJlJWZmH3t9uKXrlGz.", &"Vt".repeat(40)),
+                "bad salt",
+            ),
+            (YESCRYPT.replace("VtniJlJWZmH3t9uKXrlGz.", ""), "bad salt"),
+            (
+                YESCRYPT.replace("VtniJlJWZmH3t9uKXrlGz.", "VtniJlJWZ"),
+                "salt or hash is not valid base64",
+            ),
+            (format!("{YESCRYPT}A"), "bad hash length"),
+            (YESCRYPT[..60].to_owned(), "bad hash length"),
+            (format!("{YESCRYPT}$"), "expected parameters, salt and hash"),
+            (
+                format!("$y$j9T${secret}"),
+                "expected parameters, salt and hash",
+            ),
+            ("$y$$$".to_owned(), "bad salt"),
+            (
+                format!("{{CRYPT}}{}", YESCRYPT.replace('V', "\n")),
+                "bad salt",
+            ),
             (
                 format!("{{PLAIN-TRUNC}}10-{secret}"),
                 "PLAIN-TRUNC is not supported",
@@ -677,6 +1031,7 @@ mod tests {
             };
             assert!(e.contains(want), "{field:?}: {e}");
             assert!(!e.contains(secret) && !e.contains("Xq3Zp9Lm"), "{e}");
+            assert!(!e.contains("VtniJlJWZ") && !e.contains("GovETaYf"), "{e}");
             assert!(e.len() < 160, "{e}");
         }
     }
@@ -698,6 +1053,36 @@ mod tests {
         };
         assert!(!verify_password(&garbage, b"pencil", &params()));
         assert!(!check_credentials_ok(&garbage));
+        // yescrypt at 4 GiB or t = 4 (the latter a real hash of "pencil"), MD5-crypt with
+        // a long salt: never run, never stored.
+        for phc in [
+            format!("{{YESCRYPT}}{}", YESCRYPT.replace("j9T", "jHT")),
+            format!("{{YESCRYPT}}{YESCRYPT_T4}"),
+            format!("{{YESCRYPT}}{MD5}"),
+            format!(
+                "{{MD5-CRYPT}}{}",
+                MD5.replace("Xq3Zp9Lm", "Xq3Zp9LmXq3Zp9Lm")
+            ),
+            format!("{{MD5-CRYPT}}{YESCRYPT}"),
+        ] {
+            let creds = Credentials {
+                phc: phc.clone(),
+                ..costly.clone()
+            };
+            assert!(!verify_password(&creds, b"pencil", &params()), "{phc}");
+            assert!(!check_credentials_ok(&creds), "{phc}");
+        }
+        for phc in [
+            format!("{{YESCRYPT}}{YESCRYPT}"),
+            format!("{{MD5-CRYPT}}{MD5}"),
+        ] {
+            let creds = Credentials {
+                phc: phc.clone(),
+                ..costly.clone()
+            };
+            assert!(verify_password(&creds, b"pencil", &params()), "{phc}");
+            assert!(check_credentials_ok(&creds), "{phc}");
+        }
         for phc in [
             "",
             "plain text",
@@ -733,5 +1118,10 @@ mod tests {
         assert!(e.to_string().contains("not a hash"), "{e}");
         assert!(!e.to_string().contains("pencil"), "{e}");
         assert!(credentials_from_stored_hash(SHA512, &params()).is_err());
+        // yescrypt goes by Dovecot's name for it, and is stored under its own.
+        let creds =
+            credentials_from_stored_hash(&format!("{{CRYPT}}{YESCRYPT}"), &params()).unwrap();
+        assert_eq!(creds.phc, format!("{{YESCRYPT}}{YESCRYPT}"));
+        assert!(verify_password(&creds, b"pencil", &params()));
     }
 }

@@ -274,13 +274,15 @@ fn hash_weaker(parsed: &ParsedHash, params: &HashParams) -> bool {
 }
 
 /// Whether `creds` hold a hash of another scheme than argon2id: an imported crypt hash
-/// (`{SHA512-CRYPT}`, `{SHA256-CRYPT}`, `{BLF-CRYPT}`) or argon2i.
+/// (`{SHA512-CRYPT}`, `{SHA256-CRYPT}`, `{BLF-CRYPT}`, `{MD5-CRYPT}`, `{YESCRYPT}`) or
+/// argon2i.
 pub fn is_legacy(creds: &Credentials) -> bool {
     scheme(creds) != "ARGON2ID"
 }
 
 /// The scheme of `creds`' hash, Dovecot's name for it, as upgrade logs name it:
-/// `ARGON2ID`, `ARGON2I`, `SHA512-CRYPT`, `SHA256-CRYPT`, `BLF-CRYPT`, or `UNKNOWN`.
+/// `ARGON2ID`, `ARGON2I`, `SHA512-CRYPT`, `SHA256-CRYPT`, `BLF-CRYPT`, `MD5-CRYPT`,
+/// `YESCRYPT` (Dovecot's `{CRYPT}` with `$y$`), or `UNKNOWN`.
 pub fn scheme(creds: &Credentials) -> &'static str {
     if let Some(legacy) = legacy::Legacy::parse(&creds.phc) {
         return legacy.scheme;
@@ -491,6 +493,12 @@ pub fn verify_password_in(
     memory: &mut Vec<Block>,
 ) -> bool {
     if let Some(legacy) = legacy::Legacy::parse(&creds.phc) {
+        if legacy.allocates() {
+            // yescrypt works in memory of its own (up to the argon2 ceiling): free ours
+            // meanwhile, so a hashing thread stays within what the pool budgets for it.
+            memory.clear();
+            memory.shrink_to_fit();
+        }
         return legacy.verify(password);
     }
     let Ok(parsed) = ParsedHash::parse(&creds.phc) else {

@@ -242,37 +242,41 @@ mod tests {
         assert_eq!(new.scram.map(|k| k.iterations), Some(5000));
     }
 
-    /// A legacy hash (bcrypt, made with libxcrypt: `crypt.crypt('pw', '$2b$04$…')`)
-    /// verifies on the pool and is replaced by argon2id with SCRAM keys, unless legacy
-    /// upgrades are off; argon2id hashes below the cost are upgraded either way.
+    /// A legacy hash verifies on the pool and is replaced by argon2id with SCRAM keys,
+    /// unless legacy upgrades are off; argon2id hashes below the cost are upgraded either
+    /// way. The hashes: bcrypt made with libxcrypt (`crypt.crypt('pencil', '$2b$04$…')`),
+    /// `doveadm pw -s MD5-CRYPT -p pencil`, `mkpasswd -m yescrypt pencil`.
     #[tokio::test]
     async fn legacy_hashes_are_upgraded_with_scram_keys_unless_turned_off() {
         let params = HashParams::cheap();
-        let legacy = super::super::credentials_from_dovecot(
-            "{BLF-CRYPT}$2b$04$abcdefghijklmnopqrstuu/FyAyuZSl3DbPdvio4KrIBdz2k2yhV2",
-            &params,
-        )
-        .expect("import");
         let on = HashPool::new(1, 8, params).expect("pool");
-        let right = on
-            .verify(legacy.clone(), b"pencil".to_vec())
-            .await
-            .expect("run");
-        assert!(right.ok);
-        let new = right.upgraded.expect("upgraded");
-        assert!(new.phc.starts_with("$argon2id$"), "{}", new.phc);
-        assert!(new.scram.is_some());
-        let wrong = on
-            .verify(legacy.clone(), b"pencil2".to_vec())
-            .await
-            .expect("run");
-        assert!(!wrong.ok && wrong.upgraded.is_none());
-
         let off = HashPool::new(1, 8, params)
             .expect("pool")
             .upgrading_legacy(false);
-        let kept = off.verify(legacy, b"pencil".to_vec()).await.expect("run");
-        assert!(kept.ok && kept.upgraded.is_none());
+        for field in [
+            "{BLF-CRYPT}$2b$04$abcdefghijklmnopqrstuu/FyAyuZSl3DbPdvio4KrIBdz2k2yhV2",
+            "{MD5-CRYPT}$1$87ZDym/5$k7Pq2zieab4.SxJnA2uxE0",
+            "{CRYPT}$y$j9T$VtniJlJWZmH3t9uKXrlGz.$6UUMJTn3v628S11k9zJRE3Xh4VBQ/mpCPHCwpuVTtq2",
+        ] {
+            let legacy = super::super::credentials_from_dovecot(field, &params).expect("import");
+            assert!(super::super::is_legacy(&legacy), "{field}");
+            let right = on
+                .verify(legacy.clone(), b"pencil".to_vec())
+                .await
+                .expect("run");
+            assert!(right.ok, "{field}");
+            let new = right.upgraded.expect("upgraded");
+            assert!(new.phc.starts_with("$argon2id$"), "{}", new.phc);
+            assert!(new.scram.is_some());
+            assert!(super::super::verify_password(&new, b"pencil", &params));
+            let wrong = on
+                .verify(legacy.clone(), b"pencil2".to_vec())
+                .await
+                .expect("run");
+            assert!(!wrong.ok && wrong.upgraded.is_none(), "{field}");
+            let kept = off.verify(legacy, b"pencil".to_vec()).await.expect("run");
+            assert!(kept.ok && kept.upgraded.is_none(), "{field}");
+        }
         let weak = super::super::make_credentials("pw", &params).expect("hash");
         let stronger = HashParams {
             iterations: 2,

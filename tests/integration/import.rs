@@ -17,7 +17,25 @@ const ACCOUNTS: &[(&str, &str, &str)] = &[
     ("sha@example.org", "SHA512-CRYPT", "sha's secret"),
     ("blf@example.org", "BLF-CRYPT", "blf's secret"),
     ("plain@example.org", "PLAIN", "plain's secret"),
+    ("md5@example.org", "MD5-CRYPT", "md5's secret"),
+    ("yes@example.org", "YESCRYPT", "yes's secret"),
 ];
+
+/// `{CRYPT}` yescrypt, as Debian's crypt(3) writes it and `doveadm pw` cannot: made with
+/// `mkpasswd -m yescrypt "yes's secret"` (whois 5.5.17, libxcrypt 4.4.33, Debian 12).
+const YESCRYPT_FIELD: &str =
+    "{CRYPT}$y$j9T$M79NVF2CE3kmaPj/DxPSf1$GhJ0atlP1C/S4Cv1t0BYxXgJLPKwLR5SWQGYM251k.B";
+
+/// The passwd-file field of an account: `doveadm pw`'s, or the yescrypt one above.
+fn password_field(scheme: &str, password: &str) -> String {
+    match scheme {
+        "YESCRYPT" => {
+            assert_eq!(password, "yes's secret", "YESCRYPT_FIELD's password");
+            YESCRYPT_FIELD.to_owned()
+        }
+        _ => hash(scheme, password),
+    }
+}
 
 /// What a POP3 session shows of a maildrop: UIDL and LIST lines and every body.
 #[derive(Debug, PartialEq, Eq)]
@@ -133,7 +151,7 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     });
     let accounts: Vec<(&str, String)> = ACCOUNTS
         .iter()
-        .map(|(user, scheme, password)| (*user, hash(scheme, password)))
+        .map(|(user, scheme, password)| (*user, password_field(scheme, password)))
         .collect();
     let dovecot = Dovecot::start(&server.ca, &accounts);
     for (user, _, _) in ACCOUNTS {
@@ -172,7 +190,7 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     assert!(out.status.success(), "fetchmail against Dovecot: {out:?}");
 
     // Hostile accounts next to the good ones: an unknown scheme, another domain, no
-    // Maildir, a malformed dovecot-uidlist.
+    // Maildir, a malformed dovecot-uidlist, yescrypt asking for 4 GiB per login.
     let broken_home = dovecot.dir.path().join("mail/broken");
     std::fs::create_dir_all(broken_home.join("Maildir/cur")).expect("mkdir");
     std::fs::write(
@@ -205,6 +223,11 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     ));
     passwd.push_str(&format!("ghost:{{PLAIN}}x:0:0::{}::\n", home("ghost")));
     passwd.push_str(&format!("broken:{{PLAIN}}x:0:0::{}::\n", home("broken")));
+    passwd.push_str(&format!(
+        "costly@example.org:{}:0:0::{}::\n",
+        YESCRYPT_FIELD.replace("$j9T$", "$jHT$"),
+        home("costly")
+    ));
     passwd.push_str("no fields here\n");
     let hostile = dovecot.dir.path().join("passwd-hostile");
     std::fs::write(&hostile, passwd).expect("write");
@@ -227,7 +250,11 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     );
     assert!(out.status.success(), "{out:?}");
     let report = text(&out.stdout);
-    assert_eq!(report.matches(": would import: ").count(), 4, "{report}");
+    assert_eq!(
+        report.matches(": would import: ").count(),
+        ACCOUNTS.len(),
+        "{report}"
+    );
     // On a terminal (script(1) gives it one) the same run draws a progress bar over the
     // accounts between the report lines; without one (above) it prints no bar.
     require_tool("script");
@@ -249,7 +276,11 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
         screen.contains("import [") && screen.contains("accounts, eta"),
         "{screen}"
     );
-    assert_eq!(screen.matches(": would import: ").count(), 4, "{screen}");
+    assert_eq!(
+        screen.matches(": would import: ").count(),
+        ACCOUNTS.len(),
+        "{screen}"
+    );
     assert!(
         report.contains("argon@example.org: would import: 4 message(s)"),
         "{report}"
@@ -269,6 +300,10 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
         ("other@elsewhere.org", "another domain"),
         ("ghost@example.org", "no Maildir"),
         ("broken@example.org", "dovecot-uidlist"),
+        (
+            "costly@example.org",
+            "yescrypt) hash too costly (4194304; the accepted maximum is 65536)",
+        ),
     ] {
         let line = report
             .lines()
@@ -276,14 +311,16 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
             .unwrap_or_else(|| panic!("no failure line for {user}: {report}"));
         assert!(line.contains(why), "{line}");
     }
+    let bad_line = ACCOUNTS.len() + 6;
     assert!(
-        report.contains("line 9: expected user:password"),
+        report.contains(&format!("line {bad_line}: expected user:password")),
         "{report}"
     );
-    assert!(
-        report.contains("summary: 4 account(s) imported, 0 skipped-existing, 5 failed"),
-        "{report}"
+    let summary = format!(
+        "summary: {} account(s) imported, 0 skipped-existing, 6 failed",
+        ACCOUNTS.len()
     );
+    assert!(report.contains(&summary), "{report}");
     let users = text(&server.cli(&["user", "list", DOMAIN], b"").stdout);
     let mut listed: Vec<&str> = users.lines().collect();
     listed.sort_unstable();
@@ -297,6 +334,20 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
         assert_eq!(&mailgate_view, dovecot_view, "{user}");
         // The first login upgraded a legacy hash; the password still works.
         mailgate_shows(&server, user, password).await;
+    }
+    // The crypt hashes came over as they were and were replaced at the first login.
+    let log = server.log_text();
+    for (user, scheme, _) in ACCOUNTS.iter().filter(|a| a.1.contains("CRYPT")) {
+        let line = log
+            .lines()
+            .find(|l| l.contains("password hash upgraded") && l.contains(user))
+            .unwrap_or_else(|| panic!("no upgrade of {user}: {log}"));
+        assert!(
+            line.contains(&format!("from={scheme}"))
+                || line.contains(&format!("from=\"{scheme}\"")),
+            "{line}"
+        );
+        assert!(line.contains("scram=true"), "{line}");
     }
     // fetchmail's UIDL memory from Dovecot holds for mailgate: nothing new.
     let rc = fetchmail_rc(
@@ -325,7 +376,7 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     let report = text(&out.stdout);
     assert_eq!(
         report.matches(": skipped-existing: 0 message(s)").count(),
-        4,
+        ACCOUNTS.len(),
         "{report}"
     );
     for ((user, _, password), dovecot_view) in ACCOUNTS.iter().zip(&before) {
