@@ -1,6 +1,8 @@
 //! Writes the seed corpus, `fuzz/seeds/<target>/`, from the exchanges the tests drive:
 //! POP3, SASL, SMTP and LMTP sessions, PROXY headers, forwarding preambles, and what a
-//! real `transfer::Sender` and `Framed` writer put on the replica link. Run by
+//! real `transfer::Sender` and `Framed` writer put on the replica link, and what a real
+//! Dovecot 2.3 wrote for the import targets (password hashes, a `dovecot-uidlist`, Maildir
+//! file names and messages, kept here as literals so the example needs no Dovecot). Run by
 //! `scripts/fuzz.sh --seeds`; the output is committed, so CI starts from meaningful input.
 //! Built like the targets (instrumented), so it links libFuzzer's runtime but keeps its
 //! own `main`.
@@ -13,6 +15,7 @@ use mailgate::cluster::frame::Framed;
 use mailgate::cluster::transfer::{receive, Installed, Progress, Sender};
 use mailgate::cluster::Preamble;
 use mailgate::config::Listener;
+use mailgate::migrate::frame;
 use mailgate::store::{Account, Directory, StoreOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -36,9 +39,46 @@ DATA\r\nFrom: a@example.com\r\n\r\nhello\r\n.\r\nQUIT\r\n";
 const MESSAGE: &str = "From: a@example.com\r\nTo: alice@example.org\r\nSubject: test\r\n\r\n\
 line one\r\n.leading dot\r\n..two dots\r\n.\r\nend\r\n";
 
+/// `doveadm pw -s SCHEME -p pencil` (Dovecot 2.3.19.1, its default costs, and
+/// `-r 1000` / `-r 4` for the cheap SHA512-CRYPT and BLF-CRYPT ones).
+const DOVEADM_PW: [&str; 13] = [
+    "{SHA512-CRYPT}$6$bSSx9YGOGnh9Vqcf$mnppJlclKw0OpRx8MrCH9uwC25NIeGWKehZslWv5RIrworP5HgMFTWWqUKK/GePc3jxsSBF.PPQ.ccc57h/FY/",
+    "{SHA512-CRYPT}$6$rounds=1000$HooY0Gm6ZY9BwZjr$5dO2C8QnEmOPDx9jGFLYpHt2m2dxBNPGMNkGQJJXZ636kn.AGIhSbvoigDAkI1nJHFGvxL6TO9xJ4Xru.pVJS.",
+    "{SHA256-CRYPT}$5$mcNUFA.xf9Mf2p/v$RyeFU63j9XgmWZhCJ5BN9PiCo71yI3b3eyXbylRVGf9",
+    "{BLF-CRYPT}$2y$05$MSn8Gdj8Yzod2squ0/vdn.Opgc0kFD/2yfI7w2myOCepRRimf/pQO",
+    "{BLF-CRYPT}$2y$04$ggJvOqJCfits8.uy.abua.3PuOI5CnW5A.O95GCPFdWx4qWqChlXq",
+    "{CRYPT}$2y$05$uNpL.fLRtv/fxqwx2VaMMeBJXLCdh7X7oq7H/wL2lDWe6WM3Wnu26",
+    "{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$UkkLYT8wlgQsTvfz7yEjhg$VOtIJKz+ZboeHEbVmQkkY46q0yEsS3ug52FvLNR1A0c",
+    "{ARGON2I}$argon2i$v=19$m=32768,t=4,p=1$lna2y8dLCjev3+9yJNq2Dw$kxMYrYRgu12mWXdxZuYQz34GF1JER1ret3DSb1fAlVE",
+    "{MD5-CRYPT}$1$FOglOTIs$Xlex/FtwUf2Mw.ImYsKGS0",
+    "{SSHA}PnmbSuykSSwcZ42JGAR7te9S58X70FjF",
+    "{PLAIN}pencil",
+    "{PLAIN.B64}cGVuY2ls",
+    "{PLAIN.HEX}70656e63696c",
+];
+
+/// The `dovecot-uidlist` Dovecot 2.3 wrote for a Maildir that got four messages over LMTP
+/// and lost the second by a POP3 DELE.
+const DOVECOT_UIDLIST: &str = "3 V1796072630 N5 G58d0302eb6e40d6b1508000083ecc375\n\
+1 :1796072630.M774951P2069.vm,S=277,W=288\n\
+3 :1796072630.M810290P2069.vm,S=302,W=314\n\
+4 :1796072630.M822289P2069.vm,S=280,W=291\n";
+
+/// That Maildir's files in cur/, and the head of the third message as LMTP stored it.
+const MAILDIR_NAMES: [&str; 3] = [
+    "1796072630.M774951P2069.vm,S=277,W=288:2,",
+    "1796072630.M810290P2069.vm,S=302,W=314:2,",
+    "1796072630.M822289P2069.vm,S=280,W=291:2,",
+];
+const DOVECOT_HEAD: &str = "Return-Path: <a@example.com>\nDelivered-To: alice@example.org\n\
+Received: from [127.0.0.1] ([127.0.0.1])\n\tby vm with LMTP\n\tid eC5eLbbkDWsVCAAAg+zDdQ:T3\n\
+\t(envelope-from <a@example.com>)\n\tfor <alice@example.org>; Mon, 30 Nov 2026 21:03:50 +0000\n\
+From: a@example.com\nSubject: m2\nX-UIDL: legacy-uidl-7\n\nbody 2\n";
+
 fn main() {
     let root = PathBuf::from(std::env::args().nth(1).expect("usage: seeds CORPUS_DIR"));
     let mut seeds = Seeds { root };
+    dovecot_seeds(&mut seeds);
 
     for (name, chunk) in [("pop3", 0xff), ("pop3-bytewise", 1), ("pop3-split", 7)] {
         seeds.put(
@@ -271,6 +311,110 @@ fn main() {
         seeds.put("transfer_receive", "move", &full);
         seeds.put("transfer_receive", "abandoned", &abandoned);
     });
+}
+
+/// The import targets' seeds: Dovecot's own output, and what the import makes of it.
+fn dovecot_seeds(seeds: &mut Seeds) {
+    let mut passwd = String::from("# mailgate import test\n");
+    for (i, field) in DOVEADM_PW.iter().enumerate() {
+        passwd.push_str(&format!(
+            "user{i}@example.org:{field}:1000:1000::/var/vmail/user{i}::\n"
+        ));
+    }
+    seeds.put("dovecot_passwd", "doveadm-pw", passwd.as_bytes());
+    for (i, field) in DOVEADM_PW.iter().enumerate() {
+        seeds.put(
+            "dovecot_passwd",
+            &format!("field-{i}"),
+            format!("alice:{field}").as_bytes(),
+        );
+    }
+    // `{FUZZ-WRITE}` on lines 1 to 3: each of the target's three writers.
+    for line in 1..=3 {
+        let comments = "#\n".repeat(line - 1);
+        let text = format!(
+            "{comments}Bob@Example.org:{{FUZZ-WRITE}}p\u{e4}ss w\u{f6}rd:1000:1000:Bob:/home/bob::\n"
+        );
+        seeds.put("dovecot_passwd", &format!("write-{line}"), text.as_bytes());
+    }
+    seeds.put(
+        "dovecot_passwd",
+        "hostile",
+        b"carol@other.org:{PLAIN}x\nbroken\n:{PLAIN}x\ndave:\n../x:{PLAIN}y\n\xff:{PLAIN}z\r\n\
+a:b:c:d:e:f:g:h:i\nalice:{PLAIN}a\nALICE:{PLAIN}b\n",
+    );
+
+    seeds.put("dovecot_uidlist", "dovecot", DOVECOT_UIDLIST.as_bytes());
+    // Dovecot's other version 3 records: W (virtual size), P (POP3 UIDL), G (GUID), O
+    // (POP3 order); and lines appended after the header's N was written.
+    let records = "3 V1796072630 N2 G58d0302eb6e40d6b1508000083ecc375\n\
+1 W288 P000000016b0de4b6 :1796072630.M774951P2069.vm,S=277,W=288\n\
+3 G2ee3d6106ce40d6b1a0800004d3ac52e :1796072630.M810290P2069.vm,S=302,W=314\n\
+4 O2 Plegacy-uidl-7 :1796072630.M822289P2069.vm,S=280,W=291\n";
+    seeds.put("dovecot_uidlist", "records", records.as_bytes());
+
+    let layouts = [
+        ("maildir:~/Maildir", "%08Xu%08Xv"),
+        ("maildir:/var/vmail/%d/%n/Maildir:LAYOUT=fs", "%v.%u"),
+        ("/srv/mail/%{domain}/%{username}", "%f"),
+    ];
+    for (i, (name, (template, format))) in MAILDIR_NAMES.iter().zip(layouts).enumerate() {
+        let text = format!("{name}\n{template}\n{format}");
+        seeds.put("maildir_name", &format!("dovecot-{i}"), text.as_bytes());
+    }
+    let more = [
+        (
+            "new",
+            "1796072630.M822289P2069.vm,S=280,W=291\n/m/%u/~\n%08X{uid}%08X{uidvalidity}",
+        ),
+        (
+            "trashed",
+            "1796072630.M810290P2069.vm,S=302,W=314:2,ST\n~/mail\n%4f-%g",
+        ),
+        (
+            "address",
+            "alice@example.org\nmaildir:/var/vmail/%d/%n\n%5.4f%{guid}%%",
+        ),
+    ];
+    for (name, text) in more {
+        seeds.put("maildir_name", name, text.as_bytes());
+    }
+
+    let crlf = DOVECOT_HEAD.replace('\n', "\r\n");
+    let lower = DOVECOT_HEAD.replace("X-UIDL:", "x-uidl:");
+    let numbers = [1u8, 0, 0, 0, 0xb6, 0xe4, 0x0d, 0x6b, 0, 0, 0, 0];
+    let heads: [(&str, Vec<u8>); 5] = [
+        ("dovecot", DOVECOT_HEAD.into()),
+        ("dovecot-crlf", crlf.into()),
+        ("lower-case", lower.into()),
+        (
+            "numbers",
+            [b"X-UIDL: 000000016b0de4b6\n\0".as_slice(), &numbers].concat(),
+        ),
+        ("uidl", b"000000016b0de4b6".to_vec()),
+    ];
+    for (name, head) in heads {
+        seeds.put("x_uidl", name, &head);
+    }
+
+    let mails = [
+        (288, "000000016b0de4b6"),
+        (314, "legacy-uidl-7"),
+        (0, "+OLD+"),
+    ];
+    for (i, (octets, uidl)) in mails.into_iter().enumerate() {
+        let line = frame::header(octets, uidl);
+        seeds.put(
+            "import_frame",
+            &format!("header-{i}"),
+            &line[..line.len() - 1],
+        );
+    }
+    seeds.put(
+        "import_frame",
+        "write",
+        &[&291u64.to_le_bytes()[..], b"000000046b0de4b6"].concat(),
+    );
 }
 
 struct Seeds {

@@ -9,7 +9,7 @@ pub const MAX_PASSWD_LINE: usize = 64 * 1024;
 /// Longest `dovecot-uidlist` line (a file name plus extensions).
 pub const MAX_UIDLIST_LINE: usize = 8 * 1024;
 /// Longest expanded UIDL or template result kept; POP3 allows 70 octets per UIDL.
-const MAX_EXPANDED: usize = 4096;
+pub const MAX_EXPANDED: usize = 4096;
 
 /// One account of a passwd-file: `user:password:uid:gid:gecos:home:shell:extra`.
 #[derive(Clone, PartialEq, Eq)]
@@ -424,7 +424,12 @@ pub fn parse_uidlist(text: &[u8]) -> Result<Uidlist, UidlistError> {
     let uid_validity = validity
         .filter(|v| *v != 0)
         .ok_or(UidlistError::Header("no V (UIDVALIDITY)"))?;
-    let next_uid = next.ok_or(UidlistError::Header("no N (next UID)"))?;
+    // Dovecot too calls a header with N0 broken: UIDs start at 1.
+    let next_uid = match next {
+        None => return Err(UidlistError::Header("no N (next UID)")),
+        Some(0) => return Err(UidlistError::Header("N0 (next UID 0)")),
+        Some(n) => n,
+    };
     let mut entries: Vec<UidEntry> = Vec::new();
     for (i, raw) in lines {
         let line = i + 1;
@@ -642,7 +647,12 @@ impl UidlFormat {
                 }
             }
             if out.len() > MAX_EXPANDED {
-                out.truncate(MAX_EXPANDED);
+                // Cut at a character boundary: text and file names may be any UTF-8.
+                let mut end = MAX_EXPANDED;
+                while !out.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.truncate(end);
                 break;
             }
         }
@@ -891,6 +901,9 @@ carol@other.org:{PLAIN}x\nbroken\n:{PLAIN}x\ndave:\nalice:{PLAIN}again\n../x:{PL
             b"3 V17 N5\n1 :../x\n",
             b"3 V17 N5\n1 :\xff\n",
             b"3 V99999999999 N5\n",
+            // Found by fuzzing (dovecot_uidlist): accepted, it gave unlisted files UID 0.
+            b"3 V17 N0\n",
+            b"3 V17 N0\n1 :a\n",
         ];
         for case in cases {
             assert!(
@@ -976,6 +989,20 @@ carol@other.org:{PLAIN}x\nbroken\n:{PLAIN}x\ndave:\nalice:{PLAIN}again\n../x:{PL
         assert!(UidlFormat::parse("%99999999999999999999u").is_err());
         let huge = UidlFormat::parse("%04096u%04096u%04096u").unwrap();
         assert!(huge.expand(&inputs()).len() <= MAX_EXPANDED);
+        // Found by fuzzing (maildir_name): the cut fell inside a two-octet character and
+        // panicked.
+        let cut = UidlFormat::parse("%04095u\u{e9}x")
+            .unwrap()
+            .expand(&inputs());
+        assert_eq!(cut.len(), MAX_EXPANDED - 1);
+        assert!(cut.bytes().all(|b| b == b'0' || b == b'4' || b == b'2'));
+        let long_name = UidlInputs {
+            filename: &"\u{2603}".repeat(MAX_EXPANDED),
+            ..inputs()
+        };
+        let cut = UidlFormat::parse("x%f").unwrap().expand(&long_name);
+        assert_eq!(cut.len(), MAX_EXPANDED);
+        assert!(cut.starts_with("x\u{2603}"));
         for f in ["%.", "%.u", "%0.u", "%X", "%XL", "%é", "%{é}"] {
             let _ = UidlFormat::parse(f).map(|f| f.expand(&inputs()));
         }
