@@ -10,6 +10,14 @@
 #   bench/mailgate/run.sh rss LABEL MODE SCENARIO CONC DUR   # server RSS sampled each second
 #   bench/mailgate/run.sh perf LABEL MODE SCENARIO CONC DUR  # perf stat + perf record
 #   MG_CACHE_TTL=0 bench/mailgate/run.sh one nocache tls login 16
+#   bench/mailgate/run.sh same             # both servers up: every account shown alike?
+#   SERVER=dovecot bench/mailgate/run.sh matrix|big|idle|one ...   # the same runs on Dovecot
+#
+# SERVER=dovecot measures, instead of mailgate, the private Dovecot 2.3 instance of
+# dovecot-instance.sh (the kit's config on the Maildirs and passwd-file that
+# populate.sh imported into mailgate; ports 21110/21995, DC_LOGIN_MODE secure|perf),
+# with the same scenarios, noise rule and result lines (server=dovecot; server CPU is
+# its whole process tree's).  MG_NICE applies to it too.
 #
 # Each invocation starts its own release server on 127.0.0.1 (ports from the
 # populate.sh config, 22110/22995; it refuses to run if either port is taken),
@@ -40,6 +48,10 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 KIT="${KIT:-/work/shared/bench}"
 MG_DATA="${MG_DATA:-$HERE/data}"
+SERVER="${SERVER:-mailgate}"
+case "$SERVER" in mailgate|dovecot) ;; *) echo "run: SERVER=mailgate|dovecot" >&2; exit 2;; esac
+DC_DATA="$MG_DATA/dovecot"
+. "$HERE/dovecot-instance.sh"
 CFG="$MG_DATA/mailgate.toml"
 PIDFILE="$MG_DATA/server.pid"
 PT="$KIT/scripts/proctree.py"
@@ -61,6 +73,11 @@ fi
 [ -f "$CFG" ] || { echo "run: $CFG missing: run bench/mailgate/populate.sh first" >&2; exit 1; }
 PLAIN_ADDR=$(sed -n 's/^listen = "\(.*\)"/\1/p' "$CFG")
 TLS_ADDR=$(sed -n 's/^tls_listen = "\(.*\)"/\1/p' "$CFG")
+MG_PLAIN_ADDR=$PLAIN_ADDR
+if [ "$SERVER" = dovecot ]; then
+  [ -f "$DC_DATA/users.passwd" ] || { echo "run: no Dovecot data in $DC_DATA: run populate.sh (FROM=dovecot)" >&2; exit 1; }
+  PLAIN_ADDR="127.0.0.1:$DC_PORT_PLAIN" TLS_ADDR="127.0.0.1:$DC_PORT_TLS"
+fi
 case "$PLAIN_ADDR $TLS_ADDR" in 127.0.0.1:*\ 127.0.0.1:*) ;; *) echo "run: listeners must be on 127.0.0.1 ($PLAIN_ADDR $TLS_ADDR)" >&2; exit 1;; esac
 mkdir -p "$OUT" "$RAW"
 
@@ -83,6 +100,11 @@ PY
 start_server() {  # LABEL
   local label=$1 log="$RAW/server-$1.log"
   SERVER_LABEL=$label
+  if [ "$SERVER" = dovecot ]; then
+    DC_NICE="$MG_NICE" dc_start || exit 1
+    SERVER_PID=$DC_PID
+    return 0
+  fi
   for a in "$PLAIN_ADDR" "$TLS_ADDR"; do
     if port_taken "$a"; then echo "run: $a is already taken; refusing to start (another server?)" >&2; exit 1; fi
   done
@@ -112,6 +134,12 @@ start_server() {  # LABEL
 stop_server() {
   local pid="${SERVER_PID:-}"
   [ -n "$pid" ] || return 0
+  if [ "$SERVER" = dovecot ]; then
+    dc_stop; SERVER_PID=""
+    cp "$DC_RUN/dovecot.log" "$RAW/server-$SERVER_LABEL.log"
+    summarize_log
+    return 0
+  fi
   # Only signal our own server: the saved pid, running our binary with our config.
   if ! tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "--config $CFG"; then
     echo "run: pid $pid is not our server any more; not signalling it" >&2; SERVER_PID=""; rm -f "$PIDFILE"; return 0
@@ -134,7 +162,7 @@ summarize_log() {
 import collections, re, sys
 outcomes, levels, first = collections.Counter(), collections.Counter(), {}
 for line in open(sys.argv[1], errors="replace"):
-    m = re.search(r'session end outcome="?(\w+)', line)
+    m = re.search(r'session end outcome="?(\w+)', line) or re.search(r'pop3\(.*?\): (Disconnected: \w+)', line)
     if m:
         outcomes[m.group(1)] += 1
     m = re.search(r'\b(WARN|ERROR)\b.*?: (.*)$', line)
@@ -145,10 +173,10 @@ for line in open(sys.argv[1], errors="replace"):
 print("sessions by outcome:", dict(outcomes))
 for (lvl, kind), n in levels.most_common():
     print("%s x%d: %s" % (lvl, n, first[(lvl, kind)]))
-print("starts/stops:", [l.strip() for l in open(sys.argv[1], errors="replace") if l.startswith("===") or " stopped" in l or "listening" in l])
+print("starts/stops:", [l.strip() for l in open(sys.argv[1], errors="replace") if l.startswith("===") or " stopped" in l or "listening" in l or "starting up" in l])
 PY
 }
-trap 'stop_server' EXIT
+trap 'stop_server; dc_stop' EXIT
 trap 'exit 130' INT TERM
 
 addr_for() { if [ "$1" = tls ]; then echo "$TLS_ADDR"; else echo "$PLAIN_ADDR"; fi; }
@@ -186,7 +214,7 @@ n = os.cpu_count()
 foreign = busy / 100 * el * n - srv - cli
 print("server_cpu_s=%.2f server_cpu_ms_per_session=%.2f foreign_cpu_pct=%.1f" % (srv, srv * 1000 / sess, max(0.0, 100 * foreign / max(1e-9, el * n))))
 PY
-) pre_run_host_busy_pct=$pre server=mailgate cache_ttl=${MG_CACHE_TTL:-default}"
+) pre_run_host_busy_pct=$pre server=$SERVER cache_ttl=${MG_CACHE_TTL:-default}"
 }
 
 warm() {  # one retr-all pass over every mailbox (pages in the store, fills the login cache)
@@ -312,6 +340,17 @@ main() {
   cmd="${1:-}"; shift || true
   case "$cmd" in
     warm)   start_server warm; warm; stop_server ;;
+    same)
+      # Both servers at once on the same data: each account's UIDL and LIST lines, and a
+      # digest of every message, from Dovecot and from mailgate (plain POP3, USER/PASS).
+      [ "$SERVER" = mailgate ] || { echo "run: same starts both servers; unset SERVER" >&2; exit 2; }
+      start_server same
+      dc_start || exit 1
+      python3 "$HERE/same.py" "127.0.0.1:$DC_PORT_PLAIN" "$MG_PLAIN_ADDR" "$PASSWORD" \
+        "$DEFAULT_USERS" "${NUSERS:-200}" "${BIG_COPIES:-16}" | tee -a "$OUT/same.txt"
+      rc=${PIPESTATUS[0]}
+      dc_stop; stop_server
+      exit "$rc" ;;
     matrix) start_server matrix; warm; matrix "${1:-matrix}"; stop_server ;;
     big)    start_server big; warm; big "${1:-big}"; stop_server ;;
     idle)   start_server idle; idle "${1:-idle}" "${2:-tls}" "${3:-1000}" "${4:-30}"; stop_server ;;
