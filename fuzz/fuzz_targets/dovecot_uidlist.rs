@@ -23,6 +23,9 @@ fn write(list: &Uidlist) -> Vec<u8> {
         if let Some(g) = &entry.guid {
             let _ = write!(out, " G{g}");
         }
+        if let Some(o) = entry.pop3_order {
+            let _ = write!(out, " O{o}");
+        }
         let _ = writeln!(out, " :{}", entry.base);
     }
     out.into_bytes()
@@ -78,6 +81,10 @@ fuzz_target!(|data: &[u8]| {
         );
         assert_eq!(extension(head, 'P'), entry.pop3_uidl.as_deref());
         assert_eq!(extension(head, 'G'), entry.guid.as_deref());
+        let order = extension(head, 'O')
+            .filter(|o| o.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|o| o.parse::<u64>().ok());
+        assert_eq!(order, entry.pop3_order);
     }
     if last != u32::MAX {
         assert!(list.next_uid > last);
