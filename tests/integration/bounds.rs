@@ -200,23 +200,7 @@ async fn sessions_not_logged_in_by_the_deadline_are_closed() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(c.cmd("NOOP").await.starts_with("+OK"));
     assert!(c.cmd("QUIT").await.starts_with("+OK"));
-    let log = server.log_text();
-    assert!(log.contains("outcome=\"timeout\""), "{log}");
-}
-
-fn wait_for_log(server: &Server, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = server.log_text();
-        if log.contains(needle) {
-            return log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "log never showed {needle:?}:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.wait_for_log("outcome=\"timeout\"");
 }
 
 /// Every failed login is logged at info with the client's address (the one a PROXY
@@ -262,7 +246,7 @@ async fn failed_logins_are_logged_without_the_password() {
         .await
         .starts_with("-ERR [LOGIN-DELAY]"));
 
-    let log = wait_for_log(&server, "reason=\"throttled\"");
+    let log = server.wait_for_log("reason=\"throttled\"");
     let failed: Vec<&str> = log.lines().filter(|l| l.contains("login failed")).collect();
     let expect = [
         "client=192.0.2.7 user=\"joe@example.org\" mechanism=\"user\" reason=\"credentials\"",
@@ -347,10 +331,8 @@ fn scram_refuses_a_foreign_authzid_and_applies_saslprep() {
     assert!(prepared.starts_with("OK +OK"), "{prepared}");
     let fullwidth = scram("\u{FF4A}oe@example.org", PASSWORD, "");
     assert!(fullwidth.starts_with("OK +OK"), "{fullwidth}");
-    let log = server.log_text();
-    assert!(
-        log.contains("user=\"joe@example.org\" mechanism=\"scram-sha-256\" reason=\"credentials\""),
-        "{log}"
+    server.wait_for_log(
+        "user=\"joe@example.org\" mechanism=\"scram-sha-256\" reason=\"credentials\"",
     );
 }
 
@@ -389,8 +371,7 @@ async fn a_home_logs_and_counts_the_original_client_of_a_forwarded_login() {
     assert!(p.cmd("USER joe@a.example").await.starts_with("+OK"));
     assert!(p.cmd("PASS wrong").await.starts_with("-ERR [AUTH]"));
     let home = &c.replicas[0];
-    wait_for_log(
-        home,
+    home.wait_for_log(
         "login failed client=2001:db8:5::7 user=\"joe@a.example\" mechanism=\"user\"",
     );
     assert!(
@@ -419,6 +400,6 @@ async fn ipv4_mapped_peers_of_a_dual_stack_listener_are_ipv4() {
     assert!(c.line().await.starts_with("+OK"));
     assert!(c.cmd("USER joe@example.org").await.starts_with("+OK"));
     assert!(c.cmd("PASS wrong").await.starts_with("-ERR [AUTH]"));
-    let log = wait_for_log(&server, "login failed client=127.0.0.1 ");
+    let log = server.wait_for_log("login failed client=127.0.0.1 ");
     assert!(!log.contains("::ffff:"), "{log}");
 }

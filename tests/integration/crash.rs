@@ -623,9 +623,23 @@ async fn check_maildrops(
                 assert!(r.starts_with("+OK"), "{ctx}: DELE {n}: {r}");
             }
         }
-        let r = c.cmd("QUIT").await.expect("QUIT");
+        let quit = Instant::now();
+        let r = c.cmd("QUIT").await.unwrap_or_else(|e| {
+            panic!(
+                "{ctx}: QUIT after {:?} for {} messages: {e}; log since the restart:\n{}",
+                quit.elapsed(),
+                messages.len(),
+                log_tail(server, 60)
+            )
+        });
         assert!(r.starts_with("+OK"), "{ctx}: QUIT: {r}");
     }
+}
+
+/// The last `n` lines of `server`'s log.
+fn log_tail(server: &Server, n: usize) -> String {
+    let log = server.log.lock().expect("log");
+    log[log.len().saturating_sub(n)..].join("\n")
 }
 
 /// Fails on a log line since line `from` that speaks of a panic, an error, corruption

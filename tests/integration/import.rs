@@ -336,6 +336,9 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
         mailgate_shows(&server, user, password).await;
     }
     // The crypt hashes came over as they were and were replaced at the first login.
+    for (user, _, _) in ACCOUNTS.iter().filter(|a| a.1.contains("CRYPT")) {
+        server.wait_for_log(&format!("upgraded to the configured cost address={user}"));
+    }
     let log = server.log_text();
     for (user, scheme, _) in ACCOUNTS.iter().filter(|a| a.1.contains("CRYPT")) {
         let line = log

@@ -56,18 +56,6 @@ fn proxy_server(listeners: &str, trusted: &str, opts: Options) -> Server {
     })
 }
 
-fn wait_for_log(server: &Server, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.log_text().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "log never showed {needle:?}:\n{}",
-            server.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The rejected-connections counter for `listener` and `reason`.
 fn rejected(server: &Server, listener: &str, reason: &str) -> f64 {
     let (status, body) = http_get(&format!("http://{}/metrics", server.metrics));
@@ -117,7 +105,7 @@ async fn trusted_v1_header_on_pop3_names_the_client() {
     assert!(c.cmd("STLS").await.starts_with("+OK"));
     let mut c = c.starttls(&server.ca.ca_pem, SNI).await;
     assert!(c.cmd("QUIT").await.starts_with("+OK"));
-    wait_for_log(&server, "peer=203.0.113.7:51234");
+    server.wait_for_log("peer=203.0.113.7:51234");
     let log = server.log_text();
     let end = log
         .lines()
@@ -141,7 +129,7 @@ async fn trusted_v2_header_then_tls_on_pop3s() {
     assert!(r.starts_with("+OK"), "{r}");
     assert!(c.cmd("STAT").await.starts_with("+OK 0 0"));
     assert!(c.cmd("QUIT").await.starts_with("+OK"));
-    wait_for_log(&server, "peer=[2001:db8::7]:4000");
+    server.wait_for_log("peer=[2001:db8::7]:4000");
 
     // LOCAL (a health check) keeps the socket's address.
     let mut c = Raw::plain_after(server.pop3, &v2_local()).await;
@@ -150,7 +138,7 @@ async fn trusted_v2_header_then_tls_on_pop3s() {
     let mut c = Raw::plain_after(server.pop3, b"PROXY UNKNOWN\r\n").await;
     assert!(c.line().await.starts_with("+OK"));
     assert!(c.cmd("QUIT").await.starts_with("+OK"));
-    wait_for_log(&server, "peer=127.0.0.1:");
+    server.wait_for_log("peer=127.0.0.1:");
 }
 
 #[tokio::test]
@@ -173,7 +161,7 @@ async fn per_ip_limit_counts_the_claimed_address() {
     assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
     assert!(same.closed().await);
     assert_eq!(rejected(&server, "pop3", "per_ip_limit"), 1.0);
-    wait_for_log(&server, "peer=203.0.113.7:1002");
+    server.wait_for_log("peer=203.0.113.7:1002");
     // The same address again once the first has left.
     assert!(a.cmd("QUIT").await.starts_with("+OK"));
     assert!(a.closed().await);
@@ -229,7 +217,7 @@ async fn header_from_an_untrusted_peer_closes_the_connection() {
     closed_without_a_byte(server.pop3, b"").await;
     assert_eq!(rejected(&server, "pop3", "proxy_untrusted"), 2.0);
     assert_eq!(rejected(&server, "pop3", "proxy_header"), 0.0);
-    wait_for_log(&server, "peer is not in proxy_protocol.trusted_networks");
+    server.wait_for_log("peer is not in proxy_protocol.trusted_networks");
     assert!(
         !server.log_text().contains("203.0.113.7"),
         "an untrusted header was believed"

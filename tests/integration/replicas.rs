@@ -304,7 +304,7 @@ async fn stolen_lock_ends_the_owning_session_without_update() {
     assert_eq!(redis.cmd(&["DEL", JOE_KEY]), Resp::Int(1));
 
     assert_eq!(count(&a, JOE).await, 2, "a stolen session deleted mail");
-    let log = a.log_text();
+    let log = a.wait_for_log("locks_lost_total=2");
     assert!(log.contains("maildrop lock lost"), "{log}");
     assert!(log.contains("locks_lost_total=2"), "not counted: {log}");
 }

@@ -117,7 +117,7 @@ async fn lmtp_refuses_addresses_outside_allow_from() {
         ),
         1.0
     );
-    assert!(server.log_text().contains("NotAllowed"));
+    server.wait_for_log("NotAllowed");
     // SMTP is not LMTP: its clients are everyone.
     let mut s = Raw::plain(server.smtp.expect("smtp")).await;
     assert!(s.reply().await.starts_with("220 "));

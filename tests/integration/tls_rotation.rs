@@ -94,5 +94,5 @@ async fn a_kubernetes_secret_swap_is_served_without_restart() {
             server.log_text()
         );
     }
-    assert!(server.log_text().contains("certificates reloaded"));
+    server.wait_for_log("certificates reloaded");
 }

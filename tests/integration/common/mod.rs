@@ -172,6 +172,9 @@ pub struct Server {
     /// The binary, when `Options::process`.
     process: bool,
     child: Option<Child>,
+    /// The thread copying the binary's stderr into `log`; joined when it exits, so a
+    /// stopped server's log is complete.
+    reader: Option<std::thread::JoinHandle<()>>,
     in_process: Option<InProcess>,
     pub log: Log,
 }
@@ -399,6 +402,7 @@ scram_iterations = 4096
             metrics: "0.0.0.0:0".parse().expect("addr"),
             process: opts.process,
             child: None,
+            reader: None,
             in_process: None,
             log: Arc::default(),
         };
@@ -462,7 +466,7 @@ scram_iterations = 4096
         let stderr = child.stderr.take().expect("stderr");
         let log = self.log.clone();
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let plain = strip_ansi(&line);
@@ -504,6 +508,7 @@ scram_iterations = 4096
         self.lmtp = tcp("lmtp");
         self.smtp = tcp("smtp");
         self.child = Some(child);
+        self.reader = Some(reader);
     }
 
     /// Sends SIGTERM (in process: the same shutdown) and waits for the server to stop;
@@ -533,6 +538,7 @@ scram_iterations = 4096
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
+                self.join_reader();
                 return status;
             }
             if Instant::now() > deadline {
@@ -559,10 +565,43 @@ scram_iterations = 4096
             .expect("a running process: start the server with Options::process");
         child.kill().expect("kill -9");
         child.wait().expect("wait");
+        self.join_reader();
+    }
+
+    /// Waits (at most 5 s) for the stderr reader of an exited binary to reach the end.
+    fn join_reader(&mut self) {
+        let Some(reader) = self.reader.take() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !reader.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if reader.is_finished() {
+            let _ = reader.join();
+        }
     }
 
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log").join("\n")
+    }
+
+    /// Waits up to 10 s for `needle` in the log and returns the log. A line the server
+    /// wrote before answering reaches the test through a pipe and a reader thread, so
+    /// it may arrive after the answer: check log lines through this, not `log_text`.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log_text();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "log never showed {needle:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits until `listener` has exactly `n` sessions running, as the server counts
