@@ -661,6 +661,14 @@ impl Tally {
         }
     }
 
+    /// A notice on stderr, above the bar when there is one.
+    fn notice(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
     fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
@@ -804,7 +812,7 @@ fn import_one(
     }
     let target = match target {
         Some(t) => t,
-        None => target.insert(open_import_target(config, domain)?),
+        None => target.insert(open_import_target(config, domain, tally)?),
     };
     let request = Request::ImportAccount {
         address: format!("{}@{domain}", entry.local),
@@ -846,8 +854,9 @@ fn import_one(
     }
 }
 
-/// The running server (else the data dir), with `domain` created when absent.
-fn open_import_target(config: &Config, domain: &str) -> Result<ImportTarget> {
+/// The running server (else the data dir), with `domain` created when absent (its
+/// notice shown above the progress bar).
+fn open_import_target(config: &Config, domain: &str, tally: &Tally) -> Result<ImportTarget> {
     let socket = config.admin_socket();
     let (target, listed) = match admin::call(&socket, &Request::DomainList, None)? {
         Some(r) => (ImportTarget::Server(socket), r),
@@ -876,7 +885,7 @@ fn open_import_target(config: &Config, domain: &str) -> Result<ImportTarget> {
             );
         }
         for line in added.lines {
-            eprintln!("{line}");
+            tally.notice(&line);
         }
     }
     Ok(target)
