@@ -499,6 +499,18 @@ async fn transfers() -> (Vec<u8>, Vec<u8>) {
             msg.commit(&store).expect("commit");
         }
     }
+    // Imported mail: a stored UIDL, and a deleted one that leaves a tombstone.
+    for uidl in ["00000001abcdef01", "00000002abcdef01"] {
+        let mut msg = store
+            .begin_import("alice", uidl)
+            .expect("import")
+            .expect("new uidl");
+        msg.write(&store, b"imported\r\n").expect("body");
+        msg.commit(&store).expect("commit");
+    }
+    let deleted = store.snapshot("alice").expect("maildrop");
+    let last = deleted.last().expect("imported message").id;
+    store.update_maildrop("alice", &[last], &[]).expect("delete");
     let mut out = Vec::new();
     for finish in [true, false] {
         let (near, far) = tokio::io::duplex(64 * 1024);
