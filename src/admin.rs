@@ -11,6 +11,7 @@
 use crate::auth::{Credentials, HashParams};
 use crate::cluster::{Alpn, Cluster, Route};
 use crate::delivery::{self, DeliveryError, Quotas};
+use crate::locks::{LockBackend, LockError, MaildropLock};
 use crate::metrics::{self, Metrics};
 use crate::migrate::{self, ImportError};
 use crate::store::{Account, Address, Directory, DomainStore, StoreError};
@@ -60,9 +61,14 @@ pub enum Request {
     /// Imports one account from another server (`migrate::import_account`): created with
     /// these credentials when absent, then the body's messages (`migrate::frame`) are
     /// stored with their UIDLs. Credentials are hashed by the CLI, as for `UserAdd`.
+    /// With `mirror_deletions` the body must end with its end line, and imported mail it
+    /// no longer lists is deleted, under the maildrop lock (`migrate::mirror_deletions`).
     ImportAccount {
         address: String,
         credentials: Credentials,
+        /// Left out when false, so a server that predates it reads the same request.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        mirror_deletions: bool,
     },
     /// Every replica (reachable, version, domains homed) and every domain (home, state,
     /// epoch); one JSON document when `json`.
@@ -241,6 +247,7 @@ pub fn execute(
     quotas: Quotas,
     hashes: &HashParams,
     metrics: Option<&Metrics>,
+    locks: Option<&BlockingLocks>,
 ) -> Response {
     let result = (|| -> Result<Vec<String>, Response> {
         match request {
@@ -360,31 +367,43 @@ pub fn execute(
             Request::ImportAccount {
                 address,
                 credentials,
+                mirror_deletions,
             } => {
                 let address = Address::parse(&address).map_err(|e| store_failure(e.into()))?;
                 check_credentials(&address, &credentials, hashes)?;
-                let imported = migrate::import_account(
+                let streamed = migrate::import_account(
                     directory,
                     &address,
                     credentials,
                     quotas.account,
                     &mut body,
+                    mirror_deletions,
                 )
                 .map_err(|e| match e {
                     ImportError::Store(e) => store_failure(e),
-                    ImportError::Frame { .. } | ImportError::Short { .. } => {
+                    ImportError::Frame { .. }
+                    | ImportError::Short { .. }
+                    | ImportError::TooMany => {
                         Response::fail(format!("{address}: {e}"), exit::DATAERR)
                     }
                     ImportError::Read { .. } => {
                         Response::fail(format!("{address}: {e}"), exit::TEMPFAIL)
                     }
                 })?;
+                let mut imported = streamed.imported;
+                if mirror_deletions {
+                    imported.mirrored = mirror(directory, &address, &streamed, locks)?;
+                }
                 // The first line is for the importing CLI, the second for a person.
                 Ok(vec![
                     serde_json::to_string(&imported).unwrap_or_default(),
                     format!(
-                        "{address}: {} message(s) imported, {} already there, {} deleted since, {} octets",
-                        imported.messages, imported.existing, imported.deleted, imported.octets
+                        "{address}: {} message(s) imported, {} already there, {} deleted since, {} deleted to match the source, {} octets",
+                        imported.messages,
+                        imported.existing,
+                        imported.deleted,
+                        imported.mirrored,
+                        imported.octets
                     ),
                 ])
             }
@@ -393,6 +412,63 @@ pub fn execute(
     match result {
         Ok(lines) => Response::ok(lines),
         Err(r) => r,
+    }
+}
+
+/// Deletes the imported mail a complete import stream no longer listed, holding the
+/// maildrop lock (from `locks`: a server's; none when the CLI works on a stopped
+/// server's data dir, where no session can hold the maildrop). The messages the stream
+/// brought are stored either way; a failure here fails the account for a rerun.
+fn mirror(
+    directory: &Directory,
+    address: &Address,
+    streamed: &migrate::Streamed,
+    locks: Option<&BlockingLocks>,
+) -> Result<u64, Response> {
+    let not_now = |why: String| {
+        Response::fail(
+            format!("{address}: {why}: new messages imported, no deletion mirrored"),
+            exit::TEMPFAIL,
+        )
+    };
+    if !streamed.complete {
+        return Err(not_now(
+            "the import stream ended without its end line".into(),
+        ));
+    }
+    let lock = match locks {
+        Some(locks) => Some(locks.acquire(address).map_err(not_now)?),
+        None => None,
+    };
+    let result = match &lock {
+        Some((lock, runtime)) if !runtime.block_on(lock.still_held()) => {
+            Err(not_now("the maildrop lock was lost".into()))
+        }
+        _ => migrate::mirror_deletions(directory, address, &streamed.uidls).map_err(store_failure),
+    };
+    if let Some((lock, runtime)) = lock {
+        runtime.block_on(lock.release());
+    }
+    result
+}
+
+/// A server's maildrop locks, for an admin request running on a blocking thread.
+pub struct BlockingLocks {
+    pub backend: Arc<dyn LockBackend>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+impl BlockingLocks {
+    /// Takes `address`'s maildrop lock as a POP3 login would; the reason when it cannot.
+    fn acquire(&self, address: &Address) -> Result<(MaildropLock, tokio::runtime::Handle), String> {
+        match self
+            .runtime
+            .block_on(self.backend.acquire(&address.to_string()))
+        {
+            Ok(lock) => Ok((lock, self.runtime.clone())),
+            Err(LockError::Busy) => Err("the maildrop is in use by a POP3 session".into()),
+            Err(LockError::Unavailable(e)) => Err(format!("maildrop lock unavailable ({e})")),
+        }
     }
 }
 
@@ -466,6 +542,8 @@ pub struct Admin {
     pub hashes: HashParams,
     pub metrics: Arc<Metrics>,
     pub cluster: Option<Arc<Cluster>>,
+    /// The maildrop locks POP3 sessions take (an import mirroring deletions takes one).
+    pub locks: Arc<dyn LockBackend>,
 }
 
 /// Serves admin requests until `cancel`.
@@ -627,6 +705,10 @@ async fn run_here<R: AsyncRead + Send + Unpin + 'static>(
     let bridge =
         tokio_util::io::SyncIoBridge::new_with_handle(read_half, tokio::runtime::Handle::current());
     let admin = admin.clone();
+    let locks = BlockingLocks {
+        backend: admin.locks.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    };
     let done = tokio::task::spawn_blocking(move || {
         let mut body = Read::chain(leftover, bridge);
         let response = execute(
@@ -636,6 +718,7 @@ async fn run_here<R: AsyncRead + Send + Unpin + 'static>(
             admin.quotas,
             &admin.hashes,
             Some(&admin.metrics),
+            Some(&locks),
         );
         (response, body.into_inner().1.into_inner())
     })
@@ -1346,7 +1429,15 @@ mod tests {
                 account: 0,
                 domain: 0,
             };
-            execute(&directory, request, std::io::empty(), quotas, &hashes, None)
+            execute(
+                &directory,
+                request,
+                std::io::empty(),
+                quotas,
+                &hashes,
+                None,
+                None,
+            )
         };
         let creds = |phc: &str| Credentials {
             phc: phc.into(),
@@ -1389,6 +1480,7 @@ mod tests {
         let r = run(Request::ImportAccount {
             address: "ann@a.org".into(),
             credentials: garbage,
+            mirror_deletions: false,
         });
         let error = r.error.clone().unwrap_or_default();
         assert!(!r.ok && r.exit_code == exit::DATAERR, "{r:?}");
@@ -1403,6 +1495,53 @@ mod tests {
             })
             .ok
         );
+    }
+
+    /// An import mirroring deletions deletes nothing unless its stream ended with the
+    /// end line (a CLI that died mid-stream must not look like a source that shrank).
+    #[test]
+    fn a_mirroring_import_deletes_only_after_a_complete_stream() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let directory = Directory::open(dir.path(), Default::default()).expect("open");
+        directory.add_domain("a.org").expect("domain");
+        let hashes = HashParams::cheap();
+        let credentials = crate::auth::make_credentials("pw", &hashes).expect("hash");
+        let run = |uidls: &[&str], end: bool, mirror_deletions: bool| {
+            let mut body = Vec::new();
+            for uidl in uidls {
+                body.extend(migrate::frame::header(3, uidl));
+                body.extend(b"x\r\n");
+            }
+            if end {
+                body.extend(migrate::frame::END);
+                body.push(b'\n');
+            }
+            let request = Request::ImportAccount {
+                address: "u@a.org".into(),
+                credentials: credentials.clone(),
+                mirror_deletions,
+            };
+            let quotas = Quotas {
+                account: 0,
+                domain: 0,
+            };
+            execute(&directory, request, &body[..], quotas, &hashes, None, None)
+        };
+        let count = || {
+            let store = directory.domain("a.org").expect("store");
+            store.snapshot("u").expect("maildrop").len()
+        };
+        assert!(run(&["a1", "a2"], false, false).ok);
+        assert_eq!(count(), 2);
+        let r = run(&["a1"], false, true);
+        assert!(!r.ok && r.exit_code == exit::TEMPFAIL, "{r:?}");
+        assert!(r.error.unwrap_or_default().contains("end line"));
+        assert_eq!(count(), 2);
+        let r = run(&["a1"], true, true);
+        assert!(r.ok, "{r:?}");
+        let imported: migrate::Imported = serde_json::from_str(&r.lines[0]).expect("json");
+        assert_eq!((imported.existing, imported.mirrored), (1, 1));
+        assert_eq!(count(), 1);
     }
 
     /// A watcher looking at the socket's path while it is bound again and again never

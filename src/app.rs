@@ -363,6 +363,7 @@ pub async fn start(config: Arc<Config>) -> Result<Running, AppError> {
             hashes: config.auth.argon2,
             metrics: metrics.clone(),
             cluster: cluster.clone(),
+            locks: locks.clone(),
         }),
         net: net.clone(),
         directory: directory.clone(),

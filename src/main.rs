@@ -103,6 +103,10 @@ struct DovecotArgs {
     /// Dovecot's pop3_reuse_xuidl: an X-UIDL header gives the message's UIDL.
     #[arg(long)]
     reuse_xuidl: bool,
+    /// Also delete here the imported mail the Maildir no longer has (deleted on Dovecot
+    /// since an earlier import); for the final run of a cut-over.
+    #[arg(long)]
+    mirror_deletions: bool,
 }
 
 #[derive(Subcommand)]
@@ -552,7 +556,15 @@ impl Here {
 
     fn run(&self, request: Request, body: impl Read) -> Result<Response> {
         let hashes = self.hashes;
-        let r = admin::execute(&self.directory, request, body, self.quotas, &hashes, None);
+        let r = admin::execute(
+            &self.directory,
+            request,
+            body,
+            self.quotas,
+            &hashes,
+            None,
+            None,
+        );
         self.directory.flush_all()?;
         Ok(r)
     }
@@ -736,11 +748,16 @@ fn import_dovecot(config: &Config, args: DovecotArgs) -> Result<u8> {
                     "skipped-existing"
                 };
                 format!(
-                    "{name}: {status}: {} message(s), {} octets, {} already there, {} deleted since{}{}",
+                    "{name}: {status}: {} message(s), {} octets, {} already there, {} deleted since{}{}{}",
                     done.messages,
                     done.octets,
                     done.existing,
                     done.deleted,
+                    if args.mirror_deletions {
+                        format!(", {} deleted to match the source", done.mirrored)
+                    } else {
+                        String::new()
+                    },
                     if done.created {
                         ", account created"
                     } else {
@@ -817,8 +834,9 @@ fn import_one(
     let request = Request::ImportAccount {
         address: format!("{}@{domain}", entry.local),
         credentials,
+        mirror_deletions: args.mirror_deletions,
     };
-    let mut frames = maildir::Frames::new(&mails, |octets, done| {
+    let mut frames = maildir::Frames::new(&mails, args.mirror_deletions, |octets, done| {
         tally.octets += octets;
         tally.messages += u64::from(done);
         tally.show(false);

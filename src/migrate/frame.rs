@@ -1,6 +1,8 @@
 //! The body of an `ImportAccount` admin request: a sequence of messages, each a header
 //! line `<octets> <uidl>\n` followed by exactly `octets` raw bytes, until the end of the
-//! stream. Pure: encoding and parsing of the header line only.
+//! stream. A stream that must be known complete (one whose missing messages are deleted,
+//! `mirror_deletions`) ends with the line `end\n`, which no header line can be. Pure:
+//! encoding and parsing of the lines only.
 
 /// Longest header line: a 20-digit size, a space, a UIDL (70 octets at most in POP3,
 /// refused later when longer) and the newline, with room to report what was sent.
@@ -12,7 +14,12 @@ pub enum FrameError {
     TooLong,
     #[error("malformed message header line: expected `<octets> <uidl>`")]
     Malformed,
+    #[error("data after the end line")]
+    AfterEnd,
 }
+
+/// The line (newline removed) that ends a complete stream.
+pub const END: &[u8] = b"end";
 
 /// The header line announcing one message.
 pub fn header(octets: u64, uidl: &str) -> Vec<u8> {
@@ -59,6 +66,7 @@ mod tests {
             b"1x x",
             b"99999999999999999999999 x",
             b"\xff x",
+            END,
         ] {
             assert_eq!(parse_header(bad), Err(FrameError::Malformed), "{bad:?}");
         }

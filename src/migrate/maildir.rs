@@ -231,10 +231,12 @@ fn x_uidl_of(path: &Path) -> Result<Option<String>, ScanError> {
 }
 
 /// The body of an `ImportAccount` request: each message's header line, then its file,
-/// opened only when its turn comes. `progress` hears every read's octets and each
-/// finished message.
+/// opened only when its turn comes, then (when `end`) the end line. `progress` hears
+/// every read's octets and each finished message.
 pub struct Frames<'a, P: FnMut(u64, bool)> {
     mails: std::slice::Iter<'a, Mail>,
+    /// The end line is still to come.
+    end: bool,
     /// The header line still to send, then the open file with its octets left.
     header: std::io::Cursor<Vec<u8>>,
     current: Option<(std::io::Take<std::fs::File>, &'a Mail)>,
@@ -242,9 +244,10 @@ pub struct Frames<'a, P: FnMut(u64, bool)> {
 }
 
 impl<'a, P: FnMut(u64, bool)> Frames<'a, P> {
-    pub fn new(mails: &'a [Mail], progress: P) -> Self {
+    pub fn new(mails: &'a [Mail], end: bool, progress: P) -> Self {
         Frames {
             mails: mails.iter(),
+            end,
             header: std::io::Cursor::new(Vec::new()),
             current: None,
             progress,
@@ -275,6 +278,12 @@ impl<P: FnMut(u64, bool)> Read for Frames<'_, P> {
                 (self.progress)(0, true);
             }
             let Some(mail) = self.mails.next() else {
+                if std::mem::take(&mut self.end) {
+                    let mut line = frame::END.to_vec();
+                    line.push(b'\n');
+                    self.header = std::io::Cursor::new(line);
+                    continue;
+                }
                 return Ok(0);
             };
             let file = std::fs::File::open(&mail.path).map_err(|e| {
@@ -340,14 +349,24 @@ mod tests {
         assert_eq!(mails[0].octets, 2);
         let mut body = Vec::new();
         let mut messages = 0;
-        Frames::new(&mails, |_, done| messages += usize::from(done))
+        Frames::new(&mails, false, |_, done| messages += usize::from(done))
             .read_to_end(&mut body)
             .unwrap();
         assert_eq!(messages, 4);
-        assert_eq!(
-            body,
-            b"2 000000026553f100\nb\n2 000000036553f100\na\n19 +OLD+\nX-UIDL: keep-me\n\nd\n2 000000086553f100\ne\n"
-        );
+        let frames = b"2 000000026553f100\nb\n2 000000036553f100\na\n19 +OLD+\nX-UIDL: keep-me\n\nd\n2 000000086553f100\ne\n";
+        assert_eq!(body, frames);
+        // A stream that must be known complete ends with the end line.
+        let mut ended = Vec::new();
+        Frames::new(&mails, true, |_, _| {})
+            .read_to_end(&mut ended)
+            .unwrap();
+        assert_eq!(ended, [&frames[..], b"end\n"].concat());
+        // An empty Maildir's complete stream is the end line alone.
+        let mut empty = Vec::new();
+        Frames::new(&[], true, |_, _| {})
+            .read_to_end(&mut empty)
+            .unwrap();
+        assert_eq!(empty, b"end\n");
     }
 
     /// `O` records (mail Dovecot imported from elsewhere) set the POP3 order: by them,
@@ -442,7 +461,7 @@ mod tests {
         let mails = scan(dir.path(), source(&format, false)).unwrap();
         std::fs::write(&mails[0].path, b"he").unwrap();
         let mut body = Vec::new();
-        let err = Frames::new(&mails, |_, _| {})
+        let err = Frames::new(&mails, true, |_, _| {})
             .read_to_end(&mut body)
             .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);

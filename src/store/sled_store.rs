@@ -1753,6 +1753,11 @@ impl DomainStore {
     /// computes those without a stored one). Costs one empty range scan for an account
     /// without stored UIDLs.
     pub fn uidls(&self, local: &str, nonce: u32) -> Result<crate::wire::Uidls, StoreError> {
+        Ok(crate::wire::Uidls::new(nonce, self.stored_uidls(local)?))
+    }
+
+    /// The stored UIDLs of `local`'s messages (imported mail), by message id.
+    pub fn stored_uidls(&self, local: &str) -> Result<Vec<(u64, Box<str>)>, StoreError> {
         check_local(local)?;
         let prefix = maildrop_prefix(local);
         let mut stored = Vec::new();
@@ -1772,7 +1777,7 @@ impl DomainStore {
                 }
             }
         }
-        Ok(crate::wire::Uidls::new(nonce, stored))
+        Ok(stored)
     }
 
     fn begin_with_id(&self, local: &str, id: u64) -> Result<PendingMessage, StoreError> {

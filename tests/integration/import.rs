@@ -5,6 +5,7 @@
 //! nothing (nor bringing back what a user deleted), and the hostile inputs reported per
 //! account.
 
+use crate::common::cluster::{replica_name, Cluster, ClusterOptions};
 use crate::common::dovecot::{hash, Dovecot};
 use crate::common::{fetchmail, require_tool, write_private, Options, Raw, Server};
 use std::path::Path;
@@ -434,6 +435,63 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
         "the deleted messages stayed deleted"
     );
 
+    // Mail deleted on Dovecot since the import is deleted here by a rerun with
+    // --mirror-deletions, and only by one: never under a POP3 session on the maildrop.
+    let (user, _, password) = ACCOUNTS[1];
+    let on_mailgate = mailgate_shows(&server, user, password).await;
+    assert_eq!(on_mailgate, before[1]);
+    let mut c = Raw::plain(dovecot.pop3).await;
+    c.line().await;
+    assert!(c.login(user, password).await.starts_with("+OK"));
+    assert!(c.cmd("DELE 1").await.starts_with("+OK"));
+    assert!(c.cmd("QUIT").await.starts_with("+OK"));
+    let on_dovecot = dovecot_shows(&dovecot, user, password).await;
+    assert_eq!(on_dovecot.list.len() + 1, before[1].list.len());
+    let out = import(&server, &dovecot.passwd, "maildir:~/Maildir", &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mailgate_shows(&server, user, password).await, on_mailgate);
+    let mut held = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
+    assert!(held.line().await.starts_with("+OK"));
+    assert!(held.login(user, password).await.starts_with("+OK"));
+    let out = import(
+        &server,
+        &dovecot.passwd,
+        "maildir:~/Maildir",
+        &["--mirror-deletions"],
+    );
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    let report = text(&out.stdout);
+    assert!(
+        report.contains(&format!("{user}: failed: "))
+            && report.contains("in use by a POP3 session"),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "{}: skipped-existing: 0 message(s), 0 octets, {kept} already there, 2 deleted since, 0 deleted to match the source",
+            ACCOUNTS[0].0
+        )),
+        "mail delivered to mailgate is never mirrored away: {report}"
+    );
+    assert!(held.cmd("QUIT").await.starts_with("+OK"));
+    assert_eq!(mailgate_shows(&server, user, password).await, on_mailgate);
+    let out = import(
+        &server,
+        &dovecot.passwd,
+        "maildir:~/Maildir",
+        &["--mirror-deletions"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let report = text(&out.stdout);
+    assert!(
+        report.contains(&format!(
+            "{user}: skipped-existing: 0 message(s), 0 octets, {} already there, 0 deleted since, 1 deleted to match the source",
+            on_dovecot.list.len()
+        )),
+        "{report}"
+    );
+    assert_eq!(mailgate_shows(&server, user, password).await, on_dovecot);
+
     // Every hash is argon2id now: imported plaintext at once, legacy ones at login.
     server.stop();
     let directory = mailgate::store::Directory::open(
@@ -454,5 +512,70 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
             account.credentials.scram.is_some(),
             "{scheme}: no SCRAM keys"
         );
+    }
+}
+
+/// In a cluster the import runs on any replica: run on mailgate-1 for a domain pinned to
+/// mailgate-0, the domain is created at its home and the accounts and mail land there;
+/// both replicas show what Dovecot showed. A mirroring rerun through mailgate-1 finds
+/// the maildrop lock a session through mailgate-1 (forwarded to the home) holds, and
+/// once the session ends it deletes what was deleted on Dovecot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_the_import_lands_at_the_home_through_any_replica() {
+    let c = Cluster::start(ClusterOptions {
+        replicas: 2,
+        pins: vec![(DOMAIN.into(), replica_name(0))],
+        replica: Options::default(),
+    });
+    let (user, scheme, password) = ACCOUNTS[0];
+    let dovecot = Dovecot::start(&c.ca, &[(user, password_field(scheme, password))]);
+    for m in messages(user) {
+        dovecot.deliver(user, &m);
+    }
+    let before = dovecot_shows(&dovecot, user, password).await;
+    let front = &c.replicas[1];
+    let out = import(front, &dovecot.passwd, "maildir:~/Maildir", &[]);
+    assert!(out.status.success(), "{out:?}");
+    let report = text(&out.stdout);
+    assert!(
+        report.contains(&format!(
+            "{user}: imported: {} message(s)",
+            before.list.len()
+        )),
+        "{report}"
+    );
+    assert_eq!(c.home_record(DOMAIN).get("home"), Some(&replica_name(0)));
+    let store_of = |r: &Server| r.dir.path().join("data/domains").join(DOMAIN);
+    assert!(store_of(&c.replicas[0]).is_dir());
+    assert!(!store_of(front).exists());
+    for replica in &c.replicas {
+        assert_eq!(mailgate_shows(replica, user, password).await, before);
+    }
+
+    let mut d = Raw::plain(dovecot.pop3).await;
+    d.line().await;
+    assert!(d.login(user, password).await.starts_with("+OK"));
+    assert!(d.cmd("DELE 2").await.starts_with("+OK"));
+    assert!(d.cmd("QUIT").await.starts_with("+OK"));
+    let on_dovecot = dovecot_shows(&dovecot, user, password).await;
+    let mut held = Raw::tls(front.pop3s, &front.ca.ca_pem, "localhost").await;
+    assert!(held.line().await.starts_with("+OK"));
+    assert!(held.login(user, password).await.starts_with("+OK"));
+    let mirror = ["--mirror-deletions"];
+    let out = import(front, &dovecot.passwd, "maildir:~/Maildir", &mirror);
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("in use by a POP3 session"),
+        "{out:?}"
+    );
+    assert!(held.cmd("QUIT").await.starts_with("+OK"));
+    let out = import(front, &dovecot.passwd, "maildir:~/Maildir", &mirror);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text(&out.stdout).contains(", 1 deleted to match the source"),
+        "{out:?}"
+    );
+    for replica in &c.replicas {
+        assert_eq!(mailgate_shows(replica, user, password).await, on_dovecot);
     }
 }
