@@ -494,6 +494,11 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Longest request line accepted on the socket.
 const MAX_REQUEST_LINE: usize = 64 * 1024;
 
+/// Longest answer line read from the server or a replica: a listing of every account
+/// of every domain is one line (~30 octets per account), so this allows millions.
+/// Progress lines and the answer come from our own server, never from a client.
+const MAX_ANSWER_LINE: u64 = 256 * 1024 * 1024;
+
 /// Binds the admin socket, refusing if a live server already answers on it.
 pub async fn bind(path: &Path) -> Result<UnixListener, AdminError> {
     let io = |source| AdminError::Io {
@@ -1178,7 +1183,7 @@ async fn forward<R: AsyncRead + Send + Unpin + 'static>(
         let mut reader = tokio::io::BufReader::new(link);
         loop {
             let mut answer = Vec::new();
-            let mut limited = (&mut reader).take(MAX_REQUEST_LINE as u64);
+            let mut limited = (&mut reader).take(MAX_ANSWER_LINE);
             let read = limited.read_until(b'\n', &mut answer);
             let wait = match say {
                 Some(_) => crate::cluster::transfer::IDLE,
@@ -1395,7 +1400,7 @@ pub fn call(
     loop {
         let mut reply = Vec::new();
         (&mut reader)
-            .take(MAX_REQUEST_LINE as u64)
+            .take(MAX_ANSWER_LINE)
             .read_until(b'\n', &mut reply)
             .map_err(io)?;
         // Progress of a long request (a move), printed as it comes.

@@ -1,6 +1,7 @@
 //! `[provision]`: domains and accounts from PHC hashes created by `serve` at start, never
 //! overwritten; bad accounts files stop `serve` and `check-config` naming file and line.
 
+use crate::common::cluster::{replica_name, Cluster, ClusterOptions};
 use crate::common::{python, Options, Raw, Server, BIN, PASSWORD};
 use base64::Engine;
 use std::path::Path;
@@ -227,4 +228,61 @@ fn bad_accounts_files_stop_serve_and_check_config_naming_the_line() {
         stdout.contains("provision: 2 domain(s), 1 account(s) created at start when absent"),
         "{stdout}"
     );
+}
+
+/// An accounts file of 6000 accounts of example.org (one hash for all), and their names.
+fn many_accounts(dir: &Path) -> (std::path::PathBuf, Vec<String>) {
+    let accounts = dir.join("accounts");
+    let hash = hash_password(PASSWORD);
+    let names: Vec<String> = (0..6000)
+        .map(|i| format!("customer-mailbox-{i:05}@example.org"))
+        .collect();
+    let file: String = names.iter().map(|n| format!("{n} {hash}\n")).collect();
+    std::fs::write(&accounts, file).expect("write accounts");
+    (accounts, names)
+}
+
+/// `user list` of a domain with thousands of accounts (an answer of ~150 KB, past the
+/// request line's bound) lists every one.
+#[tokio::test]
+async fn user_list_of_thousands_of_accounts_is_whole() {
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let (accounts, names) = many_accounts(secrets.path());
+    let server = Server::start_with(Options {
+        extra: provision_toml(&accounts),
+        ..Options::default()
+    });
+    let out = server.cli(&["user", "list", "example.org"], b"");
+    assert!(out.status.success(), "{out:?}");
+    let listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(listed.len(), names.len());
+    assert_eq!(listed.first(), names.first());
+}
+
+/// The same through a replica that is not the domain's home: the home's answer crosses
+/// the replica link whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_list_of_thousands_of_accounts_is_whole_through_another_replica() {
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let (accounts, names) = many_accounts(secrets.path());
+    let c = Cluster::start(ClusterOptions {
+        replicas: 2,
+        pins: vec![("example.org".into(), replica_name(0))],
+        replica: Options {
+            extra: format!(
+                "[provision]\ndomains = [\"example.org\"]\naccounts_file = \"{}\"\n",
+                accounts.display()
+            ),
+            ..Options::default()
+        },
+    });
+    for args in [&["user", "list", "example.org"][..], &["user", "list"]] {
+        let out = c.replicas[1].cli(args, b"");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let listed = String::from_utf8_lossy(&out.stdout).lines().count();
+        assert_eq!(listed, names.len(), "{args:?}");
+    }
 }
