@@ -70,6 +70,11 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         mirror_deletions: bool,
     },
+    /// The stored UIDLs an account knows (imported messages' and tombstones'), one per
+    /// line, none for an account that does not exist: an import sends only the others.
+    ImportKnown {
+        address: String,
+    },
     /// Every replica (reachable, version, domains homed) and every domain (home, state,
     /// epoch); one JSON document when `json`.
     ClusterStatus {
@@ -364,6 +369,14 @@ pub fn execute(
                     recipients.len()
                 )])
             }
+            Request::ImportKnown { address } => {
+                let address = Address::parse(&address).map_err(|e| store_failure(e.into()))?;
+                let store = directory.domain(&address.domain).map_err(store_failure)?;
+                match store.account(&address.local).map_err(store_failure)? {
+                    Some(_) => store.known_uidls(&address.local).map_err(store_failure),
+                    None => Ok(Vec::new()),
+                }
+            }
             Request::ImportAccount {
                 address,
                 credentials,
@@ -386,7 +399,7 @@ pub fn execute(
                     | ImportError::TooMany => {
                         Response::fail(format!("{address}: {e}"), exit::DATAERR)
                     }
-                    ImportError::Read { .. } => {
+                    ImportError::Read { .. } | ImportError::Unknown { .. } => {
                         Response::fail(format!("{address}: {e}"), exit::TEMPFAIL)
                     }
                 })?;
@@ -750,7 +763,8 @@ fn domain_of(request: &Request) -> Option<String> {
         | Request::UserPasswd { address, .. }
         | Request::UserRemove { address }
         | Request::UserQuota { address, .. }
-        | Request::ImportAccount { address, .. } => of_address(address),
+        | Request::ImportAccount { address, .. }
+        | Request::ImportKnown { address } => of_address(address),
         Request::UserList { domain: Some(d) } => Some(d.to_ascii_lowercase()),
         _ => None,
     }
@@ -1342,6 +1356,7 @@ fn request_name(r: &Request) -> &'static str {
         Request::UserQuota { .. } => "user_quota",
         Request::Deliver { .. } => "deliver",
         Request::ImportAccount { .. } => "import_account",
+        Request::ImportKnown { .. } => "import_known",
         Request::ClusterStatus { .. } => "cluster_status",
         Request::Ping => "ping",
         Request::DomainMove { .. } => "domain_move",

@@ -14,6 +14,7 @@ use mailgate::redis_conn::RedisConn;
 use mailgate::server;
 use mailgate::store::{Address, AddressError};
 use mailgate::tls::{self, TlsManager};
+use std::collections::HashSet;
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -831,12 +832,24 @@ fn import_one(
         Some(t) => t,
         None => target.insert(open_import_target(config, domain, tally)?),
     };
+    let address = format!("{}@{domain}", entry.local);
+    // What the account already has is not sent again (a rerun reads only new mail). A
+    // server that cannot say gets everything, which it skips by UIDL as before.
+    let known: HashSet<String> = match target.send(
+        Request::ImportKnown {
+            address: address.clone(),
+        },
+        &mut std::io::empty(),
+    ) {
+        Ok(r) if r.ok => r.lines.into_iter().collect(),
+        _ => HashSet::new(),
+    };
     let request = Request::ImportAccount {
-        address: format!("{}@{domain}", entry.local),
+        address,
         credentials,
         mirror_deletions: args.mirror_deletions,
     };
-    let mut frames = maildir::Frames::new(&mails, args.mirror_deletions, |octets, done| {
+    let mut frames = maildir::Frames::new(&mails, &known, args.mirror_deletions, |octets, done| {
         tally.octets += octets;
         tally.messages += u64::from(done);
         tally.show(false);

@@ -410,6 +410,9 @@ a:b:c:d:e:f:g:h:i\nalice:{PLAIN}a\nALICE:{PLAIN}b\n",
             &line[..line.len() - 1],
         );
     }
+    let have = frame::have("000000016b0de4b6");
+    seeds.put("import_frame", "have", &have[..have.len() - 1]);
+    seeds.put("import_frame", "end", frame::END);
     seeds.put(
         "import_frame",
         "write",

@@ -5,11 +5,14 @@
 //! UTF-8, decimal digits that fit a `u64`, a space, a non-empty rest), to the number and
 //! the rest after the first space; a parsed line without leading zeros is what `header`
 //! writes for what it gave; `header` of any size and of any UIDL without a newline parses
-//! back to them.
+//! back to them. The `have <uidl>` lines of messages the server knows are told apart
+//! from headers and parse back to what `have` wrote.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mailgate::migrate::frame::{header, parse_header, FrameError, MAX_HEADER_LINE};
+use mailgate::migrate::frame::{
+    have, header, parse_have, parse_header, FrameError, END, MAX_HEADER_LINE,
+};
 
 fn reference(line: &[u8]) -> Result<(u64, &str), FrameError> {
     if line.len() > MAX_HEADER_LINE {
@@ -37,6 +40,17 @@ fn reference(line: &[u8]) -> Result<(u64, &str), FrameError> {
 fuzz_target!(|data: &[u8]| {
     let parsed = parse_header(data);
     assert_eq!(parsed, reference(data));
+    // The other lines of the stream: a `have` line is exactly one starting `have `, it
+    // is never a header line, and it writes back to itself; the end line is neither.
+    match parse_have(data) {
+        None => assert!(!data.starts_with(b"have ")),
+        Some(Ok(uidl)) => {
+            assert!(parsed.is_err() && data.len() <= MAX_HEADER_LINE);
+            assert_eq!(have(uidl), [data, b"\n"].concat());
+        }
+        Some(Err(_)) => assert!(data.starts_with(b"have ")),
+    }
+    assert!(parse_have(END).is_none() && parse_header(END).is_err());
     if let Ok((size, uidl)) = parsed {
         if !data.starts_with(b"0") || data.starts_with(b"0 ") {
             assert_eq!(header(size, uidl), [data, b"\n"].concat());

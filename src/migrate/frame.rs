@@ -1,8 +1,9 @@
 //! The body of an `ImportAccount` admin request: a sequence of messages, each a header
 //! line `<octets> <uidl>\n` followed by exactly `octets` raw bytes, until the end of the
-//! stream. A stream that must be known complete (one whose missing messages are deleted,
-//! `mirror_deletions`) ends with the line `end\n`, which no header line can be. Pure:
-//! encoding and parsing of the lines only.
+//! stream. A message the server said it knows (`ImportKnown`) is not sent again, only
+//! named by a line `have <uidl>\n`. A stream that must be known complete (one whose
+//! missing messages are deleted, `mirror_deletions`) ends with the line `end\n`. Neither
+//! can be a header line (those start with a digit). Pure: encoding and parsing of the lines only.
 
 /// Longest header line: a 20-digit size, a space, a UIDL (70 octets at most in POP3,
 /// refused later when longer) and the newline, with room to report what was sent.
@@ -20,6 +21,23 @@ pub enum FrameError {
 
 /// The line (newline removed) that ends a complete stream.
 pub const END: &[u8] = b"end";
+
+const HAVE: &[u8] = b"have ";
+
+/// The line naming a message of the source that the server already knows.
+pub fn have(uidl: &str) -> Vec<u8> {
+    [HAVE, uidl.as_bytes(), b"\n"].concat()
+}
+
+/// The UIDL of a `have` line (its newline removed); `None` for any other line.
+pub fn parse_have(line: &[u8]) -> Option<Result<&str, FrameError>> {
+    let uidl = line.strip_prefix(HAVE)?;
+    Some(match std::str::from_utf8(uidl) {
+        _ if line.len() > MAX_HEADER_LINE => Err(FrameError::TooLong),
+        Ok(uidl) if !uidl.is_empty() => Ok(uidl),
+        _ => Err(FrameError::Malformed),
+    })
+}
 
 /// The header line announcing one message.
 pub fn header(octets: u64, uidl: &str) -> Vec<u8> {
@@ -52,6 +70,21 @@ mod tests {
             parse_header(&h[..h.len() - 1]),
             Ok((1234, "0000002a6560ab1f"))
         );
+    }
+
+    #[test]
+    fn have_lines_round_trip_and_are_never_headers() {
+        let line = have("0000002a6560ab1f");
+        assert_eq!(line, b"have 0000002a6560ab1f\n");
+        let line = &line[..line.len() - 1];
+        assert_eq!(parse_have(line), Some(Ok("0000002a6560ab1f")));
+        assert_eq!(parse_header(line), Err(FrameError::Malformed));
+        assert_eq!(parse_have(b"12 x"), None);
+        assert_eq!(parse_have(END), None);
+        assert_eq!(parse_have(b"have "), Some(Err(FrameError::Malformed)));
+        assert_eq!(parse_have(b"have \xff"), Some(Err(FrameError::Malformed)));
+        let long = [HAVE, &[b'x'; MAX_HEADER_LINE][..]].concat();
+        assert_eq!(parse_have(&long), Some(Err(FrameError::TooLong)));
     }
 
     #[test]

@@ -231,10 +231,11 @@ fn x_uidl_of(path: &Path) -> Result<Option<String>, ScanError> {
 }
 
 /// The body of an `ImportAccount` request: each message's header line, then its file,
-/// opened only when its turn comes, then (when `end`) the end line. `progress` hears
-/// every read's octets and each finished message.
+/// opened only when its turn comes, except for the messages whose UIDL the server
+/// `known`, each named by a `have` line instead; then (when `end`) the end line. `progress` hears every read's octets and each finished message.
 pub struct Frames<'a, P: FnMut(u64, bool)> {
     mails: std::slice::Iter<'a, Mail>,
+    known: &'a HashSet<String>,
     /// The end line is still to come.
     end: bool,
     /// The header line still to send, then the open file with its octets left.
@@ -244,9 +245,10 @@ pub struct Frames<'a, P: FnMut(u64, bool)> {
 }
 
 impl<'a, P: FnMut(u64, bool)> Frames<'a, P> {
-    pub fn new(mails: &'a [Mail], end: bool, progress: P) -> Self {
+    pub fn new(mails: &'a [Mail], known: &'a HashSet<String>, end: bool, progress: P) -> Self {
         Frames {
             mails: mails.iter(),
+            known,
             end,
             header: std::io::Cursor::new(Vec::new()),
             current: None,
@@ -286,6 +288,10 @@ impl<P: FnMut(u64, bool)> Read for Frames<'_, P> {
                 }
                 return Ok(0);
             };
+            if self.known.contains(&mail.uidl) {
+                self.header = std::io::Cursor::new(frame::have(&mail.uidl));
+                continue;
+            }
             let file = std::fs::File::open(&mail.path).map_err(|e| {
                 std::io::Error::new(e.kind(), format!("{}: {e}", mail.path.display()))
             })?;
@@ -349,21 +355,36 @@ mod tests {
         assert_eq!(mails[0].octets, 2);
         let mut body = Vec::new();
         let mut messages = 0;
-        Frames::new(&mails, false, |_, done| messages += usize::from(done))
-            .read_to_end(&mut body)
-            .unwrap();
+        let none = HashSet::new();
+        Frames::new(&mails, &none, false, |_, done| {
+            messages += usize::from(done)
+        })
+        .read_to_end(&mut body)
+        .unwrap();
         assert_eq!(messages, 4);
         let frames = b"2 000000026553f100\nb\n2 000000036553f100\na\n19 +OLD+\nX-UIDL: keep-me\n\nd\n2 000000086553f100\ne\n";
         assert_eq!(body, frames);
         // A stream that must be known complete ends with the end line.
         let mut ended = Vec::new();
-        Frames::new(&mails, true, |_, _| {})
+        Frames::new(&mails, &none, true, |_, _| {})
             .read_to_end(&mut ended)
             .unwrap();
         assert_eq!(ended, [&frames[..], b"end\n"].concat());
+        // Messages the server knows are not read, only named.
+        let known: HashSet<String> = ["000000036553f100".into(), "+OLD+".into()].into();
+        let mut read = 0;
+        let mut named = Vec::new();
+        Frames::new(&mails, &known, true, |_, done| read += usize::from(done))
+            .read_to_end(&mut named)
+            .unwrap();
+        assert_eq!(read, 2);
+        assert_eq!(
+            named,
+            b"2 000000026553f100\nb\nhave 000000036553f100\nhave +OLD+\n2 000000086553f100\ne\nend\n"
+        );
         // An empty Maildir's complete stream is the end line alone.
         let mut empty = Vec::new();
-        Frames::new(&[], true, |_, _| {})
+        Frames::new(&[], &none, true, |_, _| {})
             .read_to_end(&mut empty)
             .unwrap();
         assert_eq!(empty, b"end\n");
@@ -461,7 +482,7 @@ mod tests {
         let mails = scan(dir.path(), source(&format, false)).unwrap();
         std::fs::write(&mails[0].path, b"he").unwrap();
         let mut body = Vec::new();
-        let err = Frames::new(&mails, true, |_, _| {})
+        let err = Frames::new(&mails, &HashSet::new(), true, |_, _| {})
             .read_to_end(&mut body)
             .unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);

@@ -9,7 +9,7 @@ pub mod frame;
 pub mod maildir;
 
 use crate::auth::Credentials;
-use crate::store::{Account, Address, Directory, StoreError};
+use crate::store::{Account, Address, Directory, StoreError, StoredUidl};
 use crate::wire::CrlfNormalizer;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -63,9 +63,22 @@ pub enum ImportError {
     Short { index: u64, got: u64, expected: u64 },
     #[error("more than {MAX_SOURCE_UIDLS} messages in one account")]
     TooMany,
+    #[error("message {index} was named as one the account has, and it has not (the account changed during the import)")]
+    Unknown { index: u64 },
 }
 
 const CHUNK: usize = 64 * 1024;
+
+impl Streamed {
+    /// Adds a UIDL of the source, within the bound.
+    fn list(&mut self, uidl: &str) -> Result<(), ImportError> {
+        if self.uidls.len() >= MAX_SOURCE_UIDLS {
+            return Err(ImportError::TooMany);
+        }
+        self.uidls.insert(Box::from(uidl));
+        Ok(())
+    }
+}
 
 /// Imports the messages streamed in `body` (`frame` format) into `address`'s maildrop,
 /// creating the account with `credentials` when it does not exist (an existing account
@@ -87,13 +100,12 @@ pub fn import_account(
 ) -> Result<Streamed, ImportError> {
     let store = directory.domain(&address.domain)?;
     let mut streamed = Streamed::default();
-    let imported = &mut streamed.imported;
     let account = match store.account(&address.local)? {
         Some(a) => a,
         None => {
             let account = Account::new(credentials);
             store.create_account(&address.local, &account)?;
-            imported.created = true;
+            streamed.imported.created = true;
             account
         }
     };
@@ -114,6 +126,18 @@ pub fn import_account(
             index,
             source: frame::FrameError::TooLong,
         })?;
+        if let Some(uidl) = frame::parse_have(text) {
+            let uidl = uidl.map_err(|source| ImportError::Frame { index, source })?;
+            match store.stored_uidl(&address.local, uidl)? {
+                StoredUidl::Held => streamed.imported.existing += 1,
+                StoredUidl::Deleted => streamed.imported.deleted += 1,
+                StoredUidl::Unknown => return Err(ImportError::Unknown { index }),
+            }
+            if list_source {
+                streamed.list(uidl)?;
+            }
+            continue;
+        }
         if text == frame::END {
             let after = body
                 .fill_buf()
@@ -130,10 +154,7 @@ pub fn import_account(
         let (size, uidl) =
             frame::parse_header(text).map_err(|source| ImportError::Frame { index, source })?;
         if list_source {
-            if streamed.uidls.len() >= MAX_SOURCE_UIDLS {
-                return Err(ImportError::TooMany);
-            }
-            streamed.uidls.insert(Box::from(uidl));
+            streamed.list(uidl)?;
         }
         let mut message = body.by_ref().take(size);
         let mut pending = store.begin_import(&address.local, uidl)?;
@@ -165,17 +186,17 @@ pub fn import_account(
                 normalizer.finish(&mut output);
                 p.write(&store, &output)?;
                 output.clear();
-                imported.octets += p.octets();
+                streamed.imported.octets += p.octets();
                 p.commit(&store)?;
-                imported.messages += 1;
+                streamed.imported.messages += 1;
             }
-            None if store.uidl_deleted(&address.local, uidl)? => imported.deleted += 1,
-            None => imported.existing += 1,
+            None if store.uidl_deleted(&address.local, uidl)? => streamed.imported.deleted += 1,
+            None => streamed.imported.existing += 1,
         }
     }
     let limit = account.quota_bytes.unwrap_or(account_quota);
     let (_, used) = store.maildrop_usage(&address.local)?;
-    imported.over_quota = limit != 0 && used > limit;
+    streamed.imported.over_quota = limit != 0 && used > limit;
     Ok(streamed)
 }
 
@@ -300,6 +321,49 @@ mod tests {
             3
         );
         assert_eq!(listed(&directory, &address).len(), 1);
+    }
+
+    /// `have` lines name messages the account knows without sending them: counted as
+    /// there or deleted since, listed as part of the source (so the mirror keeps them),
+    /// and refused when the account does not know them.
+    #[test]
+    fn have_lines_count_known_mail_and_keep_it_from_the_mirror() {
+        let (_tmp, directory, address) = setup();
+        let first = stream(
+            &[("a1", "one\r\n"), ("a2", "two\r\n"), ("a3", "three\r\n")],
+            false,
+        );
+        run(&directory, &address, &first, false).unwrap();
+        let store = directory.domain("a.org").unwrap();
+        let a2 = store.snapshot("u").unwrap()[1].id;
+        store.update_maildrop("u", &[a2], &[]).unwrap();
+        let mut known = store.known_uidls("u").unwrap();
+        known.sort_unstable();
+        assert_eq!(known, ["a1", "a2", "a3"]);
+        let mut second = Vec::new();
+        second.extend(frame::have("a1"));
+        second.extend(frame::have("a2"));
+        second.extend(stream(&[("a4", "four\r\n")], true));
+        let streamed = run(&directory, &address, &second, true).unwrap();
+        let i = &streamed.imported;
+        assert_eq!((i.messages, i.existing, i.deleted), (1, 1, 1));
+        assert!(streamed.complete);
+        assert_eq!(
+            mirror_deletions(&directory, &address, &streamed.uidls).unwrap(),
+            1
+        );
+        assert_eq!(listed(&directory, &address), ["a1", "a4"]);
+        let mut bad = frame::have("never-imported");
+        bad.extend(frame::END);
+        bad.push(b'\n');
+        match run(&directory, &address, &bad, true) {
+            Err(ImportError::Unknown { index: 1 }) => {}
+            other => panic!("{other:?}"),
+        }
+        match run(&directory, &address, b"have \n", true) {
+            Err(ImportError::Frame { index: 1, .. }) => {}
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A stream cut before its end line is not complete, and bytes after the end line

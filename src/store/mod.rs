@@ -6,7 +6,8 @@
 mod sled_store;
 
 pub use sled_store::{
-    Directory, DomainStore, PendingMessage, Retired, DOMAINS_DIR, FORMAT_VERSION, USAGE_FILE,
+    Directory, DomainStore, PendingMessage, Retired, StoredUidl, DOMAINS_DIR, FORMAT_VERSION,
+    USAGE_FILE,
 };
 
 pub use crate::wire::address::{validate_domain, validate_local, Address, AddressError};

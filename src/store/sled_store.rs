@@ -951,6 +951,17 @@ fn uidl_key(local: &str, uidl: &str) -> Vec<u8> {
     key
 }
 
+/// What an account knows of a stored (imported) UIDL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredUidl {
+    /// No message of the account had it.
+    Unknown,
+    /// A message of the account has it.
+    Held,
+    /// A message of the account had it and was deleted (a tombstone).
+    Deleted,
+}
+
 /// What an unlink of messages is, which decides what becomes of their stored UIDLs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unlink {
@@ -1671,12 +1682,21 @@ impl DomainStore {
     /// Whether `uidl` is the stored UIDL of a message of `local` that was deleted (a
     /// tombstone): `begin_import` skips it like one the account holds.
     pub fn uidl_deleted(&self, local: &str, uidl: &str) -> Result<bool, StoreError> {
+        Ok(self.stored_uidl(local, uidl)? == StoredUidl::Deleted)
+    }
+
+    /// What `local` knows of the stored UIDL `uidl`.
+    pub fn stored_uidl(&self, local: &str, uidl: &str) -> Result<StoredUidl, StoreError> {
         check_local(local)?;
-        Ok(self
+        let value = self
             .uidl_ids
             .get(uidl_key(local, uidl))
-            .map_err(|e| self.sled_err(e))?
-            .is_some_and(|v| v.is_empty()))
+            .map_err(|e| self.sled_err(e))?;
+        Ok(match value {
+            None => StoredUidl::Unknown,
+            Some(v) if v.is_empty() => StoredUidl::Deleted,
+            Some(_) => StoredUidl::Held,
+        })
     }
 
     /// The stored UIDLs of `local`'s deleted messages (its tombstones), in byte order.
@@ -1754,6 +1774,18 @@ impl DomainStore {
     /// without stored UIDLs.
     pub fn uidls(&self, local: &str, nonce: u32) -> Result<crate::wire::Uidls, StoreError> {
         Ok(crate::wire::Uidls::new(nonce, self.stored_uidls(local)?))
+    }
+
+    /// Every stored UIDL `local` knows: its imported messages' and its tombstones'. An
+    /// import need not send the messages these name again.
+    pub fn known_uidls(&self, local: &str) -> Result<Vec<String>, StoreError> {
+        let mut known: Vec<String> = self
+            .stored_uidls(local)?
+            .into_iter()
+            .map(|(_, uidl)| uidl.into())
+            .collect();
+        known.extend(self.tombstones(local)?);
+        Ok(known)
     }
 
     /// The stored UIDLs of `local`'s messages (imported mail), by message id.

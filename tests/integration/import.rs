@@ -374,13 +374,25 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
         "{out:?}"
     );
 
-    // A rerun adds nothing.
+    // A rerun adds nothing, and reads no message the server already has.
     let out = import(&server, &dovecot.passwd, "maildir:~/Maildir", &[]);
     assert!(out.status.success(), "{out:?}");
     let report = text(&out.stdout);
     assert_eq!(
         report.matches(": skipped-existing: 0 message(s)").count(),
         ACCOUNTS.len(),
+        "{report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "{}: skipped-existing: 0 message(s), 0 octets, {} already there, 0 deleted since",
+            ACCOUNTS[0].0,
+            before[0].list.len()
+        )),
+        "{report}"
+    );
+    assert!(
+        report.contains(" 0 failed; 0 message(s), 0 octets read in "),
         "{report}"
     );
     for ((user, _, password), dovecot_view) in ACCOUNTS.iter().zip(&before) {
