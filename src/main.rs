@@ -595,8 +595,9 @@ impl ImportTarget {
 /// How one account ended.
 enum Outcome {
     Done(Imported),
-    /// Checked by a dry run: messages and octets on disk.
-    WouldImport(u64, u64),
+    /// Checked by a dry run: new messages and their octets on disk, and the messages
+    /// the running server already has (imported before, or imported and deleted).
+    WouldImport(u64, u64, u64),
     /// Why, and the sysexits code it deserves.
     Failed(String, u8),
 }
@@ -767,9 +768,9 @@ fn import_dovecot(config: &Config, args: DovecotArgs) -> Result<u8> {
                     if done.over_quota { ", OVER QUOTA" } else { "" }
                 )
             }
-            Outcome::WouldImport(messages, octets) => {
+            Outcome::WouldImport(messages, octets, known) => {
                 imported += 1;
-                format!("{name}: would import: {messages} message(s), {octets} octets on disk")
+                format!("{name}: would import: {messages} message(s), {octets} octets on disk, {known} imported before")
             }
             Outcome::Failed(why, code) => {
                 failed += 1;
@@ -822,25 +823,30 @@ fn import_one(
         Ok(m) => m,
         Err(e) => return data(e.to_string()),
     };
+    let address = format!("{}@{domain}", entry.local);
     if args.dry_run {
-        let octets = mails.iter().map(|m| m.octets).sum();
-        tally.messages += mails.len() as u64;
+        // Only a running server is asked (a dry run never opens the data dir).
+        let known = match admin::call(&config.admin_socket(), &known_request(&address), None) {
+            Ok(Some(r)) if r.ok => r.lines.into_iter().collect(),
+            _ => HashSet::new(),
+        };
+        let (mut messages, mut octets) = (0, 0);
+        for mail in mails.iter().filter(|m| !known.contains(&m.uidl)) {
+            messages += 1;
+            octets += mail.octets;
+        }
+        tally.messages += messages;
         tally.octets += octets;
-        return Ok(Outcome::WouldImport(mails.len() as u64, octets));
+        let before = mails.len() as u64 - messages;
+        return Ok(Outcome::WouldImport(messages, octets, before));
     }
     let target = match target {
         Some(t) => t,
         None => target.insert(open_import_target(config, domain, tally)?),
     };
-    let address = format!("{}@{domain}", entry.local);
     // What the account already has is not sent again (a rerun reads only new mail). A
     // server that cannot say gets everything, which it skips by UIDL as before.
-    let known: HashSet<String> = match target.send(
-        Request::ImportKnown {
-            address: address.clone(),
-        },
-        &mut std::io::empty(),
-    ) {
+    let known: HashSet<String> = match target.send(known_request(&address), &mut std::io::empty()) {
         Ok(r) if r.ok => r.lines.into_iter().collect(),
         _ => HashSet::new(),
     };
@@ -882,6 +888,12 @@ fn import_one(
             "the server's answer has no import summary (an older mailgate?)".into(),
             exit::SOFTWARE,
         )),
+    }
+}
+
+fn known_request(address: &str) -> Request {
+    Request::ImportKnown {
+        address: address.to_owned(),
     }
 }
 

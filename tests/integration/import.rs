@@ -374,6 +374,24 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
         "{out:?}"
     );
 
+    // A dry run now asks the server what it has: nothing new.
+    let out = import(
+        &server,
+        &dovecot.passwd,
+        "maildir:~/Maildir",
+        &["--dry-run"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let report = text(&out.stdout);
+    assert!(
+        report.contains(&format!(
+            "{}: would import: 0 message(s), 0 octets on disk, {} imported before",
+            ACCOUNTS[0].0,
+            before[0].list.len()
+        )),
+        "{report}"
+    );
+
     // A rerun adds nothing, and reads no message the server already has.
     let out = import(&server, &dovecot.passwd, "maildir:~/Maildir", &[]);
     assert!(out.status.success(), "{out:?}");
