@@ -769,7 +769,11 @@ fn import_dovecot(config: &Config, args: DovecotArgs) -> Result<u8> {
                 )
             }
             Outcome::WouldImport(messages, octets, known) => {
-                imported += 1;
+                if messages == 0 && known > 0 {
+                    existing += 1;
+                } else {
+                    imported += 1;
+                }
                 format!("{name}: would import: {messages} message(s), {octets} octets on disk, {known} imported before")
             }
             Outcome::Failed(why, code) => {

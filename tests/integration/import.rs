@@ -391,6 +391,13 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
         )),
         "{report}"
     );
+    assert!(
+        report.contains(&format!(
+            "summary: 0 account(s) would be imported, {} skipped-existing, 0 failed",
+            ACCOUNTS.len()
+        )),
+        "{report}"
+    );
 
     // A rerun adds nothing, and reads no message the server already has.
     let out = import(&server, &dovecot.passwd, "maildir:~/Maildir", &[]);
