@@ -118,6 +118,13 @@ fn import(server: &Server, passwd: &Path, template: &str, extra: &[&str]) -> std
     server.cli(&args, b"")
 }
 
+/// `import` of every account's `maildir:~/Maildir`, which must succeed; its report.
+fn imported_ok(server: &Server, passwd: &Path, extra: &[&str]) -> String {
+    let out = import(server, passwd, "maildir:~/Maildir", extra);
+    assert!(out.status.success(), "{out:?}");
+    text(&out.stdout)
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -375,14 +382,7 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     );
 
     // A dry run now asks the server what it has: nothing new.
-    let out = import(
-        &server,
-        &dovecot.passwd,
-        "maildir:~/Maildir",
-        &["--dry-run"],
-    );
-    assert!(out.status.success(), "{out:?}");
-    let report = text(&out.stdout);
+    let report = imported_ok(&server, &dovecot.passwd, &["--dry-run"]);
     assert!(
         report.contains(&format!(
             "{}: would import: 0 message(s), 0 octets on disk, {} imported before",
@@ -400,9 +400,7 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     );
 
     // A rerun adds nothing, and reads no message the server already has.
-    let out = import(&server, &dovecot.passwd, "maildir:~/Maildir", &[]);
-    assert!(out.status.success(), "{out:?}");
-    let report = text(&out.stdout);
+    let report = imported_ok(&server, &dovecot.passwd, &[]);
     assert_eq!(
         report.matches(": skipped-existing: 0 message(s)").count(),
         ACCOUNTS.len(),
@@ -454,9 +452,7 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     assert!(c.cmd("DELE 1").await.starts_with("+OK"));
     assert!(c.cmd("DELE 2").await.starts_with("+OK"));
     assert!(c.cmd("QUIT").await.starts_with("+OK"));
-    let out = import(&server, &dovecot.passwd, "maildir:~/Maildir", &[]);
-    assert!(out.status.success(), "{out:?}");
-    let report = text(&out.stdout);
+    let report = imported_ok(&server, &dovecot.passwd, &[]);
     let kept = before[0].uidl.len() - 2;
     assert!(
         report.contains(&format!(
@@ -484,8 +480,7 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     assert!(c.cmd("QUIT").await.starts_with("+OK"));
     let on_dovecot = dovecot_shows(&dovecot, user, password).await;
     assert_eq!(on_dovecot.list.len() + 1, before[1].list.len());
-    let out = import(&server, &dovecot.passwd, "maildir:~/Maildir", &[]);
-    assert!(out.status.success(), "{out:?}");
+    imported_ok(&server, &dovecot.passwd, &[]);
     assert_eq!(mailgate_shows(&server, user, password).await, on_mailgate);
     let mut held = Raw::tls(server.pop3s, &server.ca.ca_pem, "localhost").await;
     assert!(held.line().await.starts_with("+OK"));
@@ -512,14 +507,7 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
     );
     assert!(held.cmd("QUIT").await.starts_with("+OK"));
     assert_eq!(mailgate_shows(&server, user, password).await, on_mailgate);
-    let out = import(
-        &server,
-        &dovecot.passwd,
-        "maildir:~/Maildir",
-        &["--mirror-deletions"],
-    );
-    assert!(out.status.success(), "{out:?}");
-    let report = text(&out.stdout);
+    let report = imported_ok(&server, &dovecot.passwd, &["--mirror-deletions"]);
     assert!(
         report.contains(&format!(
             "{user}: skipped-existing: 0 message(s), 0 octets, {} already there, 0 deleted since, 1 deleted to match the source",
@@ -571,9 +559,7 @@ async fn in_a_cluster_the_import_lands_at_the_home_through_any_replica() {
     }
     let before = dovecot_shows(&dovecot, user, password).await;
     let front = &c.replicas[1];
-    let out = import(front, &dovecot.passwd, "maildir:~/Maildir", &[]);
-    assert!(out.status.success(), "{out:?}");
-    let report = text(&out.stdout);
+    let report = imported_ok(front, &dovecot.passwd, &[]);
     assert!(
         report.contains(&format!(
             "{user}: imported: {} message(s)",
@@ -606,11 +592,10 @@ async fn in_a_cluster_the_import_lands_at_the_home_through_any_replica() {
         "{out:?}"
     );
     assert!(held.cmd("QUIT").await.starts_with("+OK"));
-    let out = import(front, &dovecot.passwd, "maildir:~/Maildir", &mirror);
-    assert!(out.status.success(), "{out:?}");
+    let report = imported_ok(front, &dovecot.passwd, &mirror);
     assert!(
-        text(&out.stdout).contains(", 1 deleted to match the source"),
-        "{out:?}"
+        report.contains(", 1 deleted to match the source"),
+        "{report}"
     );
     for replica in &c.replicas {
         assert_eq!(mailgate_shows(replica, user, password).await, on_dovecot);
