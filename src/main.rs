@@ -611,6 +611,8 @@ struct Tally {
     messages: u64,
     octets: u64,
     last_shown: std::time::Instant,
+    /// A dry run found no running server to ask what the accounts already have.
+    unasked: bool,
 }
 
 impl Tally {
@@ -633,6 +635,7 @@ impl Tally {
             messages: 0,
             octets: 0,
             last_shown: now,
+            unasked: false,
         };
         if let Some(bar) = &tally.bar {
             bar.set_message(tally.figures());
@@ -793,7 +796,11 @@ fn import_dovecot(config: &Config, args: DovecotArgs) -> Result<u8> {
         tally.messages,
         tally.octets,
         tally.started.elapsed().as_secs_f64(),
-        if args.dry_run { " (dry run: nothing changed)" } else { "" }
+        match (args.dry_run, tally.unasked) {
+            (true, false) => " (dry run: nothing changed)",
+            (true, true) => " (dry run: nothing changed; no server running to ask what is already imported)",
+            (false, _) => "",
+        }
     );
     Ok(worst)
 }
@@ -832,6 +839,10 @@ fn import_one(
         // Only a running server is asked (a dry run never opens the data dir).
         let known = match admin::call(&config.admin_socket(), &known_request(&address), None) {
             Ok(Some(r)) if r.ok => r.lines.into_iter().collect(),
+            Ok(None) => {
+                tally.unasked = true;
+                HashSet::new()
+            }
             _ => HashSet::new(),
         };
         let (mut messages, mut octets) = (0, 0);

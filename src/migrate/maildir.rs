@@ -232,7 +232,8 @@ fn x_uidl_of(path: &Path) -> Result<Option<String>, ScanError> {
 
 /// The body of an `ImportAccount` request: each message's header line, then its file,
 /// opened only when its turn comes, except for the messages whose UIDL the server
-/// `known`, each named by a `have` line instead; then (when `end`) the end line. `progress` hears every read's octets and each finished message.
+/// `known`, each named by a `have` line instead; then (when `end`) the end line.
+/// `progress` hears every read's octets and each finished message.
 pub struct Frames<'a, P: FnMut(u64, bool)> {
     mails: std::slice::Iter<'a, Mail>,
     known: &'a HashSet<String>,

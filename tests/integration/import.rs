@@ -519,6 +519,15 @@ async fn a_dovecot_domain_moves_over_with_uidls_bytes_and_passwords() {
 
     // Every hash is argon2id now: imported plaintext at once, legacy ones at login.
     server.stop();
+    // With no server to ask, a dry run opens nothing and counts every message as new.
+    let report = imported_ok(&server, &dovecot.passwd, &["--dry-run"]);
+    assert!(
+        report.contains(&format!(
+            "{user}: would import: {} message(s)",
+            on_dovecot.list.len()
+        )) && report.contains("no server running to ask what is already imported"),
+        "{report}"
+    );
     let directory = mailgate::store::Directory::open(
         &server.dir.path().join("data"),
         mailgate::store::StoreOptions::default(),
