@@ -241,7 +241,10 @@ async fn service_follows_a_master_failover() {
         );
     }
     // The connection follows the master: its log names both, in order.
-    let log = server.log_text();
+    let log = server.wait_for_log(&format!(
+        "redis master named by sentinel master=127.0.0.1:{}",
+        set.replica.port
+    ));
     let named: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("redis master named by sentinel"))
