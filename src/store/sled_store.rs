@@ -1701,12 +1701,24 @@ impl DomainStore {
 
     /// The stored UIDLs of `local`'s deleted messages (its tombstones), in byte order.
     pub fn tombstones(&self, local: &str) -> Result<Vec<String>, StoreError> {
+        self.indexed_uidls(local, true)
+    }
+
+    /// Every stored UIDL `local` knows, in byte order: its imported messages' and its
+    /// tombstones'. An import need not send the messages these name again.
+    pub fn known_uidls(&self, local: &str) -> Result<Vec<String>, StoreError> {
+        self.indexed_uidls(local, false)
+    }
+
+    /// The UIDLs of `local` in the `uidl_ids` index: only the tombstones when
+    /// `deleted_only`.
+    fn indexed_uidls(&self, local: &str, deleted_only: bool) -> Result<Vec<String>, StoreError> {
         check_local(local)?;
         let prefix = maildrop_prefix(local);
         let mut out = Vec::new();
         for entry in self.uidl_ids.scan_prefix(&prefix) {
             let (key, value) = entry.map_err(|e| self.sled_err(e))?;
-            if !value.is_empty() {
+            if deleted_only && !value.is_empty() {
                 continue;
             }
             match std::str::from_utf8(&key[prefix.len()..])
@@ -1716,7 +1728,7 @@ impl DomainStore {
                 Some(uidl) => out.push(uidl.to_owned()),
                 None => {
                     return Err(StoreError::Corrupt(format!(
-                        "bad deleted UIDL of {local}@{} in {}",
+                        "bad stored UIDL of {local}@{} in {}",
                         self.name, self.path
                     )))
                 }
@@ -1774,18 +1786,6 @@ impl DomainStore {
     /// without stored UIDLs.
     pub fn uidls(&self, local: &str, nonce: u32) -> Result<crate::wire::Uidls, StoreError> {
         Ok(crate::wire::Uidls::new(nonce, self.stored_uidls(local)?))
-    }
-
-    /// Every stored UIDL `local` knows: its imported messages' and its tombstones'. An
-    /// import need not send the messages these name again.
-    pub fn known_uidls(&self, local: &str) -> Result<Vec<String>, StoreError> {
-        let mut known: Vec<String> = self
-            .stored_uidls(local)?
-            .into_iter()
-            .map(|(_, uidl)| uidl.into())
-            .collect();
-        known.extend(self.tombstones(local)?);
-        Ok(known)
     }
 
     /// The stored UIDLs of `local`'s messages (imported mail), by message id.
