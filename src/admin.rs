@@ -1435,14 +1435,20 @@ mod tests {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     use std::sync::atomic::{AtomicBool, Ordering};
 
+    /// A data dir with the domain a.org.
+    fn domain_a_org() -> (tempfile::TempDir, Directory) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let directory = Directory::open(dir.path(), Default::default()).expect("open");
+        directory.add_domain("a.org").expect("domain");
+        (dir, directory)
+    }
+
     /// `user add`, `user passwd` and an import take credentials the server can verify
     /// (argon2id, or an imported legacy hash within its ceiling) and refuse anything
     /// else, never echoing it.
     #[test]
     fn credentials_from_clients_are_checked_by_the_server() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let directory = Directory::open(dir.path(), Default::default()).expect("open");
-        directory.add_domain("a.org").expect("domain");
+        let (_dir, directory) = domain_a_org();
         let hashes = HashParams::cheap();
         let run = |request: Request| {
             let quotas = Quotas {
@@ -1521,9 +1527,7 @@ mod tests {
     /// end line (a CLI that died mid-stream must not look like a source that shrank).
     #[test]
     fn a_mirroring_import_deletes_only_after_a_complete_stream() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let directory = Directory::open(dir.path(), Default::default()).expect("open");
-        directory.add_domain("a.org").expect("domain");
+        let (_dir, directory) = domain_a_org();
         let hashes = HashParams::cheap();
         let credentials = crate::auth::make_credentials("pw", &hashes).expect("hash");
         let run = |uidls: &[&str], end: bool, mirror_deletions: bool| {
