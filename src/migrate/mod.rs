@@ -86,7 +86,9 @@ impl Streamed {
 /// message is stored on its own, in stream order, with its UIDL; one whose UIDL the
 /// account already holds, or held and deleted since, is read and skipped, so a rerun
 /// completes an interrupted import without duplicates and without bringing back mail
-/// the user deleted. Bare LF becomes CRLF as at delivery; no header is added;
+/// the user deleted; a `have` line counts such a message without its bytes (one the
+/// account does not know fails the stream). Bare LF becomes CRLF as at delivery; no
+/// header is added;
 /// quotas are not enforced but reported (`account_quota` is the configured default).
 /// With `list_source`, also returns the UIDLs the stream listed, for
 /// [`mirror_deletions`].
